@@ -1,0 +1,182 @@
+"""Run configuration: YAML presets in ``configs/``, ``--set key=value`` overrides, typed sections.
+
+A config file has five sections; ``task`` and ``aggregation`` are plug-ins whose extra keys are
+validated by the plug-in's own dataclass::
+
+    seed: 0
+    task: {kind: movielens, split: u1, ...}
+    federation: {rounds: 5, local_epochs: 5, fraction: 1.0, ...}
+    aggregation: {kind: plain}          # or secagg / ckks with their parameters
+    privacy: {mode: none}               # or record / client with epsilon, delta...
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import yaml
+
+from aggregation.base import spec_for
+
+from .configtypes import ConfigError, convert, from_mapping, to_mapping
+from .privacy.config import PrivacyConfig
+from .tasks.base import task_spec
+
+__all__ = ["ConfigError", "FederationConfig", "RunConfig", "load_config", "parse_overrides"]
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """The round loop.
+
+    ``weighting``: ``examples`` weights each update by its client's example count (FedAvg);
+    ``uniform`` gives every client weight 1 (required for client-level DP, whose sensitivity
+    analysis assumes a plain mean). ``sparse_rows``: normalise sparse embedding rows by the weight
+    of the clients that touched them (``touched``) or by all clients (``all``, plain FedAvg).
+    """
+
+    rounds: int = 5
+    local_epochs: int = 5
+    fraction: float = 1.0
+    min_clients: int = 2
+    server_lr: float = 1.0
+    weighting: Literal["examples", "uniform"] = "examples"
+    sparse_rows: Literal["touched", "all"] = "touched"
+    workers: int = 1
+    dropout_rate: float = 0.0
+    """Simulated probability that a selected client drops out during aggregation."""
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ValueError(f"federation.rounds must be >= 1, got {self.rounds}")
+        if self.local_epochs < 1:
+            raise ValueError(f"federation.local_epochs must be >= 1, got {self.local_epochs}")
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"federation.fraction must be in (0, 1], got {self.fraction}")
+        if self.min_clients < 1:
+            raise ValueError(f"federation.min_clients must be >= 1, got {self.min_clients}")
+        if self.workers < 1:
+            raise ValueError(f"federation.workers must be >= 1, got {self.workers}")
+        if not 0 <= self.dropout_rate < 1:
+            raise ValueError(f"federation.dropout_rate must be in [0, 1), got {self.dropout_rate}")
+
+
+@dataclass(frozen=True)
+class PluginSection:
+    kind: str
+    params: Any
+
+    def to_mapping(self) -> dict[str, Any]:
+        return {"kind": self.kind, **to_mapping(self.params)}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    task: PluginSection
+    aggregation: PluginSection
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    seed: int = 0
+    baselines: tuple[str, ...] = ()
+    source: str | None = None
+
+    def to_mapping(self) -> dict[str, Any]:
+        return {
+            "seed": self.seed,
+            "task": self.task.to_mapping(),
+            "federation": to_mapping(self.federation),
+            "aggregation": self.aggregation.to_mapping(),
+            "privacy": to_mapping(self.privacy),
+            "baselines": list(self.baselines),
+        }
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_mapping(), sort_keys=False)
+
+
+_TOP_KEYS = {"seed", "task", "federation", "aggregation", "privacy", "baselines"}
+
+
+def _plugin(section: str, raw: Any, lookup, source: str | None) -> PluginSection:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"expected a mapping with a 'kind' key, got {raw!r}", source=source, key=section)
+    if "kind" not in raw:
+        raise ConfigError("missing required key 'kind'", source=source, key=section)
+    kind = raw["kind"]
+    try:
+        spec = lookup(kind)
+    except KeyError as exc:
+        raise ConfigError(str(exc.args[0]), source=source, key=f"{section}.kind") from exc
+    params = from_mapping(spec.config_cls, {k: v for k, v in raw.items() if k != "kind"}, key=section, source=source)
+    return PluginSection(kind, params)
+
+
+def build_config(raw: Mapping[str, Any], *, source: str | None = None) -> RunConfig:
+    if not isinstance(raw, Mapping):
+        raise ConfigError("a config must be a YAML mapping", source=source)
+    unknown = sorted(set(raw) - _TOP_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown key {', '.join(unknown)}; known top-level keys: {', '.join(sorted(_TOP_KEYS))}", source=source)
+    if "task" not in raw:
+        raise ConfigError("missing required section 'task'", source=source)
+    task = _plugin("task", raw["task"], task_spec, source)
+    aggregation = _plugin("aggregation", raw.get("aggregation", {"kind": "plain"}), spec_for, source)
+    federation = from_mapping(FederationConfig, raw.get("federation"), key="federation", source=source)
+    privacy = from_mapping(PrivacyConfig, raw.get("privacy"), key="privacy", source=source)
+    seed = convert(int, raw.get("seed", 0), key="seed", source=source)
+    baselines = tuple(convert(list[str], raw.get("baselines", []), key="baselines", source=source))
+    return RunConfig(task, aggregation, federation, privacy, seed, baselines, source)
+
+
+def parse_overrides(pairs: Sequence[str]) -> list[tuple[list[str], Any]]:
+    """``key.sub=value`` strings -> (path, YAML-parsed value)."""
+    out = []
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set expects key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        path = [p for p in key.strip().split(".") if p]
+        if not path:
+            raise ConfigError(f"--set has an empty key in {pair!r}")
+        out.append((path, yaml.safe_load(value)))
+    return out
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[tuple[list[str], Any]]) -> dict[str, Any]:
+    for path, value in overrides:
+        node = raw
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {'.'.join(path)}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a YAML config, apply ``--set`` overrides, validate every section."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"not valid YAML ({exc})", source=str(path)) from exc
+    raw = apply_overrides(dict(raw or {}), parse_overrides(overrides))
+    return build_config(raw, source=str(path))
+
+
+def config_from_dict(raw: Mapping[str, Any], overrides: Sequence[str] = ()) -> RunConfig:
+    raw = apply_overrides(_deepcopy(raw), parse_overrides(overrides))
+    return build_config(raw, source="<dict>")
+
+
+def _deepcopy(raw: Mapping[str, Any]) -> dict[str, Any]:
+    import copy
+
+    return copy.deepcopy(dict(raw))

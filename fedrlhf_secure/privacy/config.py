@@ -1,0 +1,46 @@
+"""The ``privacy:`` section of a run config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Differential privacy settings for a run.
+
+    ``mode``:
+      * ``none``   - no DP.
+      * ``record`` - record-level DP-SGD inside each client's local training (Opacus).
+      * ``client`` - client-level DP-FedAvg (McMahan et al. 2018): clip each update to
+        ``clip_norm`` and add Gaussian noise calibrated over all rounds.
+
+    ``epsilon``/``delta`` is the budget for the whole run (all rounds), per client.
+    """
+
+    mode: Literal["none", "record", "client"] = "none"
+    epsilon: float | None = None
+    delta: float = 1e-5
+    accountant: Literal["prv", "rdp"] = "prv"
+    max_grad_norm: float = 1.0
+    clip_norm: float = 1.0
+    noise: Literal["central", "distributed"] = "distributed"
+    noise_multiplier: float | None = None
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.mode != "none" and self.epsilon is None and self.noise_multiplier is None:
+            raise ValueError(f"privacy.mode={self.mode} needs privacy.epsilon (the budget) or privacy.noise_multiplier")
+        if self.epsilon is not None and not self.epsilon > 0:
+            raise ValueError(f"privacy.epsilon must be > 0, got {self.epsilon}")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"privacy.delta must be in (0, 1), got {self.delta}")
+        if not self.max_grad_norm > 0:
+            raise ValueError(f"privacy.max_grad_norm must be > 0, got {self.max_grad_norm}")
+        if not self.clip_norm > 0:
+            raise ValueError(f"privacy.clip_norm must be > 0, got {self.clip_norm}")
+        if self.noise_multiplier is not None and self.noise_multiplier < 0:
+            raise ValueError(f"privacy.noise_multiplier must be >= 0, got {self.noise_multiplier}")
+        if self.batch_size < 1:
+            raise ValueError(f"privacy.batch_size must be >= 1, got {self.batch_size}")

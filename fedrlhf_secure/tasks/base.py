@@ -1,0 +1,174 @@
+"""What a task provides to the federation engine.
+
+A task owns its data, its model and its local RLHF step; the engine never reaches into the model.
+It sees only
+
+* a :class:`ParamSpec` of the **shared** parameters (the ones that are federated), and
+* per-client :class:`TaskClient` objects, which hold everything **personal** (e.g. a user's own
+  embedding) in their own memory. Personal parameters never appear in anything a client returns,
+  so they cannot reach a message.
+
+Updates are deltas (``new - global``) on the shared parameters. A shared parameter may be
+declared ``sparse_rows``: its rows (e.g. item embeddings) are touched only by the clients that
+saw that row, and the engine normalises each row by the weight of the clients that touched it
+instead of diluting it by all clients (see :mod:`fedrlhf_secure.federation.update`).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Mapping, Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ParamEntry:
+    name: str
+    shape: tuple[int, ...]
+    sparse_rows: bool = False
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape)) if self.shape else 1
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """Ordered description of the shared parameters, and their flat float32 layout."""
+
+    entries: tuple[ParamEntry, ...]
+
+    @property
+    def size(self) -> int:
+        return sum(e.size for e in self.entries)
+
+    def names(self) -> list[str]:
+        return [e.name for e in self.entries]
+
+    def flatten(self, params: Mapping[str, np.ndarray]) -> np.ndarray:
+        missing = [e.name for e in self.entries if e.name not in params]
+        if missing:
+            raise KeyError(f"missing shared parameters: {missing}")
+        out = np.empty(self.size, dtype=np.float32)
+        pos = 0
+        for e in self.entries:
+            arr = np.asarray(params[e.name], dtype=np.float32)
+            if arr.shape != e.shape:
+                raise ValueError(f"parameter {e.name}: shape {arr.shape}, spec says {e.shape}")
+            out[pos : pos + e.size] = arr.reshape(-1)
+            pos += e.size
+        return out
+
+    def unflatten(self, flat: np.ndarray) -> dict[str, np.ndarray]:
+        if flat.shape != (self.size,):
+            raise ValueError(f"flat vector has shape {flat.shape}, spec needs ({self.size},)")
+        out, pos = {}, 0
+        for e in self.entries:
+            out[e.name] = np.asarray(flat[pos : pos + e.size], dtype=np.float32).reshape(e.shape).copy()
+            pos += e.size
+        return out
+
+
+@dataclass
+class FitConfig:
+    """What the server asks of a client in one round."""
+
+    round: int
+    local_epochs: int
+    seed: int
+    dp_sgd: Any | None = None
+    """A :class:`fedrlhf_secure.privacy.dpsgd.DPSGDSettings` when record-level DP is on."""
+
+
+@dataclass
+class FitResult:
+    """A client's local training outcome: deltas on the shared parameters, never personal ones."""
+
+    delta: dict[str, np.ndarray]
+    num_examples: int
+    touched_rows: dict[str, np.ndarray] = field(default_factory=dict)
+    """For each ``sparse_rows`` parameter, a bool vector over its rows: which rows this client
+    touched. Rows not touched must have a zero delta."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    privacy: dict[str, Any] = field(default_factory=dict)
+    """What the DP machinery reports about this fit (noise, steps, sample rate...)."""
+
+
+class TaskClient(ABC):
+    """One client's side of a task: its private data, feedback and personal parameters."""
+
+    client_id: int
+
+    @abstractmethod
+    def num_examples(self) -> int: ...
+
+    @abstractmethod
+    def fit(self, shared: Mapping[str, np.ndarray], config: FitConfig) -> FitResult:
+        """Local RLHF from the given global shared parameters."""
+
+    @abstractmethod
+    def evaluate(self, shared: Mapping[str, np.ndarray]) -> dict[str, float]:
+        """Held-out metrics with the given shared parameters and this client's personal ones.
+
+        Return counts (``correct``, ``n``) as well as rates so the engine can pool them."""
+
+
+class Task(ABC):
+    """A federated RLHF task (MovieLens, IMDb...)."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def client_ids(self) -> list[int]: ...
+
+    @abstractmethod
+    def shared_spec(self) -> ParamSpec: ...
+
+    @abstractmethod
+    def initial_shared(self) -> dict[str, np.ndarray]: ...
+
+    @abstractmethod
+    def make_client(self, client_id: int) -> TaskClient: ...
+
+    def baselines(self) -> Mapping[str, Callable[[], dict[str, Any]]]:
+        """Named baselines runnable on the same split and model (e.g. centralized, local-only)."""
+        return {}
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    kind: str
+    config_cls: type
+    factory: Callable[..., Task]
+    """``factory(config, data_dir: Path | None, seed: int) -> Task``."""
+
+
+_TASKS: dict[str, TaskSpec] = {}
+
+
+def register_task(kind: str, config_cls: type, factory: Callable[..., Task]) -> None:
+    _TASKS[kind] = TaskSpec(kind, config_cls, factory)
+
+
+def task_spec(kind: str) -> TaskSpec:
+    import importlib
+
+    for module in ("fedrlhf_secure.tasks.movielens", "fedrlhf_secure.tasks.imdb"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+    if kind not in _TASKS:
+        raise KeyError(f"unknown task kind {kind!r}; expected one of {sorted(_TASKS)}")
+    return _TASKS[kind]
+
+
+def registered_tasks() -> list[str]:
+    try:
+        task_spec("")
+    except KeyError:
+        pass
+    return sorted(_TASKS)
