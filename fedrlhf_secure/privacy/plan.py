@@ -14,11 +14,25 @@ The engine asks a :class:`PrivacyPlan` four things, and nothing else computes or
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from .dpsgd import DPSGDSettings
+
+
+@dataclass
+class Privatized:
+    """A client's update after client-level DP, ready for the aggregator.
+
+    ``aggregator_kwargs`` are passed to ``Aggregator.client(...)``: distributed discrete noise for
+    the masking mode travels as ``integer_noise`` (added after quantisation, before masking).
+    """
+
+    vector: np.ndarray
+    weight: float
+    aggregator_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 class PrivacyPlan(ABC):
@@ -31,7 +45,7 @@ class PrivacyPlan(ABC):
     @abstractmethod
     def privatize(
         self, client_id: int, round: int, vector: np.ndarray, weight: float, rng: np.random.Generator
-    ) -> tuple[np.ndarray, float]: ...
+    ) -> Privatized: ...
 
     @abstractmethod
     def commit(self, client_id: int, round: int, fit_privacy: dict[str, Any]) -> float | None: ...
@@ -50,8 +64,8 @@ class NoPrivacy(PrivacyPlan):
     def fit_settings(self, client_id: int, round: int, num_examples: int) -> DPSGDSettings | None:
         return None
 
-    def privatize(self, client_id, round, vector, weight, rng):
-        return vector, weight
+    def privatize(self, client_id, round, vector, weight, rng) -> Privatized:
+        return Privatized(vector, weight)
 
     def commit(self, client_id: int, round: int, fit_privacy: dict[str, Any]) -> float | None:
         return None
