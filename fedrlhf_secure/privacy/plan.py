@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from aggregation.base import AggregateResult
+
 from .dpsgd import DPSGDSettings
 
 
@@ -49,6 +51,10 @@ class PrivacyPlan(ABC):
 
     @abstractmethod
     def commit(self, client_id: int, round: int, fit_privacy: dict[str, Any]) -> float | None: ...
+
+    def finalize_aggregate(self, round: int, result: AggregateResult, rng: np.random.Generator) -> AggregateResult:
+        """Server-side step after aggregation (``noise: central`` adds its noise here); default: none."""
+        return result
 
     @abstractmethod
     def summary(self) -> dict[str, Any]:

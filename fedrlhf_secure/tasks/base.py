@@ -114,6 +114,16 @@ class TaskClient(ABC):
 
         Return counts (``correct``, ``n``) as well as rates so the engine can pool them."""
 
+    def personal_state(self) -> dict[str, np.ndarray]:
+        """This client's personal parameters, for the client's own checkpoint (``--resume``) and for
+        audits that model a stronger attacker. Never sent anywhere by the engine."""
+        return {}
+
+    def load_personal_state(self, state: Mapping[str, np.ndarray]) -> None:
+        """Restore what :meth:`personal_state` returned (after a crash)."""
+        if state:
+            raise NotImplementedError(f"{type(self).__name__} cannot restore personal state")
+
 
 class Task(ABC):
     """A federated RLHF task (MovieLens, IMDb...)."""
