@@ -1,0 +1,1 @@
+"""Command modules of the ``fedrlhf`` console script (see :mod:`fedrlhf_secure.cli`)."""

@@ -1,0 +1,69 @@
+"""Plots a person would rather look at than JSON: accuracy (and ε) per round, per-client spread."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_run(run_dir: Path, history: Sequence[Mapping[str, Any]], final_clients: Mapping[int, Mapping[str, float]]) -> list[Path]:
+    plt = _pyplot()
+    out_dir = Path(run_dir) / "plots"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    if history:
+        rounds = [h["round"] + 1 for h in history]
+        fig, ax = plt.subplots(figsize=(6.4, 4))
+        plotted = False
+        for key, label in (("heldout_accuracy", "held-out accuracy"), ("train_accuracy", "train accuracy")):
+            vals = [h.get(key) for h in history]
+            if any(v is not None for v in vals):
+                ax.plot(rounds, [np.nan if v is None else v for v in vals], marker="o", label=label)
+                plotted = True
+        if not plotted:  # tasks without an accuracy (e.g. IMDb) plot their numeric means instead
+            for key in sorted(k for k in history[-1] if k.endswith("_mean"))[:4]:
+                ax.plot(rounds, [h.get(key, np.nan) for h in history], marker="o", label=key)
+        ax.set_xlabel("round")
+        ax.set_ylabel("metric")
+        ax.grid(alpha=0.3)
+        eps = [h.get("privacy_epsilon_spent_max") for h in history]
+        handles, labels = ax.get_legend_handles_labels()
+        if any(isinstance(e, (int, float)) for e in eps):
+            ax2 = ax.twinx()
+            ax2.plot(rounds, [np.nan if e is None else e for e in eps], color="tab:red", linestyle="--", marker="x", label="ε spent (max over clients)")
+            ax2.set_ylabel("ε")
+            h2, l2 = ax2.get_legend_handles_labels()
+            handles, labels = handles + h2, labels + l2
+        ax.legend(handles, labels, loc="lower right")
+        ax.set_title("Per-round metrics")
+        fig.tight_layout()
+        p = out_dir / "accuracy_per_round.png"
+        fig.savefig(p, dpi=120)
+        plt.close(fig)
+        written.append(p)
+    accs = np.asarray([m["accuracy"] for m in final_clients.values() if np.isfinite(m.get("accuracy", np.nan))])
+    if accs.size:
+        fig, ax = plt.subplots(figsize=(6.4, 4))
+        ax.hist(accs, bins=30, color="tab:blue", alpha=0.8)
+        ax.axvline(accs.mean(), color="k", linestyle="--", label=f"mean {accs.mean():.3f}")
+        ax.set_xlabel("held-out accuracy of one client")
+        ax.set_ylabel("clients")
+        ax.set_title(f"Per-client accuracy after the last round (n={accs.size})")
+        ax.legend()
+        fig.tight_layout()
+        p = out_dir / "client_accuracy.png"
+        fig.savefig(p, dpi=120)
+        plt.close(fig)
+        written.append(p)
+    return written

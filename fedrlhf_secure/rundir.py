@@ -1,0 +1,153 @@
+"""The run directory: the contract users, audits and CI rely on.
+
+A run is written into ``<name>.partial/`` beside its final place and renamed to ``<name>/`` only
+when it completes, so a finished-looking directory is always complete. A run that fails before
+anything privacy-relevant happened removes its ``.partial`` directory; once a DP release has been
+recorded in the ledger the ``.partial`` directory is kept (the budget it spent must never be
+forgotten) and ``fedrlhf run --resume`` continues it.
+
+Contents: ``config.yaml`` (resolved) · ``metrics.jsonl`` (one object per round) · ``summary.json`` ·
+``model.safetensors`` (released global shared parameters) · ``ledger/`` · ``plots/*.png`` ·
+``checkpoint/`` (resume state; removed when the run completes) · ``audit.json`` (after an audit).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+PARTIAL_SUFFIX = ".partial"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so a crash leaves either the old or the new file, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=_json_default, allow_nan=True) + "\n").encode())
+
+
+def atomic_save_tensors(path: Path, tensors: Mapping[str, np.ndarray]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_tensors(path: Path) -> dict[str, np.ndarray]:
+    return load_file(str(path))
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+class RunDirectory:
+    """A run being written (``<final>.partial``) and its final place."""
+
+    def __init__(self, final: Path) -> None:
+        self.final = Path(final)
+        self.path = self.final.with_name(self.final.name + PARTIAL_SUFFIX)
+
+    @classmethod
+    def create(cls, out: Path | None, name: str) -> "RunDirectory":
+        """A fresh run directory under ``out`` (default ``./runs``) named ``name-YYYYmmdd-HHMMSS``."""
+        parent = Path(out) if out else Path("runs")
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        final = parent / f"{name}-{stamp}"
+        n = 1
+        while final.exists() or final.with_name(final.name + PARTIAL_SUFFIX).exists():
+            n += 1
+            final = parent / f"{name}-{stamp}-{n}"
+        rd = cls(final)
+        rd.path.mkdir(parents=True)
+        return rd
+
+    @classmethod
+    def for_resume(cls, given: Path) -> "RunDirectory":
+        given = Path(given)
+        if given.name.endswith(PARTIAL_SUFFIX):
+            rd = cls(given.with_name(given.name[: -len(PARTIAL_SUFFIX)]))
+        else:
+            rd = cls(given)
+        if not rd.path.is_dir():
+            if rd.final.is_dir():
+                raise FileNotFoundError(f"{rd.final} is a completed run; nothing to resume")
+            raise FileNotFoundError(f"no interrupted run at {given} (looked for {rd.path})")
+        return rd
+
+    def file(self, *parts: str) -> Path:
+        p = self.path.joinpath(*parts)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def append_jsonl(self, name: str, obj: Mapping[str, Any]) -> None:
+        with open(self.file(name), "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(obj, default=_json_default) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def read_jsonl(self, name: str) -> list[dict[str, Any]]:
+        p = self.path / name
+        if not p.exists():
+            return []
+        return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    def rewrite_jsonl(self, name: str, rows: list[Mapping[str, Any]]) -> None:
+        atomic_write_bytes(self.file(name), "".join(json.dumps(r, default=_json_default) + "\n" for r in rows).encode())
+
+    def finalize(self) -> Path:
+        shutil.rmtree(self.path / "checkpoint", ignore_errors=True)
+        os.replace(self.path, self.final)
+        _fsync_dir(self.final.parent)
+        return self.final
+
+    def discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
