@@ -1,0 +1,53 @@
+"""Plain FedAvg through the sans-IO driver: weighted sums, dropouts, and rejected messages."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from aggregation import wire
+from aggregation.base import ProtocolError, RoundContext, spec_for
+from aggregation.driver import run_round
+from aggregation.plain import UPDATE, PlainAggregator
+
+
+def _ctx(n=3, dim=5, rnd=0):
+    return RoundContext(os.urandom(16), rnd, tuple(range(n)), dim)
+
+
+def test_weighted_sum_and_total_weight_over_the_clients_that_answered():
+    ctx = _ctx()
+    inputs = {i: (np.full(5, float(i), np.float32), float(i + 1)) for i in range(3)}
+    out = run_round(PlainAggregator(), ctx, inputs, drop_after={1: 0})
+    res = out.server_result
+    assert res.contributors == (0, 2)
+    assert res.total_weight == 4.0
+    np.testing.assert_allclose(res.weighted_sum, np.full(5, 0 * 1 + 2 * 3.0))
+    np.testing.assert_allclose(res.average, np.full(5, 1.5))
+    assert out.stats.bytes_up[1] == 0 and out.stats.bytes_up[0] > 5 * 4
+
+
+def test_replayed_wrong_round_and_wrong_size_updates_are_rejected():
+    ctx = _ctx()
+    server = PlainAggregator().server(ctx)
+    server.start()
+    good = wire.encode(wire.Frame(UPDATE, {"round": 0, "weight": 1.0}, {"vector": np.zeros(5, np.float32)}))
+    server.receive(0, good)
+    with pytest.raises(ProtocolError, match="already sent"):
+        server.receive(0, good)
+    with pytest.raises(ProtocolError, match="round 7"):
+        server.receive(1, wire.encode(wire.Frame(UPDATE, {"round": 7, "weight": 1.0}, {"vector": np.zeros(5, np.float32)})))
+    with pytest.raises(ProtocolError, match=r"shape \(5,\)"):
+        server.receive(1, wire.encode(wire.Frame(UPDATE, {"round": 0, "weight": 1.0}, {"vector": np.zeros(6, np.float32)})))
+    with pytest.raises(ProtocolError, match="non-finite"):
+        server.receive(1, wire.encode(wire.Frame(UPDATE, {"round": 0, "weight": 1.0}, {"vector": np.full(5, np.nan, np.float32)})))
+    with pytest.raises(ProtocolError, match="not a participant"):
+        server.receive(9, good)
+    assert server.done is False
+
+
+def test_registry_builds_plain_from_its_kind():
+    agg = spec_for("plain").factory(spec_for("plain").config_cls(), [0, 1], 0)
+    assert agg.kind == "plain" and agg.server_can_read_result
