@@ -1,0 +1,176 @@
+"""CKKS parameters: the config section, the 128-bit security check, and TenSEAL contexts.
+
+Why these defaults (``poly_modulus_degree=4096, coeff_mod_bit_sizes=[56, 40], scale_bits=34``):
+aggregation needs only ciphertext additions — clients pre-multiply their update by their own
+weight before encrypting (FedAvg's ``w_k x_k``, McMahan et al. 2017, eq. 1) — so no rescale ever
+happens and a single data prime suffices. A ciphertext then carries two polynomials of ``N``
+64-bit words modulo that one prime for ``N/2`` values: 32 bytes per value before compression, and
+SEAL's zstd stores a 56-bit residue in 7 of its 8 bytes, which gives about 7.6x float32. The last
+prime is the key-switching ("special") prime that TenSEAL requires; it is never part of a
+ciphertext, so its size costs nothing on the wire. 34 scale bits keep the encoding + encryption
+noise near 1e-7 absolute (relative error ~1e-6 on typical updates, the issue asks <= 1e-4), and
+the remaining ``56 - 34 - 1 = 21`` bits leave room for aggregates up to ``2^21`` in absolute value
+(e.g. 943 MovieLens clients weighted by up to 700 examples each). Clients check that headroom
+before encrypting (:func:`headroom`), since an overflow would wrap silently modulo the prime.
+
+Security: the HE standard (Albrecht et al., "Homomorphic Encryption Security Standard", 2018,
+Table 1, classical 128-bit, ternary secret) bounds ``log2(Q)``, the total bits of the whole chain,
+per ring degree; parameter sets above the bound are refused with an error naming both.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import tenseal as ts
+
+MAX_LOG_Q_128: dict[int, int] = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
+"""HE standard, Table 1: the largest ``log2(Q)`` with 128-bit classical security, per ring degree ``N``."""
+
+SEAL_MAX_PRIME_BITS = 60
+
+
+@dataclass(frozen=True)
+class CKKSConfig:
+    """``aggregation: {kind: ckks, ...}``.
+
+    ``coeff_mod_bit_sizes``: the modulus chain; every prime but the last holds ciphertext data
+    (one is enough: there are no rescales), the last is TenSEAL's key-switching prime.
+    ``scale_bits``: CKKS encodes ``round(x * 2^scale_bits)``. ``rotate_keys``: ``run`` deals one
+    key per run, ``round`` a fresh key every round (a key compromised in one round then reveals
+    nothing about the others). ``threads``: TenSEAL worker threads per party.
+    """
+
+    poly_modulus_degree: int = 4096
+    coeff_mod_bit_sizes: tuple[int, ...] = (56, 40)
+    scale_bits: int = 34
+    rotate_keys: Literal["run", "round"] = "run"
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        n = self.poly_modulus_degree
+        if n not in MAX_LOG_Q_128:
+            raise ValueError(
+                f"aggregation.poly_modulus_degree must be one of {sorted(MAX_LOG_Q_128)}, got {n}"
+            )
+        bits = tuple(self.coeff_mod_bit_sizes)
+        if len(bits) < 2:
+            raise ValueError(
+                "aggregation.coeff_mod_bit_sizes needs at least two primes (one data prime and TenSEAL's "
+                f"key-switching prime), got {list(bits)}"
+            )
+        min_bits = int(math.log2(2 * n)) + 2  # a prime = 1 mod 2N needs more bits than 2N
+        for i, b in enumerate(bits):
+            if not min_bits <= b <= SEAL_MAX_PRIME_BITS:
+                raise ValueError(
+                    f"aggregation.coeff_mod_bit_sizes[{i}] = {b}: each prime must have {min_bits}.."
+                    f"{SEAL_MAX_PRIME_BITS} bits for poly_modulus_degree={n}"
+                )
+        log_q = sum(bits)
+        bound = MAX_LOG_Q_128[n]
+        if log_q > bound:
+            raise ValueError(
+                f"aggregation.coeff_mod_bit_sizes {list(bits)} total {log_q} bits, above the 128-bit security "
+                f"bound of {bound} bits for poly_modulus_degree={n} (HE standard 2018, Table 1); "
+                f"use fewer/smaller primes or a larger poly_modulus_degree"
+            )
+        if not 20 <= self.scale_bits <= self.data_bits - 2:
+            raise ValueError(
+                f"aggregation.scale_bits = {self.scale_bits} must be in 20..{self.data_bits - 2} "
+                f"(below the {self.data_bits} data bits of coeff_mod_bit_sizes {list(bits)}, leaving headroom)"
+            )
+        if self.threads < 1:
+            raise ValueError(f"aggregation.threads must be >= 1, got {self.threads}")
+        object.__setattr__(self, "coeff_mod_bit_sizes", bits)
+
+    @property
+    def slots(self) -> int:
+        """Values per ciphertext (CKKS packs ``N/2`` of them)."""
+        return self.poly_modulus_degree // 2
+
+    @property
+    def data_primes(self) -> int:
+        return len(self.coeff_mod_bit_sizes) - 1
+
+    @property
+    def data_bits(self) -> int:
+        return sum(self.coeff_mod_bit_sizes[:-1])
+
+    @property
+    def scale(self) -> float:
+        return float(2**self.scale_bits)
+
+    @property
+    def log_q(self) -> int:
+        return sum(self.coeff_mod_bit_sizes)
+
+    def chunks(self, length: int) -> int:
+        return -(-length // self.slots)
+
+    def raw_ciphertext_bytes(self) -> int:
+        """Uncompressed size of one fresh ciphertext's polynomial data (2 polys x N x data primes x 8)."""
+        return 2 * self.poly_modulus_degree * self.data_primes * 8
+
+
+def headroom(config: CKKSConfig) -> float:
+    """The largest ``|sum_k w_k x_k|`` (any coordinate) that decrypts correctly.
+
+    Decryption recovers the encoded coefficients modulo the data modulus ``q ~ 2^data_bits``; the
+    coefficients of an encoding of values bounded by ``B`` are bounded by ``B * 2^scale_bits``, so
+    ``B < 2^(data_bits - scale_bits - 1)`` is safe (one bit for the sign).
+    """
+    return float(2 ** (config.data_bits - config.scale_bits - 1))
+
+
+def new_secret_context(config: CKKSConfig) -> ts.Context:
+    """A fresh CKKS context with a new secret key (symmetric encryption: the clients hold the key).
+
+    Symmetric encryption because every party that encrypts also holds the secret key; it has
+    less fresh noise than public-key encryption, and the server gets no key material at all.
+    """
+    ctx = ts.context(
+        ts.SCHEME_TYPE.CKKS,
+        config.poly_modulus_degree,
+        coeff_mod_bit_sizes=list(config.coeff_mod_bit_sizes),
+        encryption_type=ts.ENCRYPTION_TYPE.SYMMETRIC,
+        n_threads=config.threads,
+    )
+    ctx.global_scale = config.scale
+    return ctx
+
+
+def public_context_bytes(ctx: ts.Context) -> bytes:
+    """The parameters only: no secret, public, relinearisation or Galois key (what the server gets)."""
+    return ctx.serialize(save_public_key=False, save_secret_key=False, save_galois_keys=False, save_relin_keys=False)
+
+
+def secret_context_bytes(ctx: ts.Context) -> bytes:
+    """Parameters plus the secret key (what each client gets, encrypted to it)."""
+    return ctx.serialize(save_public_key=False, save_secret_key=True, save_galois_keys=False, save_relin_keys=False)
+
+
+MAX_PUBLIC_CONTEXT_BYTES = 4096
+MAX_SECRET_CONTEXT_BYTES = 8 << 20
+
+
+def load_context(data: bytes, config: CKKSConfig, *, secret: bool) -> ts.Context:
+    """Deserialize a context and check it matches ``config`` (and holds a secret key iff ``secret``)."""
+    limit = MAX_SECRET_CONTEXT_BYTES if secret else MAX_PUBLIC_CONTEXT_BYTES
+    if not 0 < len(data) <= limit:
+        raise ValueError(f"CKKS context is {len(data)} bytes; expected 1..{limit}")
+    try:
+        ctx = ts.context_from(bytes(data), n_threads=config.threads)
+    except Exception as exc:  # TenSEAL raises assorted types for malformed bytes
+        raise ValueError(f"not a valid TenSEAL context ({type(exc).__name__}: {exc})") from exc
+    if ctx.is_private() != secret:
+        want = "a secret key" if secret else "no secret key"
+        raise ValueError(f"CKKS context must hold {want}")
+    parms = ctx.seal_context().data.first_context_data().parms()
+    if parms.poly_modulus_degree() != config.poly_modulus_degree:
+        raise ValueError(
+            f"CKKS context has poly_modulus_degree {parms.poly_modulus_degree()}, config says {config.poly_modulus_degree}"
+        )
+    ctx.global_scale = config.scale
+    return ctx
