@@ -16,7 +16,16 @@ class PrivacyConfig:
       * ``client`` - client-level DP-FedAvg (McMahan et al. 2018): clip each update to
         ``clip_norm`` and add Gaussian noise calibrated over all rounds.
 
-    ``epsilon``/``delta`` is the budget for the whole run (all rounds), per client.
+    ``epsilon``/``delta`` is the budget for the whole run (all rounds), per client; ``delta`` must
+    also be below 1/n (n = records of the largest client for ``record``, clients for ``client``),
+    which :func:`fedrlhf_secure.privacy.factory.build_plan` checks once n is known.
+
+    ``accountant``: ``prv`` (tighter) or ``rdp`` for the Gaussian mechanisms; the integer masking
+    mode always uses the Skellam RDP accountant. ``noise_multiplier`` overrides calibration (the
+    budget is then only enforced, not targeted). ``batch_size``: expected DP-SGD batch size
+    (record level). ``clip_norm``/``noise``/``survivor_fraction``: client level (see
+    :mod:`fedrlhf_secure.privacy.client_level`); each client adds noise for
+    ``ceil(survivor_fraction × selected)`` survivors, so a round may lose the rest to dropouts.
     """
 
     mode: Literal["none", "record", "client"] = "none"
@@ -28,6 +37,7 @@ class PrivacyConfig:
     noise: Literal["central", "distributed"] = "distributed"
     noise_multiplier: float | None = None
     batch_size: int = 16
+    survivor_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         if self.mode != "none" and self.epsilon is None and self.noise_multiplier is None:
@@ -42,5 +52,7 @@ class PrivacyConfig:
             raise ValueError(f"privacy.clip_norm must be > 0, got {self.clip_norm}")
         if self.noise_multiplier is not None and self.noise_multiplier < 0:
             raise ValueError(f"privacy.noise_multiplier must be >= 0, got {self.noise_multiplier}")
+        if not 0 < self.survivor_fraction <= 1:
+            raise ValueError(f"privacy.survivor_fraction must be in (0, 1], got {self.survivor_fraction}")
         if self.batch_size < 1:
             raise ValueError(f"privacy.batch_size must be >= 1, got {self.batch_size}")

@@ -1,0 +1,206 @@
+"""Client-level (user-level) DP: DP-FedAvg (McMahan, Ramage, Talwar & Zhang 2018).
+
+Each client clips its whole update vector to L2 norm C (:func:`.clipping.clip_l2`) and the sum of
+the clipped updates gets Gaussian noise of std ``z·C``, where the noise multiplier z is calibrated
+so that ``federation.rounds`` releases cost at most the budget ε. With uniform weights (one per
+client) one client changes the released sum by at most C and the plain mean by at most C/n; the
+plan refuses example weighting (its weights depend on the data and the noise assumes a plain
+mean). Sampling amplification is not claimed: the server knows whom it selected, so each client's
+ε composes the rounds it actually took part in (q = 1 per round).
+
+Where the noise is added (``privacy.noise``):
+
+* ``central``: the server adds N(0, (zC)²) after aggregation. The server therefore sees the
+  un-noised sum (and, with plain aggregation, every clipped update); only later observers of the
+  model are protected.
+* ``distributed``: each client adds its share so that no party ever sees an un-noised sum. For
+  float aggregators (plain, CKKS) the share is N(0, (zC)²/m); for the integer masking aggregator it
+  is Skellam noise in the quantised domain (:mod:`.discrete`), calibrated with the Skellam
+  accountant. ``m`` is the number of survivors the round must keep: ``max(min_clients,
+  ceil(survivor_fraction × admitted))``. Dropouts are **compensated** by adding enough noise for
+  ``m`` survivors: a round that ends with fewer contributors is aborted by the plan (with masking,
+  set the secure aggregation threshold to at least m so the server cannot unmask such a sum).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from aggregation.base import AggregateResult, AggregationAborted
+
+from .accountants import GaussianAccountant, GaussianRelease, SkellamAccountant, SkellamRelease
+from .budget import BudgetedPlan, PrivacyViolation
+from .calibration import gaussian_noise_multiplier, skellam_variance
+from .clipping import clip_l2
+from .discrete import integer_sensitivities, skellam_share
+from .dpsgd import DPSGDSettings
+from .ledger import LedgerEntry, PrivacyLedger
+from .plan import Privatized
+from .replay import ReleaseStore
+from .testing import noise_is_disabled
+
+
+def _entropy_rng() -> np.random.Generator:
+    return np.random.default_rng(int.from_bytes(os.urandom(32), "little"))
+
+
+@dataclass(frozen=True)
+class IntegerDomain:
+    """The masking aggregator's quantisation: a float x becomes round(scale · x)."""
+
+    scale: float
+
+
+class ClientLevelPlan(BudgetedPlan):
+    mode = "client"
+
+    def __init__(
+        self,
+        *,
+        rounds: int,
+        clip_norm: float,
+        noise: str,
+        budget: float | None,
+        delta: float,
+        accountant: str,
+        noise_multiplier: float | None,
+        survivor_fraction: float,
+        min_clients: int,
+        integer: IntegerDomain | None,
+        ledger: PrivacyLedger,
+        releases: ReleaseStore,
+    ) -> None:
+        name = "skellam-rdp" if integer is not None else accountant
+        super().__init__(budget=budget, delta=delta, ledger=ledger, releases=releases, accountant_name=name)
+        if noise not in ("central", "distributed"):
+            raise ValueError(f"privacy.noise must be central or distributed, got {noise!r}")
+        if integer is not None and noise != "distributed":
+            raise ValueError("integer (Skellam) noise is only used with privacy.noise: distributed")
+        self.rounds = int(rounds)
+        self.clip_norm = float(clip_norm)
+        self.noise = noise
+        self.survivor_fraction = float(survivor_fraction)
+        self.min_clients = int(min_clients)
+        self.integer = integer
+        self.gaussian = GaussianAccountant(accountant)
+        self.skellam = SkellamAccountant()
+        self._explicit = noise_multiplier
+        if noise_multiplier is not None:
+            self.z = float(noise_multiplier)
+        else:
+            assert budget is not None
+            self.z = gaussian_noise_multiplier(self.gaussian, budget, delta, 1.0, self.rounds)
+        self._skellam_params: tuple[float, float, float] | None = None  # (variance, l1, l2), set once the dim is known
+        self._survivors: dict[int, int] = {}
+
+    # ------------------------------------------------------------------ integer domain
+    def _ensure_skellam(self, dim: int) -> tuple[float, float, float]:
+        if self._skellam_params is None:
+            assert self.integer is not None
+            l1, l2 = integer_sensitivities(self.integer.scale, self.clip_norm, dim)
+            if self._explicit is not None:
+                variance = (self._explicit * l2) ** 2
+            else:
+                variance = skellam_variance(self.budget, self.delta, l1, l2, self.rounds)
+            self._skellam_params = (variance, l1, l2)
+        return self._skellam_params
+
+    def _planned_skellam(self) -> SkellamRelease:
+        if self._skellam_params is not None:
+            v, l1, l2 = self._skellam_params
+            return SkellamRelease(v, l1, l2, 1)
+        l2 = self.integer.scale * self.clip_norm  # type: ignore[union-attr]
+        variance = (self.z * l2) ** 2 if self._explicit is None else (self._explicit * l2) ** 2
+        return SkellamRelease(variance, l2, l2, 1)
+
+    def survivors_required(self, round: int) -> int:
+        if round not in self._survivors:
+            n = len(self.admitted.get(round, ())) or 1
+            self._survivors[round] = min(n, max(self.min_clients, math.ceil(self.survivor_fraction * n)))
+        return self._survivors[round]
+
+    # ------------------------------------------------------------------ BudgetedPlan
+    def history_of(self, entries: Sequence[LedgerEntry]) -> list[Any]:
+        if self.integer is not None:
+            return [SkellamRelease(e.params["variance"], e.params["l1"], e.params["l2"], e.steps) for e in entries]
+        return [GaussianRelease(e.noise_multiplier, e.sample_rate, e.steps) for e in entries]
+
+    def history_epsilon(self, history: Sequence[Any]) -> float:
+        if self.integer is not None:
+            return self.skellam.epsilon(history, self.delta)
+        return self.gaussian.epsilon(history, self.delta)
+
+    def next_history(self, client_id: int) -> list[Any]:
+        past = self.history_of(self.ledger.entries(client_id))
+        planned = self._planned_skellam() if self.integer is not None else GaussianRelease(self.z, 1.0, 1)
+        return [*past, planned]
+
+    def fit_settings(self, client_id: int, round: int, num_examples: int) -> DPSGDSettings | None:
+        return None
+
+    def privatize(self, client_id: int, round: int, vector: np.ndarray, weight: float, rng: np.random.Generator) -> Privatized:
+        if self.integer is not None:
+            self._ensure_skellam(int(np.size(vector)))
+        return super().privatize(client_id, round, vector, weight, rng)
+
+    def fresh_privatize(self, client_id: int, round: int, vector: np.ndarray, weight: float) -> Privatized:
+        if weight != 1.0:
+            raise PrivacyViolation(
+                f"client-level DP needs uniform weights (federation.weighting: uniform); client {client_id} has weight {weight}"
+            )
+        clipped = clip_l2(vector, self.clip_norm)
+        if self.noise == "central":
+            return Privatized(clipped, 1.0)
+        m = self.survivors_required(round)
+        off = noise_is_disabled()
+        if self.integer is not None:
+            variance, _, _ = self._ensure_skellam(clipped.size)
+            share = np.zeros(clipped.size, np.int64) if off else skellam_share(clipped.size, variance / m)
+            return Privatized(clipped, 1.0, {"integer_noise": share})
+        std = 0.0 if off else self.z * self.clip_norm / math.sqrt(m)
+        noisy = clipped.astype(np.float64) + _entropy_rng().normal(0.0, std, clipped.size) if std else clipped
+        return Privatized(np.asarray(noisy, dtype=np.float32), 1.0)
+
+    def entry_for(self, client_id: int, round: int, fit_privacy: dict[str, Any], digest: str) -> LedgerEntry:
+        params: dict[str, float] = {}
+        if self.noise == "distributed":
+            params["survivors_required"] = float(self.survivors_required(round))
+        if self.integer is not None:
+            assert self._skellam_params is not None  # set by privatize, which always precedes commit
+            variance, l1, l2 = self._skellam_params
+            params.update(variance=variance, l1=l1, l2=l2, scale=self.integer.scale)
+            return LedgerEntry(
+                client=client_id, round=round, mechanism="skellam", noise_multiplier=math.sqrt(variance) / l2, sample_rate=1.0,
+                steps=1, sensitivity=l2, epsilon_after=math.nan, delta=self.delta, digest=digest, noise=self.noise, params=params,
+            )
+        return LedgerEntry(
+            client=client_id, round=round, mechanism="gaussian", noise_multiplier=self.z, sample_rate=1.0, steps=1,
+            sensitivity=self.clip_norm, epsilon_after=math.nan, delta=self.delta, digest=digest, noise=self.noise, params=params,
+        )
+
+    def finalize_aggregate(self, round: int, result: AggregateResult, rng: np.random.Generator) -> AggregateResult:
+        if self.noise == "central":
+            std = 0.0 if noise_is_disabled() else self.z * self.clip_norm
+            if not std:
+                return result
+            noisy = np.asarray(result.weighted_sum, dtype=np.float64) + _entropy_rng().normal(0.0, std, np.shape(result.weighted_sum))
+            return AggregateResult(noisy, result.total_weight, result.contributors)
+        m = self.survivors_required(round)
+        if len(result.contributors) < m:
+            raise AggregationAborted(
+                f"round {round}: {len(result.contributors)} contributors survived but the distributed noise needs {m} "
+                "(privacy.survivor_fraction); the aggregate is discarded"
+            )
+        return result
+
+    def summary(self) -> dict[str, Any]:
+        out = super().summary()
+        out.update(noise=self.noise, clip_norm=self.clip_norm, noise_multiplier=self.z)
+        if self._skellam_params is not None:
+            out["skellam_variance"] = self._skellam_params[0]
+        return out

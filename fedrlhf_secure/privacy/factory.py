@@ -1,0 +1,110 @@
+"""Build the engine's :class:`~.plan.PrivacyPlan` from a run config, checking the inputs first.
+
+The checks that need more than the ``privacy:`` section happen here, with errors that name the key:
+``privacy.delta`` must be below 1/n (n = records of the largest client at record level, clients at
+client level: a δ of 1/n allows "release one person's data outright"); client-level DP refuses
+``federation.weighting: examples`` (the sensitivity of an example-weighted mean depends on the
+data); the integer masking mode needs the aggregator's quantisation scale.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..configtypes import ConfigError
+from .client_level import ClientLevelPlan, IntegerDomain
+from .ledger import PrivacyLedger
+from .plan import NoPrivacy, PrivacyPlan
+from .record_level import RecordLevelPlan
+from .replay import ReleaseStore
+
+FLOAT_AGGREGATORS = ("plain", "ckks")
+_SCALE_ATTRIBUTES = ("quantisation_scale", "quantization_scale", "scale")
+
+
+def integer_domain(config: Any) -> IntegerDomain | None:
+    """The masking aggregator's integer domain, or None for float aggregators."""
+    if config.aggregation.kind in FLOAT_AGGREGATORS:
+        return None
+    params = config.aggregation.params
+    for name in _SCALE_ATTRIBUTES:
+        value = getattr(params, name, None)
+        if isinstance(value, (int, float)) and value > 0:
+            return IntegerDomain(float(value))
+    bits = getattr(params, "fraction_bits", None) or getattr(params, "precision_bits", None)
+    if isinstance(bits, int) and bits > 0:
+        return IntegerDomain(float(2**bits))
+    raise ConfigError(
+        f"aggregation kind {config.aggregation.kind!r} exposes no quantisation scale "
+        f"(one of {', '.join(_SCALE_ATTRIBUTES)}, fraction_bits); distributed integer noise cannot be calibrated",
+        source=config.source, key="aggregation",
+    )
+
+
+def ledger_header(config: Any) -> dict[str, Any]:
+    p = config.privacy
+    return {
+        "mode": p.mode, "epsilon_budget": p.epsilon, "delta": p.delta, "accountant": p.accountant,
+        "noise_multiplier": p.noise_multiplier,
+        "max_grad_norm": p.max_grad_norm if p.mode == "record" else None,
+        "batch_size": p.batch_size if p.mode == "record" else None,
+        "clip_norm": p.clip_norm if p.mode == "client" else None,
+        "noise": p.noise if p.mode == "client" else None,
+        "survivor_fraction": p.survivor_fraction if p.mode == "client" else None,
+        "aggregation": config.aggregation.kind,
+        "rounds": config.federation.rounds,
+        "local_epochs": config.federation.local_epochs,
+    }
+
+
+def check_inputs(config: Any, client_sizes: Mapping[int, int]) -> None:
+    p = config.privacy
+    src = config.source
+    if p.epsilon is not None and not p.epsilon > 0:
+        raise ConfigError(f"must be > 0, got {p.epsilon}", source=src, key="privacy.epsilon")
+    if p.mode == "record":
+        if not p.max_grad_norm > 0:
+            raise ConfigError(f"must be > 0, got {p.max_grad_norm}", source=src, key="privacy.max_grad_norm")
+        largest = max(client_sizes.items(), key=lambda kv: kv[1], default=(None, 0))
+        if largest[1] > 0 and p.delta >= 1.0 / largest[1]:
+            raise ConfigError(
+                f"δ={p.delta:g} must be < 1/n = {1 / largest[1]:.3g} (client {largest[0]} has n={largest[1]} records)",
+                source=src, key="privacy.delta",
+            )
+    elif p.mode == "client":
+        if not p.clip_norm > 0:
+            raise ConfigError(f"must be > 0, got {p.clip_norm}", source=src, key="privacy.clip_norm")
+        n = len(client_sizes)
+        if p.delta >= 1.0 / n:
+            raise ConfigError(f"δ={p.delta:g} must be < 1/n = {1 / n:.3g} (n = {n} clients)", source=src, key="privacy.delta")
+        if config.federation.weighting != "uniform":
+            raise ConfigError(
+                "client-level DP needs federation.weighting: uniform (noise is calibrated for a plain mean; example "
+                "weights would let one client's influence grow with its data)",
+                source=src, key="federation.weighting",
+            )
+
+
+def build_plan(config: Any, client_sizes: dict[int, int], ledger_dir: Path, resume: bool) -> PrivacyPlan:
+    """The run's privacy plan; ``resume=True`` reopens the existing ledger with the ε already spent."""
+    p = config.privacy
+    if p.mode == "none":
+        return NoPrivacy()
+    check_inputs(config, client_sizes)
+    ledger_dir = Path(ledger_dir)
+    releases = ReleaseStore(ledger_dir.parent / "checkpoint" / "privacy-releases")
+    if p.mode == "record":
+        ledger = PrivacyLedger(ledger_dir, ledger_header(config), resume=resume)
+        return RecordLevelPlan(
+            client_sizes=client_sizes, rounds=config.federation.rounds, local_epochs=config.federation.local_epochs,
+            batch_size=p.batch_size, max_grad_norm=p.max_grad_norm, budget=p.epsilon, delta=p.delta,
+            accountant=p.accountant, noise_multiplier=p.noise_multiplier, ledger=ledger, releases=releases,
+        )
+    integer = integer_domain(config) if p.noise == "distributed" else None
+    ledger = PrivacyLedger(ledger_dir, ledger_header(config), resume=resume)
+    return ClientLevelPlan(
+        rounds=config.federation.rounds, clip_norm=p.clip_norm, noise=p.noise, budget=p.epsilon, delta=p.delta,
+        accountant=p.accountant, noise_multiplier=p.noise_multiplier, survivor_fraction=p.survivor_fraction,
+        min_clients=config.federation.min_clients, integer=integer, ledger=ledger, releases=releases,
+    )

@@ -1,0 +1,113 @@
+"""Record-level DP: Opacus DP-SGD inside each client's local training, accounted over the whole run.
+
+Each client k with n_k records trains with Poisson sampling at rate q_k = 1 / b_k, where
+b_k = ceil(n_k / batch_size) is its number of batches per epoch, so that one epoch is exactly b_k
+steps (Opacus' ``DPDataLoader`` takes ``int(1/q)`` steps per epoch) and the accounted steps are the
+steps taken. A run plans ``rounds × local_epochs × b_k`` steps; the noise multiplier σ_k is
+calibrated once so that all of them together cost at most the budget ε (Abadi et al. 2016 with
+the accountant chosen by ``privacy.accountant``). Clients with the same b_k share one calibration.
+
+Client sampling (``federation.fraction``) is not used for amplification: the server knows whom it
+selected, so each client's ε is the composition of the rounds it actually took part in.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+from .accountants import GaussianAccountant, GaussianRelease
+from .budget import BudgetedPlan, PrivacyViolation
+from .calibration import gaussian_noise_multiplier
+from .dpsgd import DPSGDSettings
+from .ledger import LedgerEntry, PrivacyLedger
+from .replay import ReleaseStore
+from .testing import noise_is_disabled
+
+
+class RecordLevelPlan(BudgetedPlan):
+    mode = "record"
+
+    def __init__(
+        self,
+        *,
+        client_sizes: Mapping[int, int],
+        rounds: int,
+        local_epochs: int,
+        batch_size: int,
+        max_grad_norm: float,
+        budget: float | None,
+        delta: float,
+        accountant: str,
+        noise_multiplier: float | None,
+        ledger: PrivacyLedger,
+        releases: ReleaseStore,
+    ) -> None:
+        super().__init__(budget=budget, delta=delta, ledger=ledger, releases=releases, accountant_name=accountant)
+        self.accountant = GaussianAccountant(accountant)
+        self.max_grad_norm = float(max_grad_norm)
+        self.local_epochs = int(local_epochs)
+        self.batches = {c: max(1, math.ceil(n / batch_size)) for c, n in client_sizes.items()}
+        self._sigma: dict[int, float] = {}
+        for b in sorted(set(self.batches.values())):
+            if noise_multiplier is not None:
+                self._sigma[b] = float(noise_multiplier)
+            else:
+                assert budget is not None
+                self._sigma[b] = gaussian_noise_multiplier(self.accountant, budget, delta, 1.0 / b, rounds * local_epochs * b)
+
+    def sample_rate(self, client_id: int) -> float:
+        return 1.0 / self.batches[client_id]
+
+    def noise_multiplier(self, client_id: int) -> float:
+        return self._sigma[self.batches[client_id]]
+
+    def steps_per_round(self, client_id: int) -> int:
+        return self.local_epochs * self.batches[client_id]
+
+    # ------------------------------------------------------------------ BudgetedPlan
+    def history_of(self, entries: Sequence[LedgerEntry]) -> list[GaussianRelease]:
+        return [GaussianRelease(e.noise_multiplier, e.sample_rate, e.steps) for e in entries]
+
+    def history_epsilon(self, history: Sequence[GaussianRelease]) -> float:
+        return self.accountant.epsilon(history, self.delta)
+
+    def next_history(self, client_id: int) -> list[GaussianRelease]:
+        planned = GaussianRelease(self.noise_multiplier(client_id), self.sample_rate(client_id), self.steps_per_round(client_id))
+        return [*self.history_of(self.ledger.entries(client_id)), planned]
+
+    def fit_settings(self, client_id: int, round: int, num_examples: int) -> DPSGDSettings:
+        sigma = 0.0 if noise_is_disabled() else self.noise_multiplier(client_id)
+        return DPSGDSettings(noise_multiplier=sigma, max_grad_norm=self.max_grad_norm, sample_rate=self.sample_rate(client_id))
+
+    def entry_for(self, client_id: int, round: int, fit_privacy: dict[str, Any], digest: str) -> LedgerEntry:
+        need = ("steps", "sample_rate", "noise_multiplier", "max_grad_norm")
+        missing = [k for k in need if k not in fit_privacy]
+        if missing:
+            raise PrivacyViolation(
+                f"client {client_id} round {round}: the task reported no DP-SGD ({', '.join(missing)} missing from FitResult.privacy); "
+                "record-level DP needs a task that trains with the given DPSGDSettings"
+            )
+        sigma, q, steps = self.noise_multiplier(client_id), self.sample_rate(client_id), int(fit_privacy["steps"])
+        reported_sigma = float(fit_privacy["noise_multiplier"])
+        if not noise_is_disabled() and reported_sigma < sigma:
+            raise PrivacyViolation(f"client {client_id} round {round}: trained with noise multiplier {reported_sigma} < planned {sigma}")
+        if abs(float(fit_privacy["sample_rate"]) - q) > 1e-12 or float(fit_privacy["max_grad_norm"]) > self.max_grad_norm:
+            raise PrivacyViolation(
+                f"client {client_id} round {round}: trained with sample rate {fit_privacy['sample_rate']} / clip {fit_privacy['max_grad_norm']}, "
+                f"planned {q} / {self.max_grad_norm}"
+            )
+        if steps > self.steps_per_round(client_id):
+            raise PrivacyViolation(f"client {client_id} round {round}: took {steps} DP-SGD steps, planned at most {self.steps_per_round(client_id)}")
+        return LedgerEntry(
+            client=client_id, round=round, mechanism="dp-sgd", noise_multiplier=sigma, sample_rate=q, steps=steps,
+            sensitivity=self.max_grad_norm, epsilon_after=math.nan, delta=self.delta, digest=digest, noise="local",
+        )
+
+    def summary(self) -> dict[str, Any]:
+        out = super().summary()
+        sigmas = [self.noise_multiplier(c) for c in self.batches]
+        out["noise_multiplier_min"] = min(sigmas) if sigmas else None
+        out["noise_multiplier_max"] = max(sigmas) if sigmas else None
+        out["max_grad_norm"] = self.max_grad_norm
+        return out

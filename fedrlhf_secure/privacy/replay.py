@@ -1,0 +1,76 @@
+"""Replay a round's DP release verbatim after a crash instead of drawing fresh noise.
+
+Why: a release that may already have left the client is paid for (the ledger keeps it). If the
+resumed run re-ran the round with *fresh* noise, an observer of both attempts could average the
+two releases and the round would really cost twice. So each client's latest release (its noisy
+vector, weight and any integer noise share) is stored, fsync'd, *before* its ledger entry is
+written, and a re-run of the same round sends exactly the same bytes again — which the ledger
+recognises by digest and does not count twice.
+
+The store is resume state: it lives under the run's ``checkpoint/`` (removed when the run
+completes) and keeps only each client's most recent round. In a deployment it is the client's own
+disk, like its ledger.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from .plan import Privatized
+
+
+def release_digest(client: int, round: int, priv: Privatized) -> str:
+    """SHA-256 over everything the client sends for this round (vector, weight, integer noise)."""
+    h = hashlib.sha256()
+    h.update(struct.pack("<qqd", client, round, float(priv.weight)))
+    h.update(np.ascontiguousarray(priv.vector, dtype=np.float32).tobytes())
+    for key in sorted(priv.aggregator_kwargs):
+        value = priv.aggregator_kwargs[key]
+        h.update(key.encode())
+        h.update(np.ascontiguousarray(value).tobytes() if isinstance(value, np.ndarray) else repr(value).encode())
+    return h.hexdigest()
+
+
+class ReleaseStore:
+    """One file per client holding its most recent release (round, vector, weight, integer noise)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+
+    def _path(self, client: int) -> Path:
+        return self.directory / f"client-{client}.safetensors"
+
+    def save(self, client: int, round: int, priv: Privatized) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            "vector": np.ascontiguousarray(priv.vector, dtype=np.float32),
+            "round": np.asarray([round], dtype=np.int64),
+            "weight": np.asarray([priv.weight], dtype=np.float64),
+        }
+        for key, value in priv.aggregator_kwargs.items():
+            if not isinstance(value, np.ndarray):
+                raise TypeError(f"aggregator kwarg {key!r} must be an array to be replayable, got {type(value).__name__}")
+            tensors[f"kw/{key}"] = np.ascontiguousarray(value)
+        path = self._path(client)
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(tensors, str(tmp))
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+    def load(self, client: int, round: int) -> Privatized | None:
+        """The stored release of ``client`` for ``round``, or None."""
+        path = self._path(client)
+        if not path.exists():
+            return None
+        t = load_file(str(path))
+        if int(t["round"][0]) != round:
+            return None
+        kwargs = {k[3:]: v for k, v in t.items() if k.startswith("kw/")}
+        return Privatized(t["vector"], float(t["weight"][0]), kwargs)
