@@ -1,0 +1,189 @@
+"""Malformed, truncated, bit-flipped and foreign ciphertexts are rejected with ProtocolError, never a crash."""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aggregation import wire
+from aggregation.base import ProtocolError, RoundContext
+from aggregation.ckks import CKKSConfig, factory
+from aggregation.ckks import codec
+from aggregation.ckks.params import new_secret_context
+
+CLIENTS = (0, 1, 2)
+DIM = 3000
+CFG = CKKSConfig()
+
+
+@pytest.fixture(scope="module")
+def round_parts():
+    agg = factory(CFG, CLIENTS, 0)
+    ctx = RoundContext(os.urandom(16), 0, CLIENTS, DIM)
+    vec = (np.random.default_rng(0).normal(size=DIM) * 1e-2).astype(np.float32)
+    client = agg.client(ctx, 0, vec, 10.0)
+    server = agg.server(ctx)
+    update = client.receive(dict(server.start())[0])[0]
+    return agg, ctx, update
+
+
+def _fresh_server(agg, ctx):
+    server = agg.server(ctx)
+    server.start()
+    return server
+
+
+def _with_blobs(update: bytes, blobs: list[bytes]) -> bytes:
+    frame = wire.decode(update)
+    data, lengths = codec.join(blobs)
+    return wire.encode(wire.Frame(frame.kind, frame.header, {"ciphertexts": data, "lengths": lengths}))
+
+
+def _blobs(update: bytes) -> list[bytes]:
+    frame = wire.decode(update)
+    return codec.split(frame.tensors["ciphertexts"], frame.tensors["lengths"], CFG, DIM + 1)
+
+
+def test_valid_update_is_accepted(round_parts):
+    agg, ctx, update = round_parts
+    assert _fresh_server(agg, ctx).receive(0, update) == []
+
+
+@pytest.mark.parametrize("cut", [1, 17, 100, 5000])
+def test_truncated_frame_is_rejected(round_parts, cut):
+    agg, ctx, update = round_parts
+    with pytest.raises(ProtocolError):
+        _fresh_server(agg, ctx).receive(0, update[:-cut])
+
+
+@pytest.mark.parametrize("cut", [1, 8, 64, 10_000])
+def test_truncated_ciphertext_with_consistent_lengths_is_rejected(round_parts, cut):
+    agg, ctx, update = round_parts
+    blobs = _blobs(update)
+    blobs[1] = blobs[1][:-cut]
+    with pytest.raises(ProtocolError):
+        _fresh_server(agg, ctx).receive(0, _with_blobs(update, blobs))
+
+
+def test_ciphertext_from_a_foreign_parameter_set_is_rejected(round_parts):
+    agg, ctx, update = round_parts
+    other = CKKSConfig(coeff_mod_bit_sizes=(48, 40), scale_bits=34)  # same N and scale, other primes
+    foreign = codec.encrypt(np.zeros(DIM + 1), new_secret_context(other), other)
+    with pytest.raises(ProtocolError, match="TenSEAL rejected|not a fresh"):
+        _fresh_server(agg, ctx).receive(0, _with_blobs(update, foreign))
+    big = CKKSConfig(poly_modulus_degree=8192, coeff_mod_bit_sizes=(56, 40), scale_bits=34)
+    with pytest.raises(ProtocolError, match="ciphertext"):
+        _fresh_server(agg, ctx).receive(0, _with_blobs(update, codec.encrypt(np.zeros(DIM + 1), new_secret_context(big), big)))
+
+
+def test_ciphertext_with_another_scale_is_rejected(round_parts):
+    agg, ctx, update = round_parts
+    other = CKKSConfig(scale_bits=30)
+    blobs = codec.encrypt(np.zeros(DIM + 1), new_secret_context(other), other)
+    with pytest.raises(ProtocolError, match="scale"):
+        _fresh_server(agg, ctx).receive(0, _with_blobs(update, blobs))
+
+
+def test_zstd_bomb_is_refused_before_tenseal_inflates_it(round_parts):
+    agg, ctx, update = round_parts
+    blobs = _blobs(update)
+    # a zstd frame of 4000 RLE blocks: ~30 KB that would inflate to 500 MB
+    block = ((1 << 1) | ((128 * 1024) << 3)).to_bytes(3, "little") + b"\0"
+    last = (1 | (1 << 1) | ((128 * 1024) << 3)).to_bytes(3, "little") + b"\0"
+    frame = struct.pack("<I", codec.ZSTD_MAGIC) + bytes([0x00, 0x70]) + block * 3999 + last
+    seal_at = blobs[0].index(b"\x5e\xa1\x10")
+    bomb = bytearray(blobs[0][seal_at : seal_at + 16]) + frame
+    struct.pack_into("<Q", bomb, 8, len(bomb))
+    proto = bytearray()
+    size_field = bytes([0x0A, 2]) + bytes([0x80, 0x10])  # sizes = [2048]
+    proto += size_field + bytes([0x12]) + _varint(len(bomb)) + bomb + bytes([0x19]) + struct.pack("<d", CFG.scale)
+    blobs[0] = bytes(proto)
+    with pytest.raises(ProtocolError, match="inflate"):
+        _fresh_server(agg, ctx).receive(0, _with_blobs(update, blobs))
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=2048))
+def test_validator_only_ever_raises_value_error_on_arbitrary_bytes(data):
+    try:
+        codec.check_vector_bytes(data, CFG, 2048)
+    except ValueError:
+        pass
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 70_000), st.integers(0, 7)), min_size=1, max_size=8))
+def test_bit_flipped_update_never_escapes_as_anything_but_protocol_error(round_parts, flips):
+    agg, ctx, update = round_parts
+    blob = bytearray(_blobs(update)[0])
+    for pos, bit in flips:
+        blob[pos % len(blob)] ^= 1 << bit
+    blobs = _blobs(update)
+    blobs[0] = bytes(blob)
+    server = _fresh_server(agg, ctx)
+    try:
+        server.receive(0, _with_blobs(update, blobs))
+    except ProtocolError:
+        assert server._got == []  # a rejected message leaves the state unchanged
+
+
+def test_hundreds_of_corruptions_do_not_crash_the_process():
+    """TenSEAL is C++: run a corruption campaign in a subprocess so a segfault fails the test."""
+    script = textwrap.dedent(
+        """
+        import os, numpy as np
+        from aggregation.base import ProtocolError, RoundContext
+        from aggregation.ckks import CKKSConfig, factory
+        from aggregation.ckks import codec
+        from aggregation import wire
+        cfg = CKKSConfig(); clients = (0, 1); dim = 2500
+        agg = factory(cfg, clients, 0); ctx = RoundContext(os.urandom(16), 0, clients, dim)
+        client = agg.client(ctx, 0, np.ones(dim, np.float32) * 0.01, 3.0)
+        server = agg.server(ctx); update = client.receive(dict(server.start())[0])[0]
+        frame = wire.decode(update)
+        blobs = codec.split(frame.tensors["ciphertexts"], frame.tensors["lengths"], cfg, dim + 1)
+        rng = np.random.default_rng(7); rejected = accepted = 0
+        for trial in range(200):
+            b = [bytearray(x) for x in blobs]; i = int(rng.integers(len(b)))
+            kind = trial % 4
+            if kind == 0:
+                for _ in range(int(rng.integers(1, 6))):
+                    p = int(rng.integers(len(b[i]))); b[i][p] ^= 1 << int(rng.integers(8))
+            elif kind == 1:
+                p = int(rng.integers(40)); b[i][p] = int(rng.integers(256))
+            elif kind == 2:
+                b[i] = b[i][: int(rng.integers(1, len(b[i])))]
+            else:
+                p = int(rng.integers(len(b[i]))); b[i][p:p + 64] = bytes(rng.integers(0, 256, 64, dtype=np.uint8))
+            data, lengths = codec.join([bytes(x) for x in b])
+            msg = wire.encode(wire.Frame(frame.kind, frame.header, {"ciphertexts": data, "lengths": lengths}))
+            s = agg.server(ctx); s.start()
+            try:
+                s.receive(0, msg); accepted += 1
+            except ProtocolError:
+                rejected += 1
+        print(rejected, accepted)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rejected, accepted = map(int, proc.stdout.split()[-2:])
+    assert rejected + accepted == 200 and rejected >= 100

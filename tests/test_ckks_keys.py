@@ -1,0 +1,135 @@
+"""Key delivery: only the addressed client, with the pinned dealer key, opens its package."""
+
+from __future__ import annotations
+
+
+import numpy as np
+import pytest
+
+from aggregation import wire
+from aggregation.ckks import CKKSConfig, ClientKeyPair, DealerKey, KeyPackageError, PublicContext, deal, open_package
+from aggregation.ckks import codec
+from fedrlhf_secure.cli import main as cli
+
+CFG = CKKSConfig()
+
+
+@pytest.fixture(scope="module")
+def setup():
+    clients = {cid: ClientKeyPair.generate(cid) for cid in (1, 2)}
+    dealer = DealerKey.generate()
+    dealt = deal(CFG, {cid: kp.public_bytes for cid, kp in clients.items()}, dealer, epoch=0)
+    return clients, dealer, dealt
+
+
+def test_addressed_client_opens_its_package_and_gets_the_secret_key(setup):
+    clients, dealer, dealt = setup
+    key = open_package(dealt.packages[1], clients[1], dealer.verify_bytes, CFG, epoch=0)
+    assert key.key_id == dealt.public.key_id and key.epoch == 0
+    assert key.context.is_private()
+    # both clients hold the same key: one decrypts what the other encrypted
+    other = open_package(dealt.packages[2], clients[2], dealer.verify_bytes, CFG)
+    x = np.linspace(-1, 1, 100)
+    blobs = codec.encrypt(x, other.context, CFG)
+    got = codec.decrypt(codec.load_chunks(blobs, key.context, CFG, 100))
+    assert np.max(np.abs(got - x)) < 1e-6
+
+
+def test_swapped_package_is_rejected(setup):
+    clients, dealer, dealt = setup
+    with pytest.raises(KeyPackageError, match="addressed to client 2"):
+        open_package(dealt.packages[2], clients[1], dealer.verify_bytes, CFG)
+
+
+def test_package_forged_by_another_dealer_is_rejected(setup):
+    clients, dealer, _ = setup
+    mallory = DealerKey.generate()
+    forged = deal(CFG, {1: clients[1].public_bytes}, mallory, epoch=0)
+    with pytest.raises(KeyPackageError, match="not signed by the pinned dealer"):
+        open_package(forged.packages[1], clients[1], dealer.verify_bytes, CFG)
+
+
+def _tamper(package: bytes, header=None, tensor=None) -> bytes:
+    frame = wire.decode(package)
+    h = {**frame.header, **(header or {})}
+    t = dict(frame.tensors)
+    if tensor:
+        arr = t[tensor].copy()
+        arr[len(arr) // 2] ^= 1
+        t[tensor] = arr
+    return wire.encode(wire.Frame(frame.kind, h, t))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"tensor": "sealed"},
+        {"tensor": "public_context"},
+        {"header": {"epoch": 5}},
+        {"header": {"client_id": 2}},
+        {"header": {"params": {"poly_modulus_degree": 8192, "coeff_mod_bit_sizes": [56, 40], "scale_bits": 34}}},
+    ],
+)
+def test_any_altered_byte_or_field_is_rejected(setup, change):
+    clients, dealer, dealt = setup
+    with pytest.raises(KeyPackageError):
+        open_package(_tamper(dealt.packages[1], **change), clients[1], dealer.verify_bytes, CFG)
+
+
+def test_package_for_another_epoch_or_parameter_set_is_rejected(setup):
+    clients, dealer, dealt = setup
+    with pytest.raises(KeyPackageError, match="epoch 0, expected 3"):
+        open_package(dealt.packages[1], clients[1], dealer.verify_bytes, CFG, epoch=3)
+    with pytest.raises(KeyPackageError, match="parameters"):
+        open_package(dealt.packages[1], clients[1], dealer.verify_bytes, CKKSConfig(scale_bits=30))
+
+
+def test_dealer_cannot_be_impersonated_even_with_the_clients_public_key(setup):
+    """Anyone can encrypt to a client's X25519 key; without the dealer's signing key it is refused."""
+    clients, dealer, dealt = setup
+    mallory = DealerKey.generate()
+    frame = wire.decode(mallory_pkg := deal(CFG, {1: clients[1].public_bytes}, mallory, 0).packages[1])
+    # splice the genuine dealer's signature onto Mallory's package: the signature covers the ciphertext
+    genuine = wire.decode(dealt.packages[1])
+    spliced = wire.encode(wire.Frame(frame.kind, frame.header, {**frame.tensors, "signature": genuine.tensors["signature"]}))
+    with pytest.raises(KeyPackageError):
+        open_package(spliced, clients[1], dealer.verify_bytes, CFG)
+    assert mallory_pkg != dealt.packages[1]
+
+
+def test_public_context_is_authenticated_and_holds_no_key(setup):
+    _, dealer, dealt = setup
+    encoded = dealt.public.encode(CFG)
+    pub = PublicContext.decode(encoded, CFG, dealer.verify_bytes)
+    ctx = pub.load(CFG)
+    assert not ctx.is_private() and not ctx.has_secret_key()
+    with pytest.raises(KeyPackageError, match="pinned dealer"):
+        PublicContext.decode(encoded, CFG, DealerKey.generate().verify_bytes)
+    with pytest.raises(KeyPackageError, match="parameters"):
+        PublicContext.decode(encoded, CKKSConfig(scale_bits=36), dealer.verify_bytes)
+
+
+def test_keys_cli_round_trip_and_rejection(tmp_path, capsys):
+    for cid in (4, 9):
+        assert cli(["keys", "client", "--id", str(cid), "--out", str(tmp_path / f"c{cid}")]) == 0
+    pubs = tmp_path / "pubs"
+    pubs.mkdir()
+    for cid in (4, 9):
+        (pubs / f"client-{cid}.pub").write_text((tmp_path / f"c{cid}" / f"client-{cid}.pub").read_text())
+    assert (tmp_path / "c4" / "client-4.key").stat().st_mode & 0o077 == 0
+    assert cli(["keys", "dealer", "--out", str(tmp_path / "dealer")]) == 0
+    assert cli(["keys", "deal", "--dealer-key", str(tmp_path / "dealer" / "dealer.key"), "--clients", str(pubs),
+                "--out", str(tmp_path / "deal"), "--set", "aggregation.scale_bits=36"]) == 0
+    out = capsys.readouterr().out
+    key_id = out.split("CKKS key ")[1].split()[0]
+    ok = cli(["keys", "open", "--package", str(tmp_path / "deal" / "package-client-4.frame"),
+              "--client-key", str(tmp_path / "c4" / "client-4.key"), "--dealer-pub", str(tmp_path / "dealer" / "dealer.pub"),
+              "--set", "aggregation.scale_bits=36"])
+    assert ok == 0 and key_id in capsys.readouterr().out
+    swapped = cli(["keys", "open", "--package", str(tmp_path / "deal" / "package-client-9.frame"),
+                   "--client-key", str(tmp_path / "c4" / "client-4.key"), "--dealer-pub", str(tmp_path / "dealer" / "dealer.pub"),
+                   "--set", "aggregation.scale_bits=36"])
+    assert swapped == 1 and "addressed to client 9" in capsys.readouterr().err
+    insecure = cli(["keys", "deal", "--dealer-key", str(tmp_path / "dealer" / "dealer.key"), "--clients", str(pubs),
+                    "--out", str(tmp_path / "bad"), "--set", "aggregation.coeff_mod_bit_sizes=[60,60]"])
+    assert insecure == 2 and "109 bits" in capsys.readouterr().err

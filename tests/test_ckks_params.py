@@ -1,0 +1,68 @@
+"""CKKS parameter validation: secure defaults, insecure chains refused with the bound named."""
+
+import pytest
+
+from aggregation.ckks import MAX_LOG_Q_128, CKKSConfig, headroom
+from fedrlhf_secure.config import config_from_dict
+from fedrlhf_secure.configtypes import ConfigError
+
+
+def test_defaults_meet_the_128_bit_bound_with_one_data_prime():
+    cfg = CKKSConfig()
+    assert cfg.log_q <= MAX_LOG_Q_128[cfg.poly_modulus_degree]
+    assert cfg.data_primes == 1
+    assert cfg.slots == cfg.poly_modulus_degree // 2
+    assert headroom(cfg) == 2.0 ** (56 - 34 - 1)
+
+
+def test_nvflare_default_parameters_are_accepted():
+    cfg = CKKSConfig(poly_modulus_degree=8192, coeff_mod_bit_sizes=(60, 40, 40), scale_bits=40)
+    assert cfg.log_q == 140 and cfg.data_primes == 2
+
+
+@pytest.mark.parametrize(
+    "n, bits",
+    [(4096, (60, 50)), (2048, (30, 30)), (8192, (60, 60, 60, 40)), (1024, (14, 14))],
+)
+def test_chain_above_the_he_standard_bound_is_refused(n, bits):
+    with pytest.raises(ValueError) as exc:
+        CKKSConfig(poly_modulus_degree=n, coeff_mod_bit_sizes=bits, scale_bits=20)
+    msg = str(exc.value)
+    assert "coeff_mod_bit_sizes" in msg and f"{sum(bits)} bits" in msg and f"{MAX_LOG_Q_128[n]} bits" in msg
+
+
+def test_chain_exactly_at_the_bound_is_accepted():
+    assert CKKSConfig(poly_modulus_degree=4096, coeff_mod_bit_sizes=(60, 49), scale_bits=40).log_q == 109
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        ({"poly_modulus_degree": 3000}, "poly_modulus_degree must be one of"),
+        ({"coeff_mod_bit_sizes": (56,)}, "at least two primes"),
+        ({"coeff_mod_bit_sizes": (61, 40)}, "coeff_mod_bit_sizes[0] = 61"),
+        ({"scale_bits": 55}, "scale_bits = 55"),
+        ({"threads": 0}, "threads"),
+    ],
+)
+def test_bad_parameters_name_the_field(kwargs, needle):
+    with pytest.raises(ValueError, match=None) as exc:
+        CKKSConfig(**kwargs)
+    assert needle in str(exc.value)
+
+
+def test_run_config_refuses_an_insecure_ckks_section_naming_the_key():
+    import toy_task
+
+    raw = toy_task.toy_config()
+    raw["aggregation"] = {"kind": "ckks", "coeff_mod_bit_sizes": [60, 60]}
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict(raw)
+    assert "coeff_mod_bit_sizes" in str(exc.value) and "109 bits" in str(exc.value)
+
+
+def test_yaml_list_becomes_a_tuple_and_round_rotation_is_accepted():
+    from fedrlhf_secure.configtypes import from_mapping
+
+    cfg = from_mapping(CKKSConfig, {"coeff_mod_bit_sizes": [52, 40], "scale_bits": 30, "rotate_keys": "round"})
+    assert cfg.coeff_mod_bit_sizes == (52, 40) and cfg.rotate_keys == "round"
