@@ -100,7 +100,8 @@ def _check_seal_ciphertext(blob: bytes, config: CKKSConfig) -> None:
         inflated = _zstd_inflated_bound(body)
     else:
         raise ValueError(f"unsupported SEAL compression mode {compr}")
-    if inflated > raw_max + ZSTD_BLOCK_MAX:
+    allowed = (-(-raw_max // ZSTD_BLOCK_MAX) + 1) * ZSTD_BLOCK_MAX  # the bound counts whole blocks
+    if inflated > allowed:
         raise ValueError(f"ciphertext would inflate to up to {inflated} bytes; this parameter set allows {raw_max}")
 
 

@@ -1,0 +1,201 @@
+"""CKKS aggregation costs, with NVFlare's default parameters measured side by side in the same run.
+
+:func:`measure` is what ``fedrlhf bench aggregation`` calls to add the CKKS rows to its table; run
+this module directly (``python -m fedrlhf_secure.bench.ckks``) for the CKKS rows alone plus a sweep
+of the data prime's size (the evidence for the default chain: the smallest that keeps the error
+<= 1e-4 with room for the aggregate).
+
+A full round is run with the real sans-IO halves, delivering each client's update to the server
+as soon as it is made (as a deployment would), so memory stays at one update plus the running sum
+even at n=100, d=1e6. Per-party costs are medians over ``repeats`` timings of one client's
+vector; "per 1e6" figures are seconds scaled to 1e6 parameters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from aggregation.base import RoundContext
+from aggregation.ckks import CKKSConfig, factory
+from aggregation.ckks import codec
+from aggregation.ckks.params import MAX_LOG_Q_128
+
+DEFAULT = ("ckks", CKKSConfig())
+NVFLARE = ("ckks-nvflare-default", CKKSConfig(poly_modulus_degree=8192, coeff_mod_bit_sizes=(60, 40, 40), scale_bits=40))
+
+
+def _client_input(seed: int, cid: int, d: int, uniform: bool = False) -> tuple[np.ndarray, float]:
+    """A synthetic update with N(0, 1e-3^2) coordinates — the RMS of a unit-norm (clipped) update of
+    1e6 parameters — weighted by an example count in 1..500, or by 1 (``uniform``, as client-level DP
+    requires: the hardest realistic case for CKKS's absolute precision)."""
+    rng = np.random.default_rng([seed, cid])
+    vec = rng.standard_normal(d, dtype=np.float32) * np.float32(1e-3)
+    return vec, 1.0 if uniform else float(rng.integers(1, 501))
+
+
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _full_round(label: str, config: CKKSConfig, n: int, d: int, seed: int, uniform: bool = False) -> dict[str, Any]:
+    clients = tuple(range(n))
+    agg = factory(config, clients, seed)
+    ctx = RoundContext(os.urandom(16), 0, clients, d)
+    t_round = time.perf_counter()
+    server = agg.server(ctx)
+    requests = dict(server.start())
+    halves = {}
+    plain_sum = np.zeros(d, dtype=np.float64)
+    plain_w = 0.0
+    up_bytes: list[int] = []
+    t_client = t_server = 0.0
+    outgoing: list[tuple[int, bytes]] = []
+    for cid in clients:
+        vec, w = _client_input(seed, cid, d, uniform)
+        plain_sum += w * vec.astype(np.float64)
+        plain_w += w
+        t0 = time.perf_counter()
+        halves[cid] = agg.client(ctx, cid, vec, w)
+        (update,) = halves[cid].receive(requests[cid])
+        t_client += time.perf_counter() - t0
+        up_bytes.append(len(update))
+        t0 = time.perf_counter()
+        outgoing = server.receive(cid, update)
+        t_server += time.perf_counter() - t0
+        del vec, update
+    assert server.done and server.result() is None
+    down_bytes = len(outgoing[0][1])
+    for cid, msg in outgoing:
+        t0 = time.perf_counter()
+        halves[cid].receive(msg)
+        t_client += time.perf_counter() - t0
+    seconds = time.perf_counter() - t_round
+    res = halves[0].result()
+    plain_avg = plain_sum / plain_w
+    rel = float(np.linalg.norm(res.average - plain_avg) / np.linalg.norm(plain_avg))
+    return {
+        "round_s": seconds,
+        "round_server_s": t_server,
+        "round_clients_s": t_client,
+        "rel_error": rel,
+        "max_abs_error": float(np.max(np.abs(res.average - plain_avg))),
+        "bytes_up_per_client": float(np.mean(up_bytes)),
+        "bytes_down_per_client": float(down_bytes),
+        "expansion_vs_float32": float(np.mean(up_bytes)) / (4.0 * d),
+    }
+
+
+def _per_party(config: CKKSConfig, d: int, seed: int, repeats: int) -> dict[str, float]:
+    """Medians for one client's vector: encrypt, server validate+add, decrypt (scaled to 1e6 params)."""
+    agg = factory(config, (0, 1), seed)
+    key = agg.keys.client_key(0, 0)
+    server_ctx = agg.keys.public(0).load(config)
+    vec, w = _client_input(seed, 0, d)
+    payload = np.append(w * vec.astype(np.float64), w)
+    blobs = codec.encrypt(payload, key.context, config)
+    acc = codec.load_chunks(blobs, server_ctx, config, d + 1)
+    t_enc = _median_time(lambda: codec.encrypt(payload, key.context, config), repeats)
+
+    def aggregate() -> None:
+        for a, c in zip(acc, codec.load_chunks(blobs, server_ctx, config, d + 1)):
+            a.add_(c)
+
+    t_agg = _median_time(aggregate, repeats)
+    t_dec = _median_time(lambda: codec.decrypt(codec.load_chunks(blobs, key.context, config, d + 1)), repeats)
+    scale = 1e6 / d
+    return {"encrypt_s_per_1e6": t_enc * scale, "aggregate_s_per_1e6": t_agg * scale, "decrypt_s_per_1e6": t_dec * scale}
+
+
+def _row(label: str, config: CKKSConfig, n: int, d: int, seed: int, repeats: int) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "mode": label,
+        "n": n,
+        "d": d,
+        "poly_modulus_degree": config.poly_modulus_degree,
+        "coeff_mod_bit_sizes": list(config.coeff_mod_bit_sizes),
+        "scale_bits": config.scale_bits,
+        "log_q": config.log_q,
+        "log_q_bound_128": MAX_LOG_Q_128[config.poly_modulus_degree],
+    }
+    row.update(_per_party(config, min(d, 1_000_000), seed, repeats))
+    row.update(_full_round(label, config, n, d, seed))
+    return row
+
+
+def measure(n: int, d: int, *, repeats: int = 5, seed: int = 0, include_nvflare: bool = True) -> dict[str, Any]:
+    """CKKS rows for ``fedrlhf bench aggregation``: the default parameters and NVFlare's, one run.
+
+    Returns ``{"rows": [row, ...]}``; each row has ``mode``, ``n``, ``d``, the parameter set,
+    ``expansion_vs_float32``, ``bytes_up_per_client``, ``bytes_down_per_client``, ``rel_error``,
+    ``encrypt_s_per_1e6``, ``aggregate_s_per_1e6``, ``decrypt_s_per_1e6`` (medians of ``repeats``),
+    ``round_s`` (one full in-process round, all n clients sequential), ``round_server_s``.
+    """
+    configs = [DEFAULT] + ([NVFLARE] if include_nvflare else [])
+    return {"rows": [_row(label, cfg, n, d, seed, repeats) for label, cfg in configs]}
+
+
+def sweep(d: int, *, n: int = 10, seed: int = 0, data_bits: Sequence[int] = (44, 48, 52, 56, 60)) -> list[dict[str, Any]]:
+    """Expansion and error against the data prime's size, uniform weights (scale = data bits - 22: 2^21 headroom)."""
+    rows = []
+    for bits in data_bits:
+        special = min(60, MAX_LOG_Q_128[4096] - bits)
+        cfg = CKKSConfig(coeff_mod_bit_sizes=(bits, special), scale_bits=bits - 22)
+        r = _full_round(f"q{bits}", cfg, n, d, seed, uniform=True)
+        rows.append({"coeff_mod_bit_sizes": [bits, special], "scale_bits": cfg.scale_bits, "headroom": 2.0 ** 21,
+                     "expansion_vs_float32": r["expansion_vs_float32"], "rel_error": r["rel_error"]})
+    return rows
+
+
+TABLE_HEADERS = ("mode", "N", "primes", "scale", "n", "d", "expansion ×f32", "rel. error",
+                 "enc s/1e6", "agg s/1e6", "dec s/1e6", "round s")
+
+
+def table_rows(rows: Sequence[dict[str, Any]]) -> list[list[Any]]:
+    return [
+        [r["mode"], r["poly_modulus_degree"], str(r["coeff_mod_bit_sizes"]), f"2^{r['scale_bits']}", r["n"], r["d"],
+         r["expansion_vs_float32"], r["rel_error"], r["encrypt_s_per_1e6"], r["aggregate_s_per_1e6"],
+         r["decrypt_s_per_1e6"], r["round_s"]]
+        for r in rows
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tqdm.auto import tqdm
+
+    from .report import markdown_table, write_json
+
+    parser = argparse.ArgumentParser(description="CKKS aggregation benchmark (standalone; fedrlhf bench aggregation includes it)")
+    parser.add_argument("--n", type=int, nargs="+", default=[10])
+    parser.add_argument("--d", type=int, default=1_000_000)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--sweep-d", type=int, default=100_000, help="vector size of the data-prime sweep (0: skip)")
+    parser.add_argument("--out", type=Path, default=Path("bench/ckks.json"))
+    args = parser.parse_args(argv)
+    rows = []
+    for n in tqdm(args.n, desc="ckks bench", unit="n"):
+        rows += measure(n, args.d, repeats=args.repeats)["rows"]
+    swept = sweep(args.sweep_d) if args.sweep_d else []
+    write_json(args.out, {"rows": rows, "sweep": swept})
+    print(markdown_table(TABLE_HEADERS, table_rows(rows)))
+    if swept:
+        print()
+        print(markdown_table(("primes", "scale", "expansion ×f32", "rel. error"),
+                             [[str(r["coeff_mod_bit_sizes"]), f"2^{r['scale_bits']}", r["expansion_vs_float32"], r["rel_error"]] for r in swept]))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
