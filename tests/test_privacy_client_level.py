@@ -1,0 +1,180 @@
+"""Client-level DP-FedAvg: clipping, sensitivity, noise shares, dropouts, bad inputs, the audit switch."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from aggregation.base import AggregateResult, AggregationAborted
+from fedrlhf_secure.config import config_from_dict
+from fedrlhf_secure.configtypes import ConfigError
+from fedrlhf_secure.federation.engine import RunOptions, run_federation
+from fedrlhf_secure.privacy.client_level import IntegerDomain
+from fedrlhf_secure.privacy.clipping import clip_l2
+from fedrlhf_secure.privacy.factory import build_plan
+from fedrlhf_secure.privacy.testing import noise_disabled
+from fedrlhf_secure.rundir import load_tensors
+
+from toy_task import toy_config
+
+RNG = np.random.default_rng(0)
+
+
+def _config(privacy: dict, **fed):
+    raw = toy_config(**{"rounds": 2, "weighting": "uniform", "sparse_rows": "all", **fed})
+    raw["privacy"] = {"mode": "client", "epsilon": 4.0, "delta": 1e-3, "clip_norm": 1.0, **privacy}
+    return config_from_dict(raw)
+
+
+def _plan(tmp_path, n=4, **privacy):
+    privacy.setdefault("accountant", "rdp")
+    return build_plan(_config(privacy), {c: 10 for c in range(n)}, tmp_path / "ledger", resume=False)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    arrays(np.float32, st.integers(1, 64), elements=st.floats(-1e6, 1e6, width=32)),
+    st.floats(1e-3, 1e3),
+)
+def test_clipping_bounds_the_norm_and_keeps_the_direction(v, c):
+    out = clip_l2(v, c)
+    assert np.linalg.norm(out.astype(np.float64)) <= c
+    norm = np.linalg.norm(v.astype(np.float64))
+    if norm <= c:
+        np.testing.assert_array_equal(out, v)
+    else:
+        np.testing.assert_allclose(out.astype(np.float64) * norm, v.astype(np.float64) * np.linalg.norm(out.astype(np.float64)), rtol=1e-4, atol=1e-3 * c)
+
+
+def test_one_clients_influence_on_the_released_mean_is_at_most_c_over_n(tmp_path):
+    n, dim, c = 8, 50, 1.0
+    updates = RNG.normal(0, 3, (n, dim)).astype(np.float32)
+    adversarial = np.full(dim, 1e4, np.float32)
+
+    def released_mean(vectors):
+        plan = _plan(tmp_path / str(len(list(tmp_path.iterdir()))), n=n, noise="central")
+        for cid in range(n):
+            plan.admit(cid, 0)
+        privs = [plan.privatize(cid, 0, v, 1.0, RNG) for cid, v in enumerate(vectors)]
+        total = AggregateResult(np.sum([p.vector for p in privs], axis=0, dtype=np.float64), sum(p.weight for p in privs), tuple(range(n)))
+        return total.average
+
+    honest = released_mean(updates)
+    attacked = released_mean(np.vstack([adversarial, updates[1:]]))
+    assert np.linalg.norm(attacked - honest) <= 2 * c / n  # both old and new update have norm <= C
+    assert np.linalg.norm(attacked - honest) > c / n  # and the bound is nearly reached: the test can fail
+    # example weighting would let a client with many examples move the mean by far more than C/n
+    weights = np.array([100.0] + [1.0] * (n - 1))
+    clipped = np.array([clip_l2(v, c) for v in updates])
+    clipped_attacked = np.vstack([clip_l2(adversarial, c), clipped[1:]])
+    weighted = lambda x: (weights[:, None] * x).sum(0) / weights.sum()
+    assert np.linalg.norm(weighted(clipped_attacked) - weighted(clipped)) > 5 * c / n
+
+
+def test_distributed_gaussian_shares_add_up_to_the_calibrated_noise(tmp_path):
+    n, dim = 10, 20_000
+    plan = _plan(tmp_path, n=n, noise="distributed")
+    for cid in range(n):
+        plan.admit(cid, 0)
+    total = sum(plan.privatize(cid, 0, np.zeros(dim, np.float32), 1.0, RNG).vector.astype(np.float64) for cid in range(n))
+    assert total.std() == pytest.approx(plan.z * plan.clip_norm, rel=0.03)
+    # a single share alone carries only 1/sqrt(n) of it: no party sees the full noise, none sees the sum un-noised
+    for cid in range(n):
+        plan.admit(cid, 1)
+    single = plan.privatize(0, 1, np.zeros(dim, np.float32), 1.0, RNG).vector
+    assert single.std() == pytest.approx(plan.z / np.sqrt(n), rel=0.05)
+
+
+def test_dropouts_are_compensated_for_the_required_survivors_and_fewer_abort_the_round(tmp_path):
+    n, dim = 10, 20_000
+    plan = _plan(tmp_path, n=n, noise="distributed", survivor_fraction=0.8)
+    for cid in range(n):
+        plan.admit(cid, 0)
+    assert plan.survivors_required(0) == 8
+    shares = [plan.privatize(cid, 0, np.zeros(dim, np.float32), 1.0, RNG).vector.astype(np.float64) for cid in range(8)]
+    assert sum(shares).std() == pytest.approx(plan.z, rel=0.03)  # 8 survivors still carry the full noise
+    with pytest.raises(AggregationAborted, match="needs 8"):
+        plan.finalize_aggregate(0, AggregateResult(sum(shares[:7]), 7.0, tuple(range(7))), RNG)
+    ok = AggregateResult(sum(shares), 8.0, tuple(range(8)))
+    assert plan.finalize_aggregate(0, ok, RNG) is ok
+
+
+def test_central_noise_is_added_by_the_server_after_aggregation(tmp_path):
+    plan = _plan(tmp_path, noise="central")
+    plan.admit(0, 0)
+    clipped = plan.privatize(0, 0, np.full(10_000, 5.0, np.float32), 1.0, RNG).vector
+    assert np.linalg.norm(clipped) <= 1.0  # the client sends its clipped update without noise
+    out = plan.finalize_aggregate(0, AggregateResult(np.zeros(10_000), 1.0, (0,)), RNG)
+    assert out.weighted_sum.std() == pytest.approx(plan.z, rel=0.03)
+
+
+def test_integer_noise_for_masking_is_skellam_in_the_quantised_domain(tmp_path):
+    cfg = _config({"noise": "distributed"})
+    from fedrlhf_secure.privacy.client_level import ClientLevelPlan
+    from fedrlhf_secure.privacy.ledger import PrivacyLedger
+    from fedrlhf_secure.privacy.replay import ReleaseStore
+
+    plan = ClientLevelPlan(rounds=2, clip_norm=1.0, noise="distributed", budget=4.0, delta=1e-3, accountant="rdp",
+                           noise_multiplier=None, survivor_fraction=1.0, min_clients=2, integer=IntegerDomain(2.0**12),
+                           ledger=PrivacyLedger(tmp_path / "l", {"m": 1}, resume=False), releases=ReleaseStore(tmp_path / "r"))
+    n, dim = 4, 30_000
+    for cid in range(n):
+        plan.admit(cid, 0)
+    privs = [plan.privatize(cid, 0, np.zeros(dim, np.float32), 1.0, RNG) for cid in range(n)]
+    noise = sum(p.aggregator_kwargs["integer_noise"] for p in privs)
+    assert noise.dtype == np.int64
+    variance, l1, l2 = plan._skellam_params
+    assert l2 == pytest.approx(2.0**12 + np.sqrt(dim))
+    assert noise.var() == pytest.approx(variance, rel=0.05)
+    eps = [plan.commit(cid, 0, {}) for cid in range(n)]
+    assert 0 < eps[0] < 4.0 and plan.ledger.entry(0, 0).mechanism == "skellam"
+
+
+@pytest.mark.parametrize(
+    "privacy, fed, key",
+    [
+        ({"epsilon": 0}, {}, "privacy"),
+        ({"epsilon": -1.0}, {}, "privacy"),
+        ({"clip_norm": 0.0}, {}, "privacy"),
+        ({"delta": 0.25}, {}, "privacy.delta"),  # 4 clients: δ must be < 1/4
+        ({}, {"weighting": "examples"}, "federation.weighting"),
+    ],
+)
+def test_bad_privacy_inputs_are_rejected_with_an_error_naming_the_key(tmp_path, privacy, fed, key):
+    with pytest.raises(ConfigError) as err:
+        cfg = _config(privacy, **fed)
+        build_plan(cfg, {c: 10 for c in range(4)}, tmp_path / "ledger", resume=False)
+    assert key in str(err.value)
+    name = next(iter(privacy), None)
+    if name:
+        assert name in str(err.value)
+
+
+def test_record_level_delta_must_be_below_one_over_the_records_of_the_largest_client(tmp_path):
+    raw = toy_config()
+    raw["privacy"] = {"mode": "record", "epsilon": 2.0, "delta": 0.01}
+    with pytest.raises(ConfigError, match=r"privacy.delta.*client 2 has n=200 records"):
+        build_plan(config_from_dict(raw), {0: 5, 1: 50, 2: 200}, tmp_path / "ledger", resume=False)
+
+
+def test_the_noise_switch_cannot_be_set_from_a_config():
+    with pytest.raises(ConfigError, match="unknown key"):
+        _config({"noise_disabled": True})
+
+
+def test_the_audit_switch_removes_the_noise_while_the_ledger_still_claims_the_budget(tmp_path):
+    noisy = run_federation(_config({"noise": "distributed"}), RunOptions(out=tmp_path / "a", progress=False))
+    with noise_disabled():
+        broken = run_federation(_config({"noise": "distributed"}), RunOptions(out=tmp_path / "b", progress=False))
+    claims = [json.loads((r / "summary.json").read_text())["privacy"]["epsilon_spent_max"] for r in (noisy, broken)]
+    assert claims[0] == claims[1] and 0 < claims[1] <= 4.0
+    w_broken = load_tensors(broken / "model.safetensors")["w"]
+    w_noisy = load_tensors(noisy / "model.safetensors")["w"]
+    # without noise the toy's clipped updates (norm 1, pulling w towards c) give a deterministic, small model
+    assert np.abs(w_broken).max() < 1.0
+    assert np.abs(w_noisy - w_broken).max() > 0.05
