@@ -64,12 +64,10 @@ class SecAggAggregator(Aggregator):
     ) -> ClientHalf:
         """A client half holding ``[q, u]`` = the quantised ``w * x`` (+ ``integer_noise``) and weight units."""
         self._check_size(ctx)
-        vec = np.asarray(vector)
-        if vec.shape != (ctx.dim,):
-            raise ValueError(f"client {client_id}: update has shape {vec.shape}, round expects ({ctx.dim},)")
-        encoded = self.quantizer.encode(vec, weight, integer_noise=integer_noise)
         ids = self.identities.for_client(client_id) if self.identities else None
-        return SecAggClient(ctx, client_id, encoded, self.quantizer, self.degree(ctx), self.threshold(ctx), ids)
+        return SecAggClient(
+            ctx, client_id, vector, weight, self.quantizer, self.degree(ctx), self.threshold(ctx), ids, integer_noise
+        )
 
     def _check_size(self, ctx: RoundContext) -> None:
         if len(ctx.participants) > self.quantizer.max_clients:

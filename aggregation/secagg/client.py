@@ -60,18 +60,26 @@ def share_point(client_id: int) -> int:
 
 
 class SecAggClient(ClientHalf):
-    """One client's side of one round; holds its encoded ``[q, u]`` vector until it is masked."""
+    """One client's side of one round; holds its update until it is quantised and masked (stage 2)."""
 
     def __init__(
         self,
         ctx: RoundContext,
         client_id: int,
-        encoded: np.ndarray,
+        vector: np.ndarray,
+        weight: float,
         quantizer: Quantizer,
         degree: int,
         threshold: int,
         identities: crypto.Identities | None = None,
+        integer_noise: np.ndarray | None = None,
     ) -> None:
+        vector = np.asarray(vector)
+        if vector.shape != (ctx.dim,):
+            raise ValueError(f"client {client_id}: update has shape {vector.shape}, round expects ({ctx.dim},)")
+        if not np.all(np.isfinite(vector)):
+            raise ValueError(f"client {client_id}: update contains NaN or infinity")
+        quantizer.check(ctx.dim, weight, integer_noise)  # refuse an over-large weight or noise now
         if client_id not in ctx.participants:
             raise ValueError(f"client {client_id} is not a participant of round {ctx.round}")
         self.ctx = ctx
@@ -79,7 +87,7 @@ class SecAggClient(ClientHalf):
         self.q = quantizer
         self.t = threshold
         self.identities = identities
-        self._encoded = encoded
+        self._vector, self._weight, self._noise = vector, weight, integer_noise
         self._graph_neighbours = neighbours_of(ctx.session_id, ctx.round, ctx.participants, degree, client_id)
         self._stage = _Stage.ADVERTISE
         self._sat_out: str | None = None
@@ -178,8 +186,8 @@ class SecAggClient(ClientHalf):
         if len(held) < self.t:
             return self._sit_out(f"only {len(held)} neighbours hold shares of its secrets, threshold {self.t}")
         # y = [q, u] + sum_{j > i} PRG(s_ij) - sum_{j < i} PRG(s_ij) + PRG(b_i)   (mod 2^bits)
-        dt, length = self.q.dtype, self._encoded.size
-        y = self._encoded.copy()
+        y = self.q.encode(self._vector, self._weight, integer_noise=self._noise)
+        dt, length = self.q.dtype, y.size
         for peer in sorted(held):
             secret = crypto.agree(self._s_sk, self._peer_s_pks[peer], peer=peer)
             mask = prg.expand(pair_mask_seed(secret, self.ctx, self.id, peer), length, dt)
@@ -189,7 +197,7 @@ class SecAggClient(ClientHalf):
                 y -= mask
         y += prg.expand(self._seed, length, dt)
         self._held = held
-        self._encoded = None  # the plain vector is no longer needed
+        self._vector = self._noise = None  # the plain update is no longer needed
         self._stage = _Stage.UNMASK
         return [MaskedInput(y).encode(self.ctx, self.id)]
 
@@ -222,7 +230,7 @@ class SecAggClient(ClientHalf):
     def _sit_out(self, why: str) -> list[bytes]:
         """Leave the round silently: with fewer than t share holders its secrets could not be recovered."""
         self._sat_out = why
-        self._encoded = None
+        self._vector = self._noise = None
         self._stage = _Stage.DONE
         return []
 

@@ -71,20 +71,12 @@ class Quantizer:
     def max_weight_units(self) -> int:
         return math.ceil(self.max_weight / self.weight_resolution)
 
-    def encode(
-        self,
-        vector: np.ndarray,
-        weight: float,
-        *,
-        integer_noise: np.ndarray | None = None,
-        rng: np.random.Generator | None = None,
-    ) -> np.ndarray:
-        """``[q, u]`` as ``dtype`` (two's complement), ready to be masked."""
-        vec = np.asarray(vector, dtype=np.float64)
-        if vec.ndim != 1:
-            raise ValueError(f"update must be a flat vector, got shape {vec.shape}")
-        if not np.all(np.isfinite(vec)):
-            raise ValueError("update contains NaN or infinity")
+    def check(self, dim: int, weight: float, integer_noise: np.ndarray | None = None) -> int:
+        """Validate a client's weight and noise against the headroom; return the weight in units.
+
+        Called when the client half is built, so an over-large weight or noise is refused before
+        the round starts: ``|q| <= ceil(w * levels) + max|noise| <= client_bound`` is guaranteed.
+        """
         weight = float(weight)
         if not math.isfinite(weight) or weight < 0:
             raise ValueError(f"weight must be a finite non-negative number, got {weight}")
@@ -95,27 +87,47 @@ class Quantizer:
                 "(raise max_weight, which may switch bits to 64 or lower levels)"
             )
         units = int(round(weight / self.weight_resolution))
-        w = units * self.weight_resolution
-        rng = rng or np.random.default_rng(int.from_bytes(os.urandom(16), "little"))
-        scaled = np.clip(vec, -self.clip, self.clip) * (w * self.scale)
-        q = np.floor(scaled + rng.random(scaled.shape)).astype(np.int64)
+        noise_peak = 0
         if integer_noise is not None:
             noise = np.asarray(integer_noise)
-            if noise.dtype != np.int64 or noise.shape != q.shape:
-                raise ValueError(f"integer_noise must be int64 of shape {q.shape}, got {noise.dtype} {noise.shape}")
-            q += noise
-        bound = self.client_bound
-        peak = int(np.abs(q).max()) if q.size else 0
-        if peak > bound:
+            if noise.dtype != np.int64 or noise.shape != (dim,):
+                raise ValueError(f"integer_noise must be int64 of shape ({dim},), got {noise.dtype} {noise.shape}")
+            noise_peak = int(np.abs(noise).max()) if noise.size else 0
+        peak = math.ceil(units * self.weight_resolution * self.levels) + noise_peak
+        if peak > self.client_bound:
             raise HeadroomError(
-                f"a quantised coordinate reaches {peak} but each of {self.max_clients} clients may contribute at "
-                f"most {bound} in {self.bits}-bit arithmetic (noise_bound={self.noise_bound}, levels={self.levels}, "
-                f"weight={weight:g}); the sum could wrap"
+                f"a quantised coordinate may reach {peak} (weight {weight:g} x levels {self.levels} + noise "
+                f"{noise_peak}) but each of {self.max_clients} clients may contribute at most {self.client_bound} "
+                f"in {self.bits}-bit arithmetic; the sum could wrap (noise_bound={self.noise_bound})"
             )
-        out = np.empty(q.size + 1, dtype=np.int64)
-        out[:-1] = q
+        return units
+
+    def encode(
+        self,
+        vector: np.ndarray,
+        weight: float,
+        *,
+        integer_noise: np.ndarray | None = None,
+        rng: np.random.Generator | None = None,
+    ) -> np.ndarray:
+        """``[q, u]`` as ``dtype`` (two's complement), ready to be masked."""
+        vec = np.asarray(vector)
+        if vec.ndim != 1:
+            raise ValueError(f"update must be a flat vector, got shape {vec.shape}")
+        units = self.check(vec.size, weight, integer_noise)
+        if not np.all(np.isfinite(vec)):
+            raise ValueError("update contains NaN or infinity")
+        rng = rng or np.random.default_rng(int.from_bytes(os.urandom(16), "little"))
+        factor = units * self.weight_resolution * self.scale
+        scaled = np.clip(vec, -self.clip, self.clip).astype(np.float64) * factor
+        scaled += rng.random(scaled.shape)
+        q = np.floor(scaled, out=scaled).astype(np.int64)
+        if integer_noise is not None:
+            q += integer_noise
+        out = np.empty(q.size + 1, dtype=self.dtype)
+        out[:-1] = q.astype(self.dtype)  # two's complement: negatives wrap to 2^bits - |q|
         out[-1] = units
-        return out.astype(self.dtype)  # two's complement: negatives wrap to 2^bits - |q|
+        return out
 
     def decode(self, summed: np.ndarray) -> tuple[np.ndarray, float]:
         """``(sum w x, sum w)`` from the unmasked modular sum of the ``[q, u]`` vectors."""

@@ -1,0 +1,371 @@
+"""``fedrlhf bench aggregation``: plain FedAvg vs pairwise masking vs Flower 1.42 SecAgg+ (vs CKKS).
+
+Every cell (n clients, d coordinates, dropout share) runs one in-process round per aggregator
+through :func:`aggregation.driver.run_round` — every client and the server in this one process,
+timed separately — with the same inputs for each. Reported per cell: the whole round's seconds,
+the total compute (all clients + server), the median client's seconds per stage, the server's
+seconds, bytes up/down per client, and the error of the average against float64 plain FedAvg.
+
+Dropouts: ``ceil(dropout * n)`` clients (at least one when dropout > 0) stop answering after the
+share-keys stage, i.e. they never send a masked input. That is the case that costs the server
+most (it must rebuild their pairwise masks) and the one both our SecAgg+ and Flower's survive
+(Flower aborts on drops in its first two stages).
+
+Flower's SecAgg+ (``flwr.server.workflow.SecAggPlusWorkflow`` + ``flwr.client.mod.secaggplus_mod``,
+see :mod:`.flower_secaggplus`) runs at the same n, d, dropouts and k, t when flwr is installed;
+Flower counts the client itself among its ``num_shares``, so our degree k is matched by Flower
+``num_shares = k`` (k - 1 neighbours + self; odd k keeps Flower's ring symmetric).
+
+CKKS rows come from ``fedrlhf_secure.bench.ckks.measure(n, d)`` when that module exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from aggregation.base import Aggregator, ClientHalf, RoundContext
+from aggregation.driver import run_round
+from aggregation.plain import PlainAggregator
+from aggregation.secagg import SecAggAggregator, SecAggConfig
+
+from .report import markdown_table, update_section, write_json
+
+FULL_N = (10, 100, 500, 1000)
+FULL_D = (10_000, 100_000, 1_000_000)
+QUICK_N = (10, 100)
+QUICK_D = (10_000, 100_000)
+STAGES = ("encode", "advertise", "share keys", "masked input", "unmask")
+TARGETS = (
+    # (label, n, d, k, drops): the issue's "done when" cells, always run with Flower when available.
+    ("SecAgg+ n=100 d=1e5 k=7, 1 dropout", 100, 100_000, 7, 1),
+    ("SecAgg+ n=1000 d=1e5 k=7, 1 dropout", 1000, 100_000, 7, 1),
+    ("SecAgg (full graph) n=100 d=1e5, 1 dropout", 100, 100_000, 99, 1),
+)
+FLOWER_STAGES = {"setup": "advertise", "share_keys": "share keys", "collect_masked_vectors": "masked input", "unmask": "unmask"}
+MAX_WEIGHT = 100.0
+CLIP = 1.0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help=f"n in {QUICK_N}, d in {QUICK_D} (a few minutes)")
+    p.add_argument("--n", type=int, nargs="+", default=None, help=f"client counts (default {FULL_N})")
+    p.add_argument("--d", type=int, nargs="+", default=None, help=f"vector sizes (default {FULL_D})")
+    p.add_argument("--dropout", type=float, nargs="+", default=[0.0, 0.1], help="dropout shares per cell")
+    p.add_argument("--k", type=int, default=7, help="SecAgg+ degree (and Flower num_shares)")
+    p.add_argument("--targets", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run the three target cells (n=100/1000 k=7, full graph n=100; d=1e5) vs Flower")
+    p.add_argument("--grid", action=argparse.BooleanOptionalAction, default=True, help="run the n x d x dropout grid")
+    p.add_argument("--flower", action=argparse.BooleanOptionalAction, default=True,
+                   help="compare with Flower 1.42 SecAgg+ (skipped with a message when flwr is missing)")
+    p.add_argument("--flower-max-nd", type=float, default=1e8,
+                   help="skip Flower in grid cells with n*d above this (it takes minutes there); targets always run")
+    p.add_argument("--ckks", action=argparse.BooleanOptionalAction, default=True,
+                   help="add CKKS rows from fedrlhf_secure.bench.ckks.measure(n, d) when that module exists")
+    p.add_argument("--ckks-max-nd", type=float, default=1e7, help="largest n*d cell given to the CKKS measure")
+    p.add_argument("--max-memory-gb", type=float, default=3.0, help="skip cells whose inputs + state would exceed this")
+    p.add_argument("--repeats", type=int, default=1, help="rounds per cell and kind; medians are reported")
+    p.add_argument("--json", type=Path, default=Path("bench/aggregation.json"))
+    p.add_argument("--doc", type=Path, default=Path("BENCHMARKS.md"))
+
+
+# ------------------------------------------------------------------------------------ inputs
+
+
+def make_inputs(n: int, d: int, seed: int = 0) -> dict[int, tuple[np.ndarray, float]]:
+    """``n`` clients' (vector, weight): vectors cycle through 8 distinct uniform(-1, 1) draws so
+    memory stays O(d) at n = 1000, d = 1e6; weights are example counts in 1..100."""
+    rng = np.random.default_rng(seed)
+    pool = [rng.uniform(-CLIP, CLIP, d).astype(np.float32) for _ in range(min(n, 8))]
+    weights = rng.integers(1, int(MAX_WEIGHT) + 1, size=n)
+    return {cid: (pool[cid % len(pool)], float(weights[cid])) for cid in range(n)}
+
+
+def dropped_clients(n: int, dropout: float, seed: int = 1) -> list[int]:
+    if dropout <= 0:
+        return []
+    count = max(1, math.ceil(dropout * n))
+    return sorted(np.random.default_rng(seed).choice(n, size=count, replace=False).tolist())
+
+
+def expected_average(inputs, survivors) -> np.ndarray:
+    total = sum(inputs[c][1] for c in survivors)
+    acc = np.zeros(next(iter(inputs.values()))[0].size, dtype=np.float64)
+    for c in survivors:
+        acc += inputs[c][1] * inputs[c][0]
+    return acc / total
+
+
+# ------------------------------------------------------------------------------------ timing
+
+
+class _StageTimer(Aggregator):
+    """Wraps an aggregator so each client's time is split by stage (its k-th received message)."""
+
+    def __init__(self, inner: Aggregator, stage_names: tuple[str, ...]) -> None:
+        self.inner = inner
+        self.kind = inner.kind  # type: ignore[misc]
+        self.names = stage_names
+        self.seconds: dict[str, list[float]] = {s: [] for s in stage_names}
+
+    def server(self, ctx):
+        return self.inner.server(ctx)
+
+    def client(self, ctx, client_id, vector, weight):
+        t0 = time.perf_counter()
+        half = self.inner.client(ctx, client_id, vector, weight)
+        self.seconds[self.names[0]].append(time.perf_counter() - t0)
+        return _TimedClient(half, self)
+
+
+class _TimedClient(ClientHalf):
+    def __init__(self, inner: ClientHalf, timer: _StageTimer) -> None:
+        self.inner, self.timer, self.count = inner, timer, 0
+
+    def receive(self, data: bytes) -> list[bytes]:
+        t0 = time.perf_counter()
+        out = self.inner.receive(data)
+        self.count += 1
+        names = self.timer.names
+        self.timer.seconds[names[min(self.count, len(names) - 1)]].append(time.perf_counter() - t0)
+        return out
+
+    @property
+    def done(self) -> bool:
+        return self.inner.done
+
+    def result(self):
+        return self.inner.result()
+
+
+def _ours(kind: str, aggregator: Aggregator, inputs, drops, stage_names) -> dict[str, Any]:
+    n = len(inputs)
+    d = next(iter(inputs.values()))[0].size
+    timer = _StageTimer(aggregator, stage_names)
+    ctx = RoundContext(os.urandom(16), 0, tuple(range(n)), d)
+    t0 = time.perf_counter()
+    out = run_round(timer, ctx, inputs, drop_after={c: 2 for c in drops} if kind != "plain" else {c: 0 for c in drops})
+    wall = time.perf_counter() - t0
+    res = out.server_result
+    err = float(np.abs(res.average - expected_average(inputs, res.contributors)).max())
+    st = out.stats
+    per_stage = {s: (statistics.median(v) if v else 0.0) for s, v in timer.seconds.items()}
+    client_total = sum(st.client_seconds.values())
+    return {
+        "kind": kind,
+        "seconds_round": wall,
+        "seconds_compute": client_total + st.server_seconds,
+        "seconds_server": st.server_seconds,
+        "seconds_clients_total": client_total,
+        "seconds_client_median": statistics.median(st.client_seconds.values()),
+        "client_stage_seconds_median": per_stage,
+        "bytes_up_per_client": float(np.mean([st.bytes_up[c] for c in res.contributors])),
+        "bytes_down_per_client": float(np.mean([st.bytes_down[c] for c in res.contributors])),
+        "contributors": len(res.contributors),
+        "max_abs_error_of_average": err,
+    }
+
+
+def _flower(inputs, drops, k: int, t: int) -> dict[str, Any]:
+    from .flower_secaggplus import run_flower_secaggplus
+
+    shifted = {c + 1: v for c, v in inputs.items()}  # Flower node ids must be non-zero
+    t0 = time.perf_counter()
+    r = run_flower_secaggplus(shifted, num_shares=k, threshold=t, drop_from_stage={c + 1: 2 for c in drops},
+                              clipping_range=CLIP, max_weight=MAX_WEIGHT)
+    wall = time.perf_counter() - t0
+    survivors = [c for c in inputs if c not in drops]
+    err = float(np.abs(r.aggregate - expected_average(inputs, survivors)).max()) if r.aggregate is not None else float("nan")
+    live = [c + 1 for c in survivors]
+    n = len(inputs)
+    return {
+        "kind": "flower-secagg+",
+        "seconds_round": r.seconds_total,
+        "seconds_round_with_serde": wall,
+        "seconds_compute": r.seconds_total,
+        "seconds_server": r.seconds_server,
+        "seconds_clients_total": sum(r.client_seconds.values()),
+        "seconds_client_median": statistics.median(r.client_seconds.values()),
+        # Flower keeps no per-client stage times; its per-stage mean over clients stands in for the median.
+        "client_stage_seconds_median": {FLOWER_STAGES[s]: v / n for s, v in r.stage_client_seconds.items()},
+        "bytes_up_per_client": float(np.mean([r.bytes_up[c] for c in live])),
+        "bytes_down_per_client": float(np.mean([r.bytes_down[c] for c in live])),
+        "contributors": len(live),
+        "max_abs_error_of_average": err,
+    }
+
+
+def _median_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    if len(rows) == 1:
+        return rows[0]
+    out = dict(rows[0])
+    for key, val in rows[0].items():
+        if isinstance(val, float):
+            out[key] = statistics.median(r[key] for r in rows)
+    out["repeats"] = len(rows)
+    return out
+
+
+def measure_cell(n: int, d: int, drops: list[int], *, k: int, flower: bool, repeats: int) -> list[dict[str, Any]]:
+    """Rows for plain, secagg (degree k) and optionally Flower SecAgg+ at one cell, same inputs."""
+    inputs = make_inputs(n, d)
+    t = min(k, n - 1) // 2 + 1
+    cfg = SecAggConfig(neighbours=k, threshold=t, clip_range=CLIP, max_weight=MAX_WEIGHT, bits=32)
+    meta = {"n": n, "d": d, "k": min(k, n - 1), "t": t, "dropped": len(drops)}
+    rows = []
+    kinds = [("plain", lambda: _ours("plain", PlainAggregator(), inputs, drops, ("encode", "update"))),
+             ("secagg", lambda: _ours("secagg", SecAggAggregator(cfg, n), inputs, drops, STAGES))]
+    if flower:
+        kinds.append(("flower-secagg+", lambda: _flower(inputs, drops, min(k, n), t)))
+    for _, fn in kinds:
+        rows.append({**meta, **_median_rows([fn() for _ in range(repeats)])})
+    return rows
+
+
+def _memory_gb(n: int, d: int) -> float:
+    # 8 input vectors + the server's running sum + one masked vector in flight + Flower's copies
+    return (8 * d * 4 + 6 * (d + 1) * 8 + n * 2e4) / 1e9
+
+
+# ------------------------------------------------------------------------------------ command
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .flower_secaggplus import available
+
+    flower_reason = available() if args.flower else "Flower comparison disabled (--no-flower)"
+    if flower_reason:
+        print(flower_reason)
+    ns = args.n or (QUICK_N if args.quick else FULL_N)
+    ds = args.d or (QUICK_D if args.quick else FULL_D)
+    cells: list[tuple[str, int, int, int, list[int], bool]] = []
+    if args.targets:
+        for label, n, d, k, ndrop in TARGETS:
+            cells.append((label, n, d, k, dropped_clients(n, ndrop / n), flower_reason is None))
+    if args.grid:
+        for n in ns:
+            for d in ds:
+                for p in args.dropout:
+                    use_flower = flower_reason is None and n * d <= args.flower_max_nd
+                    cells.append((f"grid dropout={p:g}", n, d, args.k, dropped_clients(n, p), use_flower))
+    results, skipped = [], []
+    for label, n, d, k, drops, use_flower in tqdm(cells, desc="aggregation bench", unit="cell"):
+        if _memory_gb(n, d) > args.max_memory_gb:
+            skipped.append({"cell": label, "n": n, "d": d, "why": f"needs ~{_memory_gb(n, d):.1f} GB > --max-memory-gb"})
+            continue
+        for row in measure_cell(n, d, drops, k=k, flower=use_flower, repeats=args.repeats):
+            results.append({"cell": label, **row})
+    ckks_rows, ckks_note = _ckks(args, ns, ds)
+    targets = _target_ratios(results)
+    payload = {"grid": {"n": list(ns), "d": list(ds), "dropout": args.dropout, "k": args.k}, "results": results,
+               "targets": targets, "skipped": skipped, "flower": flower_reason or "flwr 1.42 SecAgg+ in the same run",
+               "ckks": ckks_rows, "ckks_note": ckks_note}
+    write_json(args.json, payload)
+    _plot(results, args.json.with_suffix(".png"))
+    update_section(args.doc, "aggregation", _markdown(payload))
+    for t in targets:
+        print(t)
+    print(f"results: {args.json}, {args.json.with_suffix('.png')} and {args.doc}")
+    return 0
+
+
+def _ckks(args, ns, ds) -> tuple[list[dict[str, Any]], str]:
+    if not args.ckks:
+        return [], "CKKS rows disabled (--no-ckks)"
+    try:
+        from . import ckks
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.endswith("bench.ckks"):
+            return [], "CKKS rows skipped: fedrlhf_secure.bench.ckks is not installed"
+        raise
+    rows = []
+    for n in ns:
+        for d in ds:
+            if n * d <= args.ckks_max_nd:
+                rows += ckks.measure(n, d)["rows"]
+    return rows, f"CKKS rows from fedrlhf_secure.bench.ckks.measure(n, d) for n*d <= {args.ckks_max_nd:g}"
+
+
+def _target_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for label, n, d, k, _ in TARGETS:
+        rows = {r["kind"]: r for r in results if r["cell"] == label}
+        if "secagg" not in rows:
+            continue
+        ours = rows["secagg"]
+        entry = {"cell": label, "secagg_seconds_round": ours["seconds_round"], "secagg_seconds_compute": ours["seconds_compute"],
+                 "secagg_bytes_up_per_client": ours["bytes_up_per_client"]}
+        fl = rows.get("flower-secagg+")
+        if fl:
+            entry.update({
+                "flower_seconds_round": fl["seconds_round"], "flower_seconds_compute": fl["seconds_compute"],
+                "flower_seconds_server": fl["seconds_server"], "flower_bytes_up_per_client": fl["bytes_up_per_client"],
+                "compute_speedup_vs_flower": fl["seconds_compute"] / ours["seconds_compute"],
+                "round_time_ratio_vs_flower": ours["seconds_round"] / fl["seconds_round"],
+                "upload_ratio_vs_flower": ours["bytes_up_per_client"] / fl["bytes_up_per_client"],
+            })
+        out.append(entry)
+    return out
+
+
+def _markdown(payload: dict[str, Any]) -> str:
+    head = ["cell", "kind", "n", "d", "k", "t", "dropped", "round s", "compute s", "server s", "client s (median)",
+            *[f"client {s} s" for s in STAGES], "up B/client", "down B/client", "max err of avg"]
+    rows = []
+    for r in payload["results"]:
+        st = r["client_stage_seconds_median"]
+        rows.append([r["cell"], r["kind"], r["n"], r["d"], r["k"], r["t"], r["dropped"], r["seconds_round"], r["seconds_compute"],
+                     r["seconds_server"], r["seconds_client_median"], *[st.get(s, "") for s in STAGES],
+                     int(r["bytes_up_per_client"]), int(r["bytes_down_per_client"]), r["max_abs_error_of_average"]])
+    parts = ["### Aggregation protocols (`fedrlhf bench aggregation`)", "",
+             "One in-process round per cell, every client and the server timed separately in one process; "
+             "dropped clients stop after the share-keys stage. Flower = flwr 1.42 `SecAggPlusWorkflow` + "
+             f"`secaggplus_mod`, same inputs ({payload['flower']}).", "", markdown_table(head, rows)]
+    if payload["targets"]:
+        th = ["target cell", "ours round s", "Flower round s", "compute speed-up", "round time ratio", "upload ratio"]
+        tr = [[t["cell"], t["secagg_seconds_round"], t.get("flower_seconds_round", "n/a"), t.get("compute_speedup_vs_flower", "n/a"),
+               t.get("round_time_ratio_vs_flower", "n/a"), t.get("upload_ratio_vs_flower", "n/a")] for t in payload["targets"]]
+        parts += ["", "Targets (same run):", "", markdown_table(th, tr)]
+    if payload["skipped"]:
+        parts += ["", "Skipped cells: " + "; ".join(f"n={s['n']} d={s['d']} ({s['why']})" for s in payload["skipped"])]
+    if payload["ckks"]:
+        from .ckks import TABLE_HEADERS, table_rows
+
+        parts += ["", payload["ckks_note"] + ":", "", markdown_table(TABLE_HEADERS, table_rows(payload["ckks"]))]
+    else:
+        parts += ["", payload["ckks_note"]]
+    return "\n".join(parts)
+
+
+def _plot(results: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = [r for r in results if r["cell"].startswith("grid") and r["dropped"] == 0]
+    if not grid:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for kind, marker in (("plain", "o"), ("secagg", "s"), ("flower-secagg+", "^")):
+        for d in sorted({r["d"] for r in grid}):
+            pts = sorted((r["n"], r["seconds_compute"], r["bytes_up_per_client"]) for r in grid if r["kind"] == kind and r["d"] == d)
+            if pts:
+                axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=f"{kind} d={d:g}")
+                axes[1].plot([p[0] for p in pts], [p[2] for p in pts], marker=marker, label=f"{kind} d={d:g}")
+    axes[0].set(xscale="log", yscale="log", xlabel="clients n", ylabel="total compute s (clients + server)")
+    axes[1].set(xscale="log", yscale="log", xlabel="clients n", ylabel="bytes up per client")
+    axes[0].legend(fontsize=6)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
