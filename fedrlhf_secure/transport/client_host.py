@@ -1,0 +1,222 @@
+"""The client side of a node: local RLHF, the update codec, and the aggregator's client halves.
+
+Why a long-lived host next to the SuperNode: Flower 1.42 runs every ClientApp message in a fresh
+``flwr-clientapp`` process, but a round of secure aggregation is a conversation — a SecAgg
+client's ephemeral secret keys and mask seeds, or a CKKS client's secret context, must survive
+from one stage to the next, and must never be serialised into Flower's ``Context`` (which the
+SuperNode keeps and could write out). The task's private data and each client's personal
+parameters also stay loaded for the whole run. So the node's clients live here, in one process
+that never listens on the network: the ClientApp (:mod:`.client_app`) relays the bytes of each
+Flower Message to it over a Unix socket only the node's user can open.
+
+The host does exactly what the in-process engine does for a client (FedRLHF, arXiv 2412.15538,
+Algorithm 1, client part): local fit with the per-(run, round, client) seed, the flat update
+vector, the aggregator's client half over that vector; and it reports evaluation numbers. What it
+sends out is in the frames it returns and nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import yaml
+
+from aggregation import wire
+from aggregation.base import ClientHalf, ProtocolError, RoundContext
+
+from ..config import build_config
+from ..federation.clients import LocalClients
+from ..federation.engine import build_task
+from ..federation.messages import FitInstruction, Report
+from ..federation.update import UpdateCodec
+from .aggregator_keys import KeyFileError, node_aggregator
+from .local_socket import recv_frame, send_frame
+from .node_protocol import REQUEST, RESPONSE, NodeMessage
+
+
+class NodeError(RuntimeError):
+    """The node refused a request (wrong order, unknown client, config it cannot run)."""
+
+
+@dataclass
+class _Round:
+    ctx: RoundContext
+    halves: dict[int, ClientHalf]
+
+
+class ClientHost:
+    """The clients ``client_ids`` of one node, driven by :class:`NodeMessage` requests."""
+
+    def __init__(self, client_ids: Sequence[int], data_dir: Path | None, keys_dir: Path | None = None) -> None:
+        if not client_ids or len(set(client_ids)) != len(client_ids):
+            raise ValueError(f"a node needs a non-empty list of distinct client ids, got {list(client_ids)}")
+        self.client_ids = [int(c) for c in client_ids]
+        self.data_dir = data_dir
+        self.keys_dir = keys_dir
+        self.config = None
+        self.clients: LocalClients | None = None
+        self.round: _Round | None = None
+
+    # ------------------------------------------------------------------ requests
+    def handle(self, data: bytes) -> bytes:
+        """One request's bytes -> the response's bytes; a refusal travels as an ``error`` field."""
+        op = "setup"
+        try:
+            req = NodeMessage.decode(data, REQUEST)
+            op = req.op
+            resp = getattr(self, f"_{req.op}")(req)
+        except (wire.WireError, ProtocolError, NodeError, ValueError, KeyError, KeyFileError) as exc:
+            resp = NodeMessage(op, {"error": f"{type(exc).__name__}: {exc}"})
+        return resp.encode(RESPONSE)
+
+    def _setup(self, req: NodeMessage) -> NodeMessage:
+        from ..privacy.plan import NoPrivacy
+
+        raw = yaml.safe_load(req.blobs.get("config", b"").decode("utf-8"))
+        config = build_config(raw, source="<config from the server>")
+        if config.privacy.mode != "none":
+            raise NodeError(
+                f"privacy.mode {config.privacy.mode!r}: the Flower transport keeps DP ledgers on the server "
+                "side only in the embedded engine; run DP configs with `fedrlhf run`"
+            )
+        everyone = req.int_list("client_ids")
+        missing = sorted(set(self.client_ids) - set(everyone))
+        if missing:
+            raise NodeError(f"this node hosts clients {missing}, which the run does not have")
+        self.config = config
+        self.task = build_task(config, self.data_dir)
+        task_ids = set(self.task.client_ids())
+        unknown = sorted(set(self.client_ids) - task_ids)
+        if unknown:
+            raise NodeError(f"the task has no clients {unknown} (it has {len(task_ids)} clients)")
+        self.codec = UpdateCodec(self.task.shared_spec(), config.federation.sparse_rows)
+        self.clients = LocalClients(self.task, self.client_ids, self.codec)
+        self.aggregator = node_aggregator(config, everyone, self.client_ids, self.keys_dir)
+        self.privacy = NoPrivacy()
+        sizes = self.clients.num_examples()
+        return NodeMessage("setup", {"sizes": {str(c): int(n) for c, n in sizes.items()}, "dim": int(self.codec.dim)})
+
+    def _require_setup(self) -> LocalClients:
+        if self.clients is None or self.config is None:
+            raise NodeError("the node has not been set up for a run (no setup request yet)")
+        return self.clients
+
+    def _fit(self, req: NodeMessage) -> NodeMessage:
+        clients = self._require_setup()
+        cids = req.int_list("clients")
+        foreign = sorted(set(cids) - set(self.client_ids))
+        if foreign:
+            raise NodeError(f"fit for clients {foreign}, which this node does not host")
+        ctx = RoundContext(
+            bytes.fromhex(req.field("session", str)), req.field("round", int), tuple(req.int_list("participants")), req.field("dim", int)
+        )
+        if ctx.dim != self.codec.dim:
+            raise NodeError(f"round {ctx.round}: the server's vector dimension {ctx.dim} differs from this node's {self.codec.dim}")
+        instruction = req.blobs["instruction"]
+        fit = FitInstruction.decode(instruction, self.task.shared_spec().names())
+        if fit.round != ctx.round:
+            raise NodeError(f"fit instruction is for round {fit.round}, the round context for {ctx.round}")
+        dp = {c: self.privacy.fit_settings(c, ctx.round, clients.clients[c].num_examples()) for c in cids}
+        updates = clients.fit(cids, instruction, dp)
+        summary: dict[str, Any] = {}
+        halves: dict[int, ClientHalf] = {}
+        replies: dict[int, list[bytes]] = {}
+        weighting = self.config.federation.weighting
+        for c in cids:
+            up = updates[c]
+            weight = float(up.num_examples) if weighting == "examples" else 1.0
+            crng = np.random.default_rng(np.random.SeedSequence([self.config.seed, ctx.round, c, 0xD9]))
+            priv = self.privacy.privatize(c, ctx.round, up.vector, weight, crng)
+            self.privacy.commit(c, ctx.round, up.privacy)
+            halves[c] = self.aggregator.client(ctx, c, priv.vector, priv.weight, **priv.aggregator_kwargs)
+            summary[str(c)] = {"num_examples": int(up.num_examples), "metrics": _finite(up.metrics)}
+        self.round = _Round(ctx, halves)
+        for c, msgs in req.messages.items():
+            replies[c] = self._deliver(c, msgs)
+        return NodeMessage("fit", {"round": ctx.round, "fit": summary}, replies)
+
+    def _deliver(self, cid: int, msgs: list[bytes]) -> list[bytes]:
+        if self.round is None or cid not in self.round.halves:
+            raise NodeError(f"no aggregation in progress for client {cid} on this node")
+        out: list[bytes] = []
+        for m in msgs:
+            out.extend(self.round.halves[cid].receive(m))
+        return out
+
+    def _agg(self, req: NodeMessage) -> NodeMessage:
+        self._require_setup()
+        self._check_round(req)
+        return NodeMessage("agg", {"round": req.field("round", int)}, {c: self._deliver(c, m) for c, m in req.messages.items()})
+
+    def _finish(self, req: NodeMessage) -> NodeMessage:
+        """Deliver the server's last messages; return the aggregate if these clients can read it."""
+        self._require_setup()
+        self._check_round(req)
+        for c, msgs in req.messages.items():
+            self._deliver(c, msgs)
+        assert self.round is not None
+        for c, half in sorted(self.round.halves.items()):
+            res = half.result() if half.done else None
+            if res is not None:
+                header = {"round": self.round.ctx.round, "total_weight": float(res.total_weight), "contributors": [int(x) for x in res.contributors], "reader": c}
+                return NodeMessage("finish", header, arrays={"weighted_sum": np.asarray(res.weighted_sum, dtype=np.float64)})
+        return NodeMessage("finish", {"round": self.round.ctx.round})
+
+    def _check_round(self, req: NodeMessage) -> None:
+        rnd = req.field("round", int)
+        if self.round is None or self.round.ctx.round != rnd:
+            raise NodeError(f"message for round {rnd}, but this node's round is {None if self.round is None else self.round.ctx.round}")
+
+    def _evaluate(self, req: NodeMessage) -> NodeMessage:
+        clients = self._require_setup()
+        cids = req.int_list("clients")
+        rnd = req.field("round", int)
+        metrics = clients.evaluate(req.blobs["shared"], cids)
+        self.round = None  # the round's secrets are dropped once it is over
+        return NodeMessage("evaluate", {"round": rnd}, {c: [Report(c, rnd, m).encode()] for c, m in metrics.items()})
+
+
+def _finite(metrics) -> dict[str, float | None]:
+    return {k: (float(v) if np.isfinite(v) else None) for k, v in metrics.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The Unix-socket server the ClientApp relays to
+# ---------------------------------------------------------------------------------------------
+
+
+def serve(host: ClientHost, socket_path: Path, *, ready_file: Path | None = None) -> None:
+    """Answer requests on ``socket_path`` (mode 0600) until killed; one request per connection."""
+    socket_path = Path(socket_path)
+    if socket_path.exists():
+        socket_path.unlink()
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        srv.bind(str(socket_path))
+    finally:
+        os.umask(old)
+    os.chmod(socket_path, 0o600)
+    srv.listen(8)
+    if ready_file is not None:
+        Path(ready_file).write_text(str(os.getpid()))
+    print(f"client host for clients {host.client_ids} listening on {socket_path}", file=sys.stderr, flush=True)
+    try:
+        while True:
+            conn, _ = srv.accept()
+            with conn:
+                try:
+                    data = recv_frame(conn)
+                except ConnectionError:
+                    continue
+                send_frame(conn, host.handle(data))
+    finally:
+        srv.close()
+        if socket_path.exists():
+            socket_path.unlink()

@@ -1,0 +1,109 @@
+"""``fedrlhf deploy``: credentials, the node-side client host, and a one-machine deployment.
+
+Subcommands::
+
+    fedrlhf deploy certs --out certs --host superlink.example.org --host 10.0.0.5
+    fedrlhf deploy node-keys --out keys --count 3            # node-0, node-0.pub, ...
+    fedrlhf deploy client-host --client-ids 0,3,6 --socket /run/fedrlhf/node.sock --data-dir DATA
+    fedrlhf deploy local --config configs/movielens-tiny.yaml --nodes 3 --data-dir DATA --out runs
+
+``local`` starts a TLS SuperLink with SuperNode authentication, registers the node keys, starts
+one client host and one SuperNode per node on free loopback ports, runs the config with
+``flwr run`` and stops every process afterwards, also when something fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="deploy_command", required=True, metavar="SUBCOMMAND")
+
+    p = sub.add_parser("certs", help="create a deployment CA and the SuperLink's TLS certificate")
+    p.add_argument("--out", type=Path, required=True, help="directory for ca.crt, ca.key, server.pem, server.key")
+    p.add_argument("--host", action="append", required=True, help="a hostname or IP the SuperLink is reached at (repeatable)")
+    p.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
+
+    p = sub.add_parser("node-keys", help="create SuperNode authentication key pairs (EC P-384, OpenSSH format)")
+    p.add_argument("--out", type=Path, required=True, help="directory for NAME and NAME.pub")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--count", type=int, help="create node-0 .. node-(N-1)")
+    g.add_argument("--names", nargs="+", help="explicit key names")
+
+    p = sub.add_parser("client-host", help="serve this node's clients to its ClientApp over a Unix socket")
+    p.add_argument("--client-ids", required=True, help="comma-separated client ids hosted by this node, e.g. 0,3,6")
+    p.add_argument("--socket", type=Path, required=True, help="Unix socket path (the SuperNode's node config client-host)")
+    p.add_argument("--data-dir", type=Path, default=None, help="dataset directory (default: $FEDRLHF_DATA_DIR)")
+    p.add_argument("--keys-dir", type=Path, default=None, help="this node's key directory (CKKS: dealer.pub, client-<id>.key, package-client-<id>.frame)")
+    p.add_argument("--ready-file", type=Path, default=None, help=argparse.SUPPRESS)
+
+    p = sub.add_parser("local", help="run a config on a SuperLink + N SuperNodes on this machine (TLS, node auth)")
+    p.add_argument("--config", type=Path, required=True, help="fedrlhf YAML config")
+    p.add_argument("--nodes", type=int, default=3, help="number of SuperNodes (default 3)")
+    p.add_argument("--data-dir", type=Path, default=None, help="dataset directory (default: $FEDRLHF_DATA_DIR)")
+    p.add_argument("--out", type=Path, default=Path("runs"), help="where the run directory goes (default runs/)")
+    p.add_argument("--workdir", type=Path, default=None, help="certificates, keys, sockets and logs (default: a temp dir)")
+    p.add_argument("--stage-timeout", type=float, default=60.0, help="deadline of each aggregation stage in seconds")
+
+
+def _client_ids(text: str) -> list[int]:
+    try:
+        ids = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise SystemExit(f"fedrlhf deploy client-host: --client-ids must be comma-separated integers, got {text!r}") from exc
+    if not ids or any(i < 0 for i in ids) or len(set(ids)) != len(ids):
+        raise SystemExit(f"fedrlhf deploy client-host: --client-ids must be distinct non-negative integers, got {text!r}")
+    return ids
+
+
+def run(args: argparse.Namespace) -> int:
+    cmd = args.deploy_command
+    if cmd == "certs":
+        from .credentials import create_certificates
+
+        paths = create_certificates(args.out, args.host, days=args.days)
+        print(f"CA certificate (give to every SuperNode and flwr CLI user): {paths.ca_cert}")
+        print(f"CA key (keep offline):                                       {paths.ca_key}")
+        print(f"SuperLink certificate and key:                               {paths.server_cert}, {paths.server_key}")
+        return 0
+    if cmd == "node-keys":
+        from .credentials import create_node_keys
+
+        names = args.names or [f"node-{i}" for i in range(args.count)]
+        for p in create_node_keys(args.out, names):
+            print(f"{p.private_key} (stays on the node)  {p.public_key} (register: flwr supernode register {p.public_key})")
+        return 0
+    if cmd == "client-host":
+        from .client_host import ClientHost, serve
+
+        host = ClientHost(_client_ids(args.client_ids), args.data_dir, args.keys_dir)
+        try:
+            serve(host, args.socket, ready_file=args.ready_file)
+        except KeyboardInterrupt:
+            pass
+        return 0
+    if cmd == "local":
+        return _run_local(args)
+    raise AssertionError(cmd)
+
+
+def _run_local(args: argparse.Namespace) -> int:
+    from ..config import load_config
+    from ..federation.engine import build_task, resolve_data_dir
+    from .local_deployment import LocalDeployment, partition
+
+    config = load_config(args.config)
+    data_dir = resolve_data_dir(args.data_dir)
+    client_ids = list(build_task(config, data_dir).client_ids())
+    groups = partition(client_ids, args.nodes)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="fedrlhf-deploy-"))
+    print(f"deployment files and logs: {workdir}", file=sys.stderr)
+    with LocalDeployment(workdir, groups, data_dir=data_dir) as dep:
+        print(f"SuperLink on 127.0.0.1:{dep.port} (TLS, SuperNode authentication); {len(groups)} SuperNodes", file=sys.stderr)
+        path = dep.run(args.config, args.out, stage_timeout=args.stage_timeout)
+    print(f"run directory: {path}")
+    return 0

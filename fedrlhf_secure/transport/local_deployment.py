@@ -1,0 +1,343 @@
+"""A whole Flower deployment on one machine: SuperLink, SuperNodes, client hosts, ``flwr run``.
+
+Used by ``fedrlhf deploy local``, the loopback test and the transport benchmark. It starts the
+same processes, with the same flags, as a multi-machine deployment (docs/readme/deployment.md):
+TLS with a fresh deployment CA, SuperNode authentication with registered EC keys
+(``--enable-supernode-auth`` + ``flwr supernode register``), runtime dependency installation off
+(nothing is downloaded), each process on a free loopback port.
+
+Every process is started in its own session (process group), so stopping it also stops the
+children Flower spawns (SuperExec, ``flwr-serverapp``, ``flwr-clientapp``); :meth:`close` runs
+from ``finally`` and from ``atexit``, so no process outlives a failed test or a Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from .credentials import CertificatePaths, NodeKeyPaths, create_certificates, create_node_keys
+
+APP_DIR = Path(__file__).resolve().parent / "flower-app"
+LOOPBACK = "127.0.0.1"
+
+
+class DeploymentError(RuntimeError):
+    """A process of the deployment failed to start or exited; the message names its log file."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_port(port: int, proc: subprocess.Popen, log: Path, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise DeploymentError(f"process exited with code {proc.returncode} while starting; see {log}")
+        try:
+            with socket.create_connection((LOOPBACK, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise DeploymentError(f"nothing listens on {LOOPBACK}:{port} after {seconds:.0f} s; see {log}")
+
+
+@dataclass
+class _Proc:
+    name: str
+    popen: subprocess.Popen
+    log: Path
+
+
+@dataclass
+class NodeHandle:
+    index: int
+    client_ids: list[int]
+    socket: Path
+    keys: NodeKeyPaths
+    procs: list[_Proc] = field(default_factory=list)
+
+
+class LocalDeployment:
+    """Start with :meth:`start` (or ``with``), run configs with :meth:`run`, stop with :meth:`close`."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        node_clients: Sequence[Sequence[int]],
+        *,
+        data_dir: Path | None = None,
+        start_timeout: float = 120.0,
+    ) -> None:
+        if len(node_clients) < 1 or any(len(c) == 0 for c in node_clients):
+            raise ValueError("every SuperNode needs at least one client id")
+        self.workdir = Path(workdir).resolve()
+        self.node_clients = [list(map(int, c)) for c in node_clients]
+        self.data_dir = Path(data_dir).resolve() if data_dir else None
+        self.start_timeout = start_timeout
+        self.procs: list[_Proc] = []
+        self.nodes: list[NodeHandle] = []
+        self.port = 0
+        self.certs: CertificatePaths | None = None
+        self._closed = False
+
+    # ------------------------------------------------------------------ processes
+    def _env(self, home: Path) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            FLWR_HOME=str(home),
+            FLWR_TELEMETRY_ENABLED="0",
+            FLWR_DISABLE_UPDATE_CHECK="1",
+            OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"),
+            PYTHONUNBUFFERED="1",
+        )
+        if self.data_dir:
+            env["FEDRLHF_DATA_DIR"] = str(self.data_dir)
+        home.mkdir(parents=True, exist_ok=True)
+        return env
+
+    def _spawn(self, name: str, cmd: list[str], home: Path) -> _Proc:
+        log = self.workdir / "logs" / f"{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(log, "ab")
+        popen = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=self._env(home), cwd=self.workdir, start_new_session=True)
+        fh.close()
+        proc = _Proc(name, popen, log)
+        self.procs.append(proc)
+        return proc
+
+    @staticmethod
+    def _stop(proc: _Proc, grace: float = 5.0) -> None:
+        if proc.popen.poll() is None:
+            try:
+                os.killpg(proc.popen.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                proc.popen.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                pass
+        # the group may hold children even after its leader exited (SuperExec, flwr-*app)
+        try:
+            os.killpg(proc.popen.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            proc.popen.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for proc in reversed(self.procs):
+            self._stop(proc)
+
+    def __enter__(self) -> "LocalDeployment":
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ start
+    @property
+    def cli_home(self) -> Path:
+        return self.workdir / "flwr-cli"
+
+    def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+        """Run a ``flwr`` CLI command against this deployment's SuperLink."""
+        return subprocess.run(
+            ["flwr", *args], env=self._env(self.cli_home), cwd=self.workdir, capture_output=True, text=True, timeout=timeout
+        )
+
+    def start(self) -> None:
+        atexit.register(self.close)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.certs = create_certificates(self.workdir / "certs", ["localhost", LOOPBACK])
+        keys = create_node_keys(self.workdir / "node-keys", [f"node-{i}" for i in range(len(self.node_clients))])
+        self.port = free_port()
+        link = self._spawn(
+            "superlink",
+            [
+                "flower-superlink",
+                "--ssl-ca-certfile", str(self.certs.ca_cert),
+                "--ssl-certfile", str(self.certs.server_cert),
+                "--ssl-keyfile", str(self.certs.server_key),
+                "--enable-supernode-auth",
+                "--disable-runtime-dependency-installation",
+                "--host", LOOPBACK,
+                "--port", str(self.port),
+            ],
+            self.workdir / "flwr-superlink",
+        )
+        _wait_port(self.port, link.popen, link.log, self.start_timeout)
+        (self.cli_home).mkdir(parents=True, exist_ok=True)
+        (self.cli_home / "config.toml").write_text(
+            "[superlink]\ndefault = \"local\"\n\n[superlink.local]\n"
+            f"address = \"{LOOPBACK}:{self.port}\"\nroot-certificates = \"{self.certs.ca_cert}\"\n",
+            encoding="utf-8",
+        )
+        for i, cids in enumerate(self.node_clients):
+            self._register(keys[i])
+            sock = self.workdir / "sockets" / f"node-{i}.sock"
+            sock.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.nodes.append(NodeHandle(i, cids, sock, keys[i]))
+        for node in self.nodes:
+            self._start_node(node)
+
+    def _register(self, key: NodeKeyPaths) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            res = self.flwr("supernode", "register", str(key.public_key), "local", "--format", "json")
+            if res.returncode == 0 and '"success": true' in res.stdout:
+                return
+            if time.monotonic() > deadline:
+                raise DeploymentError(f"flwr supernode register failed: {res.stdout[-2000:]} {res.stderr[-2000:]}")
+            time.sleep(1.0)
+
+    def _start_node(self, node: NodeHandle) -> None:
+        i = node.index
+        ready = self.workdir / "sockets" / f"node-{i}.ready"
+        if ready.exists():
+            ready.unlink()
+        host_cmd = [
+            sys.executable, "-m", "fedrlhf_secure.cli", "deploy", "client-host",
+            "--client-ids", ",".join(map(str, node.client_ids)),
+            "--socket", str(node.socket),
+            "--ready-file", str(ready),
+            "--keys-dir", str(self.node_keys_dir(i)),
+        ]
+        if self.data_dir:
+            host_cmd += ["--data-dir", str(self.data_dir)]
+        host = self._spawn(f"client-host-{i}", host_cmd, self.workdir / f"flwr-node-{i}")
+        deadline = time.monotonic() + self.start_timeout
+        while not ready.exists():
+            if host.popen.poll() is not None:
+                raise DeploymentError(f"client host {i} exited with code {host.popen.returncode}; see {host.log}")
+            if time.monotonic() > deadline:
+                raise DeploymentError(f"client host {i} not ready after {self.start_timeout:.0f} s; see {host.log}")
+            time.sleep(0.1)
+        supernode = self._spawn(
+            f"supernode-{i}",
+            [
+                "flower-supernode",
+                "--superlink", f"{LOOPBACK}:{self.port}",
+                "--root-certificates", str(self.certs.ca_cert) if self.certs else "",
+                "--auth-supernode-private-key", str(node.keys.private_key),
+                "--node-config", f'client-host="{node.socket}"',
+                "--host", LOOPBACK,
+                "--port", str(free_port()),
+            ],
+            self.workdir / f"flwr-node-{i}",
+        )
+        node.procs = [host, supernode]
+
+    def node_keys_dir(self, index: int) -> Path:
+        return self.workdir / "aggregation-keys" / f"node-{index}"
+
+    def prepare_keys(self, config: Path) -> Path | None:
+        """For a CKKS config, run the dealer ceremony; return the server's key directory."""
+        from ..config import load_config
+        from .aggregator_keys import deal_keys
+
+        if load_config(config).aggregation.kind != "ckks":
+            return None
+        base = self.workdir / "aggregation-keys"
+        for i in range(len(self.nodes)):
+            d = self.node_keys_dir(i)
+            if d.exists():
+                import shutil
+
+                shutil.rmtree(d)
+        dealer = base / "dealer"
+        if dealer.exists():
+            import shutil
+
+            shutil.rmtree(dealer)
+        deal_keys(Path(config), self.node_clients, base / "server", [self.node_keys_dir(i) for i in range(len(self.nodes))], dealer)
+        return base / "server"
+
+    def stop_node(self, index: int) -> None:
+        """Stop SuperNode ``index`` and its client host (as a crash would: no goodbye message)."""
+        for proc in self.nodes[index].procs:
+            self._stop(proc, grace=0.1)
+
+    # ------------------------------------------------------------------ run
+    def submit(self, config: Path, out: Path, *, stage_timeout: float = 60.0, fit_timeout: float = 600.0, extra: dict | None = None) -> subprocess.Popen:
+        """``flwr run`` the app against this deployment (streams the ServerApp's log); returns the process."""
+        keys_dir = self.prepare_keys(Path(config))
+        settings = {
+            "config": str(Path(config).resolve()),
+            "keys-dir": str(keys_dir or ""),
+            "data-dir": str(self.data_dir or ""),
+            "out": str(Path(out).resolve()),
+            "min-nodes": len(self.nodes),
+            "node-wait": self.start_timeout,
+            "stage-timeout": float(stage_timeout),
+            "fit-timeout": float(fit_timeout),
+            **(extra or {}),
+        }
+        overrides = " ".join(f"{k}={_toml(v)}" for k, v in settings.items())
+        log = self.workdir / "logs" / f"flwr-run-{len(self.procs)}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(log, "ab")
+        popen = subprocess.Popen(
+            ["flwr", "run", str(APP_DIR), "local", "--stream", "--run-config", overrides],
+            stdout=fh, stderr=subprocess.STDOUT, env=self._env(self.cli_home), cwd=self.workdir, start_new_session=True,
+        )
+        fh.close()
+        self.procs.append(_Proc("flwr-run", popen, log))
+        return popen
+
+    def run(self, config: Path, out: Path, *, timeout: float = 1800.0, **kwargs) -> Path:
+        """Run ``config`` to completion and return its run directory."""
+        out = Path(out)
+        before = set(out.iterdir()) if out.exists() else set()
+        proc = self.submit(config, out, **kwargs)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise DeploymentError(f"flwr run did not finish in {timeout:.0f} s; see {self.workdir / 'logs'}") from exc
+        return finished_run(out, before, self.workdir / "logs")
+
+
+def finished_run(out: Path, before: set[Path], logs: Path) -> Path:
+    new = [p for p in (set(out.iterdir()) if out.exists() else set()) - before if p.is_dir() and (p / "summary.json").exists()]
+    if len(new) != 1:
+        raise DeploymentError(f"expected one completed run directory in {out}, found {sorted(map(str, new))}; see the logs in {logs}")
+    return new[0]
+
+
+def _toml(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def partition(client_ids: Sequence[int], nodes: int) -> list[list[int]]:
+    """Round-robin ``client_ids`` over ``nodes`` SuperNodes (node ``i`` gets ids ``i, i+n, ...``)."""
+    if nodes < 1:
+        raise ValueError(f"need at least one SuperNode, got {nodes}")
+    if len(client_ids) < nodes:
+        raise ValueError(f"{len(client_ids)} clients cannot fill {nodes} SuperNodes")
+    ids = sorted(client_ids)
+    return [ids[i::nodes] for i in range(nodes)]

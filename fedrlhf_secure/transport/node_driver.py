@@ -1,0 +1,229 @@
+"""Driving an aggregator's server half against clients that live on remote nodes.
+
+This is the networked counterpart of :func:`aggregation.driver.run_round`: the same sans-IO
+:class:`~aggregation.base.ServerHalf`, but its ``(client_id, bytes)`` messages are grouped per
+node and exchanged in stages through a :class:`NodeLink` (Flower's Grid in a deployment, direct
+calls in tests and benchmarks). A stage ends when every addressed node answered or its deadline
+passed; clients whose node did not answer are dropouts, and :meth:`ServerHalf.close_stage` lets
+the protocol continue with the survivors (SecAgg's dropout recovery) or abort when too few are
+left.
+
+The first exchange merges the fit request with the aggregator's opening messages, so a round
+costs one network round trip fewer than "fit, then aggregate".
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Protocol, Sequence
+
+import numpy as np
+
+from aggregation import wire
+from aggregation.base import AggregateResult, AggregationAborted, ProtocolError, RoundContext, ServerHalf
+from aggregation.driver import SERVER_ID, TranscriptHook
+
+from .node_protocol import REQUEST, RESPONSE, NodeMessage, group_by_node
+
+
+class NodeLink(Protocol):
+    """Sends one request to each of some nodes and returns the responses that came back in time."""
+
+    def exchange(self, requests: Mapping[int, bytes], timeout: float) -> dict[int, bytes]: ...
+
+
+@dataclass
+class StageLog:
+    op: str
+    nodes_asked: int
+    nodes_answered: int
+    seconds: float
+
+
+@dataclass
+class NodeRoundOutcome:
+    server_result: AggregateResult | None
+    client_result: AggregateResult | None
+    fit: dict[int, dict[str, Any]]
+    bytes_up: dict[int, int]
+    bytes_down: dict[int, int]
+    envelope_bytes: int
+    stages: list[StageLog] = field(default_factory=list)
+    server_seconds: float = 0.0
+    dropped_nodes: set[int] = field(default_factory=set)
+
+    def readable_result(self) -> AggregateResult:
+        if self.server_result is not None:
+            return self.server_result
+        if self.client_result is not None:
+            return self.client_result
+        raise AggregationAborted("no party could read the aggregate")
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class NodeRoundDriver:
+    """One aggregation round over nodes; ``node_of[client] = node`` says where each client lives."""
+
+    def __init__(
+        self,
+        link: NodeLink,
+        node_of: Mapping[int, int],
+        *,
+        fit_timeout: float,
+        stage_timeout: float,
+        hook: TranscriptHook | None = None,
+        on_stage: Callable[[int, str, int], None] | None = None,
+    ) -> None:
+        self.link = link
+        self.node_of = dict(node_of)
+        self.fit_timeout = fit_timeout
+        self.stage_timeout = stage_timeout
+        self.hook = hook
+        self.on_stage = on_stage
+        """``on_stage(round, op, stage_index)`` after each stage's replies are in (fault-injection tests)."""
+
+    def _exchange(
+        self, out: NodeRoundOutcome, op: str, rnd: int, per_node: Mapping[int, NodeMessage], timeout: float
+    ) -> dict[int, NodeMessage]:
+        t0 = time.perf_counter()
+        requests = {n: m.encode(REQUEST) for n, m in per_node.items() if n not in out.dropped_nodes}
+        for n, m in per_node.items():
+            for cid, msgs in m.messages.items():
+                out.bytes_down[cid] = out.bytes_down.get(cid, 0) + sum(len(x) for x in msgs)
+                if self.hook:
+                    for x in msgs:
+                        self.hook(SERVER_ID, cid, x)
+        out.envelope_bytes += sum(len(b) for b in requests.values())
+        raw = self.link.exchange(requests, timeout) if requests else {}
+        replies: dict[int, NodeMessage] = {}
+        for n in requests:
+            data = raw.get(n)
+            if data is None:
+                _log(f"round {rnd}: node {n} did not answer the {op} stage in {timeout:.0f} s; its clients drop out")
+                out.dropped_nodes.add(n)
+                continue
+            out.envelope_bytes += len(data)
+            try:
+                msg = NodeMessage.decode(data, RESPONSE)
+            except wire.WireError as exc:
+                _log(f"round {rnd}: node {n} sent a malformed {op} response ({exc}); its clients drop out")
+                out.dropped_nodes.add(n)
+                continue
+            if "error" in msg.header:
+                _log(f"round {rnd}: node {n} refused the {op} stage: {msg.header['error']}; its clients drop out")
+                out.dropped_nodes.add(n)
+                continue
+            foreign = [c for c in msg.messages if self.node_of.get(c) != n]
+            if foreign:
+                _log(f"round {rnd}: node {n} answered for clients {foreign} it does not host; ignored")
+                msg = NodeMessage(msg.op, msg.header, {c: v for c, v in msg.messages.items() if c not in foreign}, msg.blobs, msg.arrays)
+            replies[n] = msg
+        out.stages.append(StageLog(op, len(requests), len(replies), time.perf_counter() - t0))
+        return replies
+
+    def _feed(self, out: NodeRoundOutcome, server: ServerHalf, replies: Mapping[int, NodeMessage], rnd: int) -> list[tuple[int, bytes]]:
+        nxt: list[tuple[int, bytes]] = []
+        for n in sorted(replies):
+            for cid in sorted(replies[n].messages):
+                for data in replies[n].messages[cid]:
+                    out.bytes_up[cid] = out.bytes_up.get(cid, 0) + len(data)
+                    if self.hook:
+                        self.hook(cid, SERVER_ID, data)
+                    t0 = time.perf_counter()
+                    try:
+                        nxt.extend(server.receive(cid, data))
+                    except ProtocolError as exc:
+                        _log(f"round {rnd}: message from client {cid} rejected: {exc}")
+                    out.server_seconds += time.perf_counter() - t0
+        return nxt
+
+    def run(
+        self,
+        server: ServerHalf,
+        ctx: RoundContext,
+        instruction: bytes,
+        *,
+        server_can_read_result: bool,
+    ) -> NodeRoundOutcome:
+        rnd = ctx.round
+        out = NodeRoundOutcome(None, None, {}, {c: 0 for c in ctx.participants}, {c: 0 for c in ctx.participants}, 0)
+        t0 = time.perf_counter()
+        opening = server.start()
+        out.server_seconds += time.perf_counter() - t0
+
+        by_node: dict[int, list[int]] = {}
+        for c in ctx.participants:
+            by_node.setdefault(self.node_of[c], []).append(c)
+        grouped = group_by_node(opening, self.node_of)
+        header = {"round": rnd, "session": ctx.session_id.hex(), "participants": list(ctx.participants), "dim": ctx.dim}
+        fit_requests = {
+            n: NodeMessage("fit", {**header, "clients": cids}, grouped.get(n, {}), {"instruction": instruction})
+            for n, cids in by_node.items()
+        }
+        replies = self._exchange(out, "fit", rnd, fit_requests, self.fit_timeout)
+        for n, msg in replies.items():
+            for c, info in dict(msg.header.get("fit", {})).items():
+                if c.isdigit() and self.node_of.get(int(c)) == n and isinstance(info, dict):
+                    out.fit[int(c)] = info
+        pending = self._feed(out, server, replies, rnd)
+        stage = 0
+        if self.on_stage:
+            self.on_stage(rnd, "fit", stage)
+
+        while not server.done:
+            if pending:
+                stage += 1
+                grouped = group_by_node(pending, self.node_of)
+                reqs = {n: NodeMessage("agg", {"round": rnd}, msgs) for n, msgs in grouped.items()}
+                replies = self._exchange(out, "agg", rnd, reqs, self.stage_timeout)
+                pending = self._feed(out, server, replies, rnd)
+                if self.on_stage:
+                    self.on_stage(rnd, "agg", stage)
+                continue
+            t0 = time.perf_counter()
+            pending = server.close_stage()
+            out.server_seconds += time.perf_counter() - t0
+            if not pending and not server.done:
+                raise AggregationAborted("protocol stalled: no message in flight and the server is not done")
+
+        out.server_result = server.result()
+        # Deliver the server's last messages (e.g. the CKKS aggregate); when the server cannot read
+        # the result, a client that can returns it (as the in-process engine reads it from a client).
+        grouped = group_by_node(pending, self.node_of)
+        if not server_can_read_result:
+            alive = {self.node_of[c] for c in ctx.participants} - out.dropped_nodes
+            for n in alive:
+                grouped.setdefault(n, {})
+        if grouped:
+            reqs = {n: NodeMessage("finish", {"round": rnd}, msgs) for n, msgs in grouped.items()}
+            replies = self._exchange(out, "finish", rnd, reqs, self.stage_timeout)
+            for n in sorted(replies):
+                msg = replies[n]
+                if "weighted_sum" in msg.arrays:
+                    got = AggregateResult(
+                        np.asarray(msg.arrays["weighted_sum"], dtype=np.float64),
+                        float(msg.field("total_weight", (int, float))),
+                        tuple(msg.int_list("contributors")),
+                    )
+                    if got.weighted_sum.shape != (ctx.dim,):
+                        _log(f"round {rnd}: node {n} returned an aggregate of shape {got.weighted_sum.shape}; ignored")
+                        continue
+                    out.client_result = got
+                    break
+        return out
+
+
+class InProcessLink:
+    """A :class:`NodeLink` that calls client hosts directly (tests, and the transport benchmark's baseline)."""
+
+    def __init__(self, hosts: Mapping[int, Any], down: Sequence[int] = ()) -> None:
+        self.hosts = dict(hosts)
+        self.down = set(down)
+
+    def exchange(self, requests: Mapping[int, bytes], timeout: float) -> dict[int, bytes]:
+        return {n: self.hosts[n].handle(data) for n, data in requests.items() if n not in self.down}

@@ -1,0 +1,102 @@
+"""The frames between the server loop and one node (a SuperNode hosting one or more clients).
+
+A node hosts several client ids, so one request carries the frames for all of them: the same
+:mod:`aggregation.wire` format, with each client's payloads as uint8 tensors named
+``msg/<client>/<i>`` and every other field in the typed JSON header. Nothing is pickled.
+
+Operations (``op`` in the request header):
+
+``setup``     run config (YAML), session id, all client ids  -> example count of each hosted client
+``fit``       fit instruction, round context, the aggregator's opening messages per client
+              -> per-client fit summary (example count, numeric metrics) and the first replies
+``agg``       aggregator messages per client                  -> replies per client
+``finish``    last aggregator messages (e.g. CKKS aggregate)   -> the aggregate as the clients read it
+``evaluate``  global shared parameters                         -> one ``fed/report`` frame per client
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from aggregation import wire
+
+REQUEST = "node/request"
+RESPONSE = "node/response"
+OPS = ("setup", "fit", "agg", "finish", "evaluate")
+MAX_MESSAGES_PER_CLIENT = 4096
+
+
+@dataclass(frozen=True)
+class NodeMessage:
+    """One request or response: an op, a typed header, and per-client byte messages."""
+
+    op: str
+    header: Mapping[str, Any] = field(default_factory=dict)
+    messages: Mapping[int, list[bytes]] = field(default_factory=dict)
+    blobs: Mapping[str, bytes] = field(default_factory=dict)
+    arrays: Mapping[str, np.ndarray] = field(default_factory=dict)
+
+    def encode(self, kind: str) -> bytes:
+        if self.op not in OPS:
+            raise wire.WireError(f"unknown node op {self.op!r}; expected one of {OPS}")
+        tensors: dict[str, np.ndarray] = {}
+        for cid, msgs in self.messages.items():
+            for i, m in enumerate(msgs):
+                tensors[f"msg/{int(cid)}/{i}"] = wire.as_blob(m)
+        for name, data in self.blobs.items():
+            tensors[f"blob/{name}"] = wire.as_blob(data)
+        for name, arr in self.arrays.items():
+            tensors[f"array/{name}"] = arr
+        return wire.encode(wire.Frame(kind, {"op": self.op, **self.header}, tensors))
+
+    @classmethod
+    def decode(cls, data: bytes, kind: str) -> "NodeMessage":
+        frame = wire.decode(data, expect=kind)
+        op = frame.field("op", str)
+        if op not in OPS:
+            raise wire.WireError(f"{kind}: unknown op {op!r}; expected one of {OPS}")
+        messages: dict[int, dict[int, bytes]] = {}
+        blobs: dict[str, bytes] = {}
+        arrays: dict[str, np.ndarray] = {}
+        for name in frame.tensors:
+            prefix, _, rest = name.partition("/")
+            if prefix == "msg":
+                cid_s, _, idx_s = rest.partition("/")
+                if not (cid_s.isdigit() and idx_s.isdigit()) or int(idx_s) >= MAX_MESSAGES_PER_CLIENT:
+                    raise wire.WireError(f"{kind}: malformed message tensor name {name!r}")
+                messages.setdefault(int(cid_s), {})[int(idx_s)] = frame.blob(name)
+            elif prefix == "blob" and rest:
+                blobs[rest] = frame.blob(name)
+            elif prefix == "array" and rest:
+                arrays[rest] = frame.tensors[name]
+            else:
+                raise wire.WireError(f"{kind}: unexpected tensor {name!r}")
+        ordered: dict[int, list[bytes]] = {}
+        for cid, by_idx in messages.items():
+            if sorted(by_idx) != list(range(len(by_idx))):
+                raise wire.WireError(f"{kind}: messages for client {cid} are not numbered 0..{len(by_idx) - 1}")
+            ordered[cid] = [by_idx[i] for i in range(len(by_idx))]
+        header = {k: v for k, v in frame.header.items() if k != "op"}
+        return cls(op, header, ordered, blobs, arrays)
+
+    def int_list(self, name: str) -> list[int]:
+        value = self.header.get(name)
+        if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in value):
+            raise wire.WireError(f"node {self.op}: header field {name!r} must be a list of non-negative ints")
+        return list(value)
+
+    def field(self, name: str, typ: type | tuple[type, ...]) -> Any:
+        return wire.Frame(f"node/{self.op}", self.header).field(name, typ)
+
+
+def group_by_node(outgoing: Iterable[tuple[int, bytes]], node_of: Mapping[int, int]) -> dict[int, dict[int, list[bytes]]]:
+    """``[(client, bytes)]`` -> ``{node: {client: [bytes, ...]}}``, keeping each client's order."""
+    out: dict[int, dict[int, list[bytes]]] = {}
+    for cid, data in outgoing:
+        if cid not in node_of:
+            raise KeyError(f"aggregator addressed client {cid}, which no node hosts")
+        out.setdefault(node_of[cid], {}).setdefault(cid, []).append(data)
+    return out

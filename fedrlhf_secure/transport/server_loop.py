@@ -1,0 +1,252 @@
+"""The server's round loop when the clients live on remote nodes (FedRLHF, Algorithm 1, server part).
+
+It is the engine's :class:`~fedrlhf_secure.federation.engine.Federation` — same client selection
+with the same seeded RNG, same update codec, same ``server_lr`` step, same metrics pooling, run
+directory, checkpoints and summary — with the clients replaced by nodes: the fit instruction, the
+aggregator's messages and the evaluation go out as :mod:`.node_protocol` frames through a
+:class:`~.node_driver.NodeLink`, and only the aggregate comes back. With the same config and seed
+it therefore produces the in-process run's numbers.
+
+The server builds the task object only for the public facts it needs (the shared-parameter
+layout, the seeded initial model, the client ids); it never creates a client, so no client's
+private data, personal parameters or individual update is ever in this process.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from aggregation.base import AggregateResult, AggregationAborted, RoundContext
+
+from ..config import RunConfig
+from ..federation.engine import (
+    Federation,
+    RoundLog,
+    RunOptions,
+    _complete,
+    _nanmean,
+    _privacy_row,
+    _Stop,
+    build_task,
+    pool_metrics,
+    resolve_data_dir,
+)
+from ..federation.messages import FitInstruction, Report
+from ..federation.update import UpdateCodec
+from ..privacy.plan import NoPrivacy
+from ..rundir import RunDirectory
+from .aggregator_keys import server_aggregator
+from .node_driver import NodeLink, NodeRoundDriver, NodeRoundOutcome
+from .node_protocol import REQUEST, RESPONSE, NodeMessage
+
+SETUP_TIMEOUT = 600.0
+
+
+class TransportError(RuntimeError):
+    """A node refused the run or could not be reached while it was being set up."""
+
+
+class _RemoteClients:
+    """What the engine's checkpointing asks of its clients: personal state stays on the nodes."""
+
+    def personal_states(self) -> dict[int, dict[str, np.ndarray]]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+class RemoteFederation(Federation):
+    """:class:`Federation` whose clients are on nodes reached through ``link``."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        run: RunDirectory,
+        options: RunOptions,
+        link: NodeLink,
+        nodes: Mapping[int, Sequence[int] | None],
+        *,
+        fit_timeout: float,
+        stage_timeout: float,
+        on_stage: Callable[[int, str, int], None] | None = None,
+        keys_dir: Path | None = None,
+    ) -> None:
+        if config.privacy.mode != "none":
+            raise ValueError(
+                f"privacy.mode {config.privacy.mode!r} is not carried over the node transport: the DP ledger and "
+                "its budget enforcement live in the embedded engine; run this config with `fedrlhf run`"
+            )
+        if config.federation.dropout_rate > 0:
+            raise ValueError("federation.dropout_rate simulates dropouts in process; over a network dropouts are real: set it to 0")
+        self.config = config
+        self.run = run
+        self.options = options
+        self.fed = config.federation
+        self.task = build_task(config, options.data_dir)
+        self.spec = self.task.shared_spec()
+        self.codec = UpdateCodec(self.spec, self.fed.sparse_rows)
+        self.client_ids = list(self.task.client_ids())
+        self.link = link
+        if len(self.client_ids) < self.fed.min_clients:
+            raise ValueError(f"federation.min_clients={self.fed.min_clients} but the task has only {len(self.client_ids)} clients")
+        self.clients = _RemoteClients()  # type: ignore[assignment]
+        self.nodes, self.sizes = self._setup_nodes(nodes)
+        self.node_of = {c: n for n, cids in self.nodes.items() for c in cids}
+        unhosted = sorted(set(self.client_ids) - set(self.node_of))
+        if unhosted:
+            raise TransportError(f"no node hosts clients {unhosted[:10]}{'...' if len(unhosted) > 10 else ''} of the task")
+        self.aggregator = server_aggregator(config, self.client_ids, keys_dir)
+        self.privacy = NoPrivacy()
+        self.rng = np.random.default_rng(np.random.SeedSequence([config.seed, 0xFED]))
+        self.session_id = os.urandom(16)
+        self.global_params = {k: np.asarray(v, dtype=np.float32).copy() for k, v in self.task.initial_shared().items()}
+        self.start_round = 0
+        self.commits = 0
+        self.history: list[dict[str, Any]] = []
+        self.final_clients: dict[int, dict[str, float]] = {}
+        self.stopped: str | None = None
+        self.driver = NodeRoundDriver(
+            link, self.node_of, fit_timeout=fit_timeout, stage_timeout=stage_timeout, hook=options.hook, on_stage=on_stage
+        )
+        self.transport_log: list[dict[str, Any]] = []
+
+    def _setup_nodes(self, nodes: Mapping[int, Sequence[int] | None]) -> tuple[dict[int, list[int]], dict[int, int]]:
+        """Send the run config to every node; learn (or check) which clients each one hosts."""
+        header = {"client_ids": list(self.client_ids)}
+        blobs = {"config": self.config.to_yaml().encode("utf-8")}
+        reqs = {n: NodeMessage("setup", header, blobs=blobs).encode(REQUEST) for n in nodes}
+        raw = self.link.exchange(reqs, SETUP_TIMEOUT)
+        hosted: dict[int, list[int]] = {}
+        sizes: dict[int, int] = {}
+        for n, expected in nodes.items():
+            if n not in raw:
+                raise TransportError(f"node {n} did not answer the setup request")
+            msg = NodeMessage.decode(raw[n], RESPONSE)
+            if "error" in msg.header:
+                raise TransportError(f"node {n} refused the run: {msg.header['error']}")
+            if msg.field("dim", int) != self.codec.dim:
+                raise TransportError(f"node {n} computes update vectors of {msg.header['dim']} values, the server {self.codec.dim}")
+            got = {int(c): int(v) for c, v in msg.field("sizes", dict).items()}
+            if expected is not None and sorted(got) != sorted(expected):
+                raise TransportError(f"node {n} reports clients {sorted(got)}, expected {sorted(expected)}")
+            twice = sorted(set(got) & set(sizes))
+            if twice:
+                raise TransportError(f"clients {twice} are hosted by more than one node")
+            hosted[n] = sorted(got)
+            sizes.update(got)
+        return hosted, sizes
+
+    def run_round(self, r: int, progress: Callable[[str], None]) -> RoundLog:
+        t_round = time.perf_counter()
+        selected = self._select()
+        admitted = list(selected)
+        if len(admitted) < self.fed.min_clients:
+            raise _Stop(f"round {r}: only {len(admitted)} client(s) can take part (federation.min_clients={self.fed.min_clients}); stopping")
+        instruction = FitInstruction(r, self.fed.local_epochs, self.config.seed, self.global_params).encode()
+        hook = self.options.hook
+        if hook:
+            for c in admitted:
+                hook(-1, c, instruction)
+
+        progress(f"round {r}: local RLHF and {self.config.aggregation.kind} aggregation on {len(admitted)} clients")
+        t0 = time.perf_counter()
+        ctx = RoundContext(self.session_id, r, tuple(admitted), self.codec.dim)
+        outcome: NodeRoundOutcome = self.driver.run(
+            self.aggregator.server(ctx), ctx, instruction, server_can_read_result=self.aggregator.server_can_read_result
+        )
+        try:
+            result: AggregateResult = outcome.readable_result()
+        except AggregationAborted as exc:
+            raise _Stop(f"round {r}: aggregation failed: {exc}") from exc
+        t_round_trip = time.perf_counter() - t0
+        avg = self.codec.decode(result)
+        for k, d in avg.items():
+            self.global_params[k] = (self.global_params[k] + self.fed.server_lr * d).astype(np.float32)
+
+        progress(f"round {r}: evaluation")
+        t0 = time.perf_counter()
+        shared_msg = FitInstruction(r, 0, self.config.seed, self.global_params).encode()
+        per_client = self._evaluate(r, shared_msg, outcome.dropped_nodes)
+        t_eval = time.perf_counter() - t0
+
+        report_bytes = {c: len(Report(c, r, m).encode()) for c, m in per_client.items()}
+        fitted = [c for c in admitted if c in outcome.fit]
+        bytes_down = [len(instruction) + outcome.bytes_down[c] for c in admitted]
+        bytes_up = [outcome.bytes_up[c] + report_bytes.get(c, 0) for c in admitted]
+        losses = [outcome.fit[c].get("metrics", {}).get("loss") for c in fitted]
+        row: dict[str, Any] = {
+            "round": r,
+            **pool_metrics(per_client),
+            "clients_selected": len(selected),
+            "clients_refused": 0,
+            "clients_aggregated": len(result.contributors),
+            "clients_dropped": len(admitted) - len(result.contributors),
+            "train_loss_mean": _nanmean([float("nan") if v is None else v for v in losses]),
+            "bytes_up_per_client": float(np.mean(bytes_up)),
+            "bytes_down_per_client": float(np.mean(bytes_down)),
+            "seconds_fit_and_aggregation": t_round_trip,
+            "seconds_aggregation_server": outcome.server_seconds,
+            "seconds_eval": t_eval,
+            "transport_stages": len(outcome.stages),
+            "transport_envelope_bytes": int(outcome.envelope_bytes),
+            "nodes_dropped": len(outcome.dropped_nodes),
+        }
+        row.update(_privacy_row(self.privacy.summary()))
+        row["seconds"] = time.perf_counter() - t_round
+        self.transport_log.append({"round": r, "stages": [vars(s) for s in outcome.stages]})
+        return RoundLog(row, per_client)
+
+    def _evaluate(self, r: int, shared_msg: bytes, dropped: set[int]) -> dict[int, dict[str, float]]:
+        reqs = {
+            n: NodeMessage("evaluate", {"round": r, "clients": cids}, blobs={"shared": shared_msg}).encode(REQUEST)
+            for n, cids in self.nodes.items()
+            if n not in dropped
+        }
+        raw = self.link.exchange(reqs, self.driver.fit_timeout)
+        per_client: dict[int, dict[str, float]] = {}
+        for n, data in raw.items():
+            msg = NodeMessage.decode(data, RESPONSE)
+            if "error" in msg.header:
+                print(f"round {r}: node {n} could not evaluate: {msg.header['error']}", file=sys.stderr)
+                continue
+            for c, frames in msg.messages.items():
+                if self.node_of.get(c) != n or len(frames) != 1:
+                    continue
+                rep = Report.decode(frames[0])
+                if rep.client_id == c and rep.round == r:
+                    per_client[c] = dict(rep.metrics)
+                    if self.options.hook:
+                        self.options.hook(c, -1, frames[0])
+        return {c: per_client[c] for c in sorted(per_client)}
+
+
+def run_remote_federation(
+    config: RunConfig,
+    link: NodeLink,
+    nodes: Mapping[int, Sequence[int] | None],
+    options: RunOptions | None = None,
+    *,
+    fit_timeout: float = 600.0,
+    stage_timeout: float = 60.0,
+    on_stage: Callable[[int, str, int], None] | None = None,
+    keys_dir: Path | None = None,
+) -> Path:
+    """Run ``config`` with its clients on ``nodes`` into a fresh run directory; return its path."""
+    options = options or RunOptions()
+    options = replace(options, data_dir=resolve_data_dir(options.data_dir))
+    run = RunDirectory.create(options.out, options.name or f"{config.task.kind}-{config.aggregation.kind}-flower")
+    try:
+        (run.path / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
+        fed = RemoteFederation(config, run, options, link, nodes, fit_timeout=fit_timeout, stage_timeout=stage_timeout, on_stage=on_stage, keys_dir=keys_dir)
+    except BaseException:
+        run.discard()
+        raise
+    return _complete(fed, run, options)
