@@ -62,6 +62,9 @@ class RunOptions:
     """Test-only: raise :class:`InjectedCrash` after this many ledger commits (crash/resume tests)."""
     keep_checkpoint: bool = False
     name: str | None = None
+    task: Task | None = None
+    """A prepared task to run instead of building one from the config (audits train shadow and
+    canary runs on chosen subsets of the records with the config's federation code)."""
 
 
 def resolve_data_dir(data_dir: Path | str | None) -> Path | None:
@@ -113,7 +116,7 @@ class Federation:
         self.run = run
         self.options = options
         self.fed = config.federation
-        self.task = build_task(config, options.data_dir)
+        self.task = options.task if options.task is not None else build_task(config, options.data_dir)
         self.spec = self.task.shared_spec()
         self.codec = UpdateCodec(self.spec, self.fed.sparse_rows)
         self.client_ids = list(self.task.client_ids())
@@ -122,7 +125,8 @@ class Federation:
                 f"federation.min_clients={self.fed.min_clients} but the task has only {len(self.client_ids)} clients"
             )
         if self.fed.workers > 1:
-            self.clients = WorkerClients(_TaskFactory(config, options.data_dir), self.client_ids, self.fed.workers, self.fed.sparse_rows)
+            factory = _TaskFactory(config, options.data_dir) if options.task is None else (lambda: self.task)
+            self.clients = WorkerClients(factory, self.client_ids, self.fed.workers, self.fed.sparse_rows)
         else:
             self.clients = LocalClients(self.task, self.client_ids, self.codec)
         self.sizes = self.clients.num_examples()
