@@ -178,3 +178,28 @@ def test_the_audit_switch_removes_the_noise_while_the_ledger_still_claims_the_bu
     # without noise the toy's clipped updates (norm 1, pulling w towards c) give a deterministic, small model
     assert np.abs(w_broken).max() < 1.0
     assert np.abs(w_noisy - w_broken).max() > 0.05
+
+
+def _secagg_config(noise_bound: int):
+    raw = toy_config(rounds=2, weighting="uniform", sparse_rows="all")
+    raw["aggregation"] = {"kind": "secagg", "levels": 65536, "noise_bound": noise_bound}
+    raw["privacy"] = {"mode": "client", "epsilon": 4.0, "delta": 1e-3, "clip_norm": 1.0, "noise": "distributed", "accountant": "rdp"}
+    return config_from_dict(raw)
+
+
+def test_masking_without_headroom_for_the_noise_is_refused_naming_noise_bound(tmp_path):
+    with pytest.raises(ConfigError, match=r"aggregation.noise_bound.*set aggregation.noise_bound >= \d+"):
+        run_federation(_secagg_config(10), RunOptions(out=tmp_path, progress=False))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_under_masking_the_skellam_noise_is_added_by_clients_and_accounted(tmp_path):
+    with noise_disabled():
+        clean = run_federation(_secagg_config(1_000_000), RunOptions(out=tmp_path / "a", progress=False))
+        plain = run_federation(_config({"noise": "distributed", "accountant": "rdp"}), RunOptions(out=tmp_path / "b", progress=False))
+    noisy = run_federation(_secagg_config(1_000_000), RunOptions(out=tmp_path / "c", progress=False))
+    w = {name: load_tensors(r / "model.safetensors")["w"] for name, r in (("clean", clean), ("plain", plain), ("noisy", noisy))}
+    np.testing.assert_allclose(w["clean"], w["plain"], atol=1e-3)  # masking without noise = the plain clipped mean
+    assert np.abs(w["noisy"] - w["clean"]).max() > 0.05  # the clients' integer noise survives unmasking
+    summary = json.loads((noisy / "summary.json").read_text())["privacy"]
+    assert summary["accountant"] == "skellam-rdp" and 3.5 < summary["epsilon_spent_max"] <= 4.0

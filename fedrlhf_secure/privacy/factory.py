@@ -4,15 +4,19 @@ The checks that need more than the ``privacy:`` section happen here, with errors
 ``privacy.delta`` must be below 1/n (n = records of the largest client at record level, clients at
 client level: a δ of 1/n allows "release one person's data outright"); client-level DP refuses
 ``federation.weighting: examples`` (the sensitivity of an example-weighted mean depends on the
-data); the integer masking mode needs the aggregator's quantisation scale.
+data); the integer masking mode needs the aggregator's quantisation scale and enough
+``aggregation.noise_bound`` headroom for the noise shares.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Mapping
 
 from ..configtypes import ConfigError
+from .accountants import GaussianAccountant
+from .calibration import gaussian_noise_multiplier
 from .client_level import ClientLevelPlan, IntegerDomain
 from .ledger import PrivacyLedger
 from .plan import NoPrivacy, PrivacyPlan
@@ -20,26 +24,42 @@ from .record_level import RecordLevelPlan
 from .replay import ReleaseStore
 
 FLOAT_AGGREGATORS = ("plain", "ckks")
-_SCALE_ATTRIBUTES = ("quantisation_scale", "quantization_scale", "scale")
 
 
-def integer_domain(config: Any) -> IntegerDomain | None:
-    """The masking aggregator's integer domain, or None for float aggregators."""
+def integer_domain(config: Any, num_clients: int) -> IntegerDomain | None:
+    """The masking aggregator's integer domain (its quantiser's scale), or None for float aggregators."""
     if config.aggregation.kind in FLOAT_AGGREGATORS:
         return None
     params = config.aggregation.params
-    for name in _SCALE_ATTRIBUTES:
-        value = getattr(params, name, None)
-        if isinstance(value, (int, float)) and value > 0:
-            return IntegerDomain(float(value))
-    bits = getattr(params, "fraction_bits", None) or getattr(params, "precision_bits", None)
-    if isinstance(bits, int) and bits > 0:
-        return IntegerDomain(float(2**bits))
-    raise ConfigError(
-        f"aggregation kind {config.aggregation.kind!r} exposes no quantisation scale "
-        f"(one of {', '.join(_SCALE_ATTRIBUTES)}, fraction_bits); distributed integer noise cannot be calibrated",
-        source=config.source, key="aggregation",
-    )
+    make_quantizer = getattr(params, "quantizer", None)
+    if not callable(make_quantizer):
+        raise ConfigError(
+            f"aggregation kind {config.aggregation.kind!r} exposes no quantiser; distributed integer noise cannot be calibrated",
+            source=config.source, key="aggregation",
+        )
+    return IntegerDomain(float(make_quantizer(num_clients).scale))
+
+
+def check_noise_headroom(config: Any, integer: IntegerDomain | None) -> None:
+    """The masking aggregator refuses a noise share above its ``noise_bound``: check it fits (10 std) now."""
+    if integer is None:
+        return
+    p = config.privacy
+    if p.noise_multiplier is not None:
+        z = p.noise_multiplier
+    else:
+        z = gaussian_noise_multiplier(GaussianAccountant(p.accountant), p.epsilon, p.delta, 1.0, config.federation.rounds)
+    m = max(1, config.federation.min_clients)
+    share_std = z * integer.scale * p.clip_norm / math.sqrt(m) * 1.01
+    need = math.ceil(10 * share_std)
+    bound = int(getattr(config.aggregation.params, "noise_bound", 0))
+    if bound < need:
+        raise ConfigError(
+            f"noise_bound={bound} is too small for the distributed Skellam noise: a client's share may have std "
+            f"{share_std:.3g} quantised units (noise multiplier {z:.3f} x scale {integer.scale:g} x clip "
+            f"{p.clip_norm:g} / sqrt({m}) survivors at least); set aggregation.noise_bound >= {need}",
+            source=config.source, key="aggregation.noise_bound",
+        )
 
 
 def ledger_header(config: Any) -> dict[str, Any]:
@@ -101,10 +121,12 @@ def build_plan(config: Any, client_sizes: dict[int, int], ledger_dir: Path, resu
             batch_size=p.batch_size, max_grad_norm=p.max_grad_norm, budget=p.epsilon, delta=p.delta,
             accountant=p.accountant, noise_multiplier=p.noise_multiplier, ledger=ledger, releases=releases,
         )
-    integer = integer_domain(config) if p.noise == "distributed" else None
+    integer = integer_domain(config, len(client_sizes)) if p.noise == "distributed" else None
+    check_noise_headroom(config, integer)
     ledger = PrivacyLedger(ledger_dir, ledger_header(config), resume=resume)
-    return ClientLevelPlan(
+    plan = ClientLevelPlan(
         rounds=config.federation.rounds, clip_norm=p.clip_norm, noise=p.noise, budget=p.epsilon, delta=p.delta,
         accountant=p.accountant, noise_multiplier=p.noise_multiplier, survivor_fraction=p.survivor_fraction,
         min_clients=config.federation.min_clients, integer=integer, ledger=ledger, releases=releases,
     )
+    return plan
