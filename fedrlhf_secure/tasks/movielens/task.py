@@ -1,0 +1,304 @@
+"""FedRLHF on MovieLens: the :class:`~fedrlhf_secure.tasks.base.Task` the engine drives.
+
+Each client owns the ratings of its user(s), a simulated human per user (:mod:`.feedback`) and the
+users' **personal** embeddings, which live only in :class:`MovieLensClient` and never in a
+:class:`~fedrlhf_secure.tasks.base.FitResult`. A fit trains a compact copy of the policy holding
+only the item rows the client rated, so the rows it did not rate have an exactly zero delta (no
+gradient, no Adam moment, no weight decay reaches them) and ``touched_rows`` says which rows moved.
+
+Under record-level DP the set of items a client rated is itself private (each user rates an item at
+most once, so "row i moved" reveals the record (user, i)). A DP fit therefore trains the *full*
+item table, Opacus adds noise to every row, and ``touched_rows`` is all-True: every released
+coordinate the data could influence carries noise, and the released shape of the update does not
+depend on the data.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+
+from ..base import FitConfig, FitResult, ParamSpec, Task, TaskClient
+from .config import MovieLensConfig
+from .data import MovieLensSplit, Ratings, load_split
+from .feedback import FeedbackProfile, draw_profiles, labels
+from .model import ITEM_EMBEDDING, PolicyDims, build_policy, numpy_logits
+from .train import LocalData, ProfileTable, TrainSettings, train_epochs, train_epochs_dp
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman rank correlation (average ranks for ties); NaN when either side is constant or n < 2."""
+    if len(x) < 2:
+        return float("nan")
+    rx, ry = _average_ranks(np.asarray(x, dtype=np.float64)), _average_ranks(np.asarray(y, dtype=np.float64))
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denom = np.sqrt((rx * rx).sum() * (ry * ry).sum())
+    if denom == 0:
+        return float("nan")
+    return float((rx * ry).sum() / denom)
+
+
+def _average_ranks(a: np.ndarray) -> np.ndarray:
+    order = np.argsort(a, kind="stable")
+    sorted_a = a[order]
+    ranks = np.empty(len(a), dtype=np.float64)
+    starts = np.flatnonzero(np.r_[True, sorted_a[1:] != sorted_a[:-1]])
+    ends = np.r_[starts[1:], len(a)]
+    for s, e in zip(starts, ends):
+        ranks[order[s:e]] = (s + e - 1) / 2.0
+    return ranks
+
+
+def _group_by(keys: np.ndarray, values: np.ndarray) -> dict[int, np.ndarray]:
+    """``{key: values with that key}`` (order kept), skipping key -1 (records of unselected users)."""
+    order = np.argsort(keys, kind="stable")
+    keys, values = keys[order], values[order]
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]) if len(keys) else np.zeros(0, dtype=np.int64)
+    ends = np.r_[starts[1:], len(keys)]
+    return {int(keys[s]): values[s:e] for s, e in zip(starts, ends) if keys[s] >= 0}
+
+
+class MovieLensTask(Task):
+    """Clients = groups of ``users_per_client`` users (one per user by default), optionally a seeded
+    sample of ``num_clients`` of them; each trains on its users' training ratings."""
+
+    name = "movielens"
+
+    def __init__(
+        self, config: MovieLensConfig, split: MovieLensSplit, seed: int, *, train_keep: np.ndarray | None = None
+    ) -> None:
+        self.config = config
+        self.split = split
+        self.seed = seed
+        cat = split.catalogue
+        self.dims = PolicyDims(
+            num_items=cat.num_items, num_genres=len(cat.genre_names), user_dim=config.user_dim,
+            item_dim=config.item_dim, genre_dim=config.genre_dim, hidden_dim=config.hidden_dim,
+        )
+        groups = [np.arange(s, min(s + config.users_per_client, cat.num_users))
+                  for s in range(0, cat.num_users, config.users_per_client)]
+        if config.num_clients is not None:
+            if config.num_clients > len(groups):
+                unit = "users" if config.users_per_client == 1 else f"clients of {config.users_per_client} users"
+                raise ValueError(
+                    f"task.num_clients = {config.num_clients} but the data ({split.source}) has only "
+                    f"{len(groups)} {unit}"
+                )
+            chosen = np.sort(np.random.default_rng([seed, 0xC11E]).choice(len(groups), config.num_clients, replace=False))
+        else:
+            chosen = np.arange(len(groups))
+        self._client_users = {int(c): groups[c] for c in chosen}
+        owner = np.full(cat.num_users, -1, dtype=np.int64)
+        for cid, users in self._client_users.items():
+            owner[users] = cid
+        in_train = owner[split.train.user] >= 0
+        self._train_index = np.flatnonzero(in_train)  # positions in split.train of the federation's records
+        self._keep = np.ones(len(self._train_index), dtype=bool) if train_keep is None else np.asarray(train_keep, bool)
+        if self._keep.shape != self._train_index.shape:
+            raise ValueError(f"train_keep has shape {self._keep.shape}, training_records() has {len(self._train_index)} rows")
+        self._owner = owner
+        self._positions: tuple[dict[int, np.ndarray], dict[int, np.ndarray]] | None = None
+        self.profiles: dict[int, FeedbackProfile] = draw_profiles(
+            list(self._client_users), seed, tuple(config.feedback_lambda), tuple(config.feedback_noise), config.pairwise_flip
+        )
+        self.settings = TrainSettings(config.lr, config.weight_decay, config.batch_size, config.objective,
+                                      config.temperature, config.user_lr, config.item_lr, config.personal_epochs)
+        self._initial = self.dims.init_shared(seed, config.embedding_scale)
+        torch.set_num_threads(config.torch_threads)
+
+    # --- Task interface -------------------------------------------------------------------------
+    def client_ids(self) -> list[int]:
+        return list(self._client_users)
+
+    def shared_spec(self) -> ParamSpec:
+        return self.dims.spec()
+
+    def initial_shared(self) -> dict[str, np.ndarray]:
+        return {k: v.copy() for k, v in self._initial.items()}
+
+    def make_client(self, client_id: int) -> "MovieLensClient":
+        if client_id not in self._client_users:
+            raise KeyError(f"unknown MovieLens client {client_id}")
+        users = self._client_users[client_id]
+        if self._positions is None:
+            self._positions = (_group_by(self._owner[self.split.train.user[self._train_index[self._keep]]], self._train_index[self._keep]),
+                               _group_by(self._owner[self.split.test.user], np.arange(len(self.split.test))))
+        empty = np.zeros(0, dtype=np.int64)
+        train_pos = self._positions[0].get(client_id, empty)
+        test_pos = self._positions[1].get(client_id, empty)
+        return MovieLensClient(self, client_id, users, self.split.train.subset(train_pos), self.split.test.subset(test_pos))
+
+    def baselines(self) -> Mapping[str, Callable[..., dict[str, Any]]]:
+        from .baselines import centralized, local_only
+
+        """``{"centralized": fn, "local": fn}``; ``fn(rounds=None, local_epochs=None)`` (defaults:
+        ``baseline_rounds``/``baseline_local_epochs`` of the task config; pass the federation's)."""
+        return {"centralized": lambda rounds=None, local_epochs=None: centralized(self, rounds, local_epochs),
+                "local": lambda rounds=None, local_epochs=None: local_only(self, rounds, local_epochs)}
+
+    # --- audit support ----------------------------------------------------------------------------
+    def training_records(self) -> np.ndarray:
+        """(N, 3) int64 ``(user_id, item_id, rating)`` of every training record of the federation's
+        clients, raw ids as in the data files, in the order of the split file. Half-star ratings
+        are floored (the label ``rating >= 4`` is unchanged by flooring). Rows removed by
+        :meth:`with_training_subset` are still listed: the order never changes."""
+        tr = self.split.train
+        cat = self.split.catalogue
+        pos = self._train_index
+        return np.stack(
+            [cat.user_ids[tr.user[pos]], cat.item_ids[tr.item[pos]], np.floor(tr.rating[pos]).astype(np.int64)], axis=1
+        ).astype(np.int64)
+
+    def with_training_subset(self, keep: np.ndarray) -> "MovieLensTask":
+        """The same task (same clients, held-out set, feedback profiles and initial parameters)
+        training only on the records ``training_records()[keep]``."""
+        keep = np.asarray(keep, dtype=bool)
+        return MovieLensTask(self.config, self.split, self.seed, train_keep=keep & self._keep)
+
+    def record_scores(
+        self,
+        shared: Mapping[str, np.ndarray],
+        records: np.ndarray,
+        personal: Mapping[int, np.ndarray] | None = None,
+    ) -> np.ndarray:
+        """The logit of each record's *true* label, ``z`` if rating >= 4 else ``-z`` (higher = the
+        model is more confident in the truth, the usual membership-inference score).
+
+        ``records`` is (N, 3) ``(user_id, item_id, rating)`` as from :meth:`training_records`.
+        ``personal`` maps user_id -> personal embedding (e.g. from
+        :meth:`MovieLensClient.personal_state`); users missing from it, or all users when None,
+        get the neutral zero vector, the mean of the embeddings' initial distribution."""
+        records = np.asarray(records)
+        cat = self.split.catalogue
+        item_pos = {int(m): i for i, m in enumerate(cat.item_ids)}
+        try:
+            items = np.fromiter((item_pos[int(m)] for m in records[:, 1]), dtype=np.int64, count=len(records))
+        except KeyError as exc:
+            raise ValueError(f"record item_id {exc.args[0]} is not in the catalogue") from None
+        users = np.zeros((len(records), self.dims.user_dim), dtype=np.float32)
+        if personal:
+            for row, uid in enumerate(records[:, 0]):
+                vec = personal.get(int(uid))
+                if vec is not None:
+                    users[row] = vec
+        z = numpy_logits(shared, users, items, cat.genres[items])
+        return np.where(labels(records[:, 2]) == 1.0, z, -z).astype(np.float32)
+
+    # --- helpers for clients and baselines ------------------------------------------------------
+    def initial_user_rows(self, users: np.ndarray) -> np.ndarray:
+        return np.stack([self.dims.init_user(self.seed, int(u), self.config.embedding_scale) for u in users])
+
+    def client_of_user(self, users: np.ndarray) -> np.ndarray:
+        return self._owner[users]
+
+
+class MovieLensClient(TaskClient):
+    def __init__(self, task: MovieLensTask, client_id: int, users: np.ndarray, train: Ratings, test: Ratings) -> None:
+        self.task = task
+        self.client_id = client_id
+        self.users = users
+        self.train = train
+        self.test = test
+        self._user_rows = task.initial_user_rows(users)  # personal: never returned by fit()
+        self.feedback_profiles = ProfileTable.of([task.profiles[client_id]])
+        user_pos = np.searchsorted(users, train.user)
+        self.local_items = np.unique(train.item)
+        genres = task.split.catalogue.genres
+        self.local_data = LocalData(
+            user_pos=torch.from_numpy(user_pos),
+            item_pos=torch.from_numpy(np.searchsorted(self.local_items, train.item)),
+            genres=torch.from_numpy(genres[train.item]),
+            ratings=train.rating,
+            labels=labels(train.rating),
+            profile_index=np.zeros(len(train), dtype=np.int64),
+            user_key=train.user,
+        )
+        self._dp_data = replace(self.local_data, item_pos=torch.from_numpy(train.item))
+        self._test_genres = genres[test.item]
+        self._train_genres = genres[train.item]
+
+    def num_examples(self) -> int:
+        return len(self.train)
+
+    def personal_state(self) -> dict[int, np.ndarray]:
+        """user_id -> this client's personal user embedding (a copy; for audits of stronger threat
+        models and for :meth:`MovieLensTask.record_scores`)."""
+        ids = self.task.split.catalogue.user_ids
+        return {int(ids[u]): self._user_rows[i].copy() for i, u in enumerate(self.users)}
+
+    def fit(self, shared: Mapping[str, np.ndarray], config: FitConfig) -> FitResult:
+        spec = self.task.shared_spec()
+        rng = np.random.default_rng([config.seed, config.round, self.client_id, 0xF17])
+        num_items = self.task.dims.num_items
+        if len(self.train) == 0:
+            delta = {e.name: np.zeros(e.shape, dtype=np.float32) for e in spec.entries}
+            touched = np.zeros(num_items, dtype=bool) if config.dp_sgd is None else np.ones(num_items, dtype=bool)
+            return FitResult(delta, 0, {ITEM_EMBEDDING: touched}, privacy=self._dp_report(config, 0))
+        if config.dp_sgd is None:
+            policy = build_policy(shared, self._user_rows, self.local_items)
+            steps, loss = train_epochs(policy, self.local_data, self.feedback_profiles, self.task.settings, config.local_epochs, rng)
+            item_delta = np.zeros((num_items, self.task.dims.item_dim), dtype=np.float32)
+            item_delta[self.local_items] = policy.item_embedding.weight.detach().numpy() - shared[ITEM_EMBEDDING][self.local_items]
+            touched = np.zeros(num_items, dtype=bool)
+            touched[self.local_items] = True
+            privacy: dict[str, Any] = {}
+        else:
+            policy = build_policy(shared, self._user_rows, None)
+            steps, loss = train_epochs_dp(
+                policy, self._dp_data, self.feedback_profiles, self.task.settings, config.local_epochs, config.dp_sgd,
+                seed=int(rng.integers(2**63 - 1)), rng=rng,
+            )
+            item_delta = policy.item_embedding.weight.detach().numpy() - shared[ITEM_EMBEDDING]
+            touched = np.ones(num_items, dtype=bool)
+            privacy = self._dp_report(config, steps)
+        self._user_rows = policy.user_embedding.weight.detach().numpy().copy()
+        dense = policy.dense_state()
+        delta = {ITEM_EMBEDDING: item_delta.astype(np.float32)}
+        for name, value in dense.items():
+            delta[name] = (value - shared[name]).astype(np.float32)
+        return FitResult(delta, len(self.train), {ITEM_EMBEDDING: touched}, metrics={"steps": float(steps), "loss": loss}, privacy=privacy)
+
+    @staticmethod
+    def _dp_report(config: FitConfig, steps: int) -> dict[str, Any]:
+        if config.dp_sgd is None:
+            return {}
+        s = config.dp_sgd
+        return {"steps": int(steps), "sample_rate": float(s.sample_rate),
+                "noise_multiplier": float(s.noise_multiplier), "max_grad_norm": float(s.max_grad_norm)}
+
+    def scores(self, shared: Mapping[str, np.ndarray], ratings: Ratings, genres: np.ndarray) -> np.ndarray:
+        user_vectors = self._user_rows[np.searchsorted(self.users, ratings.user)]
+        return numpy_logits(shared, user_vectors, ratings.item, genres)
+
+    def evaluate(self, shared: Mapping[str, np.ndarray]) -> dict[str, float]:
+        """Held-out ``correct``/``n``/``accuracy``, training ``train_correct``/``train_n``/``train_accuracy``
+        (the paper's metric, for comparison only) and ``spearman``: the rank correlation between the
+        predicted scores and the true held-out ratings (NaN when undefined: fewer than 2 held-out
+        records or constant ratings/scores; pool it with ``nanmean``)."""
+        return evaluate_scores(
+            self.scores(shared, self.test, self._test_genres), self.test.rating,
+            self.scores(shared, self.train, self._train_genres), self.train.rating,
+        )
+
+
+def evaluate_scores(test_z: np.ndarray, test_r: np.ndarray, train_z: np.ndarray, train_r: np.ndarray) -> dict[str, float]:
+    correct = int(((test_z > 0) == (labels(test_r) == 1.0)).sum())
+    train_correct = int(((train_z > 0) == (labels(train_r) == 1.0)).sum())
+    n, train_n = len(test_r), len(train_r)
+    return {
+        "correct": float(correct), "n": float(n), "accuracy": correct / n if n else float("nan"),
+        "train_correct": float(train_correct), "train_n": float(train_n),
+        "train_accuracy": train_correct / train_n if train_n else float("nan"),
+        "spearman": spearman(test_z, test_r),
+    }
+
+
+def make_task(config: MovieLensConfig, data_dir: Path | None, seed: int) -> MovieLensTask:
+    """The registered factory: ``factory(config, data_dir, seed)``."""
+    split = load_split(data_dir, config.split, config.holdout_fraction, seed)
+    return MovieLensTask(config, split, seed)

@@ -1,0 +1,254 @@
+"""Local RLHF on a client's ratings: the policy is pushed towards the shaped reward ``R_k = R0 + λ_k H_k``.
+
+**Which update, and why.** With two actions the policy's expected shaped reward in a state is
+``J(s) = π(high|s) R_k(s, high) + π(low|s) R_k(s, low)`` and can be optimised exactly, with no
+sampling of actions; we use its entropy-regularised form (the objective of RLHF: reward minus
+``β·KL(π || π_0)`` to a uniform reference policy ``π_0``). Its maximiser is known in closed form,
+``π*(high|s) = σ((R_k(s, high) - R_k(s, low)) / β)`` (the Boltzmann policy of the shaped reward),
+and each step moves ``π_θ`` towards it by minimising ``KL(π* || π_θ)`` (the reward-weighted
+projection of AWR/MPO, Peters & Schaal 2007; Peng et al. 2019). Compared with the plain
+expected-reward gradient ``∂J/∂z = π(1-π)(R_high - R_low)`` (``objective: expected_reward``, also
+available), the projection's gradient ``π - π*`` does not vanish once the policy is confident, so it
+fits in the few local steps a federated round allows; the vanishing factor cost ~1 point of held-out
+accuracy at equal steps in our measurements (see the module's README section). A Q-learning target
+would need a value head and bootstrapping that a one-step (bandit) task does not have. The shaped
+reward still matters: ``λ_k H_k`` moves the target ``π*`` per record (a 1-star record is pushed
+harder towards "low" than a 3-star one), and a test checks that ``λ = 0`` and ``λ > 0`` give
+different updates.
+
+Two loops: :func:`train_epochs` (plain mini-batch Adam, the fast path) and :func:`train_epochs_dp`
+(Opacus DP-SGD: per-sample clipping and Gaussian noise with Poisson sampling, see its docstring).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .feedback import FeedbackProfile, human_signal, labels, reward_table
+from .model import PreferencePolicy
+
+if TYPE_CHECKING:
+    from ...privacy.dpsgd import DPSGDSettings
+
+Objective = Literal["kl_regularised", "expected_reward"]
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    lr: float
+    weight_decay: float
+    batch_size: int
+    objective: Objective
+    temperature: float
+    user_lr: float
+    item_lr: float
+    personal_epochs: int
+
+
+@dataclass
+class LocalData:
+    """One learner's training records, as positions in its policy's tables."""
+
+    user_pos: torch.Tensor  # (N,) int64
+    item_pos: torch.Tensor  # (N,) int64
+    genres: torch.Tensor  # (N, G) float32
+    ratings: np.ndarray  # (N,) float32
+    labels: np.ndarray  # (N,) float32
+    profile_index: np.ndarray  # (N,) int: which feedback profile (human) each record belongs to
+    user_key: np.ndarray  # (N,) int: which user each record belongs to (pairwise comparisons stay within a user)
+
+    def __len__(self) -> int:
+        return len(self.ratings)
+
+
+def policy_loss(logits: torch.Tensor, rewards: torch.Tensor, objective: Objective, temperature: float) -> torch.Tensor:
+    """Per-record loss whose gradient ascends the shaped reward (see the module docstring).
+
+    ``rewards`` is (N, 2): ``R_k(s, low)``, ``R_k(s, high)``."""
+    if objective == "expected_reward":
+        p_high = torch.sigmoid(logits)
+        return -(p_high * rewards[:, 1] + (1.0 - p_high) * rewards[:, 0])
+    target = torch.sigmoid((rewards[:, 1] - rewards[:, 0]) / temperature)
+    return F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+
+
+def shaped_rewards(data: "LocalData", idx: np.ndarray, profiles: "ProfileTable", rng: np.random.Generator, *, dp: bool) -> np.ndarray:
+    """``R_k(s, a)`` for the batch ``idx`` of ``data``, each record shaped by its own user's
+    simulated human and ``λ_k`` (vectorised: one numpy pass per batch)."""
+    k = data.profile_index[idx]
+    ratings = data.ratings[idx]
+    signal = human_signal(ratings, data.user_key[idx], profiles.noise_std[k], profiles.flip_prob[k], rng, dp=dp)
+    return reward_table(data.labels[idx], signal, profiles.lam[k])
+
+
+@dataclass(frozen=True)
+class ProfileTable:
+    """The feedback profiles of a learner's humans as arrays indexed by ``LocalData.profile_index``."""
+
+    lam: np.ndarray
+    noise_std: np.ndarray
+    flip_prob: np.ndarray
+
+    @classmethod
+    def of(cls, profiles: list[FeedbackProfile]) -> "ProfileTable":
+        return cls(
+            np.array([p.lam for p in profiles], dtype=np.float32),
+            np.array([p.noise_std for p in profiles], dtype=np.float64),
+            np.array([p.flip_prob for p in profiles], dtype=np.float64),
+        )
+
+
+def _adam(policy: PreferencePolicy, settings: TrainSettings, *, personal: bool, shared: bool) -> torch.optim.Optimizer:
+    """Adam, fresh each fit (its moments are local state and never leave the client), with one
+    learning rate per kind of parameter: ``user_lr`` for the personal user embedding, ``item_lr``
+    for the item rows, ``lr`` for the dense shared layers (which every client moves, so they drift
+    most between aggregations and get the smallest step). Parameters not trained are frozen."""
+    user, item = policy.user_embedding.weight, policy.item_embedding.weight
+    dense = [p for p in policy.parameters() if p is not user and p is not item]
+    groups = []
+    if shared:
+        groups += [{"params": dense, "lr": settings.lr}, {"params": [item], "lr": settings.item_lr}]
+    if personal:
+        groups.append({"params": [user], "lr": settings.user_lr})
+    for p in policy.parameters():
+        p.requires_grad_(False)
+    for g in groups:
+        for p in g["params"]:
+            p.requires_grad_(True)
+    return torch.optim.Adam(groups, lr=settings.lr, weight_decay=settings.weight_decay)
+
+
+def _run_epochs(policy, optimizer, data, profiles, settings, epochs, rng) -> tuple[int, float]:
+    """``epochs`` shuffled passes; returns (steps, mean loss of the last pass)."""
+    n, steps, last = len(data), 0, float("nan")
+    for _ in range(epochs):
+        losses = []
+        order = rng.permutation(n)
+        for start in range(0, n, settings.batch_size):
+            idx = order[start : start + settings.batch_size]
+            rewards = shaped_rewards(data, idx, profiles, rng, dp=False)
+            tidx = torch.from_numpy(idx)
+            logits = policy(data.user_pos[tidx], data.item_pos[tidx], data.genres[tidx])
+            loss = policy_loss(logits, torch.from_numpy(rewards), settings.objective, settings.temperature).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            steps += 1
+            losses.append(loss.detach())
+        if losses:
+            last = float(torch.stack(losses).mean())
+    return steps, last
+
+
+def train_epochs(
+    policy: PreferencePolicy,
+    data: LocalData,
+    profiles: ProfileTable,
+    settings: TrainSettings,
+    epochs: int,
+    rng: np.random.Generator,
+    *,
+    schedule: Literal["alternating", "joint"] = "alternating",
+) -> int:
+    """Mini-batch Adam on the shaped-reward objective; returns the number of optimiser steps.
+
+    ``alternating`` (federated clients, local-only baseline): ``personal_epochs`` on the personal
+    user embedding with the received shared parameters frozen, then ``epochs`` on the shared
+    parameters with the user embedding frozen (FedRep, Collins et al. 2021). The personal
+    embedding is thus fitted to the *global* model, and after aggregation it is off only by the
+    averaged drift instead of by this client's own drift; training both jointly left held-out
+    accuracy on u1 at ~0.69-0.70 instead of ~0.71. ``joint`` (the centralized baseline, which has
+    no aggregation): all parameters together for ``epochs``.
+
+    Returns (optimiser steps, mean loss of the last epoch)."""
+    if schedule == "joint":
+        steps, loss = _run_epochs(policy, _adam(policy, settings, personal=True, shared=True), data, profiles, settings,
+                                  epochs, rng)
+    else:
+        steps, _ = _run_epochs(policy, _adam(policy, settings, personal=True, shared=False), data, profiles, settings,
+                               settings.personal_epochs, rng)
+        shared_steps, loss = _run_epochs(policy, _adam(policy, settings, personal=False, shared=True), data, profiles,
+                                         settings, epochs, rng)
+        steps += shared_steps
+    for p in policy.parameters():
+        p.requires_grad_(True)
+    return steps, loss
+
+
+def train_epochs_dp(
+    policy: PreferencePolicy,
+    data: LocalData,
+    profiles: ProfileTable,
+    settings: TrainSettings,
+    epochs: int,
+    dp: "DPSGDSettings",
+    *,
+    seed: int,
+    rng: np.random.Generator,
+) -> tuple[int, float]:
+    """Record-level DP-SGD with Opacus; returns (noisy steps taken, mean loss of the last epoch).
+
+    ``opacus.PrivacyEngine.make_private`` wraps the policy (per-sample gradients for its
+    ``nn.Embedding``/``nn.Linear`` layers; the personal user embedding is trained, clipped and
+    noised like everything else) and the optimizer (flat clipping to ``max_grad_norm``, Gaussian
+    noise ``noise_multiplier · max_grad_norm`` on every coordinate, including every item row).
+    Poisson sampling is done by an Opacus ``DPDataLoader`` built at exactly the planned
+    ``sample_rate`` (make_private's own loader conversion would round the rate to ``1/len(loader)``),
+    so it is passed with ``poisson_sampling=False``; empty batches still take a noisy step.
+    Opacus's accountant is never consulted: :mod:`fedrlhf_secure.privacy` accounts over rounds
+    from the ``steps``/``sample_rate``/``noise_multiplier`` this fit reports. The shaped reward is
+    computed per record from its own rating only (``dp=True`` in :func:`human_signal`), so each
+    per-sample gradient depends on one record. All parameters train jointly (one DP mechanism for
+    exactly ``epochs`` passes at the planned rate, matching the steps the privacy plan calibrated
+    for), not in the alternating schedule of :func:`train_epochs`.
+    """
+    import warnings
+
+    from opacus import PrivacyEngine
+    from opacus.data_loader import DPDataLoader
+    from torch.utils.data import TensorDataset
+
+    n = len(data)
+    dataset = TensorDataset(torch.arange(n))
+    loader = DPDataLoader(dataset, sample_rate=dp.sample_rate, generator=torch.Generator().manual_seed(seed))
+    optimizer = _adam(policy, settings, personal=True, shared=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
+        engine = PrivacyEngine()
+        module, dp_optimizer, loader = engine.make_private(
+            module=policy,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=dp.noise_multiplier,
+            max_grad_norm=dp.max_grad_norm,
+            poisson_sampling=False,
+            noise_generator=torch.Generator().manual_seed(seed + 1),
+        )
+    dp_optimizer.expected_batch_size = max(1, int(round(dp.sample_rate * n)))
+    steps, last = 0, float("nan")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")  # inputs are indices
+        for _ in range(epochs):
+            losses = []
+            for (idx,) in loader:
+                dp_optimizer.zero_grad(set_to_none=True)
+                if len(idx):
+                    rewards = shaped_rewards(data, idx.numpy(), profiles, rng, dp=True)
+                    logits = module(data.user_pos[idx], data.item_pos[idx], data.genres[idx])
+                    loss = policy_loss(logits, torch.from_numpy(rewards), settings.objective, settings.temperature).mean()
+                    loss.backward()
+                    losses.append(loss.detach())
+                else:  # an empty Poisson batch: no gradient, but the noise is still added
+                    for p in module.parameters():
+                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+                dp_optimizer.step()
+                steps += 1
+            if losses:
+                last = float(torch.stack(losses).mean())
+    module._close()
+    return steps, last
