@@ -59,6 +59,9 @@ class IMDbConfig:
     RL (:mod:`.task`): TRL's GRPOTrainer, ``rl_steps`` optimizer steps per round of
     ``prompts_per_step`` prompts × ``num_generations`` completions of ``max_new_tokens`` tokens.
 
+    ``device``: where the policy trains and samples (``auto`` = CUDA when available); the reward
+    classifiers and the judge stay on the CPU.
+
     Evaluation (:mod:`.evaluation`): ``eval_prompts`` held-out test prompts per client, scored by a
     classifier trained on ``eval_classifier_reviews`` test reviews that no client's reward uses.
     """
@@ -93,6 +96,7 @@ class IMDbConfig:
     eval_classifier_reviews: int = 5000
     samples_per_client: int = 4
     torch_threads: int = 2
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
 
     def __post_init__(self) -> None:
         for name in ("clients", "reviews_per_client", "public_reviews", "prompt_tokens", "vocab_size", "lora_rank",
@@ -123,6 +127,13 @@ class IMDbConfig:
             raise ValueError(f"task.rl_beta must be >= 0, got {self.rl_beta}")
         if self.vocab_size < 512:
             raise ValueError(f"task.vocab_size must be >= 512 (byte-level BPE needs 256 byte tokens plus merges), got {self.vocab_size}")
+
+    def torch_device(self) -> str:
+        if self.device == "auto":
+            import torch
+
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
 
     def lambda_for(self, client: int) -> float:
         return float(self.lambdas[client % len(self.lambdas)])

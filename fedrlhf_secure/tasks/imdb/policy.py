@@ -42,6 +42,7 @@ class Policy:
         else:
             raise ValueError(f"share must be lora or full, got {share!r}")
         self.model.eval()
+        self.device = next(self.model.parameters()).device
         self._names = [n for n, p in self.model.named_parameters() if p.requires_grad]
 
     # --------------------------------------------------------------------- shared parameters
@@ -58,7 +59,7 @@ class Policy:
         for n, p in self.named_shared():
             if n not in shared:
                 raise KeyError(f"shared parameters lack {n!r}")
-            value = torch.from_numpy(np.asarray(shared[n], dtype=np.float32))
+            value = torch.from_numpy(np.asarray(shared[n], dtype=np.float32)).to(p.device)
             if value.shape != p.shape:
                 raise ValueError(f"shared parameter {n}: shape {tuple(value.shape)}, policy has {tuple(p.shape)}")
             p.data.copy_(value)
@@ -82,7 +83,7 @@ class Policy:
     def generate(self, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float, seed: int) -> list[list[int]]:
         """Sampled completions (cut after the first end-of-text, which is kept, as TRL does)."""
         eos = self.tokenizer.eos_token_id
-        ids, mask = _left_pad(prompt_ids, eos)
+        ids, mask = (t.to(self.device) for t in _left_pad(prompt_ids, eos))
         torch.manual_seed(seed)
         was_training = self.model.training
         self.model.eval()
@@ -111,12 +112,14 @@ class Policy:
             c_mask[i, : len(c)] = 1
         ids = torch.cat([p_ids, c_ids], 1)
         mask = torch.cat([p_mask, c_mask], 1)
+        ids, mask, c_ids = ids.to(self.device), mask.to(self.device), c_ids.to(self.device)
         position_ids = (mask.cumsum(1) - 1).clamp_min(0)
         was_training = model.training
         model.eval()
         logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[:, p_ids.shape[1] - 1 : -1]
         model.train(was_training)
         lp = torch.log_softmax(logits.float(), -1).gather(-1, c_ids.unsqueeze(-1)).squeeze(-1)
+        lp = lp.cpu()
         return [lp[i, : len(c)].numpy().astype(np.float64) for i, c in enumerate(completion_ids)]
 
     def reference_logprobs(self, completion_ids: Sequence[Sequence[int]]) -> list[np.ndarray]:

@@ -51,6 +51,7 @@ def build_small_gpt2(cfg: PolicyModelConfig, tokenizer):
 def perplexity(model, blocks: torch.Tensor, batch: int = 16) -> float:
     """exp(mean next-token cross-entropy) over ``blocks``."""
     model.eval()
+    blocks = blocks.to(next(model.parameters()).device)
     total, count = 0.0, 0
     for i in range(0, len(blocks), batch):
         x = blocks[i : i + batch]
@@ -80,7 +81,7 @@ def pretrain(model, blocks: torch.Tensor, cfg: PolicyModelConfig, seed: int, pro
     bar = tqdm(range(cfg.pretrain_steps), desc="pretraining policy", unit="step", disable=not progress, file=sys.stderr)
     for _ in bar:
         idx = torch.randint(len(blocks), (cfg.pretrain_batch,), generator=gen)
-        x = blocks[idx]
+        x = blocks[idx].to(next(model.parameters()).device)
         loss = model(input_ids=x, labels=x).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -93,7 +94,8 @@ def pretrain(model, blocks: torch.Tensor, cfg: PolicyModelConfig, seed: int, pro
     return losses
 
 
-def pretrained_small_gpt2(cfg: PolicyModelConfig, tokenizer, train_texts: list[str], heldout_texts: list[str], seed: int, progress: bool = True) -> tuple[Path, dict]:
+def pretrained_small_gpt2(cfg: PolicyModelConfig, tokenizer, train_texts: list[str], heldout_texts: list[str], seed: int,
+                          progress: bool = True, device: str = "cpu") -> tuple[Path, dict]:
     """Path of the cached pretrained policy (built on first use) and its report (time, perplexity)."""
     import transformers
 
@@ -105,7 +107,7 @@ def pretrained_small_gpt2(cfg: PolicyModelConfig, tokenizer, train_texts: list[s
 
     def build(out: Path) -> None:
         torch.manual_seed(seed)
-        model = build_small_gpt2(cfg, tokenizer)
+        model = build_small_gpt2(cfg, tokenizer).to(device)
         blocks = token_blocks(train_texts, tokenizer, cfg.block_size)
         held = token_blocks(heldout_texts, tokenizer, cfg.block_size)[:64]
         ppl_before = perplexity(model, held)
@@ -116,9 +118,9 @@ def pretrained_small_gpt2(cfg: PolicyModelConfig, tokenizer, train_texts: list[s
             "seconds": seconds, "steps": cfg.pretrain_steps, "tokens": cfg.pretrain_steps * cfg.pretrain_batch * cfg.block_size,
             "parameters": int(sum(p.numel() for p in model.parameters())), "heldout_perplexity_before": ppl_before,
             "heldout_perplexity": perplexity(model, held), "final_loss": float(np.mean(losses[-20:])),
-            "train_blocks": int(len(blocks)), "heldout_blocks": int(len(held)),
+            "train_blocks": int(len(blocks)), "heldout_blocks": int(len(held)), "device": device,
         }
-        model.save_pretrained(str(out / "model"))
+        model.cpu().save_pretrained(str(out / "model"))
         tokenizer.save_pretrained(str(out / "model"))
         (out / "pretrain.json").write_text(json.dumps(report, indent=2))
 

@@ -85,13 +85,14 @@ class IMDbTask(Task):
         from .pretrain import pretrained_small_gpt2
 
         path, report = pretrained_small_gpt2(self.config.policy, self.tokenizer, self.split.public.text,
-                                             self.split.eval_classifier.text[:500], self.seed, progress)
+                                             self.split.eval_classifier.text[:500], self.seed, progress,
+                                             self.config.torch_device())
         return str(path), report
 
     def new_policy(self) -> Policy:
         from transformers import AutoModelForCausalLM
 
-        base = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
+        base = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32).to(self.config.torch_device())
         base.generation_config.pad_token_id = self.tokenizer.eos_token_id
         return Policy(base, self.tokenizer, share=self.config.share, lora_rank=self.config.lora_rank,
                       lora_alpha=self.config.lora_alpha, seed=self.seed)
@@ -169,7 +170,7 @@ class IMDbClient(TaskClient):
 
         cfg = self.task.config
         args = GRPOConfig(
-            output_dir=self._workdir.name, use_cpu=True, report_to=[], save_strategy="no", logging_strategy="steps",
+            output_dir=self._workdir.name, use_cpu=cfg.torch_device() == "cpu", report_to=[], save_strategy="no", logging_strategy="steps",
             logging_steps=1, disable_tqdm=True, max_steps=cfg.rl_steps, learning_rate=cfg.rl_lr, lr_scheduler_type="constant",
             warmup_steps=0, per_device_train_batch_size=cfg.prompts_per_step * cfg.num_generations,
             gradient_accumulation_steps=1, num_generations=cfg.num_generations, max_completion_length=cfg.max_new_tokens,
