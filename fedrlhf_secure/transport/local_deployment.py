@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -199,8 +200,7 @@ class LocalDeployment:
             sock = self.workdir / "sockets" / f"node-{i}.sock"
             sock.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             self.nodes.append(NodeHandle(i, cids, sock, keys[i]))
-        for node in self.nodes:
-            self._start_node(node)
+        self._start_nodes()
 
     def _register(self, key: NodeKeyPaths) -> None:
         deadline = time.monotonic() + self.start_timeout
@@ -212,12 +212,12 @@ class LocalDeployment:
                 raise DeploymentError(f"flwr supernode register failed: {res.stdout[-2000:]} {res.stderr[-2000:]}")
             time.sleep(1.0)
 
-    def _start_node(self, node: NodeHandle) -> None:
+    def _start_client_host(self, node: NodeHandle) -> tuple[_Proc, Path]:
         i = node.index
         ready = self.workdir / "sockets" / f"node-{i}.ready"
         if ready.exists():
             ready.unlink()
-        host_cmd = [
+        cmd = [
             sys.executable, "-m", "fedrlhf_secure.cli", "deploy", "client-host",
             "--client-ids", ",".join(map(str, node.client_ids)),
             "--socket", str(node.socket),
@@ -225,29 +225,36 @@ class LocalDeployment:
             "--keys-dir", str(self.node_keys_dir(i)),
         ]
         if self.data_dir:
-            host_cmd += ["--data-dir", str(self.data_dir)]
-        host = self._spawn(f"client-host-{i}", host_cmd, self.workdir / f"flwr-node-{i}")
+            cmd += ["--data-dir", str(self.data_dir)]
+        return self._spawn(f"client-host-{i}", cmd, self.workdir / f"flwr-node-{i}"), ready
+
+    def _start_nodes(self) -> None:
+        """Client hosts first (all at once: each loads the task), then one SuperNode per host."""
+        hosts = [self._start_client_host(node) for node in self.nodes]
         deadline = time.monotonic() + self.start_timeout
-        while not ready.exists():
-            if host.popen.poll() is not None:
-                raise DeploymentError(f"client host {i} exited with code {host.popen.returncode}; see {host.log}")
-            if time.monotonic() > deadline:
-                raise DeploymentError(f"client host {i} not ready after {self.start_timeout:.0f} s; see {host.log}")
-            time.sleep(0.1)
-        supernode = self._spawn(
-            f"supernode-{i}",
-            [
-                "flower-supernode",
-                "--superlink", f"{LOOPBACK}:{self.port}",
-                "--root-certificates", str(self.certs.ca_cert) if self.certs else "",
-                "--auth-supernode-private-key", str(node.keys.private_key),
-                "--node-config", f'client-host="{node.socket}"',
-                "--host", LOOPBACK,
-                "--port", str(free_port()),
-            ],
-            self.workdir / f"flwr-node-{i}",
-        )
-        node.procs = [host, supernode]
+        for (host, ready), node in zip(hosts, self.nodes):
+            while not ready.exists():
+                if host.popen.poll() is not None:
+                    raise DeploymentError(f"client host {node.index} exited with code {host.popen.returncode}; see {host.log}")
+                if time.monotonic() > deadline:
+                    raise DeploymentError(f"client host {node.index} not ready after {self.start_timeout:.0f} s; see {host.log}")
+                time.sleep(0.1)
+        assert self.certs is not None
+        for (host, _), node in zip(hosts, self.nodes):
+            supernode = self._spawn(
+                f"supernode-{node.index}",
+                [
+                    "flower-supernode",
+                    "--superlink", f"{LOOPBACK}:{self.port}",
+                    "--root-certificates", str(self.certs.ca_cert),
+                    "--auth-supernode-private-key", str(node.keys.private_key),
+                    "--node-config", f'client-host="{node.socket}"',
+                    "--host", LOOPBACK,
+                    "--port", str(free_port()),
+                ],
+                self.workdir / f"flwr-node-{node.index}",
+            )
+            node.procs = [host, supernode]
 
     def node_keys_dir(self, index: int) -> Path:
         return self.workdir / "aggregation-keys" / f"node-{index}"
@@ -260,17 +267,9 @@ class LocalDeployment:
         if load_config(config).aggregation.kind != "ckks":
             return None
         base = self.workdir / "aggregation-keys"
-        for i in range(len(self.nodes)):
-            d = self.node_keys_dir(i)
-            if d.exists():
-                import shutil
-
-                shutil.rmtree(d)
+        if base.exists():
+            shutil.rmtree(base)  # a fresh key per run, as the dealer makes one per run
         dealer = base / "dealer"
-        if dealer.exists():
-            import shutil
-
-            shutil.rmtree(dealer)
         deal_keys(Path(config), self.node_clients, base / "server", [self.node_keys_dir(i) for i in range(len(self.nodes))], dealer)
         return base / "server"
 

@@ -1,0 +1,146 @@
+"""A real Flower deployment on loopback: TLS SuperLink, 3 authenticated SuperNodes, `flwr run`.
+
+One deployment serves three runs of a 6-client MovieLens federation (2 clients per SuperNode):
+masking (SecAgg) and CKKS must give the in-process run's numbers for the same seed, and a
+SuperNode stopped in the middle of a SecAgg round must leave a round that still completes
+through dropout recovery. Every process is stopped in ``finally`` (and at exit).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+pytest.importorskip("flwr")
+
+from fedrlhf_secure.config import load_config
+from fedrlhf_secure.federation.engine import RunOptions, build_task, run_federation
+from fedrlhf_secure.rundir import load_tensors
+from fedrlhf_secure.transport.client_host import ClientHost
+from fedrlhf_secure.transport.local_deployment import LocalDeployment, finished_run, partition
+from fedrlhf_secure.transport.node_driver import InProcessLink
+from fedrlhf_secure.transport.server_loop import run_remote_federation
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+if shutil.which("flower-superlink") is None or shutil.which("flower-supernode") is None or shutil.which("flwr") is None:
+    pytest.skip("Flower's command-line tools are not on PATH", allow_module_level=True)
+
+
+def _config(tmp: Path, kind: str, rounds: int) -> Path:
+    raw = {
+        "seed": 11,
+        "task": {"kind": "movielens", "split": "u1", "num_clients": 6},
+        "federation": {"rounds": rounds, "local_epochs": 1, "min_clients": 3},
+        "aggregation": {"kind": kind},
+    }
+    path = tmp / f"{kind}-{rounds}.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    return path
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_same_run(flower: Path, local: Path, atol: float, data: Path) -> None:
+    a, b = _rows(flower), _rows(local)
+    assert [r["round"] for r in a] == [r["round"] for r in b] == [0, 1]
+    for ra, rb in zip(a, b):
+        assert ra["clients_aggregated"] == rb["clients_aggregated"] == 6
+        assert ra["heldout_accuracy"] == pytest.approx(rb["heldout_accuracy"], abs=1e-9)
+        shared = [k for k in rb if k in ra and not k.startswith(("seconds", "bytes", "privacy"))]
+        assert len(shared) >= 8
+        for k in shared:
+            assert ra[k] == pytest.approx(rb[k], rel=1e-3, abs=1e-6, nan_ok=True), k
+    ma, mb = load_tensors(flower / "model.safetensors"), load_tensors(local / "model.safetensors")
+    assert sorted(ma) == sorted(mb)
+    init = build_task(load_config(flower / "config.yaml"), data).initial_shared()
+    for k in ma:
+        np.testing.assert_allclose(ma[k], mb[k], atol=atol, rtol=0)
+    # the model moved: equality is not the trivial one of two untrained models
+    assert max(float(np.abs(ma[k] - init[k]).max()) for k in ma) > 50 * atol
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory, shared_datasets):
+    tmp = tmp_path_factory.mktemp("flower")
+    cfg = load_config(_config(tmp, "secagg", 2))
+    ids = list(build_task(cfg, shared_datasets).client_ids())
+    dep = LocalDeployment(tmp / "deployment", partition(ids, 3), data_dir=shared_datasets)
+    try:
+        dep.start()
+        yield dep, tmp
+    finally:
+        dep.close()
+    for proc in dep.procs:
+        assert proc.popen.poll() is not None, f"{proc.name} is still running"
+
+
+@pytest.mark.parametrize("kind, atol", [("secagg", 5e-4), ("ckks", 1e-5)])
+def test_flower_rounds_equal_the_in_process_run_with_the_same_seed(deployment, shared_datasets, kind, atol):
+    dep, tmp = deployment
+    config = _config(tmp, kind, 2)
+    flower = dep.run(config, tmp / f"runs-{kind}", stage_timeout=90.0, timeout=900)
+    local = run_federation(load_config(config), RunOptions(out=tmp / f"local-{kind}", progress=False, data_dir=shared_datasets))
+    _assert_same_run(flower, local, atol, shared_datasets)
+    rows = _rows(flower)
+    assert all(r["nodes_dropped"] == 0 for r in rows)
+    # the server saw protocol frames only: fit + its stages, nothing else crossed the Grid
+    assert all(r["transport_stages"] >= (2 if kind == "ckks" else 4) for r in rows)
+
+
+def test_a_supernode_stopped_mid_round_drops_out_and_the_round_still_completes(deployment, shared_datasets):
+    dep, tmp = deployment
+    config = _config(tmp, "secagg", 1)
+    fault = tmp / "fault"
+    fault.mkdir()
+    out = tmp / "runs-dropout"
+    # after SecAgg's key-sharing stage (stage 1) of round 0: the stopped node's clients have
+    # handed out Shamir shares of their mask seeds but never send a masked input, so the
+    # survivors must reveal those shares for the server to remove the dropped clients' masks.
+    proc = dep.submit(config, out, stage_timeout=30.0, extra={"fault-dir": str(fault), "fault-stop": "0:1"})
+    deadline = time.monotonic() + 600
+    while not (fault / "stop-request").exists():
+        assert proc.poll() is None, "flwr run ended before reaching the fault point"
+        assert time.monotonic() < deadline, "the ServerApp never reached the fault point"
+        time.sleep(0.2)
+    victim = 2
+    dep.stop_node(victim)
+    assert all(p.popen.poll() is not None for p in dep.nodes[victim].procs)
+    (fault / "stop-done").write_text("stopped")
+    proc.wait(timeout=600)
+    run = finished_run(out, set(), dep.workdir / "logs")
+    (row,) = _rows(run)
+    assert row["nodes_dropped"] == 1
+    assert row["clients_dropped"] == len(dep.nodes[victim].client_ids) == 2
+    assert row["clients_aggregated"] == 4
+    assert np.isfinite(row["heldout_accuracy"])
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary["clients_final"]) == {str(c) for n in dep.nodes[:victim] for c in n.client_ids}
+    # the same drop at the same protocol point, with the nodes in process, gives the same model:
+    # the survivors' aggregate was recovered exactly (up to SecAgg's stochastic rounding)
+    hosts = {n.index: ClientHost(n.client_ids, shared_datasets) for n in dep.nodes}
+    link = InProcessLink(hosts)
+
+    def drop(rnd: int, op: str, stage: int) -> None:
+        if (rnd, stage) == (0, 1):
+            link.down.add(victim)
+
+    ref = run_remote_federation(
+        load_config(config), link, {n.index: n.client_ids for n in dep.nodes},
+        RunOptions(out=tmp / "local-dropout", progress=False, data_dir=shared_datasets), on_stage=drop,
+    )
+    (ref_row,) = _rows(ref)
+    assert ref_row["clients_aggregated"] == 4
+    assert row["heldout_accuracy"] == pytest.approx(ref_row["heldout_accuracy"], abs=1e-9)
+    got, want = load_tensors(run / "model.safetensors"), load_tensors(ref / "model.safetensors")
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], atol=2e-3, rtol=0)
