@@ -176,3 +176,30 @@ def _run(args: argparse.Namespace) -> int:
 def load_public_context(path: Path, dealer_pub: Path, config: CKKSConfig) -> PublicContext:
     """The server's side of ``deal``'s output: the signed public context, authenticated."""
     return PublicContext.decode(path.read_bytes(), config, load_dealer_pub(dealer_pub))
+
+
+class DealtKeyFiles:
+    """A :class:`aggregation.ckks.protocol.KeySource` over ``fedrlhf keys deal`` output, for deployments.
+
+    The server process builds it with ``client_keys=None`` and only ever reads the signed public
+    context; a client process passes its own key file and reads only its own package. Only epoch
+    ``epoch`` exists (``rotate_keys: run``; deal again with ``--epoch`` for a new key).
+    """
+
+    def __init__(self, config: CKKSConfig, deal_dir: Path, dealer_pub: Path, client_key: Path | None = None) -> None:
+        self.config = config
+        self.deal_dir = Path(deal_dir)
+        self.dealer_verify = load_dealer_pub(Path(dealer_pub))
+        self.me = load_client_key(Path(client_key)) if client_key is not None else None
+
+    def public(self, epoch: int) -> PublicContext:
+        pub = PublicContext.decode((self.deal_dir / "public-context.frame").read_bytes(), self.config, self.dealer_verify)
+        if pub.epoch != epoch:
+            raise ValueError(f"{self.deal_dir}: the dealt key is for epoch {pub.epoch}, round needs epoch {epoch}")
+        return pub
+
+    def client_key(self, client_id: int, epoch: int):
+        if self.me is None or self.me.client_id != client_id:
+            raise ValueError(f"this process holds no key file for client {client_id}")
+        package = (self.deal_dir / f"package-client-{client_id}.frame").read_bytes()
+        return open_package(package, self.me, self.dealer_verify, self.config, epoch=epoch)

@@ -132,3 +132,40 @@ def test_keys_cli_round_trip_and_rejection(tmp_path, capsys):
     insecure = cli(["keys", "deal", "--dealer-key", str(tmp_path / "dealer" / "dealer.key"), "--clients", str(pubs),
                     "--out", str(tmp_path / "bad"), "--set", "aggregation.coeff_mod_bit_sizes=[60,60]"])
     assert insecure == 2 and "109 bits" in capsys.readouterr().err
+
+
+def test_dealt_key_files_drive_a_round_where_the_server_reads_only_the_public_context(tmp_path):
+    import os
+
+    from aggregation.base import RoundContext
+    from aggregation.ckks import CKKSAggregator
+    from aggregation.ckks_keys import DealtKeyFiles
+
+    pubs = tmp_path / "pubs"
+    for cid in (0, 1):
+        assert cli(["keys", "client", "--id", str(cid), "--out", str(tmp_path / f"c{cid}")]) == 0
+        pubs.mkdir(exist_ok=True)
+        (pubs / f"client-{cid}.pub").write_text((tmp_path / f"c{cid}" / f"client-{cid}.pub").read_text())
+    assert cli(["keys", "dealer", "--out", str(tmp_path / "dealer")]) == 0
+    assert cli(["keys", "deal", "--dealer-key", str(tmp_path / "dealer" / "dealer.key"), "--clients", str(pubs),
+                "--out", str(tmp_path / "deal")]) == 0
+    dealer_pub = tmp_path / "dealer" / "dealer.pub"
+    server_side = CKKSAggregator(CFG, DealtKeyFiles(CFG, tmp_path / "deal", dealer_pub))
+    client_side = {
+        cid: CKKSAggregator(CFG, DealtKeyFiles(CFG, tmp_path / "deal", dealer_pub, tmp_path / f"c{cid}" / f"client-{cid}.key"))
+        for cid in (0, 1)
+    }
+    ctx = RoundContext(os.urandom(16), 0, (0, 1), 10)
+    vecs = {0: np.arange(10, dtype=np.float32), 1: np.ones(10, dtype=np.float32)}
+    halves = {cid: client_side[cid].client(ctx, cid, vecs[cid], 2.0 + cid) for cid in (0, 1)}
+    with pytest.raises(ValueError, match="no key file for client 1"):
+        client_side[0].client(ctx, 1, vecs[1], 1.0)
+    server = server_side.server(ctx)
+    out = []
+    for cid, msg in server.start():
+        out += server.receive(cid, halves[cid].receive(msg)[0])
+    for cid, msg in out:
+        halves[cid].receive(msg)
+    res = halves[1].result()
+    assert res.total_weight == pytest.approx(5.0, rel=1e-9)
+    assert res.weighted_sum == pytest.approx(2.0 * vecs[0] + 3.0 * vecs[1], abs=1e-5)
