@@ -28,6 +28,8 @@ from fedrlhf_secure.transport.local_deployment import LocalDeployment, finished_
 from fedrlhf_secure.transport.node_driver import InProcessLink
 from fedrlhf_secure.transport.server_loop import run_remote_federation
 
+from test_flower_transport import _live_members
+
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 if shutil.which("flower-superlink") is None or shutil.which("flower-supernode") is None or shutil.which("flwr") is None:
@@ -82,6 +84,7 @@ def deployment(tmp_path_factory, shared_datasets):
         dep.close()
     for proc in dep.procs:
         assert proc.popen.poll() is not None, f"{proc.name} is still running"
+        assert _live_members(proc.popen.pid) == [], f"{proc.name} left processes behind"
 
 
 @pytest.mark.parametrize("kind, atol", [("secagg", 5e-4), ("ckks", 1e-5)])

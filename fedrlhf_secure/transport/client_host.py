@@ -191,8 +191,8 @@ def _finite(metrics) -> dict[str, float | None]:
 # ---------------------------------------------------------------------------------------------
 
 
-def serve(host: ClientHost, socket_path: Path, *, ready_file: Path | None = None) -> None:
-    """Answer requests on ``socket_path`` (mode 0600) until killed; one request per connection."""
+def serve(host: ClientHost, socket_path: Path, *, ready_file: Path | None = None, max_requests: int | None = None) -> None:
+    """Answer requests on ``socket_path`` (mode 0600) until killed (or ``max_requests`` were served)."""
     socket_path = Path(socket_path)
     if socket_path.exists():
         socket_path.unlink()
@@ -207,9 +207,11 @@ def serve(host: ClientHost, socket_path: Path, *, ready_file: Path | None = None
     if ready_file is not None:
         Path(ready_file).write_text(str(os.getpid()))
     print(f"client host for clients {host.client_ids} listening on {socket_path}", file=sys.stderr, flush=True)
+    served = 0
     try:
-        while True:
+        while max_requests is None or served < max_requests:
             conn, _ = srv.accept()
+            served += 1
             with conn:
                 try:
                     data = recv_frame(conn)

@@ -98,12 +98,12 @@ class RemoteFederation(Federation):
         if len(self.client_ids) < self.fed.min_clients:
             raise ValueError(f"federation.min_clients={self.fed.min_clients} but the task has only {len(self.client_ids)} clients")
         self.clients = _RemoteClients()  # type: ignore[assignment]
+        self.aggregator = server_aggregator(config, self.client_ids, keys_dir)  # fail on missing keys before any node is contacted
         self.nodes, self.sizes = self._setup_nodes(nodes)
         self.node_of = {c: n for n, cids in self.nodes.items() for c in cids}
         unhosted = sorted(set(self.client_ids) - set(self.node_of))
         if unhosted:
             raise TransportError(f"no node hosts clients {unhosted[:10]}{'...' if len(unhosted) > 10 else ''} of the task")
-        self.aggregator = server_aggregator(config, self.client_ids, keys_dir)
         self.privacy = NoPrivacy()
         self.rng = np.random.default_rng(np.random.SeedSequence([config.seed, 0xFED]))
         self.session_id = os.urandom(16)
@@ -159,10 +159,10 @@ class RemoteFederation(Federation):
         progress(f"round {r}: local RLHF and {self.config.aggregation.kind} aggregation on {len(admitted)} clients")
         t0 = time.perf_counter()
         ctx = RoundContext(self.session_id, r, tuple(admitted), self.codec.dim)
-        outcome: NodeRoundOutcome = self.driver.run(
-            self.aggregator.server(ctx), ctx, instruction, server_can_read_result=self.aggregator.server_can_read_result
-        )
         try:
+            outcome: NodeRoundOutcome = self.driver.run(
+                self.aggregator.server(ctx), ctx, instruction, server_can_read_result=self.aggregator.server_can_read_result
+            )
             result: AggregateResult = outcome.readable_result()
         except AggregationAborted as exc:
             raise _Stop(f"round {r}: aggregation failed: {exc}") from exc

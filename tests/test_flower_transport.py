@@ -1,0 +1,300 @@
+"""The node transport without a network: client hosts, the staged driver, frames, credentials.
+
+The server loop and the client hosts are driven through :class:`InProcessLink`, which is the
+Flower deployment with the Grid replaced by direct calls, so these tests pin the protocol
+behaviour (equality with the engine, dropouts, refusals) in a second or two; the loopback
+deployment test (tests/test_flower_deployment.py, slow) runs the same code over Flower.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_ssh_private_key, load_ssh_public_key
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aggregation import wire
+from fedrlhf_secure.config import config_from_dict, load_config
+from fedrlhf_secure.federation.engine import RunOptions, run_federation
+from fedrlhf_secure.rundir import load_tensors
+from fedrlhf_secure.transport.aggregator_keys import KeyFileError, ServerFileKeys, deal_keys
+from fedrlhf_secure.transport.client_host import ClientHost, serve
+from fedrlhf_secure.transport.credentials import create_certificates, create_node_keys
+from fedrlhf_secure.transport.local_socket import relay
+from fedrlhf_secure.transport.node_driver import InProcessLink
+from fedrlhf_secure.transport.node_protocol import REQUEST, RESPONSE, NodeMessage
+from fedrlhf_secure.transport.server_loop import TransportError, run_remote_federation
+
+from toy_task import toy_config
+
+NODES = {0: [0, 2], 1: [1, 3]}
+
+
+def _raw(kind: str = "plain", **fed) -> dict:
+    raw = toy_config(**fed)
+    raw["aggregation"] = {"kind": kind}
+    return raw
+
+
+def _remote(tmp: Path, raw: dict, *, keys: tuple[Path, dict[int, Path]] | None = None, on_stage=None, down_after=None, nodes=NODES):
+    hosts = {n: ClientHost(c, None, keys[1][n] if keys else None) for n, c in nodes.items()}
+    link = InProcessLink(hosts)
+    hook = on_stage
+    if down_after is not None:
+        node, at = down_after
+
+        def hook(rnd, op, stage):
+            if (rnd, stage) == at:
+                link.down.add(node)
+
+    return run_remote_federation(
+        config_from_dict(raw), link, nodes, RunOptions(out=tmp, progress=False), keys_dir=keys[0] if keys else None, on_stage=hook
+    )
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_plain_rounds_over_nodes_equal_the_in_process_engine_exactly(tmp_path):
+    raw = _raw("plain")
+    local = run_federation(config_from_dict(raw), RunOptions(out=tmp_path / "a", progress=False))
+    remote = _remote(tmp_path / "b", raw)
+    a, b = load_tensors(local / "model.safetensors"), load_tensors(remote / "model.safetensors")
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    assert float(np.abs(b["w"]).max()) > 0.5
+    for ra, rb in zip(_rows(local), _rows(remote)):
+        assert ra["heldout_accuracy"] == rb["heldout_accuracy"]
+        assert ra["err_mean"] == rb["err_mean"]
+        assert ra["bytes_up_per_client"] == rb["bytes_up_per_client"]
+        assert ra["bytes_down_per_client"] == rb["bytes_down_per_client"]
+
+
+def test_masking_over_nodes_equals_the_engine_up_to_stochastic_rounding(tmp_path):
+    raw = _raw("secagg")
+    local = run_federation(config_from_dict(raw), RunOptions(out=tmp_path / "a", progress=False))
+    remote = _remote(tmp_path / "b", raw)
+    a, b = load_tensors(local / "model.safetensors"), load_tensors(remote / "model.safetensors")
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], atol=2e-3, rtol=0)
+    assert [r["transport_stages"] for r in _rows(remote)] == [4, 4]  # fit+advertise, share, masked input, unmask
+
+
+def test_ckks_over_nodes_reads_keys_from_the_dealer_files_and_the_server_has_no_secret(tmp_path, capsys):
+    raw = _raw("ckks")
+    cfg_path = tmp_path / "ckks.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    node_dirs = {n: tmp_path / f"keys-node-{n}" for n in NODES}
+    deal_keys(cfg_path, list(NODES.values()), tmp_path / "keys-server", list(node_dirs.values()), tmp_path / "dealer")
+    capsys.readouterr()
+    assert sorted(p.name for p in (tmp_path / "keys-server").iterdir()) == ["dealer.pub", "public-context.frame"]
+    server_keys = ServerFileKeys(tmp_path / "keys-server", load_config(cfg_path).aggregation.params)
+    with pytest.raises(PermissionError):
+        server_keys.client_key(0, 0)
+    local = run_federation(load_config(cfg_path), RunOptions(out=tmp_path / "a", progress=False))
+    remote = _remote(tmp_path / "b", raw, keys=(tmp_path / "keys-server", node_dirs))
+    a, b = load_tensors(local / "model.safetensors"), load_tensors(remote / "model.safetensors")
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], atol=1e-5, rtol=0)
+
+
+def test_ckks_without_the_server_key_directory_is_refused_with_the_missing_file(tmp_path):
+    with pytest.raises(KeyFileError, match="public-context.frame"):
+        _remote(tmp_path, _raw("ckks"), keys=(tmp_path / "empty", {0: tmp_path, 1: tmp_path}))
+
+
+def test_a_node_that_goes_silent_after_key_sharing_is_recovered_by_secagg(tmp_path):
+    # 6 clients on 3 nodes; node 1 (clients 1 and 4) stops answering after SecAgg's share-keys
+    # stage of round 0, so the 4 survivors (>= t = 3) must reveal its mask-key shares
+    nodes = {0: [0, 3], 1: [1, 4], 2: [2, 5]}
+
+    def raw(kind):
+        r = _raw(kind, rounds=1)
+        r["task"]["clients"] = 6
+        if kind == "secagg":
+            r["aggregation"]["clip_range"] = 8.0  # the toy's table entries reach 6: no clipping
+        return r
+
+    masked = _remote(tmp_path / "s", raw("secagg"), down_after=(1, (0, 1)), nodes=nodes)
+    (row,) = _rows(masked)
+    assert (row["clients_aggregated"], row["clients_dropped"], row["nodes_dropped"]) == (4, 2, 1)
+    got = load_tensors(masked / "model.safetensors")
+    # exactly the survivors' FedAvg (up to stochastic rounding): survivors 0, 2, 3, 5 pull w towards
+    # c with weight c+1, and table row r holds 1+c from the survivors c in {r-1, r} (weighted by c+1)
+    survivors = [0, 2, 3, 5]
+    w = 0.5 * sum(c * (c + 1) for c in survivors) / sum(c + 1 for c in survivors)
+    np.testing.assert_allclose(got["w"], np.full(4, w), atol=5e-3)
+    for r in range(6):
+        touch = [c for c in survivors if r in (c % 6, (c + 1) % 6)]
+        want = sum((c + 1) * (c + 1) for c in touch) / sum(c + 1 for c in touch)
+        np.testing.assert_allclose(got["table"][r], [want, want], atol=5e-3)
+    assert set(json.loads((masked / "summary.json").read_text())["clients_final"]) == {"0", "2", "3", "5"}
+
+
+def test_a_round_aborts_when_too_few_clients_survive_the_threshold(tmp_path):
+    # SecAgg's threshold for 4 participants is 2 (k=3, t=floor(3/2)+1); both nodes gone -> abort, run stops
+    hosts = {n: ClientHost(c, None) for n, c in NODES.items()}
+    link = InProcessLink(hosts)
+
+    def hook(rnd, op, stage):
+        if stage == 1:
+            link.down.update(NODES)
+
+    run = run_remote_federation(config_from_dict(_raw("secagg", rounds=2)), link, NODES, RunOptions(out=tmp_path, progress=False), on_stage=hook)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["rounds_completed"] == 0
+    assert "aggregation failed" in summary["stopped_early"]
+
+
+def test_the_server_refuses_a_run_whose_nodes_do_not_host_every_client(tmp_path):
+    with pytest.raises(TransportError, match=r"no node hosts clients \[3\]"):
+        run_remote_federation(
+            config_from_dict(_raw()), InProcessLink({0: ClientHost([0, 1, 2], None)}), {0: None}, RunOptions(out=tmp_path, progress=False)
+        )
+    assert not any(tmp_path.iterdir())  # the half-made run directory was discarded
+
+
+def test_client_host_refuses_out_of_order_and_foreign_requests():
+    host = ClientHost([0, 2], None)
+    fit = NodeMessage("fit", {"round": 0, "session": "00" * 16, "participants": [0, 2], "dim": 16, "clients": [0]}, blobs={"instruction": b""})
+    resp = NodeMessage.decode(host.handle(fit.encode(REQUEST)), RESPONSE)
+    assert "not been set up" in resp.header["error"]
+    setup = NodeMessage("setup", {"client_ids": [0, 1, 2, 3]}, blobs={"config": yaml.safe_dump(_raw()).encode()})
+    resp = NodeMessage.decode(host.handle(setup.encode(REQUEST)), RESPONSE)
+    assert resp.header["sizes"] == {"0": 1, "2": 3}
+    foreign = NodeMessage("fit", {**fit.header, "clients": [1]}, blobs={"instruction": b""})
+    resp = NodeMessage.decode(host.handle(foreign.encode(REQUEST)), RESPONSE)
+    assert "does not host" in resp.header["error"]
+    agg = NodeMessage("agg", {"round": 5}, {0: [b"x"]})
+    assert "round is None" in NodeMessage.decode(host.handle(agg.encode(REQUEST)), RESPONSE).header["error"]
+    assert "error" in NodeMessage.decode(host.handle(b"not a frame"), RESPONSE).header
+
+
+def test_client_host_refuses_a_config_with_dp_it_would_not_account_for():
+    host = ClientHost([0], None)
+    raw = _raw()
+    raw["privacy"] = {"mode": "client", "epsilon": 1.0}
+    setup = NodeMessage("setup", {"client_ids": [0, 1, 2, 3]}, blobs={"config": yaml.safe_dump(raw).encode()})
+    err = NodeMessage.decode(host.handle(setup.encode(REQUEST)), RESPONSE).header["error"]
+    assert "privacy.mode" in err
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    messages=st.dictionaries(st.integers(0, 10**6), st.lists(st.binary(max_size=40), max_size=4), max_size=4),
+    header=st.dictionaries(st.sampled_from(["round", "clients", "x"]), st.integers(0, 99), max_size=3),
+)
+def test_node_message_round_trips(messages, header):
+    msg = NodeMessage("agg", header, messages, {"b": b"\x00\x01"})
+    back = NodeMessage.decode(msg.encode(REQUEST), REQUEST)
+    assert back.op == "agg" and dict(back.header) == header
+    assert {c: v for c, v in back.messages.items()} == {c: v for c, v in messages.items() if v}
+    assert back.blobs == {"b": b"\x00\x01"}
+
+
+@pytest.mark.parametrize(
+    "tensors, problem",
+    [
+        ({"msg/1/1": wire.as_blob(b"a")}, "not numbered"),
+        ({"msg/x/0": wire.as_blob(b"a")}, "malformed"),
+        ({"weird": wire.as_blob(b"a")}, "unexpected tensor"),
+    ],
+)
+def test_node_message_decoder_rejects_malformed_frames(tensors, problem):
+    data = wire.encode(wire.Frame(REQUEST, {"op": "agg"}, tensors))
+    with pytest.raises(wire.WireError, match=problem):
+        NodeMessage.decode(data, REQUEST)
+    with pytest.raises(wire.WireError, match="unknown op"):
+        NodeMessage.decode(wire.encode(wire.Frame(REQUEST, {"op": "exec"})), REQUEST)
+
+
+def test_client_host_answers_over_its_unix_socket_only_to_its_user(tmp_path):
+    sock = tmp_path / "node.sock"
+    host = ClientHost([0, 1], None)
+    t = threading.Thread(target=serve, args=(host, sock), kwargs={"ready_file": tmp_path / "ready", "max_requests": 1}, daemon=True)
+    t.start()
+    for _ in range(200):
+        if (tmp_path / "ready").exists():
+            break
+        threading.Event().wait(0.01)
+    assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+    setup = NodeMessage("setup", {"client_ids": [0, 1, 2, 3]}, blobs={"config": yaml.safe_dump(_raw()).encode()})
+    resp = NodeMessage.decode(relay(sock, setup.encode(REQUEST), timeout=10), RESPONSE)
+    assert resp.header["sizes"] == {"0": 1, "1": 2}
+    t.join(timeout=10)
+    assert not t.is_alive() and not sock.exists()
+
+
+def test_certificates_chain_to_the_ca_and_name_every_host(tmp_path):
+    paths = create_certificates(tmp_path, ["superlink.example.org", "10.1.2.3", "::1"])
+    ca = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
+    cert = x509.load_pem_x509_certificate(paths.server_cert.read_bytes())
+    cert.verify_directly_issued_by(ca)
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["superlink.example.org"]
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["10.1.2.3", "::1"]
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    for key in (paths.ca_key, paths.server_key):
+        assert stat.S_IMODE(os.stat(key).st_mode) == 0o600
+        assert load_pem_private_key(key.read_bytes(), None)
+    with pytest.raises(FileExistsError):
+        create_certificates(tmp_path, ["other"])
+
+
+def test_node_keys_are_openssh_ec_keys_on_a_nist_curve_as_flower_expects(tmp_path):
+    (a, b) = create_node_keys(tmp_path, ["node-a", "node-b"])
+    priv = load_ssh_private_key(a.private_key.read_bytes(), None)
+    pub = load_ssh_public_key(a.public_key.read_bytes())
+    assert isinstance(priv, ec.EllipticCurvePrivateKey) and priv.curve.name == "secp384r1"
+    assert pub.public_numbers() == priv.public_key().public_numbers()
+    assert load_ssh_public_key(b.public_key.read_bytes()).public_numbers() != pub.public_numbers()
+    assert stat.S_IMODE(os.stat(a.private_key).st_mode) == 0o600
+    with pytest.raises(ValueError, match="plain file name"):
+        create_node_keys(tmp_path, ["../escape"])
+
+
+def _live_members(pgid: int) -> list[int]:
+    """Processes (not zombies) in process group ``pgid``, read from /proc."""
+    live = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            live.append(int(stat_file.parent.name))
+    return live
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to list process groups")
+def test_a_deployment_that_fails_to_start_leaves_no_process_behind(tmp_path):
+    pytest.importorskip("flwr")
+    import shutil
+
+    from fedrlhf_secure.transport.local_deployment import DeploymentError, LocalDeployment
+
+    if shutil.which("flower-superlink") is None:
+        pytest.skip("flower-superlink is not on PATH")
+    # a Unix socket path longer than the kernel's 108 bytes: the client host cannot bind and exits,
+    # after the SuperLink (and its SuperExec child) is already up
+    deep = tmp_path / ("d" * 100)
+    dep = LocalDeployment(deep, [[0, 1]], start_timeout=120)
+    with pytest.raises(DeploymentError, match="client host 0 exited"):
+        with dep:
+            pass
+    assert [p.name for p in dep.procs] == ["superlink", "client-host-0"]
+    for proc in dep.procs:
+        assert proc.popen.poll() is not None
+        assert _live_members(proc.popen.pid) == []
