@@ -49,7 +49,10 @@ class RecordLevelPlan(BudgetedPlan):
         self.local_epochs = int(local_epochs)
         self.batches = {c: max(1, math.ceil(n / batch_size)) for c, n in client_sizes.items()}
         self._sigma: dict[int, float] = {}
-        for b in sorted(set(self.batches.values())):
+        buckets = sorted(set(self.batches.values()))
+        from tqdm.auto import tqdm
+
+        for b in tqdm(buckets, desc="calibrating DP-SGD noise", unit="sample rate", disable=noise_multiplier is not None or len(buckets) < 4, leave=False):
             if noise_multiplier is not None:
                 self._sigma[b] = float(noise_multiplier)
             else:
