@@ -119,14 +119,18 @@ class Quantizer:
             raise ValueError("update contains NaN or infinity")
         rng = rng or np.random.default_rng(int.from_bytes(os.urandom(16), "little"))
         factor = units * self.weight_resolution * self.scale
-        scaled = np.clip(vec, -self.clip, self.clip).astype(np.float64) * factor
-        scaled += rng.random(scaled.shape)
-        q = np.floor(scaled, out=scaled).astype(np.int64)
+        bound = self.clip * factor
+        scaled = np.multiply(vec, factor, dtype=np.float64)
+        np.clip(scaled, -bound, bound, out=scaled)
+        # float32 coins: 24 random bits per coordinate, a rounding bias below 2^-24 of a unit.
+        scaled += rng.random(scaled.size, dtype=np.float32)
+        np.floor(scaled, out=scaled)
+        out = np.empty(scaled.size + 1, dtype=self.dtype)
+        signed = out.view(np.int32 if self.bits == 32 else np.int64)  # two's complement view of Z_{2^bits}
+        np.copyto(signed[:-1], scaled, casting="unsafe")  # |q| <= client_bound (check above): no overflow
         if integer_noise is not None:
-            q += integer_noise
-        out = np.empty(q.size + 1, dtype=self.dtype)
-        out[:-1] = q.astype(self.dtype)  # two's complement: negatives wrap to 2^bits - |q|
-        out[-1] = units
+            np.add(signed[:-1], integer_noise, out=signed[:-1], casting="unsafe")
+        signed[-1] = units
         return out
 
     def decode(self, summed: np.ndarray) -> tuple[np.ndarray, float]:

@@ -70,7 +70,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckks", action=argparse.BooleanOptionalAction, default=True,
                    help="add CKKS rows from fedrlhf_secure.bench.ckks.measure(n, d) when that module exists")
     p.add_argument("--ckks-max-nd", type=float, default=1e7, help="largest n*d cell given to the CKKS measure")
-    p.add_argument("--max-memory-gb", type=float, default=3.0, help="skip cells whose inputs + state would exceed this")
+    p.add_argument("--max-memory-gb", type=float, default=4.0, help="skip cells whose inputs + state would exceed this")
     p.add_argument("--repeats", type=int, default=1, help="rounds per cell and kind; medians are reported")
     p.add_argument("--json", type=Path, default=Path("bench/aggregation.json"))
     p.add_argument("--doc", type=Path, default=Path("BENCHMARKS.md"))
@@ -229,9 +229,10 @@ def measure_cell(n: int, d: int, drops: list[int], *, k: int, flower: bool, repe
     return rows
 
 
-def _memory_gb(n: int, d: int) -> float:
-    # 8 input vectors + the server's running sum + one masked vector in flight + Flower's copies
-    return (8 * d * 4 + 6 * (d + 1) * 8 + n * 2e4) / 1e9
+def _memory_gb(n: int, d: int, flower: bool) -> float:
+    """Peak estimate: 8 input vectors, plus every client's upload queued at once by the in-process
+    driver (n x (d+1) x 4 bytes, 1.5x for frame copies), plus Flower's int64 vectors and proto copies."""
+    return (8 * d * 4 + 1.5 * n * (d + 1) * 4 + (n * d * 24 if flower else 0)) / 1e9
 
 
 # ------------------------------------------------------------------------------------ command
@@ -259,9 +260,13 @@ def run(args: argparse.Namespace) -> int:
                     cells.append((f"grid dropout={p:g}", n, d, args.k, dropped_clients(n, p), use_flower))
     results, skipped = [], []
     for label, n, d, k, drops, use_flower in tqdm(cells, desc="aggregation bench", unit="cell"):
-        if _memory_gb(n, d) > args.max_memory_gb:
-            skipped.append({"cell": label, "n": n, "d": d, "why": f"needs ~{_memory_gb(n, d):.1f} GB > --max-memory-gb"})
+        if _memory_gb(n, d, False) > args.max_memory_gb:
+            skipped.append({"cell": label, "n": n, "d": d, "why": f"needs ~{_memory_gb(n, d, False):.1f} GB > --max-memory-gb"})
             continue
+        if use_flower and _memory_gb(n, d, True) > args.max_memory_gb:
+            skipped.append({"cell": label + " (Flower only)", "n": n, "d": d,
+                            "why": f"Flower needs ~{_memory_gb(n, d, True):.1f} GB > --max-memory-gb"})
+            use_flower = False
         for row in measure_cell(n, d, drops, k=k, flower=use_flower, repeats=args.repeats):
             results.append({"cell": label, **row})
     ckks_rows, ckks_note = _ckks(args, ns, ds)
