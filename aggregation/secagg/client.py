@@ -187,15 +187,10 @@ class SecAggClient(ClientHalf):
             return self._sit_out(f"only {len(held)} neighbours hold shares of its secrets, threshold {self.t}")
         # y = [q, u] + sum_{j > i} PRG(s_ij) - sum_{j < i} PRG(s_ij) + PRG(b_i)   (mod 2^bits)
         y = self.q.encode(self._vector, self._weight, integer_noise=self._noise)
-        dt, length = self.q.dtype, y.size
         for peer in sorted(held):
             secret = crypto.agree(self._s_sk, self._peer_s_pks[peer], peer=peer)
-            mask = prg.expand(pair_mask_seed(secret, self.ctx, self.id, peer), length, dt)
-            if peer > self.id:
-                y += mask
-            else:
-                y -= mask
-        y += prg.expand(self._seed, length, dt)
+            prg.add_mask(y, pair_mask_seed(secret, self.ctx, self.id, peer), +1 if peer > self.id else -1)
+        prg.add_mask(y, self._seed, +1)
         self._held = held
         self._vector = self._noise = None  # the plain update is no longer needed
         self._stage = _Stage.UNMASK

@@ -41,3 +41,30 @@ def _zeros(nbytes: int) -> memoryview:
     if len(_ZEROS) < nbytes:
         _ZEROS = bytearray(nbytes)
     return memoryview(_ZEROS)[:nbytes]
+
+
+_SCRATCH = bytearray()
+
+
+def add_mask(acc: np.ndarray, seed: bytes, sign: int) -> None:
+    """``acc += sign * expand(seed, len(acc))`` (mod 2^bits) without allocating the mask.
+
+    The keystream lands in a reusable scratch buffer (one per process; the halves are sans-IO and
+    single-threaded), which spares a fresh allocation and its page faults for each of the k + 1
+    masks a client adds and each mask the server removes.
+    """
+    global _SCRATCH
+    if len(seed) != SEED_BYTES:
+        raise ValueError(f"mask seed must be {SEED_BYTES} bytes, got {len(seed)}")
+    if acc.dtype not in (np.dtype(np.uint32), np.dtype(np.uint64)) or acc.ndim != 1:
+        raise ValueError(f"masks are added to flat uint32 or uint64 vectors, not {acc.dtype}{acc.shape}")
+    nbytes = acc.nbytes
+    if len(_SCRATCH) < nbytes + 15:
+        _SCRATCH = bytearray(nbytes + 15)
+    enc = Cipher(algorithms.AES(seed), modes.CTR(_ZERO_IV)).encryptor()
+    enc.update_into(_zeros(nbytes), _SCRATCH)
+    mask = np.frombuffer(_SCRATCH, dtype=acc.dtype, count=acc.size)
+    if sign > 0:
+        acc += mask
+    else:
+        acc -= mask

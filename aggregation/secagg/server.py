@@ -285,7 +285,6 @@ class SecAggServer(ServerHalf):
         xs = np.concatenate([seed_xs, key_xs]) if dropped else seed_xs
         ys = np.concatenate([seed_ys, key_ys]) if dropped else seed_ys
         secrets = shamir.reconstruct(xs, ys)
-        dt, length = self.q.dtype, self.ctx.dim + 1
         total = self._sum
         for row, owner in enumerate(u3):
             try:
@@ -293,7 +292,7 @@ class SecAggServer(ServerHalf):
             except ValueError as exc:
                 self._stage = _Stage.DONE
                 raise AggregationAborted(f"self-mask seed of client {owner} did not reconstruct ({exc})") from exc
-            total -= prg.expand(seed, length, dt)
+            prg.add_mask(total, seed, -1)
         for row, owner in enumerate(dropped, start=len(u3)):
             try:
                 sk = crypto.x25519_from_private(shamir.elements_to_bytes(secrets[row], crypto.KEY_BYTES))
@@ -307,12 +306,8 @@ class SecAggServer(ServerHalf):
                 )
             for peer in sorted(self._holders(owner) & self._masked):
                 secret = crypto.agree(sk, self._keys[peer].s_pk, peer=peer)
-                mask = prg.expand(pair_mask_seed(secret, self.ctx, peer, owner), length, dt)
                 # ``peer`` added +mask if owner > peer, else -mask: undo it.
-                if owner > peer:
-                    total -= mask
-                else:
-                    total += mask
+                prg.add_mask(total, pair_mask_seed(secret, self.ctx, peer, owner), -1 if owner > peer else +1)
         weighted_sum, total_weight = self.q.decode(total)
         self._result = AggregateResult(weighted_sum, total_weight, tuple(u3))
         self._stage = _Stage.DONE

@@ -150,9 +150,9 @@ def _ours(kind: str, aggregator: Aggregator, inputs, drops, stage_names) -> dict
     d = next(iter(inputs.values()))[0].size
     timer = _StageTimer(aggregator, stage_names)
     ctx = RoundContext(os.urandom(16), 0, tuple(range(n)), d)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = run_round(timer, ctx, inputs, drop_after={c: 2 for c in drops} if kind != "plain" else {c: 0 for c in drops})
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     res = out.server_result
     err = float(np.abs(res.average - expected_average(inputs, res.contributors)).max())
     st = out.stats
@@ -162,6 +162,7 @@ def _ours(kind: str, aggregator: Aggregator, inputs, drops, stage_names) -> dict
         "kind": kind,
         "seconds_round": wall,
         "seconds_compute": client_total + st.server_seconds,
+        "cpu_seconds_round": cpu,
         "seconds_server": st.server_seconds,
         "seconds_clients_total": client_total,
         "seconds_client_median": statistics.median(st.client_seconds.values()),
@@ -190,6 +191,7 @@ def _flower(inputs, drops, k: int, t: int) -> dict[str, Any]:
         "seconds_round": r.seconds_total,
         "seconds_round_with_serde": wall,
         "seconds_compute": r.seconds_total,
+        "cpu_seconds_round": r.cpu_seconds_total,
         "seconds_server": r.seconds_server,
         "seconds_clients_total": sum(r.client_seconds.values()),
         "seconds_client_median": statistics.median(r.client_seconds.values()),
@@ -315,6 +317,8 @@ def _target_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "flower_seconds_round": fl["seconds_round"], "flower_seconds_compute": fl["seconds_compute"],
                 "flower_seconds_server": fl["seconds_server"], "flower_bytes_up_per_client": fl["bytes_up_per_client"],
                 "compute_speedup_vs_flower": fl["seconds_compute"] / ours["seconds_compute"],
+                "cpu_speedup_vs_flower": fl["cpu_seconds_round"] / ours["cpu_seconds_round"],
+                "secagg_cpu_seconds_round": ours["cpu_seconds_round"], "flower_cpu_seconds_round": fl["cpu_seconds_round"],
                 "round_time_ratio_vs_flower": ours["seconds_round"] / fl["seconds_round"],
                 "upload_ratio_vs_flower": ours["bytes_up_per_client"] / fl["bytes_up_per_client"],
             })
@@ -323,22 +327,25 @@ def _target_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _markdown(payload: dict[str, Any]) -> str:
-    head = ["cell", "kind", "n", "d", "k", "t", "dropped", "round s", "compute s", "server s", "client s (median)",
+    head = ["cell", "kind", "n", "d", "k", "t", "dropped", "round s", "compute s", "CPU s", "server s", "client s (median)",
             *[f"client {s} s" for s in STAGES], "up B/client", "down B/client", "max err of avg"]
     rows = []
     for r in payload["results"]:
         st = r["client_stage_seconds_median"]
         rows.append([r["cell"], r["kind"], r["n"], r["d"], r["k"], r["t"], r["dropped"], r["seconds_round"], r["seconds_compute"],
-                     r["seconds_server"], r["seconds_client_median"], *[st.get(s, "") for s in STAGES],
+                     r["cpu_seconds_round"], r["seconds_server"], r["seconds_client_median"], *[st.get(s, "") for s in STAGES],
                      int(r["bytes_up_per_client"]), int(r["bytes_down_per_client"]), r["max_abs_error_of_average"]])
     parts = ["### Aggregation protocols (`fedrlhf bench aggregation`)", "",
              "One in-process round per cell, every client and the server timed separately in one process; "
-             "dropped clients stop after the share-keys stage. Flower = flwr 1.42 `SecAggPlusWorkflow` + "
+             "dropped clients stop after the share-keys stage. 'compute s' is wall time summed over the clients and "
+             "the server; 'CPU s' is the process CPU time of the round (robust to other load on a shared machine). Flower = flwr 1.42 `SecAggPlusWorkflow` + "
              f"`secaggplus_mod`, same inputs ({payload['flower']}).", "", markdown_table(head, rows)]
     if payload["targets"]:
-        th = ["target cell", "ours round s", "Flower round s", "compute speed-up", "round time ratio", "upload ratio"]
+        th = ["target cell", "ours round s", "Flower round s", "compute speed-up (wall)", "CPU speed-up", "round time ratio",
+              "upload ratio"]
         tr = [[t["cell"], t["secagg_seconds_round"], t.get("flower_seconds_round", "n/a"), t.get("compute_speedup_vs_flower", "n/a"),
-               t.get("round_time_ratio_vs_flower", "n/a"), t.get("upload_ratio_vs_flower", "n/a")] for t in payload["targets"]]
+               t.get("cpu_speedup_vs_flower", "n/a"), t.get("round_time_ratio_vs_flower", "n/a"), t.get("upload_ratio_vs_flower", "n/a")]
+              for t in payload["targets"]]
         parts += ["", "Targets (same run):", "", markdown_table(th, tr)]
     if payload["skipped"]:
         parts += ["", "Skipped cells: " + "; ".join(f"n={s['n']} d={s['d']} ({s['why']})" for s in payload["skipped"])]

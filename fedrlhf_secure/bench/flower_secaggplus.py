@@ -28,6 +28,8 @@ import numpy as np
 class FlowerRound:
     seconds_total: float
     seconds_server: float
+    cpu_seconds_total: float
+    """Process CPU time of the round (clients + server, serialisation excluded): robust to other load."""
     client_seconds: dict[int, float]
     bytes_up: dict[int, int]
     bytes_down: dict[int, int]
@@ -93,6 +95,7 @@ def run_flower_secaggplus(
     bytes_up = {nid: 0 for nid in inputs}
     bytes_down = {nid: 0 for nid in inputs}
     stage_seconds = {s: 0.0 for s in stages}
+    transport_cpu = [0.0]
     transport = [0.0]  # protobuf (de)serialisation: transport, not protocol work; excluded
 
     def fit(msg: Message, ctxt: Context) -> Message:
@@ -109,15 +112,16 @@ def run_flower_secaggplus(
                 index = stages.index(stage)
                 if nid in drop_from_stage and index >= drop_from_stage[nid]:
                     continue
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 wire_down = message_to_proto(msg)
                 delivered = message_from_proto(wire_down)  # each client gets its own copy, as over gRPC
-                t1 = time.perf_counter()
+                t1, c1 = time.perf_counter(), time.process_time()
                 reply = secaggplus_mod(delivered, client_ctx[nid], fit)
-                t2 = time.perf_counter()
+                t2, c2 = time.perf_counter(), time.process_time()
                 wire_up = message_to_proto(reply)
                 replies.append(message_from_proto(wire_up))
                 transport[0] += (t1 - t0) + (time.perf_counter() - t2)
+                transport_cpu[0] += (c1 - c0) + (time.process_time() - c2)
                 client_seconds[nid] += t2 - t1
                 stage_seconds[stage] += t2 - t1
                 bytes_down[nid] += wire_down.ByteSize()
@@ -146,9 +150,10 @@ def run_flower_secaggplus(
     level = flwr_logger.level
     flwr_logger.setLevel(logging.WARNING)
     try:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         workflow(_Grid(), context)
         total = time.perf_counter() - t0
+        cpu = time.process_time() - c0 - transport_cpu[0]
     finally:
         TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
         flwr_logger.setLevel(level)
@@ -159,4 +164,4 @@ def run_flower_secaggplus(
         aggregate = arrays[0]
     total -= transport[0]
     server = total - sum(client_seconds.values())
-    return FlowerRound(total, server, client_seconds, bytes_up, bytes_down, aggregate, stage_seconds)
+    return FlowerRound(total, server, cpu, client_seconds, bytes_up, bytes_down, aggregate, stage_seconds)
