@@ -69,7 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="skip Flower in grid cells with n*d above this (it takes minutes there); targets always run")
     p.add_argument("--ckks", action=argparse.BooleanOptionalAction, default=True,
                    help="add CKKS rows from fedrlhf_secure.bench.ckks.measure(n, d) when that module exists")
-    p.add_argument("--ckks-max-nd", type=float, default=1e7, help="largest n*d cell given to the CKKS measure")
+    p.add_argument("--ckks-max-nd", type=float, default=1e6, help="largest n*d cell given to the CKKS measure")
     p.add_argument("--max-memory-gb", type=float, default=4.0, help="skip cells whose inputs + state would exceed this")
     p.add_argument("--repeats", type=int, default=1, help="rounds per cell and kind; medians are reported")
     p.add_argument("--json", type=Path, default=Path("bench/aggregation.json"))
