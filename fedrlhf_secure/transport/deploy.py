@@ -39,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--socket", type=Path, required=True, help="Unix socket path (the SuperNode's node config client-host)")
     p.add_argument("--data-dir", type=Path, default=None, help="dataset directory (default: $FEDRLHF_DATA_DIR)")
     p.add_argument("--keys-dir", type=Path, default=None, help="this node's key directory (CKKS: dealer.pub, client-<id>.key, package-client-<id>.frame)")
+    p.add_argument("--task-module", action="append", default=[], help="import this module first (a task plug-in that registers its kind)")
     p.add_argument("--ready-file", type=Path, default=None, help=argparse.SUPPRESS)
 
     p = sub.add_parser("local", help="run a config on a SuperLink + N SuperNodes on this machine (TLS, node auth)")
@@ -78,8 +79,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"{p.private_key} (stays on the node)  {p.public_key} (register: flwr supernode register {p.public_key})")
         return 0
     if cmd == "client-host":
+        import importlib
+
         from .client_host import ClientHost, serve
 
+        for module in args.task_module:
+            importlib.import_module(module)
         host = ClientHost(_client_ids(args.client_ids), args.data_dir, args.keys_dir)
         try:
             serve(host, args.socket, ready_file=args.ready_file)

@@ -80,6 +80,7 @@ class LocalDeployment:
         *,
         data_dir: Path | None = None,
         start_timeout: float = 120.0,
+        task_modules: Sequence[str] = (),
     ) -> None:
         if len(node_clients) < 1 or any(len(c) == 0 for c in node_clients):
             raise ValueError("every SuperNode needs at least one client id")
@@ -87,6 +88,7 @@ class LocalDeployment:
         self.node_clients = [list(map(int, c)) for c in node_clients]
         self.data_dir = Path(data_dir).resolve() if data_dir else None
         self.start_timeout = start_timeout
+        self.task_modules = list(task_modules)
         self.procs: list[_Proc] = []
         self.nodes: list[NodeHandle] = []
         self.port = 0
@@ -102,6 +104,9 @@ class LocalDeployment:
             FLWR_DISABLE_UPDATE_CHECK="1",
             OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"),
             PYTHONUNBUFFERED="1",
+            # SuperExec looks for new ClientApp/ServerApp tasks every second by default; on a
+            # deployment this small that poll is a visible share of every exchange
+            FLWR_SUPEREXEC_TASK_POLL_INTERVAL=env.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2"),
         )
         if self.data_dir:
             env["FEDRLHF_DATA_DIR"] = str(self.data_dir)
@@ -226,6 +231,8 @@ class LocalDeployment:
         ]
         if self.data_dir:
             cmd += ["--data-dir", str(self.data_dir)]
+        for module in self.task_modules:
+            cmd += ["--task-module", module]
         return self._spawn(f"client-host-{i}", cmd, self.workdir / f"flwr-node-{i}"), ready
 
     def _start_nodes(self) -> None:
@@ -285,6 +292,7 @@ class LocalDeployment:
         settings = {
             "config": str(Path(config).resolve()),
             "keys-dir": str(keys_dir or ""),
+            "task-modules": ",".join(self.task_modules),
             "data-dir": str(self.data_dir or ""),
             "out": str(Path(out).resolve()),
             "min-nodes": len(self.nodes),

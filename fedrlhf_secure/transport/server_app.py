@@ -13,6 +13,7 @@ Run config keys (``[tool.flwr.app.config]`` in the app's pyproject.toml, overrid
 ``config``         path of the fedrlhf YAML config on the SuperLink machine (required)
 ``data-dir``       dataset directory on the SuperLink machine (for the task's public layout)
 ``out``            where the run directory is written
+``task-modules``   comma-separated modules to import first (task plug-ins that register a kind)
 ``keys-dir``       the server's key directory (CKKS: ``dealer.pub`` + ``public-context.frame``)
 ``min-nodes``      SuperNodes to wait for before starting
 ``node-wait``      seconds to wait for them
@@ -38,7 +39,7 @@ from .server_loop import run_remote_federation
 
 app = ServerApp()
 
-DEFAULTS = {"keys-dir": "", "data-dir": "", "out": "runs", "min-nodes": 1, "node-wait": 120.0, "fit-timeout": 600.0, "stage-timeout": 60.0, "fault-dir": "", "fault-stop": ""}
+DEFAULTS = {"task-modules": "", "keys-dir": "", "data-dir": "", "out": "runs", "min-nodes": 1, "node-wait": 120.0, "fit-timeout": 600.0, "stage-timeout": 60.0, "fault-dir": "", "fault-stop": ""}
 
 
 class GridLink:
@@ -118,6 +119,10 @@ def _fault_hook(fault_dir: str, fault_stop: str) -> Callable[[int, str, int], No
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    import importlib
+
+    for module in filter(None, str(_setting(context, "task-modules")).split(",")):
+        importlib.import_module(module.strip())
     config = load_config(Path(str(_setting(context, "config"))))
     data_dir = str(_setting(context, "data-dir")) or None
     out = Path(str(_setting(context, "out")))
