@@ -9,12 +9,16 @@ and each step moves ``π_θ`` towards it by minimising ``KL(π* || π_θ)`` (the
 projection of AWR/MPO, Peters & Schaal 2007; Peng et al. 2019). Compared with the plain
 expected-reward gradient ``∂J/∂z = π(1-π)(R_high - R_low)`` (``objective: expected_reward``, also
 available), the projection's gradient ``π - π*`` does not vanish once the policy is confident, so it
-fits in the few local steps a federated round allows; the vanishing factor cost ~1 point of held-out
-accuracy at equal steps in our measurements (see the module's README section). A Q-learning target
-would need a value head and bootstrapping that a one-step (bandit) task does not have. The shaped
-reward still matters: ``λ_k H_k`` moves the target ``π*`` per record (a 1-star record is pushed
-harder towards "low" than a 3-star one), and a test checks that ``λ = 0`` and ``λ > 0`` give
-different updates.
+fits in the few local steps a federated round allows. Measured on u1 (943 clients, 5 rounds × 5
+local epochs, same settings otherwise): held-out accuracy after rounds 1-5 was 0.645 / 0.646 / 0.666 /
+0.688 / 0.706 with ``expected_reward`` against 0.654 / 0.703 / 0.710 / 0.713 / 0.713 with
+``kl_regularised``. A Q-learning target would need a value head and bootstrapping that a one-step
+(bandit) task does not have. The shaped reward still matters: ``λ_k H_k`` moves the target ``π*``
+per record (a 1-star record is pushed harder towards "low" than a 3-star one), and a test checks
+that ``λ = 0`` and ``λ > 0`` give different updates.
+
+**Local schedule.** See :func:`train_epochs`: the personal embedding is first fitted to the received
+global model, then the shared parameters are trained with it fixed (FedRep, Collins et al. 2021).
 
 Two loops: :func:`train_epochs` (plain mini-batch Adam, the fast path) and :func:`train_epochs_dp`
 (Opacus DP-SGD: per-sample clipping and Gaussian noise with Poisson sampling, see its docstring).
