@@ -206,31 +206,79 @@ def table_rows(rows: Sequence[dict[str, Any]]) -> list[list[Any]]:
     ]
 
 
-def main(argv: list[str] | None = None) -> int:
-    from tqdm.auto import tqdm
-
-    from .report import markdown_table, write_json
-
-    parser = argparse.ArgumentParser(description="CKKS aggregation benchmark (standalone; fedrlhf bench aggregation includes it)")
-    parser.add_argument("--n", type=int, nargs="+", default=[10])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--n", type=int, nargs="+", default=[10, 100])
     parser.add_argument("--d", type=int, default=1_000_000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-nvflare", action="store_true", help="skip the NVFlare-default reference rows")
-    parser.add_argument("--sweep-d", type=int, default=100_000, help="vector size of the data-prime sweep (0: skip)")
+    parser.add_argument("--nvflare-max-n", type=int, default=10, help="NVFlare reference rows only for n up to this")
+    parser.add_argument("--sweep-d", type=int, default=200_000, help="vector size of the data-prime sweep (0: skip)")
     parser.add_argument("--out", type=Path, default=Path("bench/ckks.json"))
-    args = parser.parse_args(argv)
+    parser.add_argument("--doc", type=Path, default=Path("BENCHMARKS.md"), help="Markdown file whose 'ckks' section is rewritten")
+
+
+def _plot_sweep(swept: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([r["expansion_vs_float32"] for r in swept], [r["rel_error"] for r in swept], "o-")
+    for r in swept:
+        ax.annotate(f"q={r['coeff_mod_bit_sizes'][0]} bits", (r["expansion_vs_float32"], r["rel_error"]), fontsize=8)
+    ax.axhline(1e-4, color="grey", ls="--", lw=1, label="1e-4 target")
+    ax.set_yscale("log")
+    ax.set_xlabel("ciphertext expansion vs float32")
+    ax.set_ylabel("relative error of the average")
+    ax.set_title("CKKS data prime (N=4096, headroom 2^21)")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .report import markdown_table, update_section, write_json
+
     rows = []
     for n in tqdm(args.n, desc="ckks bench", unit="n"):
-        rows += measure(n, args.d, repeats=args.repeats, include_nvflare=not args.no_nvflare)["rows"]
+        nvflare = not args.no_nvflare and n <= args.nvflare_max_n
+        rows += measure(n, args.d, repeats=args.repeats, include_nvflare=nvflare)["rows"]
     swept = sweep(args.sweep_d) if args.sweep_d else []
     write_json(args.out, {"rows": rows, "sweep": swept})
-    print(markdown_table(TABLE_HEADERS, table_rows(rows)))
+    parts = [
+        "### CKKS aggregation (`python -m fedrlhf_secure.bench.ckks`)",
+        "",
+        "Default parameters and NVFlare's (N=8192, [60,40,40], 2^40) in one run, per-party timings interleaved; "
+        "medians of the per-party timings; wall seconds with process CPU seconds in brackets (a shared machine "
+        "inflates wall time). 'round s' runs every client and the server in one process, one after another.",
+        "",
+        markdown_table(TABLE_HEADERS, table_rows(rows)),
+    ]
     if swept:
-        print()
-        print(markdown_table(("primes", "scale", "expansion ×f32", "rel. error"),
-                             [[str(r["coeff_mod_bit_sizes"]), f"2^{r['scale_bits']}", r["expansion_vs_float32"], r["rel_error"]] for r in swept]))
-    print(f"wrote {args.out}")
+        _plot_sweep(swept, args.out.with_name("ckks_sweep.png"))
+        parts += [
+            "",
+            f"Data-prime sweep (n=10, d={args.sweep_d}, uniform weights, clipped-size updates, headroom 2^21):",
+            "",
+            markdown_table(("primes", "scale", "expansion ×f32", "rel. error"),
+                           [[str(r["coeff_mod_bit_sizes"]), f"2^{r['scale_bits']}", r["expansion_vs_float32"], r["rel_error"]] for r in swept]),
+        ]
+    body = "\n".join(parts)
+    update_section(args.doc, "ckks", body)
+    print(body)
+    print(f"wrote {args.out} and the 'ckks' section of {args.doc}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="CKKS aggregation benchmark (fedrlhf bench aggregation includes its small cells)")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
