@@ -172,7 +172,7 @@ def test_client_host_refuses_out_of_order_and_foreign_requests():
     assert "not been set up" in resp.header["error"]
     setup = NodeMessage("setup", {"client_ids": [0, 1, 2, 3]}, blobs={"config": yaml.safe_dump(_raw()).encode()})
     resp = NodeMessage.decode(host.handle(setup.encode(REQUEST)), RESPONSE)
-    assert resp.header["sizes"] == {"0": 1, "2": 3}
+    assert resp.header["clients"] == [0, 2] and "sizes" not in resp.header  # example counts are hidden weights
     foreign = NodeMessage("fit", {**fit.header, "clients": [1]}, blobs={"instruction": b""})
     resp = NodeMessage.decode(host.handle(foreign.encode(REQUEST)), RESPONSE)
     assert "does not host" in resp.header["error"]
@@ -231,7 +231,7 @@ def test_client_host_answers_over_its_unix_socket_only_to_its_user(tmp_path):
     assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
     setup = NodeMessage("setup", {"client_ids": [0, 1, 2, 3]}, blobs={"config": yaml.safe_dump(_raw()).encode()})
     resp = NodeMessage.decode(relay(sock, setup.encode(REQUEST), timeout=10), RESPONSE)
-    assert resp.header["sizes"] == {"0": 1, "1": 2}
+    assert resp.header["clients"] == [0, 1]
     t.join(timeout=10)
     assert not t.is_alive() and not sock.exists()
 

@@ -99,8 +99,9 @@ class ClientHost:
         self.clients = LocalClients(self.task, self.client_ids, self.codec)
         self.aggregator = node_aggregator(config, everyone, self.client_ids, self.keys_dir)
         self.privacy = NoPrivacy()
-        sizes = self.clients.num_examples()
-        return NodeMessage("setup", {"sizes": {str(c): int(n) for c, n in sizes.items()}, "dim": int(self.codec.dim)})
+        # only which clients are here: example counts are FedAvg weights, which masking and CKKS keep
+        # from the server (they travel inside the protected vector)
+        return NodeMessage("setup", {"clients": list(self.client_ids), "dim": int(self.codec.dim)})
 
     def _require_setup(self) -> LocalClients:
         if self.clients is None or self.config is None:
@@ -135,7 +136,7 @@ class ClientHost:
             priv = self.privacy.privatize(c, ctx.round, up.vector, weight, crng)
             self.privacy.commit(c, ctx.round, up.privacy)
             halves[c] = self.aggregator.client(ctx, c, priv.vector, priv.weight, **priv.aggregator_kwargs)
-            summary[str(c)] = {"num_examples": int(up.num_examples), "metrics": _finite(up.metrics)}
+            summary[str(c)] = {"metrics": _finite(up.metrics)}
         self.round = _Round(ctx, halves)
         for c, msgs in req.messages.items():
             replies[c] = self._deliver(c, msgs)

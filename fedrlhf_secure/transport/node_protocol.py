@@ -6,9 +6,9 @@ A node hosts several client ids, so one request carries the frames for all of th
 
 Operations (``op`` in the request header):
 
-``setup``     run config (YAML), session id, all client ids  -> example count of each hosted client
+``setup``     run config (YAML), all client ids               -> the ids this node hosts (no example counts)
 ``fit``       fit instruction, round context, the aggregator's opening messages per client
-              -> per-client fit summary (example count, numeric metrics) and the first replies
+              -> per-client training metrics (numbers) and the first replies
 ``agg``       aggregator messages per client                  -> replies per client
 ``finish``    last aggregator messages (e.g. CKKS aggregate)   -> the aggregate as the clients read it
 ``evaluate``  global shared parameters                         -> one ``fed/report`` frame per client

@@ -99,7 +99,8 @@ class RemoteFederation(Federation):
             raise ValueError(f"federation.min_clients={self.fed.min_clients} but the task has only {len(self.client_ids)} clients")
         self.clients = _RemoteClients()  # type: ignore[assignment]
         self.aggregator = server_aggregator(config, self.client_ids, keys_dir)  # fail on missing keys before any node is contacted
-        self.nodes, self.sizes = self._setup_nodes(nodes)
+        self.nodes = self._setup_nodes(nodes)
+        self.sizes: dict[int, int] = {}  # example counts stay on the nodes (they are the hidden FedAvg weights)
         self.node_of = {c: n for n, cids in self.nodes.items() for c in cids}
         unhosted = sorted(set(self.client_ids) - set(self.node_of))
         if unhosted:
@@ -118,14 +119,13 @@ class RemoteFederation(Federation):
         )
         self.transport_log: list[dict[str, Any]] = []
 
-    def _setup_nodes(self, nodes: Mapping[int, Sequence[int] | None]) -> tuple[dict[int, list[int]], dict[int, int]]:
+    def _setup_nodes(self, nodes: Mapping[int, Sequence[int] | None]) -> dict[int, list[int]]:
         """Send the run config to every node; learn (or check) which clients each one hosts."""
         header = {"client_ids": list(self.client_ids)}
         blobs = {"config": self.config.to_yaml().encode("utf-8")}
         reqs = {n: NodeMessage("setup", header, blobs=blobs).encode(REQUEST) for n in nodes}
         raw = self.link.exchange(reqs, SETUP_TIMEOUT)
         hosted: dict[int, list[int]] = {}
-        sizes: dict[int, int] = {}
         for n, expected in nodes.items():
             if n not in raw:
                 raise TransportError(f"node {n} did not answer the setup request")
@@ -134,15 +134,14 @@ class RemoteFederation(Federation):
                 raise TransportError(f"node {n} refused the run: {msg.header['error']}")
             if msg.field("dim", int) != self.codec.dim:
                 raise TransportError(f"node {n} computes update vectors of {msg.header['dim']} values, the server {self.codec.dim}")
-            got = {int(c): int(v) for c, v in msg.field("sizes", dict).items()}
-            if expected is not None and sorted(got) != sorted(expected):
-                raise TransportError(f"node {n} reports clients {sorted(got)}, expected {sorted(expected)}")
-            twice = sorted(set(got) & set(sizes))
+            got = sorted(msg.int_list("clients"))
+            if expected is not None and got != sorted(expected):
+                raise TransportError(f"node {n} reports clients {got}, expected {sorted(expected)}")
+            twice = sorted(set(got) & {c for cids in hosted.values() for c in cids})
             if twice:
                 raise TransportError(f"clients {twice} are hosted by more than one node")
-            hosted[n] = sorted(got)
-            sizes.update(got)
-        return hosted, sizes
+            hosted[n] = got
+        return hosted
 
     def run_round(self, r: int, progress: Callable[[str], None]) -> RoundLog:
         t_round = time.perf_counter()
