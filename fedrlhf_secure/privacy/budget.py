@@ -119,6 +119,11 @@ class BudgetedPlan(PrivacyPlan):
         spent = {c: self.ledger.spent(c) for c in self.ledger.clients()}
         values = list(spent.values())
         last_round = max((e.round for e in self.ledger), default=None)
+        increments = []
+        for c in spent:
+            es = self.ledger.entries(c)
+            if es and es[-1].round == last_round:
+                increments.append(es[-1].epsilon_after - (es[-2].epsilon_after if len(es) > 1 else 0.0))
         return {
             "mode": self.mode,
             "accountant": self.accountant_name,
@@ -126,6 +131,7 @@ class BudgetedPlan(PrivacyPlan):
             "delta": self.delta,
             "epsilon_spent_max": max(values) if values else 0.0,
             "epsilon_spent_mean": float(np.mean(values)) if values else 0.0,
+            "epsilon_last_round_max": max(increments, default=0.0),
             "clients_with_releases": len(values),
             "releases": sum(len(self.ledger.entries(c)) for c in spent),
             "last_round": last_round,
