@@ -143,6 +143,7 @@ def test_integer_noise_for_masking_is_skellam_in_the_quantised_domain(tmp_path):
         ({"clip_norm": 0.0}, {}, "privacy"),
         ({"delta": 0.25}, {}, "privacy.delta"),  # 4 clients: δ must be < 1/4
         ({}, {"weighting": "examples"}, "federation.weighting"),
+        ({"survivor_fraction": 1.0}, {"dropout_rate": 0.2}, "privacy.survivor_fraction"),
     ],
 )
 def test_bad_privacy_inputs_are_rejected_with_an_error_naming_the_key(tmp_path, privacy, fed, key):

@@ -98,6 +98,14 @@ def check_inputs(config: Any, client_sizes: Mapping[int, int]) -> None:
         n = len(client_sizes)
         if p.delta >= 1.0 / n:
             raise ConfigError(f"δ={p.delta:g} must be < 1/n = {1 / n:.3g} (n = {n} clients)", source=src, key="privacy.delta")
+        drop = config.federation.dropout_rate
+        if p.noise == "distributed" and drop > 0 and p.survivor_fraction > 1 - drop:
+            raise ConfigError(
+                f"survivor_fraction={p.survivor_fraction:g} with federation.dropout_rate={drop:g}: the noise shares are sized "
+                f"for more survivors than a typical round keeps, so rounds would be discarded; set privacy.survivor_fraction "
+                f"<= {1 - drop:g} (a smaller value adds more noise per client)",
+                source=src, key="privacy.survivor_fraction",
+            )
         if config.federation.weighting != "uniform":
             raise ConfigError(
                 "client-level DP needs federation.weighting: uniform (noise is calibrated for a plain mean; example "
