@@ -14,7 +14,6 @@ from fedrlhf_secure.privacy.dpsgd import DPSGDSettings
 from fedrlhf_secure.tasks.base import FitConfig
 from fedrlhf_secure.tasks.movielens import MovieLensConfig, make_task
 from fedrlhf_secure.tasks.movielens.feedback import (
-    FeedbackProfile,
     direct_feedback,
     human_signal,
     pairwise_feedback,

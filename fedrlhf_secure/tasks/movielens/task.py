@@ -15,7 +15,6 @@ depend on the data.
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -125,9 +124,12 @@ class MovieLensTask(Task):
         if client_id not in self._client_users:
             raise KeyError(f"unknown MovieLens client {client_id}")
         users = self._client_users[client_id]
-        if self._positions is None:
-            self._positions = (_group_by(self._owner[self.split.train.user[self._train_index[self._keep]]], self._train_index[self._keep]),
-                               _group_by(self._owner[self.split.test.user], np.arange(len(self.split.test))))
+        if self._positions is None:  # record positions per client, computed once for all clients
+            kept = self._train_index[self._keep]
+            self._positions = (
+                _group_by(self._owner[self.split.train.user[kept]], kept),
+                _group_by(self._owner[self.split.test.user], np.arange(len(self.split.test))),
+            )
         empty = np.zeros(0, dtype=np.int64)
         train_pos = self._positions[0].get(client_id, empty)
         test_pos = self._positions[1].get(client_id, empty)
