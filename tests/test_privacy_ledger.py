@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fedrlhf_secure.config import config_from_dict
 from fedrlhf_secure.federation.engine import InjectedCrash, RunOptions, resume_federation, run_federation
@@ -173,3 +175,16 @@ def test_the_ledger_command_prints_spend_per_client_and_in_total(tmp_path, capsy
     for c in range(4):
         assert f"| {c} | 2 | 0,1 | {eps:.4f} |" in out
     assert not math.isnan(eps)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 4)), min_size=1, max_size=25))
+def test_replayed_commits_in_any_order_leave_one_entry_per_client_and_round(tmp_path_factory, keys):
+    directory = tmp_path_factory.mktemp("ledger") / "ledger"
+    ledger = PrivacyLedger(directory, {"mode": "client"}, resume=False)
+    for c, r in keys:
+        ledger.record(_entry(client=c, round=r, digest=f"{c}-{r}".ljust(64, "0")))
+    reopened = PrivacyLedger(directory, {"mode": "client"}, resume=True)
+    assert sorted((e.client, e.round) for e in reopened) == sorted(set(keys))
+    for c in reopened.clients():
+        assert [e.round for e in reopened.entries(c)] == sorted({r for cc, r in keys if cc == c})
