@@ -28,7 +28,7 @@ from fedrlhf_secure.transport.local_deployment import LocalDeployment, finished_
 from fedrlhf_secure.transport.node_driver import InProcessLink
 from fedrlhf_secure.transport.server_loop import run_remote_federation
 
-from test_flower_transport import _live_members
+from test_flower_transport import _live_members, _live_processes_mentioning
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -85,6 +85,7 @@ def deployment(tmp_path_factory, shared_datasets):
     for proc in dep.procs:
         assert proc.popen.poll() is not None, f"{proc.name} is still running"
         assert _live_members(proc.popen.pid) == [], f"{proc.name} left processes behind"
+    assert _live_processes_mentioning(dep.workdir) == []
 
 
 @pytest.mark.parametrize("kind, atol", [("secagg", 5e-4), ("ckks", 1e-5)])

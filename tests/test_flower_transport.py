@@ -278,6 +278,20 @@ def _live_members(pgid: int) -> list[int]:
     return live
 
 
+def _live_processes_mentioning(path: Path) -> list[str]:
+    """Command lines of live processes that name ``path`` (every deployment process names its workdir)."""
+    found = []
+    for proc_dir in Path("/proc").glob("[0-9]*"):
+        try:
+            state = (proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            cmd = (proc_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError):
+            continue
+        if state != "Z" and str(path) in cmd and int(proc_dir.name) != os.getpid():
+            found.append(cmd)
+    return found
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to list process groups")
 def test_a_deployment_that_fails_to_start_leaves_no_process_behind(tmp_path):
     pytest.importorskip("flwr")
@@ -298,3 +312,5 @@ def test_a_deployment_that_fails_to_start_leaves_no_process_behind(tmp_path):
     for proc in dep.procs:
         assert proc.popen.poll() is not None
         assert _live_members(proc.popen.pid) == []
+    # including the SuperExec the SuperLink started in a session of its own
+    assert _live_processes_mentioning(dep.workdir) == []

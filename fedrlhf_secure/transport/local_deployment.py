@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,6 +95,7 @@ class LocalDeployment:
         self.port = 0
         self.certs: CertificatePaths | None = None
         self._closed = False
+        self._previous_sigterm = None
 
     # ------------------------------------------------------------------ processes
     def _env(self, home: Path) -> dict[str, str]:
@@ -125,20 +127,22 @@ class LocalDeployment:
 
     @staticmethod
     def _stop(proc: _Proc, grace: float = 5.0) -> None:
-        if proc.popen.poll() is None:
-            try:
-                os.killpg(proc.popen.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                proc.popen.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                pass
-        # the group may hold children even after its leader exited (SuperExec, flwr-*app)
-        try:
-            os.killpg(proc.popen.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        """Stop ``proc``, its process group, and every descendant (SuperExec detaches into its own session)."""
+        family = [proc.popen.pid, *descendants(proc.popen.pid)]
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in family:
+                try:
+                    if pid == proc.popen.pid:
+                        os.killpg(pid, sig)
+                    else:
+                        os.kill(pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            if sig == signal.SIGTERM:
+                try:
+                    proc.popen.wait(timeout=grace)
+                except subprocess.TimeoutExpired:
+                    pass
         try:
             proc.popen.wait(timeout=grace)
         except subprocess.TimeoutExpired:
@@ -150,6 +154,9 @@ class LocalDeployment:
         self._closed = True
         for proc in reversed(self.procs):
             self._stop(proc)
+        if self._previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+            self._previous_sigterm = None
 
     def __enter__(self) -> "LocalDeployment":
         try:
@@ -175,6 +182,10 @@ class LocalDeployment:
 
     def start(self) -> None:
         atexit.register(self.close)
+        if threading.current_thread() is threading.main_thread():
+            # a plain SIGTERM would end this process without running finally/atexit: turn it into
+            # SystemExit so the deployment's processes are stopped too
+            self._previous_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.certs = create_certificates(self.workdir / "certs", ["localhost", LOOPBACK])
         keys = create_node_keys(self.workdir / "node-keys", [f"node-{i}" for i in range(len(self.node_clients))])
@@ -323,6 +334,29 @@ class LocalDeployment:
         except subprocess.TimeoutExpired as exc:
             raise DeploymentError(f"flwr run did not finish in {timeout:.0f} s; see {self.workdir / 'logs'}") from exc
         return finished_run(out, before, self.workdir / "logs")
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (from /proc; empty where /proc is unavailable)."""
+    parent: dict[int, int] = {}
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z":
+            parent[int(stat_file.parent.name)] = int(fields[1])
+    found: list[int] = []
+    frontier = {pid}
+    while frontier:
+        kids = {c for c, p in parent.items() if p in frontier and c not in found}
+        found.extend(sorted(kids))
+        frontier = kids
+    return found
 
 
 def finished_run(out: Path, before: set[Path], logs: Path) -> Path:
