@@ -53,7 +53,7 @@ def test_tiny_config_runs_through_the_engine(ml100k, tmp_path):
 @pytest.mark.integration
 def test_default_federation_reaches_the_heldout_accuracy_target(ml100k, tmp_path):
     """Issue 2's bar: all 943 users of u1, 5 rounds x 5 local epochs, held-out accuracy >= 0.705."""
-    config = load_config(CONFIGS / "movielens.yaml")
+    config = load_config(CONFIGS / "movielens.yaml", ["baselines=[centralized, local]"])
     run_dir = run_federation(config, RunOptions(data_dir=ml100k, out=tmp_path, progress=False))
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["num_clients"] == 943 and summary["rounds_completed"] == 5

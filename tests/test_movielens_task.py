@@ -6,6 +6,8 @@ import dataclasses
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 from fedrlhf_secure.config import config_from_dict
@@ -258,3 +260,23 @@ def test_dp_fit_takes_a_noisy_step_on_empty_poisson_batches(data_dir):
     result = client.fit(task.initial_shared(), FitConfig(0, 1, 0, DPSGDSettings(1.0, 1.0, rate)))
     assert result.privacy["steps"] == 50
     assert np.all(np.isfinite(result.delta[ITEM_EMBEDDING])) and np.abs(result.delta[ITEM_EMBEDDING]).min() > 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    ratings=st.lists(st.integers(1, 5), min_size=0, max_size=40),
+    n_users=st.integers(1, 4),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_pairwise_answers_pair_records_of_one_user_and_cancel(ratings, n_users, seed):
+    r = np.array(ratings, dtype=np.float32)
+    users = np.arange(len(r)) % n_users
+    out = pairwise_feedback(r, users, 0.0, np.random.default_rng(seed))
+    assert set(np.unique(out)) <= {-1.0, 0.0, 1.0}
+    for u in range(n_users):
+        mine = users == u
+        assert out[mine].sum() == 0  # every +1 has its -1 within the same user
+        assert np.count_nonzero(out[mine]) <= 2 * (mine.sum() // 2)
+        # a winner never has a lower rating than the user's losers it could have been paired with
+        if (out[mine] == 1).any() and (out[mine] == -1).any():
+            assert r[mine][out[mine] == 1].max() > r[mine][out[mine] == -1].min()
