@@ -21,7 +21,7 @@ class PolicyModelConfig:
     n_layer: int = 2
     n_head: int = 4
     n_embd: int = 128
-    block_size: int = 128
+    block_size: int = 64
     pretrain_steps: int = 400
     pretrain_batch: int = 8
     pretrain_lr: float = 3e-3
@@ -89,13 +89,13 @@ class IMDbConfig:
     prompts_per_step: int = 4
     num_generations: int = 4
     max_new_tokens: int = 16
-    rl_lr: float = 5e-3
+    rl_lr: float = 1e-2
     rl_beta: float = 0.02
     temperature: float = 1.0
     eval_prompts: int = 32
     eval_classifier_reviews: int = 5000
     samples_per_client: int = 4
-    torch_threads: int = 2
+    torch_threads: int = 1
     device: Literal["cpu", "cuda", "auto"] = "cpu"
 
     def __post_init__(self) -> None:
