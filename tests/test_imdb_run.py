@@ -72,3 +72,18 @@ def test_the_lora_vector_goes_through_every_aggregation_and_privacy_mode(tmp_pat
     model = load_tensors(run / "model.safetensors")
     assert all("lora_" in k for k in model)
     assert any(np.abs(v).max() > 0 for k, v in model.items() if ".lora_B." in k)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_default_config_raises_the_positive_rate_and_higher_lambda_scores_higher_on_its_own_reward(shared_datasets, cache_dir, tmp_path):
+    """The CPU default (configs/imdb.yaml, pretraining included): the judge's positive rate on held-out
+    prompts ends above the initial policy's, and client k's own shaped reward grows with λ_k."""
+    rc = main(["run", str(REPO / "configs" / "imdb.yaml"), "--data-dir", str(shared_datasets), "--out", str(tmp_path / "runs"), "--no-progress"])
+    assert rc == 0
+    run = next(p for p in (tmp_path / "runs").iterdir() if p.name.startswith("imdb") and p.is_dir() and not p.is_symlink())
+    rows = _rows(run)
+    initial = json.loads((run / "summary.json").read_text())["baselines"]["initial_policy"]
+    assert rows[-1]["positive_rate_mean"] > initial["positive_rate"]
+    own = [rows[-1][f"shaped_reward_client{k}_mean"] for k in range(5)]  # λ = 0.1, 0.3, 0.5, 0.7, 0.9
+    assert own == sorted(own)
