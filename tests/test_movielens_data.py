@@ -130,3 +130,12 @@ def test_official_split_on_latest_small_is_rejected_with_the_alternative(tmp_pat
     write_latest_small(tmp_path)
     with pytest.raises(ValueError, match="use split: random"):
         load_split(tmp_path, "u1")
+
+
+@pytest.mark.parametrize("split", ["u2", "u5", "ua", "ub"])
+def test_every_official_split_reads_its_own_base_and_test_files(tmp_path, split):
+    d = write_ml100k(tmp_path)
+    loaded = load_split(tmp_path, split)
+    assert len(loaded.train) == len((d / f"{split}.base").read_text().splitlines())
+    assert len(loaded.test) == len((d / f"{split}.test").read_text().splitlines())
+    assert loaded.split == split

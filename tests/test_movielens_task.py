@@ -6,9 +6,9 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-import torch
 
 from fedrlhf_secure.config import config_from_dict
 from fedrlhf_secure.configtypes import ConfigError
