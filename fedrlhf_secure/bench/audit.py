@@ -1,0 +1,76 @@
+"""``fedrlhf bench audit``: a 16-shadow LiRA audit of the default MovieLens run, timed.
+
+Target (issue 6): the whole audit (16 shadow federations on random halves of the candidates, all
+attacks, metrics, plots) in under 15 minutes on 2 CPU cores. The audited run itself is trained
+first and timed separately. Writes ``bench/audit.json`` and the ``audit`` section of
+BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from .report import markdown_table, update_section, write_json
+
+TARGET_SECONDS = 15 * 60
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="configs/movielens.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--data-dir", type=Path, default=None)
+    p.add_argument("--shadows", type=int, default=16)
+    p.add_argument("--canaries", type=int, default=0, help="also run the one-run ε audit with this many canaries")
+    p.add_argument("--json", type=Path, default=Path("bench/audit.json"))
+    p.add_argument("--doc", type=Path, default=Path("BENCHMARKS.md"))
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from attacks.audit import AuditSettings, audit_run, progress_steps
+    from fedrlhf_secure.config import load_config
+    from fedrlhf_secure.federation.engine import RunOptions, run_federation
+
+    config = load_config(args.config, args.overrides)
+    settings = AuditSettings(num_shadows=args.shadows, num_canaries=args.canaries)
+    with tempfile.TemporaryDirectory(prefix="fedrlhf-bench-audit-") as tmp:
+        t0 = time.perf_counter()
+        run_dir = run_federation(config, RunOptions(data_dir=args.data_dir, out=Path(tmp), progress=not args.no_progress))
+        target_seconds = time.perf_counter() - t0
+        bar = tqdm(total=progress_steps(settings), desc="audit", unit="run", disable=args.no_progress)
+        t0 = time.perf_counter()
+        try:
+            report = audit_run(run_dir, args.data_dir, settings, progress=bar.set_postfix_str, step=lambda: bar.update(1))
+        finally:
+            bar.close()
+        audit_seconds = time.perf_counter() - t0
+    attacks = report["released_parameters"]["attacks"]
+    result = {
+        "target_run_seconds": target_seconds,
+        "audit_seconds": audit_seconds,
+        "shadow_seconds": report["released_parameters"]["shadow_seconds"],
+        "seconds_per_shadow": report["released_parameters"]["shadow_seconds"] / max(args.shadows, 1),
+        "target_seconds": TARGET_SECONDS,
+        "within_target": audit_seconds < TARGET_SECONDS,
+        "candidates": report["released_parameters"]["candidates"],
+        "members": report["released_parameters"]["members"],
+        "attacks": attacks,
+        "epsilon": report.get("epsilon"),
+    }
+    write_json(args.json, {"config": args.config, "overrides": args.overrides, "shadows": args.shadows, "results": result})
+    rows = [[name, m["auc"], m["tpr_at_0_1pct_fpr"], m["tpr_at_1pct_fpr"], m["balanced_accuracy"]] for name, m in attacks.items()]
+    body = (
+        f"### Membership audit (`fedrlhf bench audit --config {args.config}`, {args.shadows} shadow runs)\n\n"
+        f"Audit {audit_seconds:.0f} s (target < {TARGET_SECONDS} s; {result['seconds_per_shadow']:.1f} s per shadow run), "
+        f"audited run {target_seconds:.0f} s; {result['members']} members / {result['candidates'] - result['members']} non-members.\n\n"
+        + markdown_table(["attack", "AUC", "TPR@0.1%FPR", "TPR@1%FPR", "balanced acc."], rows)
+    )
+    update_section(args.doc, "audit", body)
+    print(body)
+    print(f"wrote {args.json} and the audit section of {args.doc}")
+    return 0
