@@ -230,7 +230,9 @@ def measure_cell(n: int, d: int, drops: list[int], *, k: int, flower: bool, repe
     if flower:
         kinds.append(("flower-secagg+", lambda: _flower(inputs, drops, min(k, n), t)))
     for _, fn in kinds:
-        rows.append({**meta, **_median_rows([fn() for _ in range(repeats)])})
+        # the 1-minute load average says how contended the (shared) machine was: wall seconds inflate
+        # with it, process CPU seconds do not
+        rows.append({**meta, "loadavg_1min": os.getloadavg()[0], **_median_rows([fn() for _ in range(repeats)])})
     return rows
 
 
