@@ -144,7 +144,7 @@ class LocalDeployment:
                 except subprocess.TimeoutExpired:
                     pass
         try:
-            proc.popen.wait(timeout=grace)
+            proc.popen.wait(timeout=10.0)  # SIGKILLed: only the kernel's teardown is left
         except subprocess.TimeoutExpired:
             pass
 
