@@ -38,7 +38,7 @@ from .loss import loss_scores
 from .metrics import summarize
 from .reference import reference_scores
 from .rmia import rmia_scores
-from .shadows import candidate_pool, load_run_config, run_canaries, shadow_inclusions, train_shadows
+from .shadows import candidate_pool, ensure_supported, load_run_config, run_canaries, shadow_inclusions, train_shadows
 
 RMIA_POPULATION = 2000
 
@@ -155,6 +155,7 @@ def audit_run(
     say = progress or (lambda _msg: None)
     tick = step or (lambda: None)
     config = load_run_config(run_dir)
+    ensure_supported(config)
     claim = claimed_privacy(run_dir, config)
     model_path = run_dir / "model.safetensors"
     if not model_path.is_file():

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from .audit import AuditSettings, audit_run, progress_steps
+from .shadows import AuditUnsupported
 
 EXIT_CLAIM_REFUTED = 1
 
@@ -57,6 +58,9 @@ def run(args: argparse.Namespace) -> int:
     bar = tqdm(total=progress_steps(settings), desc="audit", unit="run", disable=args.no_progress, file=sys.stderr)
     try:
         report = audit_run(run_dir, args.data_dir, settings, progress=bar.set_postfix_str, step=lambda: bar.update(1))
+    except AuditUnsupported as exc:
+        print(f"fedrlhf audit: error: {exc}", file=sys.stderr)
+        return 2
     finally:
         bar.close()
     print(format_report(report))

@@ -47,6 +47,11 @@ def load_run_config(run_dir: Path) -> RunConfig:
     return build_config(yaml.safe_load(path.read_text(encoding="utf-8")), source=str(path))
 
 
+def ensure_supported(config: RunConfig) -> None:
+    """Raise :class:`AuditUnsupported` before any work when the run's task has no audit hooks."""
+    _movielens(config)
+
+
 def _movielens(config: RunConfig):
     if config.task.kind != "movielens":
         raise AuditUnsupported(
@@ -97,7 +102,7 @@ def candidate_pool(config: RunConfig, data_dir: Path | None) -> CandidatePool:
     member = np.zeros(len(records), dtype=bool)
     member[:n_members] = True
     if not np.array_equal(records[:n_members], audited.training_records()):
-        raise AssertionError("candidate pool does not start with the audited run's training records")
+        raise RuntimeError("candidate pool does not start with the audited run's training records (task record order changed?)")
     return CandidatePool(config, records, member, task)
 
 
@@ -152,7 +157,7 @@ def canary_task(config: RunConfig, data_dir: Path | None, num_canaries: int, see
     split = load_split(resolve_data_dir(data_dir), params.split, params.holdout_fraction, config.seed)
     base = MovieLensTask(params, split, config.seed)
     cat = split.catalogue
-    users = np.array(sorted({int(u) for c in base.client_ids() for u in np.flatnonzero(base.client_of_user(np.arange(cat.num_users)) == c)}))
+    users = np.flatnonzero(base.client_of_user(np.arange(cat.num_users)) >= 0)  # the federation's users
     if num_canaries > cat.num_items:
         raise ValueError(f"{num_canaries} canaries need as many items; the catalogue has {cat.num_items}")
     in_fed = base.client_of_user(split.train.user) >= 0

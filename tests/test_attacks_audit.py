@@ -123,3 +123,12 @@ def test_too_few_canaries_are_refused(small_data, tmp_path, capsys):
     (tmp_path / "run").mkdir()
     assert main(["audit", str(tmp_path / "run"), "--canaries", "5", "--no-progress"]) == 2
     assert "--canaries must be 0 (no ε audit) or >= 20" in capsys.readouterr().err
+
+
+def test_tasks_without_record_hooks_are_refused_clearly(tmp_path, capsys):
+    run = tmp_path / "imdb-run"
+    run.mkdir()
+    (run / "config.yaml").write_text("seed: 0\ntask: {kind: imdb}\n")
+    (run / "model.safetensors").write_bytes(b"")
+    assert main(["audit", str(run), "--no-progress", "--no-plots"]) == 2
+    assert "task 'imdb' has none yet" in capsys.readouterr().err
