@@ -62,6 +62,17 @@ def _client_ids(text: str) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Exit 0 on success; 1 with a one-line reason when a file exists, a value is wrong or a process failed."""
+    from .local_deployment import DeploymentError
+
+    try:
+        return _run(args)
+    except (FileExistsError, ValueError, DeploymentError) as exc:
+        print(f"fedrlhf deploy {args.deploy_command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
     cmd = args.deploy_command
     if cmd == "certs":
         from .credentials import create_certificates
@@ -74,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
     if cmd == "node-keys":
         from .credentials import create_node_keys
 
+        if args.count is not None and args.count < 1:
+            raise ValueError(f"--count must be at least 1, got {args.count}")
         names = args.names or [f"node-{i}" for i in range(args.count)]
         for p in create_node_keys(args.out, names):
             print(f"{p.private_key} (stays on the node)  {p.public_key} (register: flwr supernode register {p.public_key})")
