@@ -4,7 +4,7 @@ FedRLHF (arXiv 2412.15538 §4, eq. 3) gives client k the reward
 
     R_k(x, y) = λ_k · R_sentiment,k(y) + (1 − λ_k) · H_k(y)
 
-* ``R_sentiment,k`` is P(positive | y) from a bag-of-tokens logistic classifier trained **only on
+* ``R_sentiment,k`` is P(positive | y) from a bag-of-words logistic classifier trained **only on
   client k's labelled reviews** (the feedback its humans gave), optionally with record-level
   DP-SGD (Opacus). It is trained a few epochs every round, so under DP the privacy plan accounts
   exactly the noisy steps each round reports. The classifier is the client's personal state: it
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 import warnings
+import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -27,12 +28,13 @@ import torch
 from torch import nn
 
 _WORD = re.compile(r"[a-z']+")
+WORD_BUCKETS = 1 << 15
 
 
 class SentimentClassifier(nn.Module):
-    """Mean of learned token embeddings → linear logit (a bag-of-tokens logistic model)."""
+    """Mean of learned (hashed) word embeddings → linear logit (a bag-of-words logistic model)."""
 
-    def __init__(self, vocab_size: int, dim: int = 8) -> None:
+    def __init__(self, vocab_size: int = WORD_BUCKETS, dim: int = 8) -> None:
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, dim)
         self.head = nn.Linear(dim, 1)
@@ -49,16 +51,23 @@ class SentimentClassifier(nn.Module):
         return torch.sigmoid(self(ids, mask)).numpy().astype(np.float64)
 
 
-def encode(tokenizer, texts: Sequence[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded token ids and mask (empty texts become one end-of-text token)."""
-    rows = tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=max_len)["input_ids"]
-    rows = [r if r else [tokenizer.eos_token_id] for r in rows]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tokenizer.eos_token_id, dtype=torch.long)
+def encode(texts: Sequence[str], max_words: int, buckets: int = WORD_BUCKETS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded hashed word ids (CRC-32 of each lower-cased word, mod ``buckets``) and mask.
+
+    The reward reads *words*, not the policy's sub-word tokens: a classifier over BPE fragments
+    rewards fragments that happen to co-occur with praise, and the policy learns to emit them
+    (reward hacking the judge does not share). Empty texts become one padding bucket with mask 1.
+    """
+    rows = [[zlib.crc32(w.encode()) % buckets for w in _WORD.findall(t.lower())[:max_words]] for t in texts]
+    width = max([1, *(len(r) for r in rows)])
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
+        if r:
+            ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+        else:
+            mask[i, 0] = 1
     return ids, mask
 
 
@@ -151,7 +160,6 @@ class ShapedReward:
     """``R_k = λ_k·R_sentiment,k + (1−λ_k)·H_k``, callable as a TRL reward function."""
 
     classifier: SentimentClassifier
-    tokenizer: Any
     lam: float
     preference: str
     length_target: int
@@ -164,7 +172,7 @@ class ShapedReward:
         return "shaped_reward"
 
     def components(self, completions: Sequence[str], completion_ids: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
-        ids, mask = encode(self.tokenizer, completions, self.max_len)
+        ids, mask = encode(completions, self.max_len)
         sentiment = self.classifier.prob_positive(ids, mask)
         if self.preference == "length":
             pref = length_preference(completion_ids, self.length_target)

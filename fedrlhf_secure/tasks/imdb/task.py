@@ -44,8 +44,8 @@ from .evaluation import EvaluationClassifier
 from .policy import Policy
 from .reward import SentimentClassifier, ShapedReward, encode, train_classifier, train_classifier_dp
 
-REVIEW_TOKENS = 128
-"""Reward classifiers read the first 128 tokens of a review (sentiment shows early; keeps DP-SGD cheap)."""
+REVIEW_WORDS = 128
+"""Reward classifiers read the first 128 words of a review (sentiment shows early; keeps DP-SGD cheap)."""
 
 
 class IMDbTask(Task):
@@ -153,12 +153,12 @@ class IMDbClient(TaskClient):
         self.lam = cfg.lambda_for(client_id)
         self.preference = cfg.preference_for(client_id)
         shard = task.split.shards[client_id]
-        self.review_ids, self.review_mask = encode(task.tokenizer, shard.text, REVIEW_TOKENS)
+        self.review_ids, self.review_mask = encode(shard.text, REVIEW_WORDS)
         self.review_labels = torch.as_tensor(shard.label, dtype=torch.long)
         torch.manual_seed(task.seed * 1000 + client_id)
-        self.classifier = SentimentClassifier(len(task.tokenizer))
+        self.classifier = SentimentClassifier()
         self.policy = task.new_policy()
-        self.reward = ShapedReward(self.classifier, task.tokenizer, self.lam, self.preference, cfg.length_target,
+        self.reward = ShapedReward(self.classifier, self.lam, self.preference, cfg.length_target,
                                    tuple(cfg.topic_words), self.policy.reference_logprobs)
         self._workdir = tempfile.TemporaryDirectory(prefix=f"fedrlhf-imdb-{client_id}-")
         self.trainer = self._build_trainer()
