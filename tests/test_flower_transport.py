@@ -314,3 +314,16 @@ def test_a_deployment_that_fails_to_start_leaves_no_process_behind(tmp_path):
         assert _live_members(proc.popen.pid) == []
     # including the SuperExec the SuperLink started in a session of its own
     assert _live_processes_mentioning(dep.workdir) == []
+
+
+def test_deploy_command_writes_credentials_and_refuses_to_overwrite_them(tmp_path, capsys):
+    from fedrlhf_secure.cli import main
+
+    assert main(["deploy", "certs", "--out", str(tmp_path / "certs"), "--host", "localhost", "--host", "127.0.0.1"]) == 0
+    assert main(["deploy", "node-keys", "--out", str(tmp_path / "keys"), "--count", "2"]) == 0
+    assert sorted(p.name for p in (tmp_path / "keys").iterdir()) == ["node-0", "node-0.pub", "node-1", "node-1.pub"]
+    capsys.readouterr()
+    assert main(["deploy", "certs", "--out", str(tmp_path / "certs"), "--host", "localhost"]) == 1
+    assert "ca.key already exists" in capsys.readouterr().err
+    assert main(["deploy", "node-keys", "--out", str(tmp_path / "keys"), "--names", "node-1"]) == 1
+    assert "refusing to overwrite" in capsys.readouterr().err
