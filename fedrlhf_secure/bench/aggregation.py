@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from aggregation.base import Aggregator, ClientHalf, RoundContext
+from aggregation.base import AggregationAborted, Aggregator, ClientHalf, RoundContext
 from aggregation.driver import run_round
 from aggregation.plain import PlainAggregator
 from aggregation.secagg import SecAggAggregator, SecAggConfig
@@ -60,7 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, nargs="+", default=None, help=f"client counts (default {FULL_N})")
     p.add_argument("--d", type=int, nargs="+", default=None, help=f"vector sizes (default {FULL_D})")
     p.add_argument("--dropout", type=float, nargs="+", default=[0.0, 0.1], help="dropout shares per cell")
-    p.add_argument("--k", type=int, default=7, help="SecAgg+ degree (and Flower num_shares)")
+    p.add_argument("--k", type=int, default=7, help="SecAgg+ degree (and Flower num_shares); 0 = the auto rule")
+    p.add_argument("--append", action="store_true", help="keep the cells already in --json and run only the missing ones")
     p.add_argument("--targets", action=argparse.BooleanOptionalAction, default=True,
                    help="also run the three target cells (n=100/1000 k=7, full graph n=100; d=1e5) vs Flower")
     p.add_argument("--grid", action=argparse.BooleanOptionalAction, default=True, help="run the n x d x dropout grid")
@@ -186,7 +187,9 @@ def _flower(inputs, drops, k: int, t: int) -> dict[str, Any]:
                               clipping_range=CLIP, max_weight=MAX_WEIGHT)
     wall = time.perf_counter() - t0
     survivors = [c for c in inputs if c not in drops]
-    err = float(np.abs(r.aggregate - expected_average(inputs, survivors)).max()) if r.aggregate is not None else float("nan")
+    if r.aggregate is None or not np.any(r.aggregate):
+        raise AggregationAborted("Flower SecAgg+ halted the round (too few live neighbours for its threshold)")
+    err = float(np.abs(r.aggregate - expected_average(inputs, survivors)).max())
     live = [c + 1 for c in survivors]
     n = len(inputs)
     return {
@@ -229,10 +232,14 @@ def measure_cell(n: int, d: int, drops: list[int], *, k: int, flower: bool, repe
              ("secagg", lambda: _ours("secagg", SecAggAggregator(cfg, n), inputs, drops, STAGES))]
     if flower:
         kinds.append(("flower-secagg+", lambda: _flower(inputs, drops, min(k, n), t)))
-    for _, fn in kinds:
+    for kind, fn in kinds:
         # the 1-minute load average says how contended the (shared) machine was: wall seconds inflate
         # with it, process CPU seconds do not
-        rows.append({**meta, "loadavg_1min": os.getloadavg()[0], **_median_rows([fn() for _ in range(repeats)])})
+        load = {"loadavg_1min": os.getloadavg()[0]}
+        try:
+            rows.append({**meta, **load, **_median_rows([fn() for _ in range(repeats)])})
+        except AggregationAborted as exc:  # a real outcome (e.g. a client lost t of its k neighbours): recorded
+            rows.append({**meta, **load, "kind": kind, "aborted": str(exc)})
     return rows
 
 
@@ -265,9 +272,16 @@ def run(args: argparse.Namespace) -> int:
             for d in ds:
                 for p in args.dropout:
                     use_flower = flower_reason is None and n * d <= args.flower_max_nd
-                    cells.append((f"grid dropout={p:g}", n, d, args.k, dropped_clients(n, p), use_flower))
+                    k = args.k or SecAggConfig().degree(n)
+                    label = f"grid dropout={p:g}" + ("" if args.k else " k=auto")
+                    cells.append((label, n, d, k, dropped_clients(n, p), use_flower))
     results: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
+    if args.append and args.json.exists():
+        import json
+
+        results += json.loads(args.json.read_text())["results"]
+    done = {(r["cell"], r["n"], r["d"]) for r in results}
     payload: dict[str, Any] = {
         "grid": {"n": list(ns), "d": list(ds), "dropout": args.dropout, "k": args.k}, "results": results, "targets": [],
         "skipped": skipped, "flower": flower_reason or "flwr 1.42 SecAgg+ in the same run", "ckks": [],
@@ -277,6 +291,7 @@ def run(args: argparse.Namespace) -> int:
     # be stopped at any point and still leave every finished cell in the JSON and the table.
     grid_cells = sorted(cells[len(TARGETS) if args.targets else 0 :], key=lambda c: (c[1] * c[2], c[1]))
     ordered = cells[: len(TARGETS) if args.targets else 0] + grid_cells
+    ordered = [c for c in ordered if (c[0], c[1], c[2]) not in done]
     for label, n, d, k, drops, use_flower in tqdm(ordered, desc="aggregation bench", unit="cell"):
         if _memory_gb(n, d, False) > args.max_memory_gb:
             skipped.append({"cell": label, "n": n, "d": d, "why": f"needs ~{_memory_gb(n, d, False):.1f} GB > --max-memory-gb"})
@@ -324,7 +339,7 @@ def _ckks(args, ns, ds) -> tuple[list[dict[str, Any]], str]:
 def _target_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for label, n, d, k, _, _ in TARGETS:
-        rows = {r["kind"]: r for r in results if r["cell"] == label}
+        rows = {r["kind"]: r for r in results if r["cell"] == label and "aborted" not in r}
         if "secagg" not in rows:
             continue
         ours = rows["secagg"]
@@ -350,6 +365,10 @@ def _markdown(payload: dict[str, Any]) -> str:
             *[f"client {s} s" for s in STAGES], "up B/client", "down B/client", "max err of avg"]
     rows = []
     for r in payload["results"]:
+        if "aborted" in r:
+            rows.append([r["cell"], r["kind"], r["n"], r["d"], r["k"], r["t"], r["dropped"], f"aborted: {r['aborted']}",
+                         *[""] * (len(head) - 8)])
+            continue
         st = r["client_stage_seconds_median"]
         rows.append([r["cell"], r["kind"], r["n"], r["d"], r["k"], r["t"], r["dropped"], r["seconds_round"], r["seconds_compute"],
                      r["cpu_seconds_round"], r["seconds_server"], r["seconds_client_median"], *[st.get(s, "") for s in STAGES],
@@ -385,7 +404,7 @@ def _plot(results: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    grid = [r for r in results if r["cell"].startswith("grid") and r["dropped"] == 0]
+    grid = [r for r in results if r["cell"] == "grid dropout=0" and "aborted" not in r]
     if not grid:
         return
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
