@@ -167,5 +167,5 @@ def test_dealt_key_files_drive_a_round_where_the_server_reads_only_the_public_co
     for cid, msg in out:
         halves[cid].receive(msg)
     res = halves[1].result()
-    assert res.total_weight == pytest.approx(5.0, rel=1e-9)
+    assert res.total_weight == pytest.approx(5.0, rel=1e-6)
     assert res.weighted_sum == pytest.approx(2.0 * vecs[0] + 3.0 * vecs[1], abs=1e-5)

@@ -39,7 +39,7 @@ def test_weighted_average_matches_plain_fedavg_within_1e4_relative():
     enc = out.readable_result()
     assert out.server_result is None
     assert enc.contributors == plain.contributors == CLIENTS
-    assert enc.total_weight == pytest.approx(plain.total_weight, rel=1e-9)
+    assert enc.total_weight == pytest.approx(plain.total_weight, rel=1e-6)
     assert _rel(enc.average, plain.average) < 1e-4
     assert _rel(enc.weighted_sum, plain.weighted_sum) < 1e-4
     # every client decrypts the same aggregate
@@ -96,7 +96,7 @@ def test_dropped_clients_contribute_nothing_and_the_rest_still_decrypt():
     assert sorted(out.client_results) == [c for c in survivors if c != 4]
     want_s = sum(inputs[c][1] * inputs[c][0].astype(np.float64) for c in survivors)
     want_w = sum(inputs[c][1] for c in survivors)
-    assert res.total_weight == pytest.approx(want_w, rel=1e-9)
+    assert res.total_weight == pytest.approx(want_w, rel=1e-6)
     assert _rel(res.weighted_sum, want_s) < 1e-4
 
 
@@ -177,5 +177,5 @@ def test_client_rejects_an_aggregate_with_a_forged_contributor_list():
     client.receive(msg)
     res = client.result()
     assert res.contributors == (0,)
-    assert res.total_weight == pytest.approx(inputs[0][1], rel=1e-9)
+    assert res.total_weight == pytest.approx(inputs[0][1], rel=1e-6)
     assert _rel(res.weighted_sum, inputs[0][1] * inputs[0][0].astype(np.float64)) < 1e-4
