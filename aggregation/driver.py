@@ -80,6 +80,15 @@ def run_round(
     to_server: deque[tuple[int, bytes]] = deque()
 
     while not server.done:
+        if to_server:  # hand each reply to the server as it arrives: memory stays O(one update)
+            src, data = to_server.popleft()
+            stats.bytes_up[src] += len(data)
+            if hook:
+                hook(src, SERVER_ID, data)
+            t0 = time.perf_counter()
+            to_clients.extend(server.receive(src, data))
+            stats.server_seconds += time.perf_counter() - t0
+            continue
         if to_clients:
             dst, data = to_clients.popleft()
             if dst not in clients:
@@ -95,15 +104,6 @@ def run_round(
             stats.client_seconds[dst] += time.perf_counter() - t0
             for reply in replies:
                 to_server.append((dst, reply))
-            continue
-        if to_server:
-            src, data = to_server.popleft()
-            stats.bytes_up[src] += len(data)
-            if hook:
-                hook(src, SERVER_ID, data)
-            t0 = time.perf_counter()
-            to_clients.extend(server.receive(src, data))
-            stats.server_seconds += time.perf_counter() - t0
             continue
         t0 = time.perf_counter()
         out = server.close_stage()
