@@ -122,3 +122,22 @@ def test_an_interrupted_run_resumes_from_its_last_completed_round(tmp_path):
         np.testing.assert_allclose(a[k], b[k], rtol=1e-6)
     rows = [json.loads(line)["round"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert rows == [0, 1, 2]
+
+
+def test_under_ckks_no_message_carries_the_global_model(tmp_path):
+    pytest.importorskip("tenseal")
+    seen: list[tuple[int, int, bytes]] = []
+    raw = toy_config(rounds=2)
+    raw["aggregation"] = {"kind": "ckks"}
+    cfg = config_from_dict(raw)
+    run = run_federation(cfg, RunOptions(out=tmp_path, progress=False, hook=lambda s, d, b: seen.append((s, d, b))))
+    final = load_tensors(run / "model.safetensors")
+    fits = [wire.decode(b) for s, d, b in seen if wire.decode(b).kind == "fed/fit"]
+    assert fits and all(f.header["client_held"] and not f.tensors for f in fits)
+    plain_seen: list[bytes] = []
+    plain_run = run_federation(
+        config_from_dict(toy_config(rounds=2)), RunOptions(out=tmp_path / "p", progress=False, hook=lambda s, d, b: plain_seen.append(b))
+    )
+    # the contrast: under plain FedAvg the broadcast does carry the global model
+    assert any(wire.decode(b).kind == "fed/fit" and wire.decode(b).tensors for b in plain_seen)
+    np.testing.assert_allclose(final["w"], load_tensors(plain_run / "model.safetensors")["w"], rtol=1e-4, atol=1e-4)

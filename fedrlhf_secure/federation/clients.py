@@ -52,6 +52,18 @@ class LocalClients:
         self.names = task.shared_spec().names()
         self.clients: dict[int, TaskClient] = {cid: task.make_client(cid) for cid in client_ids}
         self.local_artifacts: dict[int, dict[str, Any]] = {}
+        self.held: dict[str, np.ndarray] | None = None
+
+    def hold_global(self, shared: Mapping[str, np.ndarray]) -> None:
+        """The global model as these clients decrypted it (CKKS): used when an instruction is client_held."""
+        self.held = {k: np.asarray(v, dtype=np.float32) for k, v in shared.items()}
+
+    def _shared(self, fit: FitInstruction) -> Mapping[str, np.ndarray]:
+        if not fit.client_held:
+            return fit.shared
+        if self.held is None:
+            raise RuntimeError("instruction is client_held but these clients hold no global model")
+        return self.held
 
     def num_examples(self) -> dict[int, int]:
         return {cid: c.num_examples() for cid, c in self.clients.items()}
@@ -63,7 +75,7 @@ class LocalClients:
         out = {}
         for cid in cids:
             cfg = FitConfig(round=fit.round, local_epochs=fit.local_epochs, seed=client_seed(fit.seed, fit.round, cid), dp_sgd=dp.get(cid))
-            res = self.clients[cid].fit(fit.shared, cfg)
+            res = self.clients[cid].fit(self._shared(fit), cfg)
             out[cid] = LocalUpdate(cid, self.codec.encode(res), int(res.num_examples), dict(res.metrics), dict(res.privacy))
         return out
 
@@ -71,7 +83,7 @@ class LocalClients:
         fit = FitInstruction.decode(shared, self.names)
         out = {}
         for cid in cids:
-            numeric, other = _split_metrics(self.clients[cid].evaluate(fit.shared))
+            numeric, other = _split_metrics(self.clients[cid].evaluate(self._shared(fit)))
             out[cid] = numeric
             if other:
                 self.local_artifacts[cid] = other
@@ -122,7 +134,10 @@ def _worker_main(conn, make_task: Callable[[], Task], cids: list[int], sparse_ro
         try:
             if op == "stop":
                 return
-            if op == "sizes":
+            if op == "hold":
+                local.hold_global({k[len("held/"):]: v for k, v in frame.tensors.items()})
+                conn.send_bytes(wire.encode(wire.Frame(_RESP, {})))
+            elif op == "sizes":
                 conn.send_bytes(wire.encode(wire.Frame(_RESP, {"sizes": {str(c): v for c, v in local.num_examples().items()}})))
             elif op == "fit":
                 dp = {int(k): (DPSGDSettings(**v) if v else None) for k, v in frame.field("dp", dict).items()}
@@ -185,6 +200,11 @@ class WorkerClients:
 
     def num_examples(self) -> dict[int, int]:
         return dict(self._num_examples)
+
+    def hold_global(self, shared: Mapping[str, np.ndarray]) -> None:
+        """Client-side delivery of the decrypted global model (the workers are the clients' devices)."""
+        tensors = {f"held/{k}": np.asarray(v, dtype=np.float32) for k, v in shared.items()}
+        self._ask({w: wire.Frame(_REQ, {"op": "hold"}, tensors) for w in range(self.n)})
 
     def _ask(self, per_worker: dict[int, wire.Frame]) -> dict[int, wire.Frame]:
         for w, frame in per_worker.items():

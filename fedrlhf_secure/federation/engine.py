@@ -188,6 +188,12 @@ class Federation:
         picked = self.rng.choice(n, size=k, replace=False)
         return sorted(self.client_ids[i] for i in picked)
 
+    def _client_held(self) -> bool:
+        """Under CKKS the server cannot read the aggregate, so it never broadcasts the global model:
+        the clients hold it (the initial model is public; later ones each client decrypted). In this
+        simulation the engine plays the clients' side when it hands them the decrypted model."""
+        return not self.aggregator.server_can_read_result
+
     def _weight(self, cid: int, num_examples: int) -> float:
         return float(num_examples) if self.fed.weighting == "examples" else 1.0
 
@@ -203,7 +209,10 @@ class Federation:
                 f"round {r}: only {len(admitted)} client(s) can take part (federation.min_clients={self.fed.min_clients}); stopping"
             )
 
-        instruction = FitInstruction(r, self.fed.local_epochs, self.config.seed, self.global_params).encode()
+        client_held = self._client_held()
+        if client_held:
+            self.clients.hold_global(self.global_params)
+        instruction = FitInstruction(r, self.fed.local_epochs, self.config.seed, self.global_params, client_held).encode()
         hook = self.options.hook
         if hook:
             for c in admitted:
@@ -248,7 +257,9 @@ class Federation:
 
         progress(f"round {r}: evaluation")
         t0 = time.perf_counter()
-        shared_msg = FitInstruction(r, 0, self.config.seed, self.global_params).encode()
+        if client_held:
+            self.clients.hold_global(self.global_params)
+        shared_msg = FitInstruction(r, 0, self.config.seed, self.global_params, client_held).encode()
         per_client = self.clients.evaluate(shared_msg, self.client_ids)
         report_bytes = {c: len(Report(c, r, m).encode()) for c, m in per_client.items()}
         if hook:

@@ -4,7 +4,10 @@ Both are :class:`aggregation.wire.Frame` s, so every byte between a client and t
 process or over Flower — goes through the one versioned wire format:
 
 * ``fed/fit`` (server -> client): the round, the fit instructions, and the global **shared**
-  parameters as tensors. Personal parameters have no place in it.
+  parameters as tensors. Personal parameters have no place in it. When the aggregate is readable
+  by the clients only (CKKS), the server never holds the global model in the clear, so the frame
+  carries no parameters (``client_held: true``): each client uses the global model it decrypted
+  itself.
 * ``fed/report`` (client -> server): the client's evaluation metrics (numbers only). This is
   plaintext metadata the server learns in every aggregation mode; SECURITY.md lists it.
 """
@@ -29,14 +32,22 @@ class FitInstruction:
     local_epochs: int
     seed: int
     shared: Mapping[str, np.ndarray]
+    client_held: bool = False
+    """True: the parameters are not in the message; the client uses its own decrypted copy."""
 
     def encode(self) -> bytes:
-        header = {"round": self.round, "local_epochs": self.local_epochs, "seed": self.seed}
-        return wire.encode(wire.Frame(FIT, header, {f"shared/{k}": v for k, v in self.shared.items()}))
+        header = {"round": self.round, "local_epochs": self.local_epochs, "seed": self.seed, "client_held": self.client_held}
+        tensors = {} if self.client_held else {f"shared/{k}": v for k, v in self.shared.items()}
+        return wire.encode(wire.Frame(FIT, header, tensors))
 
     @classmethod
     def decode(cls, data: bytes, expected_names: list[str]) -> "FitInstruction":
         frame = wire.decode(data, expect=FIT)
+        client_held = bool(frame.header.get("client_held", False))
+        if client_held:
+            if frame.tensors:
+                raise wire.WireError(f"{FIT}: a client_held instruction must carry no tensors")
+            expected_names = []
         shared = {}
         for name in expected_names:
             arr = frame.tensors.get(f"shared/{name}")
@@ -53,6 +64,7 @@ class FitInstruction:
             local_epochs=frame.field("local_epochs", int),
             seed=frame.field("seed", int),
             shared=shared,
+            client_held=client_held,
         )
 
 
