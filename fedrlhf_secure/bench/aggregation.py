@@ -277,15 +277,18 @@ def run(args: argparse.Namespace) -> int:
                     cells.append((label, n, d, k, dropped_clients(n, p), use_flower))
     results: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
+    previous: dict[str, Any] = {}
     if args.append and args.json.exists():
         import json
 
-        results += json.loads(args.json.read_text())["results"]
+        previous = json.loads(args.json.read_text())
+        results += previous["results"]
+        skipped += previous.get("skipped", [])
     done = {(r["cell"], r["n"], r["d"]) for r in results}
     payload: dict[str, Any] = {
         "grid": {"n": list(ns), "d": list(ds), "dropout": args.dropout, "k": args.k}, "results": results, "targets": [],
-        "skipped": skipped, "flower": flower_reason or "flwr 1.42 SecAgg+ in the same run", "ckks": [],
-        "ckks_note": "CKKS rows pending", "complete": False,
+        "skipped": skipped, "flower": flower_reason or "flwr 1.42 SecAgg+ in the same run", "ckks": previous.get("ckks", []),
+        "ckks_note": previous.get("ckks_note", "CKKS rows pending"), "complete": False,
     }
     # Cheapest cells first, and results written after every cell: on a shared machine a long grid can
     # be stopped at any point and still leave every finished cell in the JSON and the table.
@@ -304,7 +307,10 @@ def run(args: argparse.Namespace) -> int:
             results.append({"cell": label, **row})
         payload["targets"] = _target_ratios(results)
         _write(args, payload)
-    payload["ckks"], payload["ckks_note"] = _ckks(args, ns, ds)
+    if args.ckks or not previous.get("ckks"):
+        payload["ckks"], payload["ckks_note"] = _ckks(args, ns, ds)
+    else:  # --append --no-ckks keeps the CKKS rows measured before
+        payload["ckks"], payload["ckks_note"] = previous["ckks"], previous["ckks_note"]
     payload["complete"] = True
     _write(args, payload)
     for t in payload["targets"]:
