@@ -260,18 +260,19 @@ def run(args: argparse.Namespace) -> int:
     flower_reason = available() if args.flower else "Flower comparison disabled (--no-flower)"
     if flower_reason:
         print(flower_reason)
+    run_flower = flower_reason is None
     ns = args.n or (QUICK_N if args.quick else FULL_N)
     ds = args.d or (QUICK_D if args.quick else FULL_D)
     cells: list[tuple[str, int, int, int, list[int], bool]] = []
     if args.targets:
         for label, n, d, k, ndrop, with_flower in TARGETS:
-            flower_here = flower_reason is None and (with_flower or args.flower_full_graph)
+            flower_here = run_flower and (with_flower or args.flower_full_graph)
             cells.append((label, n, d, k, dropped_clients(n, ndrop / n), flower_here))
     if args.grid:
         for n in ns:
             for d in ds:
                 for p in args.dropout:
-                    use_flower = flower_reason is None and n * d <= args.flower_max_nd
+                    use_flower = run_flower and n * d <= args.flower_max_nd
                     k = args.k or SecAggConfig().degree(n)
                     label = f"grid dropout={p:g}" + ("" if args.k else " k=auto")
                     cells.append((label, n, d, k, dropped_clients(n, p), use_flower))
@@ -285,9 +286,11 @@ def run(args: argparse.Namespace) -> int:
         results += previous["results"]
         skipped += previous.get("skipped", [])
     done = {(r["cell"], r["n"], r["d"]) for r in results}
+    if flower_reason and any(r["kind"] == "flower-secagg+" for r in results):
+        flower_reason = None  # earlier cells of this file do have Flower rows; new cells simply lack them
     payload: dict[str, Any] = {
         "grid": {"n": list(ns), "d": list(ds), "dropout": args.dropout, "k": args.k}, "results": results, "targets": [],
-        "skipped": skipped, "flower": flower_reason or "flwr 1.42 SecAgg+ in the same run", "ckks": previous.get("ckks", []),
+        "skipped": skipped, "flower": flower_reason or "flwr 1.42 SecAgg+, run right after the secagg row of the same cell", "ckks": previous.get("ckks", []),
         "ckks_note": previous.get("ckks_note", "CKKS rows pending"), "complete": False,
     }
     # Cheapest cells first, and results written after every cell: on a shared machine a long grid can
