@@ -419,11 +419,11 @@ def _plot(results: list[dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for kind, marker in (("plain", "o"), ("secagg", "s"), ("flower-secagg+", "^")):
         for d in sorted({r["d"] for r in grid}):
-            pts = sorted((r["n"], r["seconds_compute"], r["bytes_up_per_client"]) for r in grid if r["kind"] == kind and r["d"] == d)
+            pts = sorted((r["n"], r["cpu_seconds_round"], r["bytes_up_per_client"]) for r in grid if r["kind"] == kind and r["d"] == d)
             if pts:
                 axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=f"{kind} d={d:g}")
                 axes[1].plot([p[0] for p in pts], [p[2] for p in pts], marker=marker, label=f"{kind} d={d:g}")
-    axes[0].set(xscale="log", yscale="log", xlabel="clients n", ylabel="total compute s (clients + server)")
+    axes[0].set(xscale="log", yscale="log", xlabel="clients n", ylabel="CPU s per round (all clients + server)")
     axes[1].set(xscale="log", yscale="log", xlabel="clients n", ylabel="bytes up per client")
     axes[0].legend(fontsize=6)
     fig.tight_layout()
