@@ -54,7 +54,8 @@ class IMDbConfig:
 
     Feedback (:mod:`.reward`): client k's reward is ``λ_k·R_sentiment + (1−λ_k)·H_k``, with
     ``lambdas[k]`` and ``preferences[k]`` (one of length, topic, fluency; the lists are cycled when
-    there are more clients than entries).
+    there are more clients than entries). The reward classifier trains on random ``reward_window``-word
+    windows of the client's reviews, the length of text it will judge.
 
     RL (:mod:`.task`): TRL's GRPOTrainer, ``rl_steps`` optimizer steps per round of
     ``prompts_per_step`` prompts × ``num_generations`` completions of ``max_new_tokens`` tokens.
@@ -85,12 +86,13 @@ class IMDbConfig:
     length_target: int = 8
     reward_lr: float = 0.05
     reward_batch: int = 64
-    rl_steps: int = 4
+    reward_window: int = 16
+    rl_steps: int = 6
     prompts_per_step: int = 4
-    num_generations: int = 4
+    num_generations: int = 8
     max_new_tokens: int = 16
-    rl_lr: float = 1e-2
-    rl_beta: float = 0.02
+    rl_lr: float = 2e-3
+    rl_beta: float = 0.05
     temperature: float = 1.0
     eval_prompts: int = 32
     eval_classifier_reviews: int = 5000
@@ -100,7 +102,7 @@ class IMDbConfig:
 
     def __post_init__(self) -> None:
         for name in ("clients", "reviews_per_client", "public_reviews", "prompt_tokens", "vocab_size", "lora_rank",
-                     "length_target", "reward_batch", "rl_steps", "prompts_per_step", "num_generations",
+                     "length_target", "reward_batch", "reward_window", "rl_steps", "prompts_per_step", "num_generations",
                      "max_new_tokens", "eval_prompts", "eval_classifier_reviews", "torch_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"task.{name} must be >= 1, got {getattr(self, name)}")

@@ -193,9 +193,11 @@ class IMDbClient(TaskClient):
         cfg = self.task.config
         if config.dp_sgd is None:
             return train_classifier(self.classifier, self.review_ids, self.review_mask, self.review_labels,
-                                    epochs=config.local_epochs, lr=cfg.reward_lr, batch=cfg.reward_batch, seed=config.seed)
+                                    epochs=config.local_epochs, lr=cfg.reward_lr, batch=cfg.reward_batch, seed=config.seed,
+                                    window=cfg.reward_window)
         return train_classifier_dp(self.classifier, self.review_ids, self.review_mask, self.review_labels,
-                                   epochs=config.local_epochs, lr=cfg.reward_lr, dp=config.dp_sgd, seed=config.seed)
+                                   epochs=config.local_epochs, lr=cfg.reward_lr, dp=config.dp_sgd, seed=config.seed,
+                                   window=cfg.reward_window)
 
     def fit(self, shared: Mapping[str, np.ndarray], config: FitConfig) -> FitResult:
         t0 = time.perf_counter()
