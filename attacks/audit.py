@@ -62,6 +62,8 @@ class AuditSettings:
             raise ValueError(f"--canaries must be 0 (no ε audit) or >= 20, got {self.num_canaries}")
         if self.canary_runs < 1:
             raise ValueError(f"--canary-runs must be >= 1, got {self.canary_runs}")
+        if self.server_view and self.server_view_clients < 50:
+            raise ValueError(f"--server-view-clients must be >= 50 (an aggregate of fewer is not the claim), got {self.server_view_clients}")
         if not 0.5 <= self.confidence < 1:
             raise ValueError(f"--confidence must be in [0.5, 1), got {self.confidence}")
 
