@@ -51,10 +51,18 @@ class GridLink:
         self.bytes_received = 0
 
     def exchange(self, requests: Mapping[int, bytes], timeout: float) -> dict[int, bytes]:
+        # a node the SuperLink already reports offline cannot answer: do not wait a deadline for it
+        online = {int(n) for n in self.grid.get_node_ids()}
+        offline = sorted(set(requests) - online)
+        if offline:
+            print(f"nodes {offline} are offline; not waiting for them", file=sys.stderr, flush=True)
         msgs = [
             Message(pack(data), dst_node_id=int(n), message_type=f"query.{MESSAGE_ACTION}", ttl=max(timeout, 60.0) + 60.0)
             for n, data in requests.items()
+            if n in online
         ]
+        if not msgs:
+            return {}
         self.bytes_sent += sum(len(d) for d in requests.values())
         out: dict[int, bytes] = {}
         for reply in self.grid.send_and_receive(msgs, timeout=timeout):

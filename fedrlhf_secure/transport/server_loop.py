@@ -23,6 +23,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from aggregation import wire
 from aggregation.base import AggregateResult, AggregationAborted, RoundContext
 
 from ..config import RunConfig
@@ -117,7 +118,6 @@ class RemoteFederation(Federation):
         self.driver = NodeRoundDriver(
             link, self.node_of, fit_timeout=fit_timeout, stage_timeout=stage_timeout, hook=options.hook, on_stage=on_stage
         )
-        self.transport_log: list[dict[str, Any]] = []
 
     def _setup_nodes(self, nodes: Mapping[int, Sequence[int] | None]) -> dict[int, list[int]]:
         """Send the run config to every node; learn (or check) which clients each one hosts."""
@@ -129,7 +129,10 @@ class RemoteFederation(Federation):
         for n, expected in nodes.items():
             if n not in raw:
                 raise TransportError(f"node {n} did not answer the setup request")
-            msg = NodeMessage.decode(raw[n], RESPONSE)
+            try:
+                msg = NodeMessage.decode(raw[n], RESPONSE)
+            except wire.WireError as exc:
+                raise TransportError(f"node {n} sent a malformed setup response: {exc}") from exc
             if "error" in msg.header:
                 raise TransportError(f"node {n} refused the run: {msg.header['error']}")
             if msg.field("dim", int) != self.codec.dim:
@@ -200,7 +203,6 @@ class RemoteFederation(Federation):
         }
         row.update(_privacy_row(self.privacy.summary()))
         row["seconds"] = time.perf_counter() - t_round
-        self.transport_log.append({"round": r, "stages": [vars(s) for s in outcome.stages]})
         return RoundLog(row, per_client)
 
     def _evaluate(self, r: int, shared_msg: bytes, dropped: set[int]) -> dict[int, dict[str, float]]:
@@ -212,14 +214,22 @@ class RemoteFederation(Federation):
         raw = self.link.exchange(reqs, self.driver.fit_timeout)
         per_client: dict[int, dict[str, float]] = {}
         for n, data in raw.items():
-            msg = NodeMessage.decode(data, RESPONSE)
+            try:
+                msg = NodeMessage.decode(data, RESPONSE)
+            except wire.WireError as exc:
+                print(f"round {r}: node {n} sent a malformed evaluation ({exc}); ignored", file=sys.stderr)
+                continue
             if "error" in msg.header:
                 print(f"round {r}: node {n} could not evaluate: {msg.header['error']}", file=sys.stderr)
                 continue
             for c, frames in msg.messages.items():
                 if self.node_of.get(c) != n or len(frames) != 1:
                     continue
-                rep = Report.decode(frames[0])
+                try:
+                    rep = Report.decode(frames[0])
+                except wire.WireError as exc:
+                    print(f"round {r}: client {c} sent a malformed report ({exc}); ignored", file=sys.stderr)
+                    continue
                 if rep.client_id == c and rep.round == r:
                     per_client[c] = dict(rep.metrics)
                     if self.options.hook:
