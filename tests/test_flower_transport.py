@@ -103,10 +103,23 @@ def test_ckks_over_nodes_reads_keys_from_the_dealer_files_and_the_server_has_no_
     with pytest.raises(PermissionError):
         server_keys.client_key(0, 0)
     local = run_federation(load_config(cfg_path), RunOptions(out=tmp_path / "a", progress=False))
-    remote = _remote(tmp_path / "b", raw, keys=(tmp_path / "keys-server", node_dirs))
+    seen: list[bytes] = []
+    hosts = {n: ClientHost(c, None, node_dirs[n]) for n, c in NODES.items()}
+    remote = run_remote_federation(
+        load_config(cfg_path), InProcessLink(hosts), NODES, RunOptions(out=tmp_path / "b", progress=False, hook=lambda s, d, b: seen.append(b)),
+        keys_dir=tmp_path / "keys-server",
+    )
     a, b = load_tensors(local / "model.safetensors"), load_tensors(remote / "model.safetensors")
     for k in a:
         np.testing.assert_allclose(a[k], b[k], atol=1e-5, rtol=0)
+    # the server never sent a model: every fed/fit frame is client-held and empty; the final model
+    # in the run directory is the one the nodes released, identical on both
+    fits = [wire.decode(x) for x in seen if wire.decode(x).kind == "fed/fit"]
+    assert len(fits) == 2 * 4 and all(f.header["client_held"] and not f.tensors for f in fits)
+    released = [NodeMessage.decode(h.handle(NodeMessage("release").encode(REQUEST)), RESPONSE).arrays for h in hosts.values()]
+    for k in b:
+        np.testing.assert_array_equal(released[0][k], b[k])
+        np.testing.assert_array_equal(released[1][k], b[k])
 
 
 def test_ckks_without_the_server_key_directory_is_refused_with_the_missing_file(tmp_path):

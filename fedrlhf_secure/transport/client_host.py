@@ -99,6 +99,13 @@ class ClientHost:
         self.clients = LocalClients(self.task, self.client_ids, self.codec)
         self.aggregator = node_aggregator(config, everyone, self.client_ids, self.keys_dir)
         self.privacy = NoPrivacy()
+        # CKKS: the server cannot read the aggregate, so the global model is held here (the initial
+        # one is public; later ones are what these clients decrypted) and never sent by the server
+        self.held: dict[str, np.ndarray] | None = None
+        self.held_round = -1
+        if not self.aggregator.server_can_read_result:
+            self.held = {k: np.asarray(v, dtype=np.float32).copy() for k, v in self.task.initial_shared().items()}
+            self.clients.hold_global(self.held)
         # only which clients are here: example counts are FedAvg weights, which masking and CKKS keep
         # from the server (they travel inside the protected vector)
         return NodeMessage("setup", {"clients": list(self.client_ids), "dim": int(self.codec.dim)})
@@ -123,6 +130,7 @@ class ClientHost:
         fit = FitInstruction.decode(instruction, self.task.shared_spec().names())
         if fit.round != ctx.round:
             raise NodeError(f"fit instruction is for round {fit.round}, the round context for {ctx.round}")
+        self._check_held(fit)
         dp = {c: self.privacy.fit_settings(c, ctx.round, clients.clients[c].num_examples()) for c in cids}
         updates = clients.fit(cids, instruction, dp)
         summary: dict[str, Any] = {}
@@ -156,18 +164,45 @@ class ClientHost:
         return NodeMessage("agg", {"round": req.field("round", int)}, {c: self._deliver(c, m) for c, m in req.messages.items()})
 
     def _finish(self, req: NodeMessage) -> NodeMessage:
-        """Deliver the server's last messages; return the aggregate if these clients can read it."""
+        """Deliver the server's last messages; a node holding the model applies the aggregate its clients read."""
         self._require_setup()
         self._check_round(req)
         for c, msgs in req.messages.items():
             self._deliver(c, msgs)
         assert self.round is not None
+        rnd = self.round.ctx.round
         for c, half in sorted(self.round.halves.items()):
             res = half.result() if half.done else None
-            if res is not None:
-                header = {"round": self.round.ctx.round, "total_weight": float(res.total_weight), "contributors": [int(x) for x in res.contributors], "reader": c}
-                return NodeMessage("finish", header, arrays={"weighted_sum": np.asarray(res.weighted_sum, dtype=np.float64)})
-        return NodeMessage("finish", {"round": self.round.ctx.round})
+            if res is None:
+                continue
+            if self.held is not None and self.held_round < rnd:
+                avg = self.codec.decode(res)
+                lr = self.config.federation.server_lr
+                self.held = {k: (self.held[k] + lr * avg[k]).astype(np.float32) for k in self.held}
+                self.held_round = rnd
+                self._require_setup().hold_global(self.held)
+            return NodeMessage("finish", {"round": rnd, "contributors": [int(x) for x in res.contributors], "reader": c})
+        return NodeMessage("finish", {"round": rnd})
+
+    def _check_held(self, fit: FitInstruction) -> None:
+        """A client-held instruction needs this node's copy of the previous round's model."""
+        if self.held is None:
+            if fit.client_held:
+                raise NodeError("the instruction carries no model, but this run's server can read the aggregate")
+            return
+        if not fit.client_held:
+            raise NodeError("the server sent a model although only clients can read the aggregate (CKKS)")
+        if self.held_round != fit.round - 1:
+            raise NodeError(
+                f"round {fit.round}: this node holds the model of round {self.held_round} (it missed an aggregate), "
+                "so its clients sit out"
+            )
+
+    def _release(self, req: NodeMessage) -> NodeMessage:
+        self._require_setup()
+        if self.held is None:
+            raise NodeError("this node holds no model: the server has it")
+        return NodeMessage("release", {"round": self.held_round}, arrays=dict(self.held))
 
     def _check_round(self, req: NodeMessage) -> None:
         rnd = req.field("round", int)
@@ -178,6 +213,9 @@ class ClientHost:
         clients = self._require_setup()
         cids = req.int_list("clients")
         rnd = req.field("round", int)
+        fit = FitInstruction.decode(req.blobs["shared"], self.task.shared_spec().names())
+        if self.held is not None and (not fit.client_held or self.held_round != rnd):
+            raise NodeError(f"round {rnd}: evaluation needs this node's model of round {rnd}, it holds round {self.held_round}")
         metrics = clients.evaluate(req.blobs["shared"], cids)
         self.round = None  # the round's secrets are dropped once it is over
         return NodeMessage("evaluate", {"round": rnd}, {c: [Report(c, rnd, m).encode()] for c, m in metrics.items()})

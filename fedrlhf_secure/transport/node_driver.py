@@ -45,7 +45,8 @@ class StageLog:
 @dataclass
 class NodeRoundOutcome:
     server_result: AggregateResult | None
-    client_result: AggregateResult | None
+    client_contributors: tuple[int, ...] | None
+    """When only clients can read the aggregate (CKKS): whose updates it sums, as a reader reports."""
     fit: dict[int, dict[str, Any]]
     bytes_up: dict[int, int]
     bytes_down: dict[int, int]
@@ -53,13 +54,6 @@ class NodeRoundOutcome:
     stages: list[StageLog] = field(default_factory=list)
     server_seconds: float = 0.0
     dropped_nodes: set[int] = field(default_factory=set)
-
-    def readable_result(self) -> AggregateResult:
-        if self.server_result is not None:
-            return self.server_result
-        if self.client_result is not None:
-            return self.client_result
-        raise AggregationAborted("no party could read the aggregate")
 
 
 def _log(msg: str) -> None:
@@ -192,8 +186,9 @@ class NodeRoundDriver:
                 raise AggregationAborted("protocol stalled: no message in flight and the server is not done")
 
         out.server_result = server.result()
-        # Deliver the server's last messages (e.g. the CKKS aggregate); when the server cannot read
-        # the result, a client that can returns it (as the in-process engine reads it from a client).
+        # Deliver the server's last messages (e.g. the CKKS aggregate). When only clients can read the
+        # result, every node still up is told the round is over: the ones whose clients decrypted it
+        # apply it to the model they hold and say whose updates it sums; nothing else comes back.
         grouped = group_by_node(pending, self.node_of)
         if not server_can_read_result:
             alive = {self.node_of[c] for c in ctx.participants} - out.dropped_nodes
@@ -203,17 +198,8 @@ class NodeRoundDriver:
             reqs = {n: NodeMessage("finish", {"round": rnd}, msgs) for n, msgs in grouped.items()}
             replies = self._exchange(out, "finish", rnd, reqs, self.stage_timeout)
             for n in sorted(replies):
-                msg = replies[n]
-                if "weighted_sum" in msg.arrays:
-                    got = AggregateResult(
-                        np.asarray(msg.arrays["weighted_sum"], dtype=np.float64),
-                        float(msg.field("total_weight", (int, float))),
-                        tuple(msg.int_list("contributors")),
-                    )
-                    if got.weighted_sum.shape != (ctx.dim,):
-                        _log(f"round {rnd}: node {n} returned an aggregate of shape {got.weighted_sum.shape}; ignored")
-                        continue
-                    out.client_result = got
+                if "contributors" in replies[n].header:
+                    out.client_contributors = tuple(replies[n].int_list("contributors"))
                     break
         return out
 

@@ -10,8 +10,11 @@ Operations (``op`` in the request header):
 ``fit``       fit instruction, round context, the aggregator's opening messages per client
               -> per-client training metrics (numbers) and the first replies
 ``agg``       aggregator messages per client                  -> replies per client
-``finish``    last aggregator messages (e.g. CKKS aggregate)   -> the aggregate as the clients read it
-``evaluate``  global shared parameters                         -> one ``fed/report`` frame per client
+``finish``    last aggregator messages (e.g. CKKS aggregate)   -> the contributors (CKKS: the node applies the
+              aggregate it decrypted to the global model it holds; the server never sees it)
+``evaluate``  global shared parameters (or none: client-held)  -> one ``fed/report`` frame per client
+``release``   (CKKS, after the last round)                     -> the global model the node holds, for the
+              run directory's ``model.safetensors`` (the deliberate release of the final model)
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from aggregation import wire
 
 REQUEST = "node/request"
 RESPONSE = "node/response"
-OPS = ("setup", "fit", "agg", "finish", "evaluate")
+OPS = ("setup", "fit", "agg", "finish", "evaluate", "release")
 MAX_MESSAGES_PER_CLIENT = 4096
 
 

@@ -152,7 +152,8 @@ class RemoteFederation(Federation):
         admitted = list(selected)
         if len(admitted) < self.fed.min_clients:
             raise _Stop(f"round {r}: only {len(admitted)} client(s) can take part (federation.min_clients={self.fed.min_clients}); stopping")
-        instruction = FitInstruction(r, self.fed.local_epochs, self.config.seed, self.global_params).encode()
+        client_held = not self.aggregator.server_can_read_result
+        instruction = FitInstruction(r, self.fed.local_epochs, self.config.seed, self.global_params, client_held).encode()
         hook = self.options.hook
         if hook:
             for c in admitted:
@@ -163,19 +164,29 @@ class RemoteFederation(Federation):
         ctx = RoundContext(self.session_id, r, tuple(admitted), self.codec.dim)
         try:
             outcome: NodeRoundOutcome = self.driver.run(
-                self.aggregator.server(ctx), ctx, instruction, server_can_read_result=self.aggregator.server_can_read_result
+                self.aggregator.server(ctx), ctx, instruction, server_can_read_result=not client_held
             )
-            result: AggregateResult = outcome.readable_result()
         except AggregationAborted as exc:
             raise _Stop(f"round {r}: aggregation failed: {exc}") from exc
+        if client_held:
+            # CKKS: the nodes applied the aggregate they decrypted; the server learns only whose
+            # updates it summed (which it knew from the ciphertexts it added)
+            if outcome.client_contributors is None:
+                raise _Stop(f"round {r}: no client could read the aggregate")
+            contributors = outcome.client_contributors
+        else:
+            result: AggregateResult | None = outcome.server_result
+            if result is None:
+                raise _Stop(f"round {r}: the aggregation produced no result")
+            contributors = result.contributors
+            avg = self.codec.decode(result)
+            for k, d in avg.items():
+                self.global_params[k] = (self.global_params[k] + self.fed.server_lr * d).astype(np.float32)
         t_round_trip = time.perf_counter() - t0
-        avg = self.codec.decode(result)
-        for k, d in avg.items():
-            self.global_params[k] = (self.global_params[k] + self.fed.server_lr * d).astype(np.float32)
 
         progress(f"round {r}: evaluation")
         t0 = time.perf_counter()
-        shared_msg = FitInstruction(r, 0, self.config.seed, self.global_params).encode()
+        shared_msg = FitInstruction(r, 0, self.config.seed, self.global_params, client_held).encode()
         per_client = self._evaluate(r, shared_msg, outcome.dropped_nodes)
         t_eval = time.perf_counter() - t0
 
@@ -189,8 +200,8 @@ class RemoteFederation(Federation):
             **pool_metrics(per_client),
             "clients_selected": len(selected),
             "clients_refused": 0,
-            "clients_aggregated": len(result.contributors),
-            "clients_dropped": len(admitted) - len(result.contributors),
+            "clients_aggregated": len(contributors),
+            "clients_dropped": len(admitted) - len(contributors),
             "train_loss_mean": _nanmean([float("nan") if v is None else v for v in losses]),
             "bytes_up_per_client": float(np.mean(bytes_up)),
             "bytes_down_per_client": float(np.mean(bytes_down)),
@@ -204,6 +215,40 @@ class RemoteFederation(Federation):
         row.update(_privacy_row(self.privacy.summary()))
         row["seconds"] = time.perf_counter() - t_round
         return RoundLog(row, per_client)
+
+    def _save_checkpoint(self, completed_round: int) -> None:
+        """No resume over nodes: personal state and (CKKS) the model live on the nodes, not here."""
+
+    def run_all(self) -> dict[str, Any]:
+        timing = super().run_all()
+        if not self.aggregator.server_can_read_result and self.history:
+            self.global_params = self._release()
+        return timing
+
+    def _release(self) -> dict[str, np.ndarray]:
+        """The final model for ``model.safetensors`` under CKKS: every node that holds it sends it, all must agree."""
+        reqs = {n: NodeMessage("release", {}).encode(REQUEST) for n in self.nodes}
+        raw = self.link.exchange(reqs, self.driver.stage_timeout)
+        copies = []
+        for n, data in raw.items():
+            try:
+                msg = NodeMessage.decode(data, RESPONSE)
+            except wire.WireError as exc:
+                print(f"node {n} sent a malformed model release ({exc}); ignored", file=sys.stderr)
+                continue
+            if "error" in msg.header or msg.header.get("round") != self.history[-1]["round"]:
+                continue
+            model = {k: np.asarray(v, dtype=np.float32) for k, v in msg.arrays.items()}
+            if sorted(model) != sorted(self.global_params) or any(model[k].shape != self.global_params[k].shape for k in model):
+                print(f"node {n} released a model of the wrong layout; ignored", file=sys.stderr)
+                continue
+            copies.append(model)
+        if not copies:
+            raise TransportError("no node could release the final model it holds")
+        for other in copies[1:]:
+            if any(not np.array_equal(copies[0][k], other[k]) for k in other):
+                raise TransportError("the nodes hold different final models (an aggregate was applied inconsistently)")
+        return copies[0]
 
     def _evaluate(self, r: int, shared_msg: bytes, dropped: set[int]) -> dict[int, dict[str, float]]:
         reqs = {
