@@ -149,14 +149,22 @@ class LocalDeployment:
             pass
 
     def close(self) -> None:
+        """Stop every process; a further SIGTERM or Ctrl-C cannot cut this short (it is re-raised after)."""
         if self._closed:
             return
         self._closed = True
-        for proc in reversed(self.procs):
-            self._stop(proc)
-        if self._previous_sigterm is not None:
-            signal.signal(signal.SIGTERM, self._previous_sigterm)
-            self._previous_sigterm = None
+        main = threading.current_thread() is threading.main_thread()
+        if main:
+            previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            previous_term = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            for proc in reversed(self.procs):
+                self._stop(proc)
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, previous_int)
+                signal.signal(signal.SIGTERM, self._previous_sigterm if self._previous_sigterm is not None else previous_term)
+                self._previous_sigterm = None
 
     def __enter__(self) -> "LocalDeployment":
         try:
