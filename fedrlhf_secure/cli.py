@@ -39,13 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .configtypes import ConfigError
+    from .configtypes import InputError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args._run(args) or 0)
-    except (ConfigError, FileNotFoundError) as exc:
+    except (InputError, FileNotFoundError) as exc:
         print(f"fedrlhf {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

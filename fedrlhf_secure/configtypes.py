@@ -13,7 +13,12 @@ import typing
 from typing import Any, Literal, Mapping, Union
 
 
-class ConfigError(ValueError):
+class InputError(ValueError):
+    """Bad user input (a config, a data file, a run directory): the message says which file, which
+    field and what was expected. The CLI prints it and exits 2 instead of showing a traceback."""
+
+
+class ConfigError(InputError):
     """A configuration problem, with the file and the dotted key it concerns."""
 
     def __init__(self, message: str, *, source: str | None = None, key: str | None = None) -> None:

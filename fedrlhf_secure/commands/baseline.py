@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     rd = RunDirectory.create(args.out, f"{config.task.kind}-baselines")
     try:
         (rd.path / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
-        results = run_baselines(task, names)
+        results = run_baselines(task, names, config.federation)
         atomic_write_json(rd.path / "summary.json", {"task": config.task.kind, "seed": config.seed, "baselines": results, "versions": package_versions()})
     except BaseException:
         rd.discard()

@@ -228,8 +228,7 @@ class Federation:
         extras: dict[int, dict[str, Any]] = {}
         for c in admitted:
             up = updates[c]
-            crng = np.random.default_rng(np.random.SeedSequence([self.config.seed, r, c, 0xD9]))
-            priv = self.privacy.privatize(c, r, up.vector, self._weight(c, up.num_examples), crng)
+            priv = self.privacy.privatize(c, r, up.vector, self._weight(c, up.num_examples), secret_rng())
             self.privacy.commit(c, r, up.privacy)
             self.commits += 1
             if self.options.crash_after_commits is not None and self.commits >= self.options.crash_after_commits:
@@ -249,7 +248,7 @@ class Federation:
         aggregator = _WithExtras(self.aggregator, extras) if any(extras.values()) else self.aggregator
         outcome = run_round(aggregator, ctx, inputs, drop_after=drop_after, hook=hook)
         result: AggregateResult = outcome.readable_result()
-        result = self.privacy.finalize_aggregate(r, result, self.rng)
+        result = self.privacy.finalize_aggregate(r, result, secret_rng())
         avg = self.codec.decode(result)
         for k, d in avg.items():
             self.global_params[k] = (self.global_params[k] + self.fed.server_lr * d).astype(np.float32)
@@ -321,6 +320,15 @@ class Federation:
             bar.close()
             self.clients.close()
         return {"seconds_total": time.perf_counter() - t_start}
+
+
+def secret_rng() -> np.random.Generator:
+    """A generator for DP noise, seeded with 256 bits from ``os.urandom``.
+
+    Noise drawn from the run seed (written to ``config.yaml``) could be regenerated and subtracted
+    by anyone who reads the config, voiding the DP guarantee; so DP noise is never reproducible.
+    """
+    return np.random.default_rng(np.random.SeedSequence(int.from_bytes(os.urandom(32), "little")))
 
 
 class _Stop(Exception):

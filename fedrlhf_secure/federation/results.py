@@ -22,14 +22,14 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
-def run_baselines(task, names) -> dict[str, dict[str, Any]]:
+def run_baselines(task, names, federation=None) -> dict[str, dict[str, Any]]:
+    """Run the named baselines; with ``federation`` given, at its rounds × local epochs."""
     available = task.baselines()
-    out = {}
-    for name in names:
-        if name not in available:
-            raise ValueError(f"baseline {name!r} is not offered by task {task.name!r}; it offers {sorted(available)}")
-        out[name] = dict(available[name]())
-    return out
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise ValueError(f"baseline {unknown[0]!r} is not offered by task {task.name!r}; it offers {sorted(available)}")
+    kwargs = {} if federation is None else {"rounds": federation.rounds, "local_epochs": federation.local_epochs}
+    return {name: dict(available[name](**kwargs)) for name in names}
 
 
 def comparison_rows(final: Mapping[str, Any], baselines: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -50,7 +50,7 @@ def format_table(rows: list[Mapping[str, Any]]) -> str:
 
 def write_summary(fed, run: RunDirectory, timing: Mapping[str, Any]) -> dict[str, Any]:
     final = dict(fed.history[-1]) if fed.history else {}
-    baselines = run_baselines(fed.task, fed.config.baselines) if fed.config.baselines else {}
+    baselines = run_baselines(fed.task, fed.config.baselines, fed.config.federation) if fed.config.baselines else {}
     summary = {
         "task": fed.config.task.kind,
         "aggregation": fed.config.aggregation.kind,

@@ -143,7 +143,10 @@ class Task(ABC):
     def make_client(self, client_id: int) -> TaskClient: ...
 
     def baselines(self) -> Mapping[str, Callable[[], dict[str, Any]]]:
-        """Named baselines runnable on the same split and model (e.g. centralized, local-only)."""
+        """Named baselines on the same split and model (e.g. centralized, local-only).
+
+        Each is called as ``fn(rounds=..., local_epochs=...)`` with the federation's schedule and
+        returns at least ``heldout_accuracy`` and ``train_accuracy``."""
         return {}
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ...configtypes import InputError
+
 DATA_DIR_ENV = "FEDRLHF_DATA_DIR"
 ML100K_DIR = "ml-100k"
 LATEST_SMALL_DIR = "ml-latest-small"
@@ -36,7 +38,7 @@ _CSV_RATINGS_FORMAT = "CSV with header userId,movieId,rating,timestamp; rating i
 _CSV_MOVIES_FORMAT = "CSV with header movieId,title,genres; genres '|'-separated"
 
 
-class MovieLensFormatError(ValueError):
+class MovieLensFormatError(InputError):
     """A malformed MovieLens file: names the file, the line and the expected format."""
 
     def __init__(self, path: Path, line: int | None, problem: str, expected: str) -> None:

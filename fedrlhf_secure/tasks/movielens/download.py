@@ -19,6 +19,7 @@ import urllib.request
 import zipfile
 from pathlib import Path, PurePosixPath
 
+from ...configtypes import InputError
 from .data import ML100K_DIR
 
 ML100K_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
@@ -27,7 +28,7 @@ ML100K_U_DATA_SHA256 = "06416e597f82b7342361e41163890c81036900f418ad913155908142
 REQUIRED_FILES = ("u.data", "u.item", "u.user", "u1.base", "u1.test")
 
 
-class VerificationError(ValueError):
+class VerificationError(InputError):
     """The downloaded data is not the official MovieLens 100K."""
 
 

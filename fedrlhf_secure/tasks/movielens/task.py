@@ -136,10 +136,11 @@ class MovieLensTask(Task):
         return MovieLensClient(self, client_id, users, self.split.train.subset(train_pos), self.split.test.subset(test_pos))
 
     def baselines(self) -> Mapping[str, Callable[..., dict[str, Any]]]:
+        """``{"centralized": fn, "local": fn}``; ``fn(rounds=None, local_epochs=None)`` (defaults:
+        ``baseline_rounds``/``baseline_local_epochs`` of the task config; the engine passes the
+        federation's own so the comparison is at equal training)."""
         from .baselines import centralized, local_only
 
-        """``{"centralized": fn, "local": fn}``; ``fn(rounds=None, local_epochs=None)`` (defaults:
-        ``baseline_rounds``/``baseline_local_epochs`` of the task config; pass the federation's)."""
         return {"centralized": lambda rounds=None, local_epochs=None: centralized(self, rounds, local_epochs),
                 "local": lambda rounds=None, local_epochs=None: local_only(self, rounds, local_epochs)}
 
@@ -253,7 +254,7 @@ class MovieLensClient(TaskClient):
             policy = build_policy(shared, self._user_rows, None)
             steps, loss = train_epochs_dp(
                 policy, self._dp_data, self.feedback_profiles, self.task.settings, config.local_epochs, config.dp_sgd,
-                seed=int(rng.integers(2**63 - 1)), rng=rng,
+                rng=rng,
             )
             item_delta = policy.item_embedding.weight.detach().numpy() - shared[ITEM_EMBEDDING]
             touched = np.ones(num_items, dtype=bool)

@@ -26,6 +26,7 @@ Two loops: :func:`train_epochs` (plain mini-batch Adam, the fast path) and :func
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -184,6 +185,18 @@ def train_epochs(
     return steps, loss
 
 
+def secret_generator() -> torch.Generator:
+    """A generator for DP noise and Poisson sampling, seeded from ``os.urandom``.
+
+    The DP guarantee assumes the adversary cannot predict the noise or which records were sampled.
+    Seeding them from the run seed (which is written to ``config.yaml``) would let anyone who
+    reads the config regenerate and subtract the noise, so DP fits are deliberately not
+    reproducible. (Opacus' ``secure_mode`` would draw from a CSPRNG via torchcsprng, which has no
+    build for this torch; a 63-bit secret seed of torch's generator is the nearest we have —
+    SECURITY.md says so.)"""
+    return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1))
+
+
 def train_epochs_dp(
     policy: PreferencePolicy,
     data: LocalData,
@@ -192,7 +205,6 @@ def train_epochs_dp(
     epochs: int,
     dp: "DPSGDSettings",
     *,
-    seed: int,
     rng: np.random.Generator,
 ) -> tuple[int, float]:
     """Record-level DP-SGD with Opacus; returns (noisy steps taken, mean loss of the last epoch).
@@ -219,7 +231,7 @@ def train_epochs_dp(
 
     n = len(data)
     dataset = TensorDataset(torch.arange(n))
-    loader = DPDataLoader(dataset, sample_rate=dp.sample_rate, generator=torch.Generator().manual_seed(seed))
+    loader = DPDataLoader(dataset, sample_rate=dp.sample_rate, generator=secret_generator())
     optimizer = _adam(policy, settings, personal=True, shared=True)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
@@ -231,7 +243,7 @@ def train_epochs_dp(
             noise_multiplier=dp.noise_multiplier,
             max_grad_norm=dp.max_grad_norm,
             poisson_sampling=False,
-            noise_generator=torch.Generator().manual_seed(seed + 1),
+            noise_generator=secret_generator(),
         )
     dp_optimizer.expected_batch_size = max(1, int(round(dp.sample_rate * n)))
     steps, last = 0, float("nan")
