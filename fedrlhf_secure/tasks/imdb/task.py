@@ -115,8 +115,10 @@ class IMDbTask(Task):
     def baselines(self) -> Mapping[str, Callable[[], dict[str, Any]]]:
         return {"initial_policy": self.initial_policy_baseline}
 
-    def initial_policy_baseline(self) -> dict[str, Any]:
-        """The pretrained policy before any RL, judged on the same held-out prompts with the same seeds."""
+    def initial_policy_baseline(self, rounds: int | None = None, local_epochs: int | None = None) -> dict[str, Any]:
+        """The pretrained policy before any RL, judged on the same held-out prompts with the same seeds.
+
+        The federation's schedule (``rounds``, ``local_epochs``) does not apply: this policy is not trained."""
         policy = self.new_policy()
         positive = n = 0
         scores = []
