@@ -141,3 +141,14 @@ def test_under_ckks_no_message_carries_the_global_model(tmp_path):
     # the contrast: under plain FedAvg the broadcast does carry the global model
     assert any(wire.decode(b).kind == "fed/fit" and wire.decode(b).tensors for b in plain_seen)
     np.testing.assert_allclose(final["w"], load_tensors(plain_run / "model.safetensors")["w"], rtol=1e-4, atol=1e-4)
+
+
+def test_a_round_whose_aggregation_aborts_leaves_the_model_unchanged_and_the_run_goes_on(tmp_path):
+    raw = toy_config(rounds=2, dropout_rate=0.99)
+    raw["aggregation"] = {"kind": "secagg", "threshold": 3}
+    run = run_federation(config_from_dict(raw), RunOptions(out=tmp_path, progress=False))
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2
+    assert all(r["aggregation_aborted"] and r["clients_aggregated"] == 0 for r in rows)
+    w = load_tensors(run / "model.safetensors")["w"]
+    np.testing.assert_array_equal(w, np.zeros(4, np.float32))

@@ -78,7 +78,7 @@ def test_personal_user_embedding_never_appears_in_the_fit_result(data_dir):
     assert set(result.delta) == set(task.shared_spec().names())
     assert not any("user" in name for name in result.delta)
     (user_id, vec), = after.items()
-    assert user_id == 4 and not np.allclose(vec, before[4])  # it trained, and stayed here
+    assert user_id == "4" and not np.allclose(vec, before["4"])  # it trained, and stayed here
     released = np.concatenate([v.ravel() for v in result.delta.values()] + [np.ravel(list(result.metrics.values()))])
     for value in vec:  # not one coordinate of the personal vector is in the release
         assert not np.any(released == value)
@@ -286,3 +286,16 @@ def test_pairwise_answers_pair_records_of_one_user_and_cancel(ratings, n_users, 
         # a winner never has a lower rating than the user's losers it could have been paired with
         if (out[mine] == 1).any() and (out[mine] == -1).any():
             assert r[mine][out[mine] == 1].max() > r[mine][out[mine] == -1].min()
+
+
+def test_personal_state_round_trips_through_a_checkpoint(data_dir):
+    task = task_of(data_dir)
+    client = task.make_client(3)
+    fit(task, cid=3, epochs=1)
+    state = {k: v + 1.5 for k, v in client.personal_state().items()}
+    fresh = task.make_client(3)
+    fresh.load_personal_state(state)
+    for k, v in fresh.personal_state().items():
+        np.testing.assert_array_equal(v, state[k])
+    with pytest.raises(ValueError, match="no personal embedding for user"):
+        fresh.load_personal_state({})

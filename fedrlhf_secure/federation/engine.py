@@ -246,12 +246,25 @@ class Federation:
         t0 = time.perf_counter()
         ctx = RoundContext(self.session_id, r, tuple(admitted), self.codec.dim)
         aggregator = _WithExtras(self.aggregator, extras) if any(extras.values()) else self.aggregator
-        outcome = run_round(aggregator, ctx, inputs, drop_after=drop_after, hook=hook)
-        result: AggregateResult = outcome.readable_result()
-        result = self.privacy.finalize_aggregate(r, result, secret_rng())
-        avg = self.codec.decode(result)
-        for k, d in avg.items():
-            self.global_params[k] = (self.global_params[k] + self.fed.server_lr * d).astype(np.float32)
+        aborted: str | None = None
+        contributors: tuple[int, ...] = ()
+        stats = None
+        try:
+            outcome = run_round(aggregator, ctx, inputs, drop_after=drop_after, hook=hook)
+            stats = outcome.stats
+            result: AggregateResult = outcome.readable_result()
+            result = self.privacy.finalize_aggregate(r, result, secret_rng())
+        except AggregationAborted as exc:
+            # Too few survivors (below the masking threshold, or below the noise the DP shares were
+            # sized for): the round releases nothing and the model stays as it was. The ledger
+            # keeps what the clients already spent: their updates did leave them.
+            aborted = str(exc)
+            print(f"round {r}: aggregation aborted, the global model is unchanged: {aborted}", file=sys.stderr)
+        else:
+            contributors = result.contributors
+            avg = self.codec.decode(result)
+            for k, d in avg.items():
+                self.global_params[k] = (self.global_params[k] + self.fed.server_lr * d).astype(np.float32)
         t_agg = time.perf_counter() - t0
 
         progress(f"round {r}: evaluation")
@@ -267,21 +280,22 @@ class Federation:
         t_eval = time.perf_counter() - t0
 
         n_sel = len(admitted)
-        bytes_down = [len(instruction) + outcome.stats.bytes_down[c] for c in admitted]
-        bytes_up = [outcome.stats.bytes_up[c] + report_bytes.get(c, 0) for c in admitted]
+        bytes_down = [len(instruction) + (stats.bytes_down[c] if stats else 0) for c in admitted]
+        bytes_up = [(stats.bytes_up[c] if stats else 0) + report_bytes.get(c, 0) for c in admitted]
         row: dict[str, Any] = {
             "round": r,
             **pool_metrics(per_client),
             "clients_selected": len(selected),
             "clients_refused": len(refused),
-            "clients_aggregated": len(result.contributors),
-            "clients_dropped": n_sel - len(result.contributors),
+            "clients_aggregated": len(contributors),
+            "clients_dropped": n_sel - len(contributors),
+            "aggregation_aborted": aborted,
             "train_loss_mean": _nanmean([updates[c].metrics.get("loss", float("nan")) for c in admitted]),
             "bytes_up_per_client": float(np.mean(bytes_up)),
             "bytes_down_per_client": float(np.mean(bytes_down)),
             "seconds_fit": t_fit,
             "seconds_aggregation": t_agg,
-            "seconds_aggregation_server": outcome.stats.server_seconds,
+            "seconds_aggregation_server": stats.server_seconds if stats else None,
             "seconds_eval": t_eval,
         }
         row.update(_privacy_row(self.privacy.summary()))

@@ -167,13 +167,13 @@ class MovieLensTask(Task):
         self,
         shared: Mapping[str, np.ndarray],
         records: np.ndarray,
-        personal: Mapping[int, np.ndarray] | None = None,
+        personal: Mapping[str, np.ndarray] | None = None,
     ) -> np.ndarray:
         """The logit of each record's *true* label, ``z`` if rating >= 4 else ``-z`` (higher = the
         model is more confident in the truth, the usual membership-inference score).
 
         ``records`` is (N, 3) ``(user_id, item_id, rating)`` as from :meth:`training_records`.
-        ``personal`` maps user_id -> personal embedding (e.g. from
+        ``personal`` maps ``"user_id"`` -> personal embedding (e.g. from
         :meth:`MovieLensClient.personal_state`); users missing from it, or all users when None,
         get the neutral zero vector, the mean of the embeddings' initial distribution."""
         records = np.asarray(records)
@@ -186,7 +186,7 @@ class MovieLensTask(Task):
         users = np.zeros((len(records), self.dims.user_dim), dtype=np.float32)
         if personal:
             for row, uid in enumerate(records[:, 0]):
-                vec = personal.get(int(uid))
+                vec = personal.get(str(int(uid)))
                 if vec is not None:
                     users[row] = vec
         z = numpy_logits(shared, users, items, cat.genres[items])
@@ -228,11 +228,25 @@ class MovieLensClient(TaskClient):
     def num_examples(self) -> int:
         return len(self.train)
 
-    def personal_state(self) -> dict[int, np.ndarray]:
-        """user_id -> this client's personal user embedding (a copy; for audits of stronger threat
-        models and for :meth:`MovieLensTask.record_scores`)."""
+    def personal_state(self) -> dict[str, np.ndarray]:
+        """``"user_id"`` -> this client's personal user embedding (a copy; for the client's own
+        checkpoint, for audits of stronger threat models and for :meth:`MovieLensTask.record_scores`)."""
         ids = self.task.split.catalogue.user_ids
-        return {int(ids[u]): self._user_rows[i].copy() for i, u in enumerate(self.users)}
+        return {str(int(ids[u])): self._user_rows[i].copy() for i, u in enumerate(self.users)}
+
+    def load_personal_state(self, state: Mapping[str, np.ndarray]) -> None:
+        """Restore :meth:`personal_state` (``fedrlhf run --resume``); every user of this client must be present."""
+        ids = self.task.split.catalogue.user_ids
+        rows = self._user_rows.copy()
+        for i, u in enumerate(self.users):
+            key = str(int(ids[u]))
+            if key not in state:
+                raise ValueError(f"client {self.client_id}: checkpoint has no personal embedding for user {key}")
+            vec = np.asarray(state[key], dtype=np.float32)
+            if vec.shape != rows[i].shape:
+                raise ValueError(f"client {self.client_id}: user {key} embedding has shape {vec.shape}, expected {rows[i].shape}")
+            rows[i] = vec
+        self._user_rows = rows
 
     def fit(self, shared: Mapping[str, np.ndarray], config: FitConfig) -> FitResult:
         spec = self.task.shared_spec()
