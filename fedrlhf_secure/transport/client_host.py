@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -73,6 +74,9 @@ class ClientHost:
             resp = getattr(self, f"_{req.op}")(req)
         except (wire.WireError, ProtocolError, NodeError, ValueError, KeyError, KeyFileError) as exc:
             resp = NodeMessage(op, {"error": f"{type(exc).__name__}: {exc}"})
+        except Exception as exc:  # a failing task or aggregator must not take the node's other clients down
+            traceback.print_exc(file=sys.stderr)
+            resp = NodeMessage(op, {"error": f"{type(exc).__name__}: {exc}"})
         return resp.encode(RESPONSE)
 
     def _setup(self, req: NodeMessage) -> NodeMessage:
@@ -82,8 +86,8 @@ class ClientHost:
         config = build_config(raw, source="<config from the server>")
         if config.privacy.mode != "none":
             raise NodeError(
-                f"privacy.mode {config.privacy.mode!r}: the Flower transport keeps DP ledgers on the server "
-                "side only in the embedded engine; run DP configs with `fedrlhf run`"
+                f"privacy.mode {config.privacy.mode!r} is not carried over the node transport: its ledger and "
+                "budget enforcement run in the embedded engine; run this config with `fedrlhf run`"
             )
         everyone = req.int_list("client_ids")
         missing = sorted(set(self.client_ids) - set(everyone))
