@@ -87,11 +87,11 @@ class IMDbConfig:
     reward_lr: float = 0.05
     reward_batch: int = 64
     reward_window: int = 16
-    rl_steps: int = 6
+    rl_steps: int = 12
     prompts_per_step: int = 4
     num_generations: int = 8
     max_new_tokens: int = 16
-    rl_lr: float = 2e-3
+    rl_lr: float = 4e-3
     rl_beta: float = 0.05
     temperature: float = 1.0
     eval_prompts: int = 32
