@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -54,6 +54,9 @@ class AuditSettings:
     server_view_clients: int = 50
     server_view_kind: str = "secagg"
     plots: bool = True
+    workers: int | None = None
+    """Worker processes for the audit's own training runs (``federation.workers``; results do not
+    depend on it, only the wall time does)."""
 
     def __post_init__(self) -> None:
         if self.num_shadows < 0 or self.num_shadows == 1:
@@ -64,6 +67,8 @@ class AuditSettings:
             raise ValueError(f"--canary-runs must be >= 1, got {self.canary_runs}")
         if self.server_view and self.server_view_clients < 50:
             raise ValueError(f"--server-view-clients must be >= 50 (an aggregate of fewer is not the claim), got {self.server_view_clients}")
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {self.workers}")
         if not 0.5 <= self.confidence < 1:
             raise ValueError(f"--confidence must be in [0.5, 1), got {self.confidence}")
 
@@ -158,6 +163,8 @@ def audit_run(
     tick = step or (lambda: None)
     config = load_run_config(run_dir)
     ensure_supported(config)
+    if settings.workers is not None:
+        config = replace(config, federation=replace(config.federation, workers=settings.workers))
     claim = claimed_privacy(run_dir, config)
     model_path = run_dir / "model.safetensors"
     if not model_path.is_file():

@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server-view-kind", default=d.server_view_kind,
                         help=f"secure aggregator for the server view (default {d.server_view_kind})")
     parser.add_argument("--seed", type=int, default=d.seed, help="the audit's own randomness (canary coins, halves)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="worker processes for the audit's training runs (default: the run's federation.workers)")
     parser.add_argument("--no-plots", action="store_true", help="skip the ROC plots")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -50,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
             num_shadows=args.shadows, num_canaries=args.canaries, canary_runs=args.canary_runs,
             confidence=args.confidence, seed=args.seed, server_view=args.server_view,
             server_view_clients=args.server_view_clients, server_view_kind=args.server_view_kind,
-            plots=not args.no_plots,
+            plots=not args.no_plots, workers=args.workers,
         )
     except ValueError as exc:
         print(f"fedrlhf audit: error: {exc}", file=sys.stderr)

@@ -28,6 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--canaries", type=int, default=0, help="also run the one-run ε audit with this many canaries")
     p.add_argument("--json", type=Path, default=Path("bench/audit.json"))
     p.add_argument("--doc", type=Path, default=Path("BENCHMARKS.md"))
+    p.add_argument("--workers", type=int, default=None, help="worker processes for the audit's training runs (2 uses both cores)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -39,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from fedrlhf_secure.federation.engine import RunOptions, run_federation
 
     config = load_config(args.config, args.overrides)
-    settings = AuditSettings(num_shadows=args.shadows, num_canaries=args.canaries)
+    settings = AuditSettings(num_shadows=args.shadows, num_canaries=args.canaries, workers=args.workers)
     with tempfile.TemporaryDirectory(prefix="fedrlhf-bench-audit-") as tmp:
         t0 = time.perf_counter()
         run_dir = run_federation(config, RunOptions(data_dir=args.data_dir, out=Path(tmp), progress=not args.no_progress))
@@ -66,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
         "attacks": attacks,
         "epsilon": report.get("epsilon"),
     }
-    write_json(args.json, {"config": args.config, "overrides": args.overrides, "shadows": args.shadows, "results": result})
+    write_json(args.json, {"config": args.config, "overrides": args.overrides, "shadows": args.shadows, "workers": args.workers,
+                           "results": result})
     rows = [[name, m["auc"], m["tpr_at_0_1pct_fpr"], m["tpr_at_1pct_fpr"], m["balanced_accuracy"]] for name, m in attacks.items()]
     body = (
         f"### Membership audit (`fedrlhf bench audit --config {args.config}`, {args.shadows} shadow runs)\n\n"
