@@ -17,7 +17,12 @@ def _pyplot():
     return plt
 
 
-def plot_run(run_dir: Path, history: Sequence[Mapping[str, Any]], final_clients: Mapping[int, Mapping[str, float]]) -> list[Path]:
+def plot_run(
+    run_dir: Path,
+    history: Sequence[Mapping[str, Any]],
+    final_clients: Mapping[int, Mapping[str, float]],
+    plot_metrics: Sequence[str] = ("heldout_accuracy", "train_accuracy"),
+) -> list[Path]:
     plt = _pyplot()
     out_dir = Path(run_dir) / "plots"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -25,15 +30,10 @@ def plot_run(run_dir: Path, history: Sequence[Mapping[str, Any]], final_clients:
     if history:
         rounds = [h["round"] + 1 for h in history]
         fig, ax = plt.subplots(figsize=(6.4, 4))
-        plotted = False
-        for key, label in (("heldout_accuracy", "held-out accuracy"), ("train_accuracy", "train accuracy")):
+        for key in plot_metrics:
             vals = [h.get(key) for h in history]
-            if any(v is not None for v in vals):
-                ax.plot(rounds, [np.nan if v is None else v for v in vals], marker="o", label=label)
-                plotted = True
-        if not plotted:  # tasks without an accuracy (e.g. IMDb) plot their numeric means instead
-            for key in sorted(k for k in history[-1] if k.endswith("_mean"))[:4]:
-                ax.plot(rounds, [h.get(key, np.nan) for h in history], marker="o", label=key)
+            if any(isinstance(v, (int, float)) for v in vals):
+                ax.plot(rounds, [np.nan if v is None else v for v in vals], marker="o", label=key.replace("_", " "))
         ax.set_xlabel("round")
         ax.set_ylabel("metric")
         ax.grid(alpha=0.3)
@@ -52,6 +52,7 @@ def plot_run(run_dir: Path, history: Sequence[Mapping[str, Any]], final_clients:
         fig.savefig(p, dpi=120)
         plt.close(fig)
         written.append(p)
+    written += _per_client_rewards(out_dir, history)
     accs = np.asarray([m["accuracy"] for m in final_clients.values() if np.isfinite(m.get("accuracy", np.nan))])
     if accs.size:
         fig, ax = plt.subplots(figsize=(6.4, 4))
@@ -67,3 +68,25 @@ def plot_run(run_dir: Path, history: Sequence[Mapping[str, Any]], final_clients:
         plt.close(fig)
         written.append(p)
     return written
+
+
+def _per_client_rewards(out_dir: Path, history: Sequence[Mapping[str, Any]]) -> list[Path]:
+    """Each client's own shaped reward per round (personalisation: one line per client)."""
+    keys = sorted(k for k in (history[-1] if history else {}) if k.startswith("shaped_reward_client") and k.endswith("_mean"))
+    if not keys:
+        return []
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    rounds = [h["round"] + 1 for h in history]
+    for key in keys:
+        ax.plot(rounds, [h.get(key, np.nan) for h in history], marker="o", label=key[len("shaped_reward_") : -len("_mean")])
+    ax.set_xlabel("round")
+    ax.set_ylabel("the client's own shaped reward")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("Personalised reward per client")
+    fig.tight_layout()
+    p = out_dir / "client_rewards.png"
+    fig.savefig(p, dpi=120)
+    plt.close(fig)
+    return [p]

@@ -50,6 +50,9 @@ def test_tiny_config_runs_end_to_end_on_the_real_imdb_data(shared_datasets, cach
     model = load_tensors(run / "model.safetensors")
     assert model and all("lora_" in k for k in model)
     assert any(np.abs(v).max() > 0 for k, v in model.items() if ".lora_B." in k)  # the aggregate moved off π_0
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert {s["round"] for s in samples} == {0, 1} and all(isinstance(t, str) for s in samples for t in s["samples"])
+    assert (run / "plots" / "client_rewards.png").exists()
 
 
 @pytest.mark.parametrize(

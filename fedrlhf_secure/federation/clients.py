@@ -151,7 +151,9 @@ def _worker_main(conn, make_task: Callable[[], Task], cids: list[int], sparse_ro
                 conn.send_bytes(wire.encode(wire.Frame(_RESP, header, tensors)))
             elif op == "evaluate":
                 res = local.evaluate(frame.blob("instruction"), frame.field("cids", list))
-                conn.send_bytes(wire.encode(wire.Frame(_RESP, {"metrics": {str(c): _finite(m) for c, m in res.items()}})))
+                artifacts = {str(c): a for c, a in local.local_artifacts.items()}
+                local.local_artifacts.clear()
+                conn.send_bytes(wire.encode(wire.Frame(_RESP, {"metrics": {str(c): _finite(m) for c, m in res.items()}, "artifacts": artifacts})))
             elif op == "personal":
                 states = local.personal_states()
                 tensors = {f"{c}/{k}": v for c, st in states.items() for k, v in st.items()}
@@ -241,6 +243,8 @@ class WorkerClients:
         for resp in self._ask(reqs).values():
             for c, m in resp.header["metrics"].items():
                 out[int(c)] = {k: (float("nan") if v is None else v) for k, v in m.items()}
+            for c, a in resp.header.get("artifacts", {}).items():
+                self.local_artifacts[int(c)] = a
         return out
 
     def personal_states(self) -> dict[int, dict[str, np.ndarray]]:

@@ -273,6 +273,11 @@ class Federation:
             self.clients.hold_global(self.global_params)
         shared_msg = FitInstruction(r, 0, self.config.seed, self.global_params, client_held).encode()
         per_client = self.clients.evaluate(shared_msg, self.client_ids)
+        for c, extra in sorted(self.clients.local_artifacts.items()):
+            # Client-side artefacts (e.g. sample generations) never travel in a frame; the
+            # simulation plays the clients' side when it files them in the run directory.
+            self.run.append_jsonl("samples.jsonl", {"round": r, "client": c, **extra})
+        self.clients.local_artifacts.clear()
         report_bytes = {c: len(Report(c, r, m).encode()) for c, m in per_client.items()}
         if hook:
             for c, m in per_client.items():
@@ -443,7 +448,7 @@ def _complete(fed: Federation, run: RunDirectory, options: RunOptions) -> Path:
         timing = fed.run_all()
         atomic_save_tensors(run.path / "model.safetensors", fed.global_params)
         write_summary(fed, run, timing)
-        plots.plot_run(run.path, fed.history, fed.final_clients)
+        plots.plot_run(run.path, fed.history, fed.final_clients, type(fed.task).plot_metrics)
     except BaseException:
         if fed.config.privacy.mode == "none" and not (run.path / "checkpoint" / "state.json").exists():
             run.discard()

@@ -129,6 +129,8 @@ class Task(ABC):
     """A federated RLHF task (MovieLens, IMDb...)."""
 
     name: ClassVar[str]
+    plot_metrics: ClassVar[tuple[str, ...]] = ("heldout_accuracy", "train_accuracy")
+    """Pooled per-round metrics (keys of ``metrics.jsonl``) the run's main plot shows."""
 
     @abstractmethod
     def client_ids(self) -> list[int]: ...

@@ -50,6 +50,7 @@ REVIEW_WORDS = 128
 
 class IMDbTask(Task):
     name = "imdb"
+    plot_metrics = ("positive_rate_mean", "sentiment_score_mean", "shaped_reward_mean", "kl_to_initial_mean")
 
     def __init__(self, config: IMDbConfig, data_dir: Path | None, seed: int, *, progress: bool = True) -> None:
         torch.set_num_threads(config.torch_threads)
