@@ -75,6 +75,16 @@ class AggregateResult:
         return self.weighted_sum / self.total_weight
 
 
+def check_single_upload(ctx: RoundContext, seen: Sequence[int], closed: bool, sender: int) -> None:
+    """The checks every one-shot upload stage makes before parsing: open round, participant, no replay."""
+    if closed:
+        raise ProtocolError(f"round {ctx.round} is closed; update from {sender} rejected")
+    if sender not in ctx.participants:
+        raise ProtocolError(f"client {sender} is not a participant of round {ctx.round}")
+    if sender in seen:
+        raise ProtocolError(f"client {sender} already sent its update (replay?)")
+
+
 class ServerHalf(ABC):
     """The aggregator's server side for one round."""
 

@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from . import wire
-from .base import AggregateResult, Aggregator, ClientHalf, ProtocolError, RoundContext, ServerHalf, register
+from .base import AggregateResult, Aggregator, ClientHalf, ProtocolError, RoundContext, ServerHalf, check_single_upload, register
 
 REQUEST = "plain/request"
 UPDATE = "plain/update"
@@ -36,12 +36,7 @@ class PlainServer(ServerHalf):
         return [(cid, msg) for cid in self.ctx.participants]
 
     def receive(self, sender: int, data: bytes) -> list[tuple[int, bytes]]:
-        if self._closed:
-            raise ProtocolError(f"round {self.ctx.round} is closed; update from {sender} rejected")
-        if sender not in self.ctx.participants:
-            raise ProtocolError(f"client {sender} is not a participant of round {self.ctx.round}")
-        if sender in self._got:
-            raise ProtocolError(f"client {sender} already sent its update (replay?)")
+        check_single_upload(self.ctx, self._got, self._closed, sender)
         try:
             frame = wire.decode(data, expect=UPDATE)
             if frame.field("round", int) != self.ctx.round:

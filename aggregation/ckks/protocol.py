@@ -34,6 +34,7 @@ from ..base import (
     ProtocolError,
     RoundContext,
     ServerHalf,
+    check_single_upload,
 )
 from . import codec
 from .keys import ClientKey, ClientKeyPair, DealerKey, PublicContext, deal, open_package
@@ -95,12 +96,7 @@ class CKKSServer(ServerHalf):
         return [(cid, msg) for cid in self.ctx.participants]
 
     def receive(self, sender: int, data: bytes) -> list[tuple[int, bytes]]:
-        if self._closed:
-            raise ProtocolError(f"round {self.ctx.round} is closed; update from {sender} rejected")
-        if sender not in self.ctx.participants:
-            raise ProtocolError(f"client {sender} is not a participant of round {self.ctx.round}")
-        if sender in self._got:
-            raise ProtocolError(f"client {sender} already sent its update (replay?)")
+        check_single_upload(self.ctx, self._got, self._closed, sender)
         try:
             frame = wire.decode(data, expect=UPDATE, max_bytes=self._max_bytes)
             _check_binding(frame, self.ctx, self.key_id)

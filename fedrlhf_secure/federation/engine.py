@@ -132,7 +132,13 @@ class Federation:
         self.sizes = self.clients.num_examples()
         self.aggregator = build_aggregator(config, self.client_ids)
         self.privacy = build_privacy(config, self.sizes, run, resume)
-        self.rng = np.random.default_rng(np.random.SeedSequence([config.seed, 0xFED]))
+        self._init_run_state()
+        if resume:
+            self._load_checkpoint()
+
+    def _init_run_state(self) -> None:
+        """Server-side state of a fresh run: selection RNG, session id, initial model, history."""
+        self.rng = np.random.default_rng(np.random.SeedSequence([self.config.seed, 0xFED]))
         self.session_id = os.urandom(16)
         self.global_params = {k: np.asarray(v, dtype=np.float32).copy() for k, v in self.task.initial_shared().items()}
         self.start_round = 0
@@ -140,8 +146,6 @@ class Federation:
         self.history: list[dict[str, Any]] = []
         self.final_clients: dict[int, dict[str, float]] = {}
         self.stopped: str | None = None
-        if resume:
-            self._load_checkpoint()
 
     # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, completed_round: int) -> None:
