@@ -194,13 +194,14 @@ def test_client_host_refuses_out_of_order_and_foreign_requests():
     assert "error" in NodeMessage.decode(host.handle(b"not a frame"), RESPONSE).header
 
 
-def test_client_host_refuses_a_config_with_dp_it_would_not_account_for():
-    host = ClientHost([0], None)
-    raw = _raw()
-    raw["privacy"] = {"mode": "client", "epsilon": 1.0}
+def test_client_host_refuses_central_dp_noise_which_would_put_the_plan_on_the_server(tmp_path):
+    host = ClientHost([0], None, state_dir=tmp_path)
+    raw = _raw(weighting="uniform")
+    raw["privacy"] = {"mode": "client", "epsilon": 1.0, "delta": 1e-3, "noise": "central"}
     setup = NodeMessage("setup", {"client_ids": [0, 1, 2, 3]}, blobs={"config": yaml.safe_dump(raw).encode()})
     err = NodeMessage.decode(host.handle(setup.encode(REQUEST)), RESPONSE).header["error"]
-    assert "privacy.mode" in err
+    assert "privacy.noise 'central'" in err
+    assert not list(tmp_path.iterdir())
 
 
 @settings(max_examples=60, deadline=None)

@@ -78,7 +78,9 @@ def ledger_header(config: Any) -> dict[str, Any]:
     }
 
 
-def check_inputs(config: Any, client_sizes: Mapping[int, int]) -> None:
+def check_inputs(config: Any, client_sizes: Mapping[int, int], num_clients: int | None = None) -> None:
+    """``num_clients`` is the federation's client count when ``client_sizes`` covers only some clients
+    (one node's, in a deployment); the client-level δ < 1/n check is about all n clients."""
     p = config.privacy
     src = config.source
     if p.epsilon is not None and not p.epsilon > 0:
@@ -95,7 +97,7 @@ def check_inputs(config: Any, client_sizes: Mapping[int, int]) -> None:
     elif p.mode == "client":
         if not p.clip_norm > 0:
             raise ConfigError(f"must be > 0, got {p.clip_norm}", source=src, key="privacy.clip_norm")
-        n = len(client_sizes)
+        n = len(client_sizes) if num_clients is None else int(num_clients)
         if p.delta >= 1.0 / n:
             raise ConfigError(f"δ={p.delta:g} must be < 1/n = {1 / n:.3g} (n = {n} clients)", source=src, key="privacy.delta")
         drop = config.federation.dropout_rate
@@ -114,12 +116,21 @@ def check_inputs(config: Any, client_sizes: Mapping[int, int]) -> None:
             )
 
 
-def build_plan(config: Any, client_sizes: dict[int, int], ledger_dir: Path, resume: bool) -> PrivacyPlan:
-    """The run's privacy plan; ``resume=True`` reopens the existing ledger with the ε already spent."""
+def build_plan(
+    config: Any, client_sizes: dict[int, int], ledger_dir: Path, resume: bool, *, num_clients: int | None = None
+) -> PrivacyPlan:
+    """The run's privacy plan; ``resume=True`` reopens the existing ledger with the ε already spent.
+
+    ``client_sizes`` may be a subset of the federation's clients (a deployment node builds the plan
+    for the clients it hosts, and keeps their ledger); ``num_clients`` is then the federation-wide
+    count, the one public number the client-level plan needs beyond its own clients (δ < 1/n, and
+    the masking quantiser's scale, which depends on how many clients are summed).
+    """
     p = config.privacy
     if p.mode == "none":
         return NoPrivacy()
-    check_inputs(config, client_sizes)
+    total = len(client_sizes) if num_clients is None else int(num_clients)
+    check_inputs(config, client_sizes, total)
     ledger_dir = Path(ledger_dir)
     releases = ReleaseStore(ledger_dir.parent / "checkpoint" / "privacy-releases")
     if p.mode == "record":
@@ -129,7 +140,7 @@ def build_plan(config: Any, client_sizes: dict[int, int], ledger_dir: Path, resu
             batch_size=p.batch_size, max_grad_norm=p.max_grad_norm, budget=p.epsilon, delta=p.delta,
             accountant=p.accountant, noise_multiplier=p.noise_multiplier, ledger=ledger, releases=releases,
         )
-    integer = integer_domain(config, len(client_sizes)) if p.noise == "distributed" else None
+    integer = integer_domain(config, total) if p.noise == "distributed" else None
     check_noise_headroom(config, integer)
     ledger = PrivacyLedger(ledger_dir, ledger_header(config), resume=resume)
     plan = ClientLevelPlan(

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,9 @@ from ..federation.clients import LocalClients
 from ..federation.engine import build_task
 from ..federation.messages import FitInstruction, Report
 from ..federation.update import UpdateCodec
+from ..privacy.budget import BudgetedPlan
+from ..privacy.factory import build_plan
+from ..privacy.plan import NoPrivacy, PrivacyPlan
 from .aggregator_keys import KeyFileError, node_aggregator
 from .local_socket import recv_frame, send_frame
 from .node_protocol import REQUEST, RESPONSE, NodeMessage
@@ -54,12 +58,18 @@ class _Round:
 class ClientHost:
     """The clients ``client_ids`` of one node, driven by :class:`NodeMessage` requests."""
 
-    def __init__(self, client_ids: Sequence[int], data_dir: Path | None, keys_dir: Path | None = None) -> None:
+    def __init__(
+        self, client_ids: Sequence[int], data_dir: Path | None, keys_dir: Path | None = None, state_dir: Path | None = None
+    ) -> None:
+        """``state_dir`` holds this node's privacy ledgers (one folder per run): with DP on, ε is
+        accounted and enforced here, on the clients' side, never by the server."""
         if not client_ids or len(set(client_ids)) != len(client_ids):
             raise ValueError(f"a node needs a non-empty list of distinct client ids, got {list(client_ids)}")
         self.client_ids = [int(c) for c in client_ids]
         self.data_dir = data_dir
         self.keys_dir = keys_dir
+        self.state_dir = None if state_dir is None else Path(state_dir)
+        self.ledger_dir: Path | None = None
         self.config = None
         self.clients: LocalClients | None = None
         self.round: _Round | None = None
@@ -80,15 +90,15 @@ class ClientHost:
         return resp.encode(RESPONSE)
 
     def _setup(self, req: NodeMessage) -> NodeMessage:
-        from ..privacy.plan import NoPrivacy
-
         raw = yaml.safe_load(req.blobs.get("config", b"").decode("utf-8"))
         config = build_config(raw, source="<config from the server>")
-        if config.privacy.mode != "none":
+        if config.privacy.mode == "client" and config.privacy.noise == "central":
             raise NodeError(
-                f"privacy.mode {config.privacy.mode!r} is not carried over the node transport: its ledger and "
-                "budget enforcement run in the embedded engine; run this config with `fedrlhf run`"
+                "privacy.noise 'central' adds the noise on the server, which would then hold the privacy plan; "
+                "over nodes use privacy.noise: local or distributed (each node adds its clients' noise)"
             )
+        if config.privacy.mode != "none" and self.state_dir is None:
+            raise NodeError(f"privacy.mode {config.privacy.mode!r} needs a state directory for this node's ledger (--state-dir)")
         everyone = req.int_list("client_ids")
         missing = sorted(set(self.client_ids) - set(everyone))
         if missing:
@@ -102,7 +112,7 @@ class ClientHost:
         self.codec = UpdateCodec(self.task.shared_spec(), config.federation.sparse_rows)
         self.clients = LocalClients(self.task, self.client_ids, self.codec)
         self.aggregator = node_aggregator(config, everyone, self.client_ids, self.keys_dir)
-        self.privacy = NoPrivacy()
+        self.privacy = self._build_privacy(config, len(everyone))
         # CKKS: the server cannot read the aggregate, so the global model is held here (the initial
         # one is public; later ones are what these clients decrypted) and never sent by the server
         self.held: dict[str, np.ndarray] | None = None
@@ -113,6 +123,34 @@ class ClientHost:
         # only which clients are here: example counts are FedAvg weights, which masking and CKKS keep
         # from the server (they travel inside the protected vector)
         return NodeMessage("setup", {"clients": list(self.client_ids), "dim": int(self.codec.dim)})
+
+    def _build_privacy(self, config, num_clients: int) -> PrivacyPlan:
+        """This node's plan for its own clients: sizes stay here, only the federation's client count is public."""
+        if config.privacy.mode == "none":
+            return NoPrivacy()
+        assert self.state_dir is not None and self.clients is not None
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        self.ledger_dir = self.state_dir / "privacy" / f"run-{stamp}-{os.urandom(4).hex()}" / "ledger"
+        sizes = {c: self.clients.clients[c].num_examples() for c in self.client_ids}
+        return build_plan(config, sizes, self.ledger_dir, False, num_clients=num_clients)
+
+    def _admit(self, req: NodeMessage) -> NodeMessage:
+        """The privacy plan's admission, on the node: a client over its budget refuses the round."""
+        self._require_setup()
+        rnd = req.field("round", int)
+        cids = req.int_list("clients")
+        foreign = sorted(set(cids) - set(self.client_ids))
+        if foreign:
+            raise NodeError(f"admission for clients {foreign}, which this node does not host")
+        admitted = [c for c in cids if self.privacy.admit(c, rnd)]
+        return NodeMessage("admit", {"round": rnd, "admitted": admitted, "epsilon_spent": self._epsilon_spent()})
+
+    def _epsilon_spent(self) -> dict[str, float]:
+        """Each hosted client's ε spent so far (a public metric, reported as plaintext)."""
+        if isinstance(self.privacy, NoPrivacy):
+            return {}
+        per_client = self.privacy.summary().get("epsilon_per_client") or {}
+        return {str(c): float(per_client.get(str(c), 0.0)) for c in self.client_ids}
 
     def _require_setup(self) -> LocalClients:
         if self.clients is None or self.config is None:
@@ -135,6 +173,13 @@ class ClientHost:
         if fit.round != ctx.round:
             raise NodeError(f"fit instruction is for round {fit.round}, the round context for {ctx.round}")
         self._check_held(fit)
+        if isinstance(self.privacy, BudgetedPlan):
+            unadmitted = [c for c in cids if c not in self.privacy.admitted.get(ctx.round, set())]
+            if unadmitted:
+                raise NodeError(f"round {ctx.round}: clients {unadmitted} were not admitted by this node's privacy plan")
+            # the distributed noise share is sized for the round's survivors, a public function of
+            # how many clients were admitted federation-wide (the round context's participants)
+            self.privacy.admitted[ctx.round] = set(ctx.participants)
         dp = {c: self.privacy.fit_settings(c, ctx.round, clients.clients[c].num_examples()) for c in cids}
         updates = clients.fit(cids, instruction, dp)
         summary: dict[str, Any] = {}
@@ -146,9 +191,11 @@ class ClientHost:
             weight = float(up.num_examples) if weighting == "examples" else 1.0
             crng = np.random.default_rng(np.random.SeedSequence([self.config.seed, ctx.round, c, 0xD9]))
             priv = self.privacy.privatize(c, ctx.round, up.vector, weight, crng)
-            self.privacy.commit(c, ctx.round, up.privacy)
+            spent = self.privacy.commit(c, ctx.round, up.privacy)
             halves[c] = self.aggregator.client(ctx, c, priv.vector, priv.weight, **priv.aggregator_kwargs)
             summary[str(c)] = {"metrics": _finite(up.metrics)}
+            if spent is not None:
+                summary[str(c)]["epsilon_spent"] = float(spent)
         self.round = _Round(ctx, halves)
         for c, msgs in req.messages.items():
             replies[c] = self._deliver(c, msgs)

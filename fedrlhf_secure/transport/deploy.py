@@ -39,6 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--socket", type=Path, required=True, help="Unix socket path (the SuperNode's node config client-host)")
     p.add_argument("--data-dir", type=Path, default=None, help="dataset directory (default: $FEDRLHF_DATA_DIR)")
     p.add_argument("--keys-dir", type=Path, default=None, help="this node's key directory (CKKS: dealer.pub, client-<id>.key, package-client-<id>.frame)")
+    p.add_argument(
+        "--state-dir", type=Path, default=None,
+        help="this node's DP ledgers, one folder per run (default: SOCKET.state beside the socket); ε is accounted here, not on the server",
+    )
     p.add_argument("--task-module", action="append", default=[], help="import this module first (a task plug-in that registers its kind)")
     p.add_argument("--ready-file", type=Path, default=None, help=argparse.SUPPRESS)
 
@@ -98,7 +102,8 @@ def _run(args: argparse.Namespace) -> int:
 
         for module in args.task_module:
             importlib.import_module(module)
-        host = ClientHost(_client_ids(args.client_ids), args.data_dir, args.keys_dir)
+        state_dir = args.state_dir or args.socket.with_name(args.socket.name + ".state")
+        host = ClientHost(_client_ids(args.client_ids), args.data_dir, args.keys_dir, state_dir)
         try:
             serve(host, args.socket, ready_file=args.ready_file)
         except KeyboardInterrupt:

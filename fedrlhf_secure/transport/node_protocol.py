@@ -7,6 +7,8 @@ A node hosts several client ids, so one request carries the frames for all of th
 Operations (``op`` in the request header):
 
 ``setup``     run config (YAML), all client ids               -> the ids this node hosts (no example counts)
+``admit``     round, the selected clients it hosts            -> which of them its privacy plan admits (a
+              client whose next release would exceed its ε budget refuses) and each one's reported ε spent
 ``fit``       fit instruction, round context, the aggregator's opening messages per client
               -> per-client training metrics (numbers) and the first replies
 ``agg``       aggregator messages per client                  -> replies per client
@@ -28,7 +30,7 @@ from aggregation import wire
 
 REQUEST = "node/request"
 RESPONSE = "node/response"
-OPS = ("setup", "fit", "agg", "finish", "evaluate", "release")
+OPS = ("setup", "admit", "fit", "agg", "finish", "evaluate", "release")
 MAX_MESSAGES_PER_CLIENT = 4096
 
 

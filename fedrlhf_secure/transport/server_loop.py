@@ -14,6 +14,7 @@ private data, personal parameters or individual update is ever in this process.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -41,7 +42,6 @@ from ..federation.engine import (
 )
 from ..federation.messages import FitInstruction, Report
 from ..federation.update import UpdateCodec
-from ..privacy.plan import NoPrivacy
 from ..rundir import RunDirectory
 from .aggregator_keys import server_aggregator
 from .node_driver import NodeLink, NodeRoundDriver, NodeRoundOutcome
@@ -64,6 +64,39 @@ class _RemoteClients:
         pass
 
 
+class ReportedPrivacy:
+    """What the server knows of DP over nodes: each client's ε spent *as its node reports it*.
+
+    The ledger, the calibration and the budget enforcement are on the nodes (client side); these
+    numbers are plaintext metadata for metrics.jsonl / summary.json, and the server cannot check
+    them. Keys mirror :meth:`~fedrlhf_secure.privacy.budget.BudgetedPlan.summary`.
+    """
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.spent: dict[int, float] = {}
+        self.refused: set[int] = set()
+
+    def report(self, client_id: int, epsilon: Any) -> None:
+        if self.mode == "none" or not isinstance(epsilon, (int, float)) or not math.isfinite(epsilon) or epsilon < 0:
+            return
+        self.spent[client_id] = float(epsilon)
+
+    def summary(self) -> dict[str, Any]:
+        if self.mode == "none":
+            return {"mode": "none", "epsilon_spent_max": None}
+        values = [v for v in self.spent.values()]
+        return {
+            "mode": self.mode,
+            "reported_by": "nodes",
+            "epsilon_spent_max": max(values) if values else 0.0,
+            "epsilon_spent_mean": float(np.mean(values)) if values else 0.0,
+            "clients_with_releases": sum(1 for v in values if v > 0),
+            "clients_refused": len(self.refused),
+            "epsilon_per_client": {str(c): v for c, v in sorted(self.spent.items())},
+        }
+
+
 class RemoteFederation(Federation):
     """:class:`Federation` whose clients are on nodes reached through ``link``."""
 
@@ -80,10 +113,10 @@ class RemoteFederation(Federation):
         on_stage: Callable[[int, str, int], None] | None = None,
         keys_dir: Path | None = None,
     ) -> None:
-        if config.privacy.mode != "none":
+        if config.privacy.mode == "client" and config.privacy.noise == "central":
             raise ValueError(
-                f"privacy.mode {config.privacy.mode!r} is not carried over the node transport: the DP ledger and "
-                "its budget enforcement live in the embedded engine; run this config with `fedrlhf run`"
+                "privacy.noise 'central' over nodes would make the server hold the privacy plan; use privacy.noise: "
+                "local or distributed (each node adds and accounts its own clients' noise)"
             )
         if config.federation.dropout_rate > 0:
             raise ValueError("federation.dropout_rate simulates dropouts in process; over a network dropouts are real: set it to 0")
@@ -106,7 +139,7 @@ class RemoteFederation(Federation):
         unhosted = sorted(set(self.client_ids) - set(self.node_of))
         if unhosted:
             raise TransportError(f"no node hosts clients {unhosted[:10]}{'...' if len(unhosted) > 10 else ''} of the task")
-        self.privacy = NoPrivacy()
+        self.privacy = ReportedPrivacy(config.privacy.mode)
         self.rng = np.random.default_rng(np.random.SeedSequence([config.seed, 0xFED]))
         self.session_id = os.urandom(16)
         self.global_params = {k: np.asarray(v, dtype=np.float32).copy() for k, v in self.task.initial_shared().items()}
@@ -149,7 +182,10 @@ class RemoteFederation(Federation):
     def run_round(self, r: int, progress: Callable[[str], None]) -> RoundLog:
         t_round = time.perf_counter()
         selected = self._select()
-        admitted = list(selected)
+        admitted = self._admit(r, selected) if self.config.privacy.mode != "none" else list(selected)
+        refused = sorted(set(selected) - set(admitted))
+        if refused:
+            print(f"round {r}: {len(refused)} client(s) refused by their nodes (privacy budget, or the node is unreachable)", file=sys.stderr)
         if len(admitted) < self.fed.min_clients:
             raise _Stop(f"round {r}: only {len(admitted)} client(s) can take part (federation.min_clients={self.fed.min_clients}); stopping")
         client_held = not self.aggregator.server_can_read_result
@@ -179,6 +215,12 @@ class RemoteFederation(Federation):
             if result is None:
                 raise _Stop(f"round {r}: the aggregation produced no result")
             contributors = result.contributors
+            need = self._survivors_required(len(admitted))
+            if len(contributors) < need:
+                raise _Stop(
+                    f"round {r}: {len(contributors)} contributors survived but the nodes' distributed noise shares were sized "
+                    f"for {need} (privacy.survivor_fraction); the aggregate is discarded"
+                )
             avg = self.codec.decode(result)
             for k, d in avg.items():
                 self.global_params[k] = (self.global_params[k] + self.fed.server_lr * d).astype(np.float32)
@@ -192,6 +234,8 @@ class RemoteFederation(Federation):
 
         report_bytes = {c: len(Report(c, r, m).encode()) for c, m in per_client.items()}
         fitted = [c for c in admitted if c in outcome.fit]
+        for c in fitted:
+            self.privacy.report(c, outcome.fit[c].get("epsilon_spent"))
         bytes_down = [len(instruction) + outcome.bytes_down[c] for c in admitted]
         bytes_up = [outcome.bytes_up[c] + report_bytes.get(c, 0) for c in admitted]
         losses = [outcome.fit[c].get("metrics", {}).get("loss") for c in fitted]
@@ -199,7 +243,7 @@ class RemoteFederation(Federation):
             "round": r,
             **pool_metrics(per_client),
             "clients_selected": len(selected),
-            "clients_refused": 0,
+            "clients_refused": len(refused),
             "clients_aggregated": len(contributors),
             "clients_dropped": len(admitted) - len(contributors),
             "train_loss_mean": _nanmean([float("nan") if v is None else v for v in losses]),
@@ -215,6 +259,39 @@ class RemoteFederation(Federation):
         row.update(_privacy_row(self.privacy.summary()))
         row["seconds"] = time.perf_counter() - t_round
         return RoundLog(row, per_client)
+
+    def _admit(self, r: int, selected: Sequence[int]) -> list[int]:
+        """Ask each node which of its selected clients its privacy plan admits; a silent node's clients sit out."""
+        wanted: dict[int, list[int]] = {}
+        for c in selected:
+            wanted.setdefault(self.node_of[c], []).append(c)
+        reqs = {n: NodeMessage("admit", {"round": r, "clients": cids}).encode(REQUEST) for n, cids in wanted.items()}
+        raw = self.link.exchange(reqs, self.driver.stage_timeout)
+        admitted: set[int] = set()
+        for n, data in raw.items():
+            try:
+                msg = NodeMessage.decode(data, RESPONSE)
+            except wire.WireError as exc:
+                print(f"round {r}: node {n} sent a malformed admission ({exc}); its clients sit out", file=sys.stderr)
+                continue
+            if "error" in msg.header:
+                print(f"round {r}: node {n} refused admission: {msg.header['error']}", file=sys.stderr)
+                continue
+            admitted.update(c for c in msg.int_list("admitted") if c in wanted[n])
+            for c, eps in dict(msg.header.get("epsilon_spent", {})).items():
+                if c.isdigit() and self.node_of.get(int(c)) == n:
+                    self.privacy.report(int(c), eps)
+        for c in selected:
+            if c not in admitted:
+                self.privacy.refused.add(c)
+        return [c for c in selected if c in admitted]
+
+    def _survivors_required(self, admitted: int) -> int:
+        """The contributors the nodes' distributed noise shares were sized for (0 without distributed noise)."""
+        p = self.config.privacy
+        if p.mode != "client" or p.noise != "distributed":
+            return 0
+        return min(admitted, max(self.fed.min_clients, math.ceil(p.survivor_fraction * admitted)))
 
     def _save_checkpoint(self, completed_round: int) -> None:
         """No resume over nodes: personal state and (CKKS) the model live on the nodes, not here."""

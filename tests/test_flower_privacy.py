@@ -1,0 +1,152 @@
+"""Differential privacy over the node transport: the ledger and the budget live on the nodes.
+
+Driven through :class:`InProcessLink` (the Flower deployment with the Grid replaced by direct
+calls), like tests/test_flower_transport.py. Each node builds the privacy plan for the clients it
+hosts and keeps their ledger under its own state directory; these tests pin that the ε it accounts
+is exactly the in-process engine's, that the server's run directory holds no ledger, that a client
+over budget is refused by its node, and that distributed noise shares are sized for the
+federation-wide survivors, not for the node's own clients.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from fedrlhf_secure.config import config_from_dict
+from fedrlhf_secure.federation.engine import RunOptions, run_federation
+from fedrlhf_secure.privacy.ledger import read_ledger
+from fedrlhf_secure.tasks.base import FitResult, register_task
+from fedrlhf_secure.transport.client_host import ClientHost
+from fedrlhf_secure.transport.node_driver import InProcessLink
+from fedrlhf_secure.transport.node_protocol import REQUEST, RESPONSE, NodeMessage
+from fedrlhf_secure.transport.server_loop import run_remote_federation
+
+from toy_task import ToyClient, ToyConfig, ToyTask, toy_config
+
+NODES = {0: [0, 2], 1: [1, 3]}
+RECORD = {"mode": "record", "epsilon": 4.0, "delta": 1e-2, "max_grad_norm": 1.0, "batch_size": 1, "accountant": "rdp"}
+CLIENT = {"mode": "client", "epsilon": 4.0, "delta": 1e-3, "clip_norm": 1.0, "noise": "distributed"}
+
+
+class _DPToyClient(ToyClient):
+    """The toy client, reporting the DP-SGD it was asked to run (as a real task's Opacus loop does)."""
+
+    def fit(self, shared, config) -> FitResult:
+        res = super().fit(shared, config)
+        s = config.dp_sgd
+        if s is not None:
+            res.privacy = {"steps": config.local_epochs * round(1 / s.sample_rate), "sample_rate": s.sample_rate,
+                           "noise_multiplier": s.noise_multiplier, "max_grad_norm": s.max_grad_norm}
+        return res
+
+
+class _DPToyTask(ToyTask):
+    name = "toy-dp-nodes"
+
+    def make_client(self, client_id: int):
+        return _DPToyClient(client_id, self.cfg)
+
+
+register_task("toy-dp-nodes", ToyConfig, lambda cfg, data_dir, seed: _DPToyTask(cfg))
+
+
+def _raw(privacy: dict, aggregation: str = "plain", **fed) -> dict:
+    raw = toy_config(**{"rounds": 3, "weighting": "uniform", "sparse_rows": "all", **fed})
+    raw["task"]["kind"] = "toy-dp-nodes"
+    raw["aggregation"] = {"kind": aggregation}
+    raw["privacy"] = privacy
+    return raw
+
+
+def _remote(tmp: Path, raw: dict) -> tuple[Path, dict[int, ClientHost]]:
+    hosts = {n: ClientHost(c, None, state_dir=tmp / f"node-{n}") for n, c in NODES.items()}
+    run = run_remote_federation(config_from_dict(raw), InProcessLink(hosts), NODES, RunOptions(out=tmp / "server", progress=False))
+    return run, hosts
+
+
+def _node_ledgers(hosts: dict[int, ClientHost]) -> dict[int, list]:
+    out: dict[int, list] = {}
+    for host in hosts.values():
+        assert host.ledger_dir is not None and (host.ledger_dir / "plan.json").exists()
+        _, entries = read_ledger(host.ledger_dir)
+        assert sorted(entries) == sorted(host.client_ids)  # a node's ledger holds its own clients only
+        out.update(entries)
+    return out
+
+
+def _accounting(entries: dict[int, list]) -> dict[int, list[tuple]]:
+    """Everything a ledger entry says about ε (the digest of the noisy release differs run to run)."""
+    return {
+        c: [(e.round, e.mechanism, e.noise_multiplier, e.sample_rate, e.steps, e.sensitivity, e.epsilon_after, e.noise) for e in es]
+        for c, es in entries.items()
+    }
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_record_level_dp_over_nodes_accounts_exactly_the_engines_epsilon_on_the_nodes(tmp_path):
+    raw = _raw(RECORD)
+    local = run_federation(config_from_dict(raw), RunOptions(out=tmp_path / "local", progress=False))
+    remote, hosts = _remote(tmp_path / "remote", raw)
+    _, engine = read_ledger(local / "ledger")
+    nodes = _node_ledgers(hosts)
+    assert _accounting(nodes) == _accounting(engine)
+    assert all(len(es) == 3 for es in nodes.values())
+    assert not (remote / "ledger").exists()
+    assert not list((tmp_path / "remote" / "server").rglob("client-*.json"))
+    for n, hosted in hosts.items():
+        assert hosted.ledger_dir is not None and hosted.ledger_dir.is_relative_to(tmp_path / "remote" / f"node-{n}")
+    a, b = _rows(local), _rows(remote)
+    assert [r["privacy_epsilon_spent_max"] for r in b] == [r["privacy_epsilon_spent_max"] for r in a]
+    assert b[-1]["privacy_epsilon_spent_max"] > 0
+    summary = json.loads((remote / "summary.json").read_text())["privacy"]
+    assert summary["reported_by"] == "nodes"
+    assert summary["epsilon_per_client"] == {str(c): es[-1].epsilon_after for c, es in sorted(engine.items())}
+
+
+def test_a_client_over_its_budget_is_refused_by_its_node_and_the_run_stops_like_the_engine(tmp_path):
+    # a fixed noise multiplier with a budget that client 0 (the most batches) exhausts after two rounds
+    raw = _raw({**RECORD, "noise_multiplier": 1.5, "epsilon": 3.0}, rounds=4)
+    local = run_federation(config_from_dict(raw), RunOptions(out=tmp_path / "local", progress=False))
+    remote, hosts = _remote(tmp_path / "remote", raw)
+    a, b = _rows(local), _rows(remote)
+    assert [r["clients_refused"] for r in b] == [r["clients_refused"] for r in a] == [0, 0, 1, 2]
+    assert [r["clients_aggregated"] for r in b] == [r["clients_aggregated"] for r in a]
+    _, engine = read_ledger(local / "ledger")
+    nodes = _node_ledgers(hosts)
+    assert _accounting(nodes) == _accounting(engine)
+    assert [e.round for e in nodes[0]] == [0, 1]
+    assert max(e.epsilon_after for es in nodes.values() for e in es) <= 3.0
+    # asked directly, client 0's node refuses it for the next round and reports its ε as spent
+    resp = NodeMessage.decode(hosts[0].handle(NodeMessage("admit", {"round": 4, "clients": [0, 2]}).encode(REQUEST)), RESPONSE)
+    assert 0 not in resp.header["admitted"]
+    assert resp.header["epsilon_spent"]["0"] == nodes[0][-1].epsilon_after
+    assert json.loads((remote / "summary.json").read_text())["privacy"]["clients_refused"] == 2
+
+
+def test_distributed_noise_shares_on_nodes_are_sized_for_the_federations_survivors(tmp_path):
+    raw = _raw(CLIENT, "secagg", rounds=2)
+    raw["aggregation"]["noise_bound"] = 5_000_000
+    local = run_federation(config_from_dict(raw), RunOptions(out=tmp_path / "local", progress=False))
+    remote, hosts = _remote(tmp_path / "remote", raw)
+    _, engine = read_ledger(local / "ledger")
+    nodes = _node_ledgers(hosts)
+    assert _accounting(nodes) == _accounting(engine)
+    assert all(e.mechanism == "skellam" and e.noise == "distributed" for es in nodes.values() for e in es)
+    # each share is calibrated for m = max(min_clients, ceil(survivor_fraction 1.0 x 4 admitted)) = 4 survivors
+    # federation-wide; sizing it for the node's own 2 clients would give sqrt(2) x larger shares
+    plan = hosts[0].privacy
+    assert plan.survivors_required(0) == 4
+    assert len(_rows(remote)) == 2
+
+
+def test_a_node_without_a_state_directory_refuses_a_dp_run():
+    raw = _raw(RECORD)
+    setup = NodeMessage("setup", {"client_ids": [0, 1, 2, 3]}, blobs={"config": yaml.safe_dump(raw).encode()})
+    err = NodeMessage.decode(ClientHost([0], None).handle(setup.encode(REQUEST)), RESPONSE).header["error"]
+    assert "--state-dir" in err
