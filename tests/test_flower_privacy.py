@@ -11,8 +11,10 @@ federation-wide survivors, not for the node's own clients.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from fedrlhf_secure.config import config_from_dict
@@ -129,7 +131,26 @@ def test_a_client_over_its_budget_is_refused_by_its_node_and_the_run_stops_like_
     assert json.loads((remote / "summary.json").read_text())["privacy"]["clients_refused"] == 2
 
 
-def test_distributed_noise_shares_on_nodes_are_sized_for_the_federations_survivors(tmp_path):
+class _RecordingAggregator:
+    """The node's aggregator, noting the integer noise share each client hands to it."""
+
+    def __init__(self, inner, seen: list) -> None:
+        self.inner, self.seen = inner, seen
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def client(self, ctx, client_id, vector, weight, **kwargs):
+        self.seen.append(kwargs["integer_noise"])
+        return self.inner.client(ctx, client_id, vector, weight, **kwargs)
+
+
+def test_distributed_noise_shares_on_nodes_are_sized_for_the_federations_survivors(tmp_path, monkeypatch):
+    from fedrlhf_secure.transport import client_host
+
+    seen: list = []
+    real = client_host.node_aggregator
+    monkeypatch.setattr(client_host, "node_aggregator", lambda *a: _RecordingAggregator(real(*a), seen))
     raw = _raw(CLIENT, "secagg", rounds=2)
     raw["aggregation"]["noise_bound"] = 5_000_000
     local = run_federation(config_from_dict(raw), RunOptions(out=tmp_path / "local", progress=False))
@@ -141,7 +162,12 @@ def test_distributed_noise_shares_on_nodes_are_sized_for_the_federations_survivo
     # each share is calibrated for m = max(min_clients, ceil(survivor_fraction 1.0 x 4 admitted)) = 4 survivors
     # federation-wide; sizing it for the node's own 2 clients would give sqrt(2) x larger shares
     plan = hosts[0].privacy
-    assert plan.survivors_required(0) == 4
+    assert [plan.survivors_required(r) for r in (0, 1)] == [4, 4]
+    variance, _, _ = plan._ensure_skellam(hosts[0].codec.dim)
+    assert len(seen) == 8  # 4 clients x 2 rounds
+    pooled = np.concatenate(seen).astype(np.float64) / math.sqrt(variance / 4)
+    assert pooled.size == 8 * hosts[0].codec.dim == 128  # std estimate within ~0.07
+    assert 0.75 < float(pooled.std()) < 1.3  # sqrt(2) = 1.41 if sized for the node's 2 clients
     assert len(_rows(remote)) == 2
 
 
