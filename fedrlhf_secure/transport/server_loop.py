@@ -15,7 +15,6 @@ private data, personal parameters or individual update is ever in this process.
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from dataclasses import replace
@@ -140,14 +139,7 @@ class RemoteFederation(Federation):
         if unhosted:
             raise TransportError(f"no node hosts clients {unhosted[:10]}{'...' if len(unhosted) > 10 else ''} of the task")
         self.privacy = ReportedPrivacy(config.privacy.mode)
-        self.rng = np.random.default_rng(np.random.SeedSequence([config.seed, 0xFED]))
-        self.session_id = os.urandom(16)
-        self.global_params = {k: np.asarray(v, dtype=np.float32).copy() for k, v in self.task.initial_shared().items()}
-        self.start_round = 0
-        self.commits = 0
-        self.history: list[dict[str, Any]] = []
-        self.final_clients: dict[int, dict[str, float]] = {}
-        self.stopped: str | None = None
+        self._init_run_state()
         self.driver = NodeRoundDriver(
             link, self.node_of, fit_timeout=fit_timeout, stage_timeout=stage_timeout, hook=options.hook, on_stage=on_stage
         )
