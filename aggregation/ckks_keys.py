@@ -1,6 +1,6 @@
 """``fedrlhf keys``: offline CKKS key setup (the dealer) and client key pairs.
 
-The workflow a deployment follows (see docs/readme/ckks.md)::
+The workflow a deployment follows (see docs/ckks.md)::
 
     fedrlhf keys client --id 3 --out client3/          # on client 3: X25519 key pair; send client-3.pub
     fedrlhf keys dealer --out dealer/                  # on the dealer: Ed25519 key; publish dealer.pub

@@ -2,7 +2,7 @@
 
 The server learns ``sum_k w_k x_k`` and ``sum_k w_k`` over the surviving clients (up to the
 quantisation of :mod:`.quantize`) and which clients survived, never an individual update, while
-clients may drop at any stage as long as at least ``t`` remain. See docs/security/masking.md for
+clients may drop at any stage as long as at least ``t`` remain. See SECURITY.md §6 for
 the threat model.
 
 Distributed DP hook: :meth:`SecAggAggregator.client` takes ``integer_noise`` (int64, one entry per

@@ -3,7 +3,7 @@
 In process, ``aggregation: {kind: ckks}`` deals a fresh CKKS key through a simulated dealer held
 by the same process. Across machines that would put the secret key next to the server, so here
 the server and every node build the aggregator from the files of ``fedrlhf keys`` (the offline
-dealer ceremony, docs/readme/ckks.md):
+dealer ceremony, docs/ckks.md):
 
 * the server's key directory holds ``dealer.pub`` and ``public-context.frame`` (no key at all);
 * a node's key directory holds ``dealer.pub`` and, for each client ``c`` it hosts,
@@ -30,7 +30,7 @@ class KeyFileError(FileNotFoundError):
 
 def _need(path: Path) -> Path:
     if not path.is_file():
-        raise KeyFileError(f"missing key file {path} (made by `fedrlhf keys`; see docs/readme/deployment.md)")
+        raise KeyFileError(f"missing key file {path} (made by `fedrlhf keys`; see docs/deployment.md)")
     return path
 
 

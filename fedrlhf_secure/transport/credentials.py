@@ -1,6 +1,6 @@
 """TLS certificates and SuperNode authentication keys for a Flower deployment.
 
-Two independent credentials protect the Flower transport (see docs/security/transport.md):
+Two independent credentials protect the Flower transport (see SECURITY.md §10):
 
 * **TLS** (server-authenticated): a deployment CA signs the SuperLink's certificate, whose
   subjectAltNames list every hostname / IP the SuperNodes and the ``flwr`` CLI dial. SuperNodes

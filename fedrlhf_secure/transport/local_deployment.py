@@ -1,7 +1,7 @@
 """A whole Flower deployment on one machine: SuperLink, SuperNodes, client hosts, ``flwr run``.
 
 Used by ``fedrlhf deploy local``, the loopback test and the transport benchmark. It starts the
-same processes, with the same flags, as a multi-machine deployment (docs/readme/deployment.md):
+same processes, with the same flags, as a multi-machine deployment (docs/deployment.md):
 TLS with a fresh deployment CA, SuperNode authentication with registered EC keys
 (``--enable-supernode-auth`` + ``flwr supernode register``), runtime dependency installation off
 (nothing is downloaded), each process on a free loopback port.

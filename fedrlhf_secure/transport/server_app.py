@@ -1,6 +1,6 @@
 """The Flower ServerApp: the server's round loop, with Flower's Grid as the link to the nodes.
 
-``flwr run`` starts it inside the SuperLink's deployment (see docs/readme/deployment.md). It
+``flwr run`` starts it inside the SuperLink's deployment (see docs/deployment.md). It
 waits for ``min-nodes`` SuperNodes, sends each the run config, learns which client ids each
 hosts, and runs :class:`~.server_loop.RemoteFederation`: every request is one Flower Message
 per node (``query.fedrlhf``) whose only content is the project's own wire frame as raw bytes.
