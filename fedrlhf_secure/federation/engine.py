@@ -198,6 +198,20 @@ class Federation:
         simulation the engine plays the clients' side when it hands them the decrypted model."""
         return not self.aggregator.server_can_read_result
 
+    def _check_quorum(self, r: int, admitted: list[int]) -> None:
+        if len(admitted) < self.fed.min_clients:
+            raise _Stop(
+                f"round {r}: only {len(admitted)} client(s) can take part (federation.min_clients={self.fed.min_clients}); stopping"
+            )
+
+    def _broadcast(self, r: int, admitted: list[int], client_held: bool) -> bytes:
+        """The round's ``fed/fit`` frame, as every admitted client receives it (and the hook sees it)."""
+        instruction = FitInstruction(r, self.fed.local_epochs, self.config.seed, self.global_params, client_held).encode()
+        if self.options.hook:
+            for c in admitted:
+                self.options.hook(-1, c, instruction)
+        return instruction
+
     def _weight(self, cid: int, num_examples: int) -> float:
         return float(num_examples) if self.fed.weighting == "examples" else 1.0
 
@@ -208,19 +222,12 @@ class Federation:
         refused = sorted(set(selected) - set(admitted))
         if refused:
             print(f"round {r}: {len(refused)} client(s) refused: their next release would exceed the privacy budget", file=sys.stderr)
-        if len(admitted) < self.fed.min_clients:
-            raise _Stop(
-                f"round {r}: only {len(admitted)} client(s) can take part (federation.min_clients={self.fed.min_clients}); stopping"
-            )
-
+        self._check_quorum(r, admitted)
         client_held = self._client_held()
         if client_held:
             self.clients.hold_global(self.global_params)
-        instruction = FitInstruction(r, self.fed.local_epochs, self.config.seed, self.global_params, client_held).encode()
+        instruction = self._broadcast(r, admitted, client_held)
         hook = self.options.hook
-        if hook:
-            for c in admitted:
-                hook(-1, c, instruction)
 
         progress(f"round {r}: local RLHF on {len(admitted)} clients")
         t0 = time.perf_counter()

@@ -178,14 +178,9 @@ class RemoteFederation(Federation):
         refused = sorted(set(selected) - set(admitted))
         if refused:
             print(f"round {r}: {len(refused)} client(s) refused by their nodes (privacy budget, or the node is unreachable)", file=sys.stderr)
-        if len(admitted) < self.fed.min_clients:
-            raise _Stop(f"round {r}: only {len(admitted)} client(s) can take part (federation.min_clients={self.fed.min_clients}); stopping")
-        client_held = not self.aggregator.server_can_read_result
-        instruction = FitInstruction(r, self.fed.local_epochs, self.config.seed, self.global_params, client_held).encode()
-        hook = self.options.hook
-        if hook:
-            for c in admitted:
-                hook(-1, c, instruction)
+        self._check_quorum(r, admitted)
+        client_held = self._client_held()
+        instruction = self._broadcast(r, admitted, client_held)
 
         progress(f"round {r}: local RLHF and {self.config.aggregation.kind} aggregation on {len(admitted)} clients")
         t0 = time.perf_counter()
