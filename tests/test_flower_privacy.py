@@ -20,44 +20,24 @@ import yaml
 from fedrlhf_secure.config import config_from_dict
 from fedrlhf_secure.federation.engine import RunOptions, run_federation
 from fedrlhf_secure.privacy.ledger import read_ledger
-from fedrlhf_secure.tasks.base import FitResult, register_task
 from fedrlhf_secure.transport.client_host import ClientHost
 from fedrlhf_secure.transport.node_driver import InProcessLink
 from fedrlhf_secure.transport.node_protocol import REQUEST, RESPONSE, NodeMessage
 from fedrlhf_secure.transport.server_loop import run_remote_federation
 
-from toy_task import ToyClient, ToyConfig, ToyTask, toy_config
+from toy_task import toy_config  # also registers the "toy-dp" task
 
 NODES = {0: [0, 2], 1: [1, 3]}
 RECORD = {"mode": "record", "epsilon": 4.0, "delta": 1e-2, "max_grad_norm": 1.0, "batch_size": 1, "accountant": "rdp"}
 CLIENT = {"mode": "client", "epsilon": 4.0, "delta": 1e-3, "clip_norm": 1.0, "noise": "distributed"}
 
 
-class _DPToyClient(ToyClient):
-    """The toy client, reporting the DP-SGD it was asked to run (as a real task's Opacus loop does)."""
 
-    def fit(self, shared, config) -> FitResult:
-        res = super().fit(shared, config)
-        s = config.dp_sgd
-        if s is not None:
-            res.privacy = {"steps": config.local_epochs * round(1 / s.sample_rate), "sample_rate": s.sample_rate,
-                           "noise_multiplier": s.noise_multiplier, "max_grad_norm": s.max_grad_norm}
-        return res
-
-
-class _DPToyTask(ToyTask):
-    name = "toy-dp-nodes"
-
-    def make_client(self, client_id: int):
-        return _DPToyClient(client_id, self.cfg)
-
-
-register_task("toy-dp-nodes", ToyConfig, lambda cfg, data_dir, seed: _DPToyTask(cfg))
 
 
 def _raw(privacy: dict, aggregation: str = "plain", **fed) -> dict:
     raw = toy_config(**{"rounds": 3, "weighting": "uniform", "sparse_rows": "all", **fed})
-    raw["task"]["kind"] = "toy-dp-nodes"
+    raw["task"]["kind"] = "toy-dp"
     raw["aggregation"] = {"kind": aggregation}
     raw["privacy"] = privacy
     return raw

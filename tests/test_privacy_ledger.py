@@ -17,31 +17,11 @@ from fedrlhf_secure.privacy import ledger_cli
 from fedrlhf_secure.privacy.budget import BudgetExceeded
 from fedrlhf_secure.privacy.factory import build_plan
 from fedrlhf_secure.privacy.ledger import LedgerConflict, LedgerEntry, LedgerError, PrivacyLedger, read_ledger
-from fedrlhf_secure.tasks.base import FitResult, register_task
 
-from toy_task import ToyClient, ToyConfig, ToyTask, toy_config
-
-
-class DPToyClient(ToyClient):
-    """The toy client, reporting the DP-SGD it was asked to run (as a real task's Opacus loop does)."""
-
-    def fit(self, shared, config) -> FitResult:
-        res = super().fit(shared, config)
-        s = config.dp_sgd
-        if s is not None:
-            res.privacy = {"steps": config.local_epochs * round(1 / s.sample_rate), "sample_rate": s.sample_rate,
-                           "noise_multiplier": s.noise_multiplier, "max_grad_norm": s.max_grad_norm}
-        return res
+from toy_task import toy_config  # also registers the "toy-dp" task
 
 
-class DPToyTask(ToyTask):
-    name = "toy-dp"
 
-    def make_client(self, client_id: int):
-        return DPToyClient(client_id, self.cfg)
-
-
-register_task("toy-dp", ToyConfig, lambda cfg, data_dir, seed: DPToyTask(cfg))
 
 CLIENT = {"mode": "client", "epsilon": 4.0, "delta": 1e-3, "clip_norm": 1.0, "noise": "distributed"}
 RECORD = {"mode": "record", "epsilon": 4.0, "delta": 1e-2, "max_grad_norm": 1.0, "batch_size": 1, "accountant": "rdp"}

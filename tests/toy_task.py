@@ -81,5 +81,27 @@ def _factory(cfg: ToyConfig, data_dir: Path | None, seed: int) -> ToyTask:
 register_task("toy", ToyConfig, _factory)
 
 
+class DPToyClient(ToyClient):
+    """The toy client, reporting the DP-SGD it was asked to run (as a real task's Opacus loop does)."""
+
+    def fit(self, shared: Mapping[str, np.ndarray], config: FitConfig) -> FitResult:
+        res = super().fit(shared, config)
+        s = config.dp_sgd
+        if s is not None:
+            res.privacy = {"steps": config.local_epochs * round(1 / s.sample_rate), "sample_rate": s.sample_rate,
+                           "noise_multiplier": s.noise_multiplier, "max_grad_norm": s.max_grad_norm}
+        return res
+
+
+class DPToyTask(ToyTask):
+    name = "toy-dp"
+
+    def make_client(self, client_id: int) -> TaskClient:
+        return DPToyClient(client_id, self.cfg)
+
+
+register_task("toy-dp", ToyConfig, lambda cfg, data_dir, seed: DPToyTask(cfg))
+
+
 def toy_config(**fed) -> dict:
     return {"seed": 3, "task": {"kind": "toy", "clients": 4}, "federation": {"rounds": 2, "local_epochs": 1, "min_clients": 2, **fed}, "aggregation": {"kind": "plain"}}
