@@ -114,7 +114,31 @@ def test_flower_rounds_equal_the_in_process_run_with_the_same_seed(deployment, d
     assert all(r["transport_stages"] >= (2 if kind == "ckks" else 4) for r in rows)
 
 
+def test_record_level_dp_over_flower_keeps_the_engines_ledger_on_the_nodes(deployment, data_dir):
+    from fedrlhf_secure.privacy.ledger import read_ledger
+
+    dep, tmp = deployment
+    raw = yaml.safe_load(_config(tmp, "secagg", 1).read_text())
+    raw["federation"]["weighting"] = "uniform"
+    raw["privacy"] = {"mode": "record", "noise_multiplier": 1.0, "delta": 1e-6, "batch_size": 64, "max_grad_norm": 1.0}
+    config = tmp / "record-dp.yaml"
+    config.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    flower = dep.run(config, tmp / "runs-dp", stage_timeout=90.0, timeout=900)
+    local = run_federation(load_config(config), RunOptions(out=tmp / "local-dp", progress=False, data_dir=data_dir))
+    assert not (flower / "ledger").exists()
+    nodes: dict = {}
+    for ledger in sorted((dep.workdir / "sockets").glob("*.state/privacy/run-*/ledger")):
+        nodes.update(read_ledger(ledger)[1])
+    _, engine = read_ledger(local / "ledger")
+    key = lambda es: [(e.round, e.noise_multiplier, e.sample_rate, e.steps, e.epsilon_after) for e in es]  # noqa: E731
+    assert sorted(nodes) == sorted(engine) and len(engine) == 6
+    assert {c: key(es) for c, es in nodes.items()} == {c: key(es) for c, es in engine.items()}
+    assert _rows(flower)[0]["privacy_epsilon_spent_max"] == pytest.approx(_rows(local)[0]["privacy_epsilon_spent_max"])
+
+
 def test_a_supernode_stopped_mid_round_drops_out_and_the_round_still_completes(deployment, data_dir):
+    # Last in this module on purpose: the stopped SuperNode stays down, and the module-scoped
+    # deployment is shared with the tests above (pytest runs a module's tests in file order).
     shared_datasets = data_dir
     dep, tmp = deployment
     config = _config(tmp, "secagg", 1)
@@ -162,25 +186,3 @@ def test_a_supernode_stopped_mid_round_drops_out_and_the_round_still_completes(d
     got, want = load_tensors(run / "model.safetensors"), load_tensors(ref / "model.safetensors")
     for k in want:
         np.testing.assert_allclose(got[k], want[k], atol=2e-3, rtol=0)
-
-
-def test_record_level_dp_over_flower_keeps_the_engines_ledger_on_the_nodes(deployment, data_dir):
-    from fedrlhf_secure.privacy.ledger import read_ledger
-
-    dep, tmp = deployment
-    raw = yaml.safe_load(_config(tmp, "secagg", 1).read_text())
-    raw["federation"]["weighting"] = "uniform"
-    raw["privacy"] = {"mode": "record", "noise_multiplier": 1.0, "delta": 1e-6, "batch_size": 64, "max_grad_norm": 1.0}
-    config = tmp / "record-dp.yaml"
-    config.write_text(yaml.safe_dump(raw), encoding="utf-8")
-    flower = dep.run(config, tmp / "runs-dp", stage_timeout=90.0, timeout=900)
-    local = run_federation(load_config(config), RunOptions(out=tmp / "local-dp", progress=False, data_dir=data_dir))
-    assert not (flower / "ledger").exists()
-    nodes: dict = {}
-    for ledger in sorted((dep.workdir / "sockets").glob("*.state/privacy/run-*/ledger")):
-        nodes.update(read_ledger(ledger)[1])
-    _, engine = read_ledger(local / "ledger")
-    key = lambda es: [(e.round, e.noise_multiplier, e.sample_rate, e.steps, e.epsilon_after) for e in es]  # noqa: E731
-    assert sorted(nodes) == sorted(engine) and len(engine) == 6
-    assert {c: key(es) for c, es in nodes.items()} == {c: key(es) for c, es in engine.items()}
-    assert _rows(flower)[0]["privacy_epsilon_spent_max"] == pytest.approx(_rows(local)[0]["privacy_epsilon_spent_max"])
