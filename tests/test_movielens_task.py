@@ -77,8 +77,9 @@ def test_personal_user_embedding_never_appears_in_the_fit_result(data_dir):
     after = client.personal_state()
     assert set(result.delta) == set(task.shared_spec().names())
     assert not any("user" in name for name in result.delta)
-    (user_id, vec), = after.items()
-    assert user_id == "4" and not np.allclose(vec, before["4"])  # it trained, and stayed here
+    assert sorted(after) == ["4", "dp/4"]  # the embedding it predicts with, and the DP-trained one
+    vec = after["4"]
+    assert not np.allclose(vec, before["4"])  # it trained, and stayed here
     released = np.concatenate([v.ravel() for v in result.delta.values()] + [np.ravel(list(result.metrics.values()))])
     for value in vec:  # not one coordinate of the personal vector is in the release
         assert not np.any(released == value)
@@ -297,5 +298,46 @@ def test_personal_state_round_trips_through_a_checkpoint(data_dir):
     fresh.load_personal_state(state)
     for k, v in fresh.personal_state().items():
         np.testing.assert_array_equal(v, state[k])
-    with pytest.raises(ValueError, match="no personal embedding for user"):
+    with pytest.raises(ValueError, match="no personal embedding '4'"):
         fresh.load_personal_state({})
+    with pytest.raises(ValueError, match="no personal embedding 'dp/4'"):
+        fresh.load_personal_state({k: v for k, v in state.items() if not k.startswith("dp/")})
+
+
+def _deterministic_dp(clip: float) -> DPSGDSettings:
+    """Noise off and every record in every batch (Poisson sampling at rate 1 is deterministic)."""
+    return DPSGDSettings(noise_multiplier=0.0, max_grad_norm=clip, sample_rate=1.0)
+
+
+def test_ghost_clipping_gives_the_same_update_as_per_sample_gradients(data_dir):
+    from fedrlhf_secure.tasks.movielens.train import train_epochs_dp
+
+    task = task_of(data_dir)
+    client = task.make_client(5)
+    shared = task.initial_shared()
+    deltas = {}
+    for mode in ("ghost", "hooks"):
+        policy = build_policy(shared, client._dp_user_rows, None)
+        steps, _ = train_epochs_dp(policy, client._dp_data, client.feedback_profiles, task.settings, 3, _deterministic_dp(0.05),
+                                   rng=np.random.default_rng(0), grad_sample_mode=mode)
+        assert steps == 3
+        deltas[mode] = {k: v.detach().numpy() - shared_value for k, v, shared_value in
+                        [("item", policy.item_embedding.weight, shared[ITEM_EMBEDDING])]}
+    moved = np.abs(deltas["hooks"]["item"]).max()
+    assert moved > 1e-3  # clipped at 0.05, the records still moved the table
+    np.testing.assert_allclose(deltas["ghost"]["item"], deltas["hooks"]["item"], atol=1e-6 + 1e-4 * moved)
+
+
+def test_dp_update_never_depends_on_the_noiseless_prediction_embedding(data_dir):
+    """Under record-level DP the client predicts with a user embedding fitted without noise; the
+    released update must be computed from the DP-trained one only, or it would not be DP."""
+    task = task_of(data_dir)
+    shared = task.initial_shared()
+    a, b = task.make_client(5), task.make_client(5)
+    b._user_rows = b._user_rows + 3.0  # a wildly different prediction embedding
+    ra = a.fit(shared, FitConfig(0, 2, 0, _deterministic_dp(0.5)))
+    rb = b.fit(shared, FitConfig(0, 2, 0, _deterministic_dp(0.5)))
+    for k in ra.delta:
+        np.testing.assert_array_equal(ra.delta[k], rb.delta[k])
+    assert np.abs(a._user_rows - task.initial_user_rows(a.users)).max() > 1e-3  # the prediction embedding was fitted
+    assert not np.allclose(a._user_rows, a._dp_user_rows)

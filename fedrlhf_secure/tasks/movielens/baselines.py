@@ -72,7 +72,7 @@ def centralized(task: "MovieLensTask", rounds: int | None = None, local_epochs: 
     profiles = ProfileTable.of([task.profiles[c.client_id] for c in clients])
     rng = np.random.default_rng([task.seed, 0xCE47])
     train_epochs(policy, data, profiles, task.settings, epochs, rng, schedule="joint")
-    trained = {ITEM_EMBEDDING: policy.item_embedding.weight.detach().numpy(), **policy.dense_state()}
+    trained = {ITEM_EMBEDDING: policy.item_rows(), **policy.dense_state()}
     user_rows = policy.user_embedding.weight.detach().numpy()
     per_client = []
     offset = 0
@@ -105,7 +105,7 @@ def local_only(task: "MovieLensTask", rounds: int | None = None, local_epochs: i
             for _ in range(rounds):
                 train_epochs(policy, c.local_data, c.feedback_profiles, task.settings, local_epochs, rng)
             items = initial[ITEM_EMBEDDING].copy()
-            items[c.local_items] = policy.item_embedding.weight.detach().numpy()
+            items[c.local_items] = policy.item_rows()
             own = {ITEM_EMBEDDING: items, **policy.dense_state()}
             user_rows = policy.user_embedding.weight.detach().numpy()
         z_test = numpy_logits(own, user_rows[np.searchsorted(c.users, c.test.user)], c.test.item, cat.genres[c.test.item])

@@ -98,17 +98,27 @@ class PreferencePolicy(nn.Module):
     it may touch; indices passed to :meth:`forward` are positions in those tables.
     """
 
-    def __init__(self, user_rows: torch.Tensor, item_rows: torch.Tensor, dense: Mapping[str, torch.Tensor]) -> None:
+    def __init__(
+        self, user_rows: torch.Tensor, item_rows: torch.Tensor, dense: Mapping[str, torch.Tensor], item_scale: float = 1.0
+    ) -> None:
         super().__init__()
+        self.item_scale = float(item_scale)
         self.user_embedding = nn.Embedding(user_rows.shape[0], user_rows.shape[1], _weight=user_rows)
-        self.item_embedding = nn.Embedding(item_rows.shape[0], item_rows.shape[1], _weight=item_rows)
+        self.item_embedding = nn.Embedding(item_rows.shape[0], item_rows.shape[1], _weight=item_rows / self.item_scale)
         self.genre_projection = _linear(dense[GENRE_WEIGHT], dense[GENRE_BIAS])
         self.hidden = _linear(dense[HIDDEN_WEIGHT], dense[HIDDEN_BIAS])
         self.out = _linear(dense[OUT_WEIGHT], dense[OUT_BIAS])
 
     def forward(self, user: torch.Tensor, item: torch.Tensor, genres: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([self.user_embedding(user), self.item_embedding(item), self.genre_projection(genres)], dim=1)
+        items = self.item_embedding(item)
+        if self.item_scale != 1.0:
+            items = items * self.item_scale
+        x = torch.cat([self.user_embedding(user), items, self.genre_projection(genres)], dim=1)
         return self.out(torch.relu(self.hidden(x))).squeeze(1)
+
+    def item_rows(self) -> np.ndarray:
+        """The item-embedding rows this module holds, in the shared parameter's units."""
+        return (self.item_embedding.weight.detach() * self.item_scale).numpy().copy()
 
     def dense_state(self) -> dict[str, np.ndarray]:
         tensors = {
@@ -120,14 +130,22 @@ class PreferencePolicy(nn.Module):
 
 
 def build_policy(
-    shared: Mapping[str, np.ndarray], user_rows: np.ndarray, item_index: np.ndarray | None
+    shared: Mapping[str, np.ndarray], user_rows: np.ndarray, item_index: np.ndarray | None, *, item_scale: float = 1.0
 ) -> PreferencePolicy:
     """A trainable policy holding copies of ``shared`` (item rows ``item_index``, all when None)
-    and of the given personal ``user_rows``."""
+    and of the given personal ``user_rows``.
+
+    ``item_scale`` k stores the item table as ``rows / k`` and multiplies it back by k in the
+    forward pass: the function is unchanged, but each record's gradient with respect to the
+    stored rows is k times larger. Under DP-SGD, where every coordinate receives the same noise
+    ``σC``, that raises the item rows' share of the clipped gradient and so their signal-to-noise
+    ratio (see ``dp_item_scale`` in :class:`~.config.MovieLensConfig`); the optimiser's item
+    learning rate is divided by k so a step moves the rows as far as before."""
     items = shared[ITEM_EMBEDDING] if item_index is None else shared[ITEM_EMBEDDING][item_index]
     dense = {k: torch.tensor(np.asarray(shared[k], dtype=np.float32)) for k in DENSE_NAMES}
     return PreferencePolicy(
-        torch.tensor(np.asarray(user_rows, dtype=np.float32)), torch.tensor(np.asarray(items, dtype=np.float32)), dense
+        torch.tensor(np.asarray(user_rows, dtype=np.float32)), torch.tensor(np.asarray(items, dtype=np.float32)), dense,
+        item_scale=item_scale,
     )
 
 

@@ -27,7 +27,7 @@ from .config import MovieLensConfig
 from .data import MovieLensSplit, Ratings, load_split
 from .feedback import FeedbackProfile, draw_profiles, labels
 from .model import ITEM_EMBEDDING, PolicyDims, build_policy, numpy_logits
-from .train import LocalData, ProfileTable, TrainSettings, train_epochs, train_epochs_dp
+from .train import LocalData, ProfileTable, TrainSettings, fit_personal, train_epochs, train_epochs_dp
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
@@ -208,6 +208,7 @@ class MovieLensClient(TaskClient):
         self.train = train
         self.test = test
         self._user_rows = task.initial_user_rows(users)  # personal: never returned by fit()
+        self._dp_user_rows = self._user_rows.copy()  # personal, trained only by DP-SGD (see fit)
         self.feedback_profiles = ProfileTable.of([task.profiles[client_id]])
         user_pos = np.searchsorted(users, train.user)
         self.local_items = np.unique(train.item)
@@ -232,21 +233,23 @@ class MovieLensClient(TaskClient):
         """``"user_id"`` -> this client's personal user embedding (a copy; for the client's own
         checkpoint, for audits of stronger threat models and for :meth:`MovieLensTask.record_scores`)."""
         ids = self.task.split.catalogue.user_ids
-        return {str(int(ids[u])): self._user_rows[i].copy() for i, u in enumerate(self.users)}
+        state = {str(int(ids[u])): self._user_rows[i].copy() for i, u in enumerate(self.users)}
+        state.update({f"dp/{int(ids[u])}": self._dp_user_rows[i].copy() for i, u in enumerate(self.users)})
+        return state
 
     def load_personal_state(self, state: Mapping[str, np.ndarray]) -> None:
         """Restore :meth:`personal_state` (``fedrlhf run --resume``); every user of this client must be present."""
         ids = self.task.split.catalogue.user_ids
-        rows = self._user_rows.copy()
+        rows, dp_rows = self._user_rows.copy(), self._dp_user_rows.copy()
         for i, u in enumerate(self.users):
-            key = str(int(ids[u]))
-            if key not in state:
-                raise ValueError(f"client {self.client_id}: checkpoint has no personal embedding for user {key}")
-            vec = np.asarray(state[key], dtype=np.float32)
-            if vec.shape != rows[i].shape:
-                raise ValueError(f"client {self.client_id}: user {key} embedding has shape {vec.shape}, expected {rows[i].shape}")
-            rows[i] = vec
-        self._user_rows = rows
+            for table, key in ((rows, str(int(ids[u]))), (dp_rows, f"dp/{int(ids[u])}")):
+                if key not in state:
+                    raise ValueError(f"client {self.client_id}: checkpoint has no personal embedding {key!r}")
+                vec = np.asarray(state[key], dtype=np.float32)
+                if vec.shape != table[i].shape:
+                    raise ValueError(f"client {self.client_id}: embedding {key!r} has shape {vec.shape}, expected {table[i].shape}")
+                table[i] = vec
+        self._user_rows, self._dp_user_rows = rows, dp_rows
 
     def fit(self, shared: Mapping[str, np.ndarray], config: FitConfig) -> FitResult:
         spec = self.task.shared_spec()
@@ -260,25 +263,41 @@ class MovieLensClient(TaskClient):
             policy = build_policy(shared, self._user_rows, self.local_items)
             steps, loss = train_epochs(policy, self.local_data, self.feedback_profiles, self.task.settings, config.local_epochs, rng)
             item_delta = np.zeros((num_items, self.task.dims.item_dim), dtype=np.float32)
-            item_delta[self.local_items] = policy.item_embedding.weight.detach().numpy() - shared[ITEM_EMBEDDING][self.local_items]
+            item_delta[self.local_items] = policy.item_rows() - shared[ITEM_EMBEDDING][self.local_items]
             touched = np.zeros(num_items, dtype=bool)
             touched[self.local_items] = True
             privacy: dict[str, Any] = {}
+            self._user_rows = policy.user_embedding.weight.detach().numpy().copy()
         else:
-            policy = build_policy(shared, self._user_rows, None)
+            self._user_rows = self._fit_prediction_embedding(shared, rng)
+            policy = build_policy(shared, self._dp_user_rows, None, item_scale=self.task.config.dp_item_scale)
             steps, loss = train_epochs_dp(
                 policy, self._dp_data, self.feedback_profiles, self.task.settings, config.local_epochs, config.dp_sgd,
                 rng=rng,
             )
-            item_delta = policy.item_embedding.weight.detach().numpy() - shared[ITEM_EMBEDDING]
+            item_delta = policy.item_rows() - shared[ITEM_EMBEDDING]
             touched = np.ones(num_items, dtype=bool)
             privacy = self._dp_report(config, steps)
-        self._user_rows = policy.user_embedding.weight.detach().numpy().copy()
+            self._dp_user_rows = policy.user_embedding.weight.detach().numpy().copy()
         dense = policy.dense_state()
         delta = {ITEM_EMBEDDING: item_delta.astype(np.float32)}
         for name, value in dense.items():
             delta[name] = (value - shared[name]).astype(np.float32)
         return FitResult(delta, len(self.train), {ITEM_EMBEDDING: touched}, metrics={"steps": float(steps), "loss": loss}, privacy=privacy)
+
+    def _fit_prediction_embedding(self, shared: Mapping[str, np.ndarray], rng: np.random.Generator) -> np.ndarray:
+        """Under record-level DP: the user embedding this client predicts with, fitted *without*
+        noise to the received global model (the personal phase of FedRep).
+
+        Why this is allowed: DP constrains what leaves the client. This embedding never does, and
+        nothing that leaves is computed from it: the DP-SGD fit below starts from its own user
+        embedding (``_dp_user_rows``), trained only by DP-SGD, so the update is a DP mechanism
+        of the data and the received (public) model. The client's own predictions are about its
+        own user; only their evaluation metrics reach the server, which record-level DP does not
+        cover in any case (SECURITY.md §11)."""
+        policy = build_policy(shared, self._user_rows, self.local_items)
+        fit_personal(policy, self.local_data, self.feedback_profiles, self.task.settings, rng)
+        return policy.user_embedding.weight.detach().numpy().copy()
 
     @staticmethod
     def _dp_report(config: FitConfig, steps: int) -> dict[str, Any]:
