@@ -189,8 +189,9 @@ class ClientHost:
         for c in cids:
             up = updates[c]
             weight = float(up.num_examples) if weighting == "examples" else 1.0
-            crng = np.random.default_rng(np.random.SeedSequence([self.config.seed, ctx.round, c, 0xD9]))
-            priv = self.privacy.privatize(c, ctx.round, up.vector, weight, crng)
+            # the plan draws its noise share from os.urandom (privacy.randomness): a generator seeded
+            # from the run seed, which config.yaml publishes, would let anyone subtract the noise
+            priv = self.privacy.privatize(c, ctx.round, up.vector, weight)
             spent = self.privacy.commit(c, ctx.round, up.privacy)
             halves[c] = self.aggregator.client(ctx, c, priv.vector, priv.weight, **priv.aggregator_kwargs)
             summary[str(c)] = {"metrics": _finite(up.metrics)}
