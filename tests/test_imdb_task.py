@@ -172,6 +172,25 @@ def test_record_level_dp_trains_the_reward_with_opacus_and_reports_its_steps(tas
     assert not hasattr(client.classifier, "_module")  # Opacus hooks are gone after the fit
 
 
+def test_dp_reward_noise_is_fresh_even_with_the_same_seed():
+    """The run seed is written to config.yaml: DP noise or batches derived from it could be
+    regenerated and subtracted, so two DP fits with the same seed must differ."""
+    from fedrlhf_secure.tasks.imdb.reward import SentimentClassifier, train_classifier_dp
+
+    g = torch.Generator().manual_seed(0)
+    ids, mask = torch.randint(0, 64, (40, 12), generator=g), torch.ones(40, 12, dtype=torch.long)
+    labels = torch.randint(0, 2, (40,), generator=g)
+    weights = []
+    for _ in range(2):
+        torch.manual_seed(1)
+        model = SentimentClassifier(64, dim=4)
+        dp = DPSGDSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.25)
+        steps = train_classifier_dp(model, ids, mask, labels, epochs=1, lr=0.05, dp=dp, seed=7, window=6)
+        assert steps == 4
+        weights.append(model.head.weight.detach().clone())
+    assert float((weights[0] - weights[1]).abs().max()) > 1e-4
+
+
 def test_personal_state_round_trips_and_holds_only_the_reward_classifier(task):
     a, b = task.make_client(0), task.make_client(0)
     a._train_reward(FitConfig(0, 1, 3))

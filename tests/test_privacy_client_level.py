@@ -60,7 +60,7 @@ def test_one_clients_influence_on_the_released_mean_is_at_most_c_over_n(tmp_path
         plan = _plan(tmp_path / str(len(list(tmp_path.iterdir()))), n=n, noise="central")
         for cid in range(n):
             plan.admit(cid, 0)
-        privs = [plan.privatize(cid, 0, v, 1.0, RNG) for cid, v in enumerate(vectors)]
+        privs = [plan.privatize(cid, 0, v, 1.0) for cid, v in enumerate(vectors)]
         total = AggregateResult(np.sum([p.vector for p in privs], axis=0, dtype=np.float64), sum(p.weight for p in privs), tuple(range(n)))
         return total.average
 
@@ -81,12 +81,12 @@ def test_distributed_gaussian_shares_add_up_to_the_calibrated_noise(tmp_path):
     plan = _plan(tmp_path, n=n, noise="distributed")
     for cid in range(n):
         plan.admit(cid, 0)
-    total = sum(plan.privatize(cid, 0, np.zeros(dim, np.float32), 1.0, RNG).vector.astype(np.float64) for cid in range(n))
+    total = sum(plan.privatize(cid, 0, np.zeros(dim, np.float32), 1.0).vector.astype(np.float64) for cid in range(n))
     assert total.std() == pytest.approx(plan.z * plan.clip_norm, rel=0.03)
     # a single share alone carries only 1/sqrt(n) of it: no party sees the full noise, none sees the sum un-noised
     for cid in range(n):
         plan.admit(cid, 1)
-    single = plan.privatize(0, 1, np.zeros(dim, np.float32), 1.0, RNG).vector
+    single = plan.privatize(0, 1, np.zeros(dim, np.float32), 1.0).vector
     assert single.std() == pytest.approx(plan.z / np.sqrt(n), rel=0.05)
 
 
@@ -96,20 +96,20 @@ def test_dropouts_are_compensated_for_the_required_survivors_and_fewer_abort_the
     for cid in range(n):
         plan.admit(cid, 0)
     assert plan.survivors_required(0) == 8
-    shares = [plan.privatize(cid, 0, np.zeros(dim, np.float32), 1.0, RNG).vector.astype(np.float64) for cid in range(8)]
+    shares = [plan.privatize(cid, 0, np.zeros(dim, np.float32), 1.0).vector.astype(np.float64) for cid in range(8)]
     assert sum(shares).std() == pytest.approx(plan.z, rel=0.03)  # 8 survivors still carry the full noise
     with pytest.raises(AggregationAborted, match="needs 8"):
-        plan.finalize_aggregate(0, AggregateResult(sum(shares[:7]), 7.0, tuple(range(7))), RNG)
+        plan.finalize_aggregate(0, AggregateResult(sum(shares[:7]), 7.0, tuple(range(7))))
     ok = AggregateResult(sum(shares), 8.0, tuple(range(8)))
-    assert plan.finalize_aggregate(0, ok, RNG) is ok
+    assert plan.finalize_aggregate(0, ok) is ok
 
 
 def test_central_noise_is_added_by_the_server_after_aggregation(tmp_path):
     plan = _plan(tmp_path, noise="central")
     plan.admit(0, 0)
-    clipped = plan.privatize(0, 0, np.full(10_000, 5.0, np.float32), 1.0, RNG).vector
+    clipped = plan.privatize(0, 0, np.full(10_000, 5.0, np.float32), 1.0).vector
     assert np.linalg.norm(clipped) <= 1.0  # the client sends its clipped update without noise
-    out = plan.finalize_aggregate(0, AggregateResult(np.zeros(10_000), 1.0, (0,)), RNG)
+    out = plan.finalize_aggregate(0, AggregateResult(np.zeros(10_000), 1.0, (0,)))
     assert out.weighted_sum.std() == pytest.approx(plan.z, rel=0.03)
 
 
@@ -125,7 +125,7 @@ def test_integer_noise_for_masking_is_skellam_in_the_quantised_domain(tmp_path):
     n, dim = 4, 30_000
     for cid in range(n):
         plan.admit(cid, 0)
-    privs = [plan.privatize(cid, 0, np.zeros(dim, np.float32), 1.0, RNG) for cid in range(n)]
+    privs = [plan.privatize(cid, 0, np.zeros(dim, np.float32), 1.0) for cid in range(n)]
     noise = sum(p.aggregator_kwargs["integer_noise"] for p in privs)
     assert noise.dtype == np.int64
     variance, l1, l2 = plan._skellam_params

@@ -136,7 +136,7 @@ def test_clients_whose_next_round_would_exceed_the_budget_sit_out_and_the_run_st
 def test_a_release_over_budget_is_refused_before_it_leaves_the_client(tmp_path):
     cfg = _config({**CLIENT, "epsilon": 1.0, "noise_multiplier": 0.5, "accountant": "rdp"})
     plan = build_plan(cfg, {c: 1 for c in range(4)}, tmp_path / "ledger", resume=False)
-    plan.privatize(0, 0, np.ones(16, np.float32), 1.0, np.random.default_rng(0))
+    plan.privatize(0, 0, np.ones(16, np.float32), 1.0)
     with pytest.raises(BudgetExceeded, match="not sent"):
         plan.commit(0, 0, {})
     assert plan.ledger.entries(0) == []

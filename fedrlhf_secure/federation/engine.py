@@ -239,7 +239,7 @@ class Federation:
         extras: dict[int, dict[str, Any]] = {}
         for c in admitted:
             up = updates[c]
-            priv = self.privacy.privatize(c, r, up.vector, self._weight(c, up.num_examples), secret_rng())
+            priv = self.privacy.privatize(c, r, up.vector, self._weight(c, up.num_examples))
             self.privacy.commit(c, r, up.privacy)
             self.commits += 1
             if self.options.crash_after_commits is not None and self.commits >= self.options.crash_after_commits:
@@ -264,7 +264,7 @@ class Federation:
             outcome = run_round(aggregator, ctx, inputs, drop_after=drop_after, hook=hook)
             stats = outcome.stats
             result: AggregateResult = outcome.readable_result()
-            result = self.privacy.finalize_aggregate(r, result, secret_rng())
+            result = self.privacy.finalize_aggregate(r, result)
         except AggregationAborted as exc:
             # Too few survivors (below the masking threshold, or below the noise the DP shares were
             # sized for): the round releases nothing and the model stays as it was. The ledger
@@ -350,15 +350,6 @@ class Federation:
             bar.close()
             self.clients.close()
         return {"seconds_total": time.perf_counter() - t_start}
-
-
-def secret_rng() -> np.random.Generator:
-    """A generator for DP noise, seeded with 256 bits from ``os.urandom``.
-
-    Noise drawn from the run seed (written to ``config.yaml``) could be regenerated and subtracted
-    by anyone who reads the config, voiding the DP guarantee; so DP noise is never reproducible.
-    """
-    return np.random.default_rng(np.random.SeedSequence(int.from_bytes(os.urandom(32), "little")))
 
 
 class _Stop(Exception):

@@ -85,9 +85,9 @@ class BudgetedPlan(PrivacyPlan):
         self.admitted.setdefault(round, set()).add(client_id)
         return True
 
-    def privatize(self, client_id: int, round: int, vector: np.ndarray, weight: float, rng: np.random.Generator) -> Privatized:
-        """``rng`` is deliberately unused: noise seeded from the run config could be regenerated and
-        subtracted by anyone who reads ``config.yaml``; noise comes from OS entropy instead."""
+    def privatize(self, client_id: int, round: int, vector: np.ndarray, weight: float) -> Privatized:
+        """A replayed release when this round was already privatized (crash-resume), else a fresh one
+        whose noise comes from :mod:`.randomness` (never from the run seed)."""
         priv = self.releases.load(client_id, round)
         if priv is None:
             priv = self.fresh_privatize(client_id, round, np.asarray(vector, dtype=np.float32), float(weight))

@@ -25,7 +25,6 @@ Where the noise is added (``privacy.noise``):
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -41,12 +40,9 @@ from .discrete import integer_sensitivities, skellam_share
 from .dpsgd import DPSGDSettings
 from .ledger import LedgerEntry, PrivacyLedger
 from .plan import Privatized
+from .randomness import secret_numpy_rng
 from .replay import ReleaseStore
 from .testing import noise_is_disabled
-
-
-def _entropy_rng() -> np.random.Generator:
-    return np.random.default_rng(int.from_bytes(os.urandom(32), "little"))
 
 
 @dataclass(frozen=True)
@@ -143,10 +139,10 @@ class ClientLevelPlan(BudgetedPlan):
     def fit_settings(self, client_id: int, round: int, num_examples: int) -> DPSGDSettings | None:
         return None
 
-    def privatize(self, client_id: int, round: int, vector: np.ndarray, weight: float, rng: np.random.Generator) -> Privatized:
+    def privatize(self, client_id: int, round: int, vector: np.ndarray, weight: float) -> Privatized:
         if self.integer is not None:
             self._ensure_skellam(int(np.size(vector)))
-        return super().privatize(client_id, round, vector, weight, rng)
+        return super().privatize(client_id, round, vector, weight)
 
     def fresh_privatize(self, client_id: int, round: int, vector: np.ndarray, weight: float) -> Privatized:
         if weight != 1.0:
@@ -163,7 +159,7 @@ class ClientLevelPlan(BudgetedPlan):
             share = np.zeros(clipped.size, np.int64) if off else skellam_share(clipped.size, variance / m)
             return Privatized(clipped, 1.0, {"integer_noise": share})
         std = 0.0 if off else self.z * self.clip_norm / math.sqrt(m)
-        noisy = clipped.astype(np.float64) + _entropy_rng().normal(0.0, std, clipped.size) if std else clipped
+        noisy = clipped.astype(np.float64) + secret_numpy_rng().normal(0.0, std, clipped.size) if std else clipped
         return Privatized(np.asarray(noisy, dtype=np.float32), 1.0)
 
     def entry_for(self, client_id: int, round: int, fit_privacy: dict[str, Any], digest: str) -> LedgerEntry:
@@ -183,12 +179,12 @@ class ClientLevelPlan(BudgetedPlan):
             sensitivity=self.clip_norm, epsilon_after=math.nan, delta=self.delta, digest=digest, noise=self.noise, params=params,
         )
 
-    def finalize_aggregate(self, round: int, result: AggregateResult, rng: np.random.Generator) -> AggregateResult:
+    def finalize_aggregate(self, round: int, result: AggregateResult) -> AggregateResult:
         if self.noise == "central":
             std = 0.0 if noise_is_disabled() else self.z * self.clip_norm
             if not std:
                 return result
-            noisy = np.asarray(result.weighted_sum, dtype=np.float64) + _entropy_rng().normal(0.0, std, np.shape(result.weighted_sum))
+            noisy = np.asarray(result.weighted_sum, dtype=np.float64) + secret_numpy_rng().normal(0.0, std, np.shape(result.weighted_sum))
             return AggregateResult(noisy, result.total_weight, result.contributors)
         m = self.survivors_required(round)
         if len(result.contributors) < m:

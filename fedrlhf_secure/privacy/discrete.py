@@ -19,9 +19,10 @@ by less than 1. So one client changes the integer sum by at most ``Δ2 = s·C + 
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
+
+from .randomness import secret_numpy_rng
 
 
 def integer_sensitivities(scale: float, clip_norm: float, dim: int) -> tuple[float, float]:
@@ -34,6 +35,6 @@ def skellam_share(dim: int, variance: float, rng: np.random.Generator | None = N
     """One client's integer noise share: ``dim`` symmetric Skellam draws of the given variance."""
     if variance < 0:
         raise ValueError(f"variance must be >= 0, got {variance}")
-    rng = rng or np.random.default_rng(int.from_bytes(os.urandom(32), "little"))
+    rng = rng or secret_numpy_rng()
     lam = variance / 2
     return rng.poisson(lam, dim).astype(np.int64) - rng.poisson(lam, dim).astype(np.int64)

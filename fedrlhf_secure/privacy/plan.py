@@ -5,8 +5,8 @@ The engine asks a :class:`PrivacyPlan` four things, and nothing else computes or
 * ``admit(client_id, round)``: may this client take part in this round without exceeding its
   budget? (a refusal is reported and the client sits out);
 * ``fit_settings(client_id, round, num_examples)``: record-level DP-SGD settings for the task, or None;
-* ``privatize(client_id, round, vector, weight, rng)``: client-level clipping and the client's
-  noise share, applied to the flat update *before* it enters the aggregator;
+* ``privatize(client_id, round, vector, weight)``: client-level clipping and the client's
+  noise share (drawn from :mod:`.randomness`, never from a caller's seeded generator), applied to the flat update *before* it enters the aggregator;
 * ``commit(client_id, round, fit_privacy)``: write the release to the ledger (atomic, fsync'd)
   *before* the update leaves the client; returns the ε spent so far by that client.
 """
@@ -45,14 +45,12 @@ class PrivacyPlan(ABC):
     def fit_settings(self, client_id: int, round: int, num_examples: int) -> DPSGDSettings | None: ...
 
     @abstractmethod
-    def privatize(
-        self, client_id: int, round: int, vector: np.ndarray, weight: float, rng: np.random.Generator
-    ) -> Privatized: ...
+    def privatize(self, client_id: int, round: int, vector: np.ndarray, weight: float) -> Privatized: ...
 
     @abstractmethod
     def commit(self, client_id: int, round: int, fit_privacy: dict[str, Any]) -> float | None: ...
 
-    def finalize_aggregate(self, round: int, result: AggregateResult, rng: np.random.Generator) -> AggregateResult:
+    def finalize_aggregate(self, round: int, result: AggregateResult) -> AggregateResult:
         """Server-side step after aggregation (``noise: central`` adds its noise here); default: none."""
         return result
 
@@ -70,7 +68,7 @@ class NoPrivacy(PrivacyPlan):
     def fit_settings(self, client_id: int, round: int, num_examples: int) -> DPSGDSettings | None:
         return None
 
-    def privatize(self, client_id, round, vector, weight, rng) -> Privatized:
+    def privatize(self, client_id, round, vector, weight) -> Privatized:
         return Privatized(vector, weight)
 
     def commit(self, client_id: int, round: int, fit_privacy: dict[str, Any]) -> float | None:

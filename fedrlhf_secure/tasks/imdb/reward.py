@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ...privacy.randomness import secret_torch_generator
+
 _WORD = re.compile(r"[a-z']+")
 WORD_BUCKETS = 1 << 15
 
@@ -115,19 +117,21 @@ def train_classifier_dp(model: SentimentClassifier, ids: torch.Tensor, mask: tor
     ``poisson_sampling=False`` so ``make_private`` keeps the planned rate), per-sample clipping to
     ``max_grad_norm`` and Gaussian noise ``noise_multiplier · max_grad_norm``; ``epochs / sample_rate``
     noisy steps, reported for the run's accountant (Opacus's own accountant is not consulted).
+    The noise and the Poisson batches come from secret generators (:mod:`fedrlhf_secure.privacy.randomness`),
+    never from ``seed``, which only picks the review windows.
     """
     from opacus import PrivacyEngine
     from opacus.data_loader import DPDataLoader
     from torch.utils.data import TensorDataset
 
-    loader = DPDataLoader(TensorDataset(torch.arange(len(ids))), sample_rate=dp.sample_rate, generator=torch.Generator().manual_seed(seed))
+    loader = DPDataLoader(TensorDataset(torch.arange(len(ids))), sample_rate=dp.sample_rate, generator=secret_torch_generator())
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
         warnings.filterwarnings("ignore", message=".*Optimal order.*")
         module, dp_optimizer, loader = PrivacyEngine().make_private(
             module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=dp.noise_multiplier,
-            max_grad_norm=dp.max_grad_norm, poisson_sampling=False, noise_generator=torch.Generator().manual_seed(seed + 1),
+            max_grad_norm=dp.max_grad_norm, poisson_sampling=False, noise_generator=secret_torch_generator(),
         )
     dp_optimizer.expected_batch_size = max(1, int(round(dp.sample_rate * len(ids))))
     module.train()

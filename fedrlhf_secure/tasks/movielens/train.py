@@ -26,7 +26,6 @@ Two loops: :func:`train_epochs` (plain mini-batch Adam, the fast path) and :func
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ...privacy.randomness import secret_torch_generator
 from .feedback import FeedbackProfile, human_signal, labels, reward_table
 from .model import PreferencePolicy
 
@@ -196,18 +196,6 @@ def fit_personal(policy: PreferencePolicy, data: LocalData, profiles: ProfileTab
     return steps
 
 
-def secret_generator() -> torch.Generator:
-    """A generator for DP noise and Poisson sampling, seeded from ``os.urandom``.
-
-    The DP guarantee assumes the adversary cannot predict the noise or which records were sampled.
-    Seeding them from the run seed (which is written to ``config.yaml``) would let anyone who
-    reads the config regenerate and subtract the noise, so DP fits are deliberately not
-    reproducible. (Opacus' ``secure_mode`` would draw from a CSPRNG via torchcsprng, which has no
-    build for this torch; a 63-bit secret seed of torch's generator is the nearest we have —
-    SECURITY.md says so.)"""
-    return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1))
-
-
 class ShapedRewardCriterion(torch.nn.Module):
     """:func:`policy_loss` as a criterion with a ``reduction`` attribute, the form Opacus' ghost
     clipping wraps (it switches ``reduction`` to ``"none"`` to get one loss per record)."""
@@ -264,7 +252,7 @@ def train_epochs_dp(
     from torch.utils.data import TensorDataset
 
     n = len(data)
-    loader = DPDataLoader(TensorDataset(torch.arange(n)), sample_rate=dp.sample_rate, generator=secret_generator())
+    loader = DPDataLoader(TensorDataset(torch.arange(n)), sample_rate=dp.sample_rate, generator=secret_torch_generator())
     optimizer = _adam(policy, settings, personal=True, shared=True)
     criterion = ShapedRewardCriterion(settings.objective, settings.temperature)
     with warnings.catch_warnings():
@@ -272,7 +260,7 @@ def train_epochs_dp(
         engine = PrivacyEngine()
         wrapped = engine.make_private(
             module=policy, optimizer=optimizer, data_loader=loader, noise_multiplier=dp.noise_multiplier,
-            max_grad_norm=dp.max_grad_norm, poisson_sampling=False, noise_generator=secret_generator(),
+            max_grad_norm=dp.max_grad_norm, poisson_sampling=False, noise_generator=secret_torch_generator(),
             grad_sample_mode=grad_sample_mode, **({"criterion": criterion} if grad_sample_mode == "ghost" else {}),
         )
     if grad_sample_mode == "ghost":
