@@ -30,6 +30,7 @@ from typing import Any, Callable
 import numpy as np
 
 from fedrlhf_secure.config import RunConfig
+from fedrlhf_secure.configtypes import InputError
 from fedrlhf_secure.rundir import atomic_write_json, load_tensors
 
 from . import bounds
@@ -38,6 +39,7 @@ from .loss import loss_scores
 from .metrics import summarize
 from .reference import reference_scores
 from .rmia import rmia_scores
+from .server_view import MIN_AGGREGATE_CLIENTS, server_view_audit
 from .shadows import candidate_pool, ensure_supported, load_run_config, run_canaries, shadow_inclusions, train_shadows
 
 RMIA_POPULATION = 2000
@@ -59,18 +61,19 @@ class AuditSettings:
     depend on it, only the wall time does)."""
 
     def __post_init__(self) -> None:
+        """Bad settings are bad user input (``fedrlhf audit`` exits 2), refused before any training run."""
         if self.num_shadows < 0 or self.num_shadows == 1:
-            raise ValueError(f"--shadows must be 0 (LOSS attack only) or >= 2, got {self.num_shadows}")
+            raise InputError(f"--shadows must be 0 (LOSS attack only) or >= 2, got {self.num_shadows}")
         if self.num_canaries < 0 or 0 < self.num_canaries < 20:
-            raise ValueError(f"--canaries must be 0 (no ε audit) or >= 20, got {self.num_canaries}")
+            raise InputError(f"--canaries must be 0 (no ε audit) or >= 20, got {self.num_canaries}")
         if self.canary_runs < 1:
-            raise ValueError(f"--canary-runs must be >= 1, got {self.canary_runs}")
-        if self.server_view and self.server_view_clients < 50:
-            raise ValueError(f"--server-view-clients must be >= 50 (an aggregate of fewer is not the claim), got {self.server_view_clients}")
+            raise InputError(f"--canary-runs must be >= 1, got {self.canary_runs}")
+        if self.server_view and self.server_view_clients < MIN_AGGREGATE_CLIENTS:
+            raise InputError(f"--server-view-clients must be >= {MIN_AGGREGATE_CLIENTS} (an aggregate of fewer is not the claim), got {self.server_view_clients}")
         if self.workers is not None and self.workers < 1:
-            raise ValueError(f"--workers must be >= 1, got {self.workers}")
+            raise InputError(f"--workers must be >= 1, got {self.workers}")
         if not 0.5 <= self.confidence < 1:
-            raise ValueError(f"--confidence must be in [0.5, 1), got {self.confidence}")
+            raise InputError(f"--confidence must be in [0.5, 1), got {self.confidence}")
 
 
 @dataclass(frozen=True)
@@ -218,8 +221,6 @@ def audit_run(
         estimate = report["epsilon"]["estimate"]
 
     if settings.server_view:
-        from .server_view import server_view_audit
-
         say(f"server view ({settings.server_view_clients} clients, {settings.server_view_kind})")
         sv = server_view_audit(config, data_dir, num_clients=settings.server_view_clients, secure_kind=settings.server_view_kind, seed=settings.seed)
         report["server_view"] = sv.to_dict()

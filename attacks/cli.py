@@ -2,7 +2,9 @@
 
 Exit status: 0 when the audit passes (or the run claims no DP), 1 when the empirical lower bound
 ε̂ exceeds the ε the run's ledger claims (the claim is then refuted at the stated confidence),
-2 for bad input (missing run directory, files or data).
+2 for bad input (missing run directory, files or data): settings errors and
+:class:`~attacks.shadows.AuditUnsupported` are :class:`~fedrlhf_secure.configtypes.InputError`,
+which ``fedrlhf_secure.cli.main`` reports and turns into exit status 2 like every other command's.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import sys
 from pathlib import Path
 
 from .audit import AuditSettings, audit_run, progress_steps
-from .shadows import AuditUnsupported
 
 EXIT_CLAIM_REFUTED = 1
 
@@ -47,22 +48,15 @@ def run(args: argparse.Namespace) -> int:
     run_dir: Path = args.run_dir
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory not found: {run_dir}")
-    try:
-        settings = AuditSettings(
-            num_shadows=args.shadows, num_canaries=args.canaries, canary_runs=args.canary_runs,
-            confidence=args.confidence, seed=args.seed, server_view=args.server_view,
-            server_view_clients=args.server_view_clients, server_view_kind=args.server_view_kind,
-            plots=not args.no_plots, workers=args.workers,
-        )
-    except ValueError as exc:
-        print(f"fedrlhf audit: error: {exc}", file=sys.stderr)
-        return 2
+    settings = AuditSettings(
+        num_shadows=args.shadows, num_canaries=args.canaries, canary_runs=args.canary_runs,
+        confidence=args.confidence, seed=args.seed, server_view=args.server_view,
+        server_view_clients=args.server_view_clients, server_view_kind=args.server_view_kind,
+        plots=not args.no_plots, workers=args.workers,
+    )
     bar = tqdm(total=progress_steps(settings), desc="audit", unit="run", disable=args.no_progress, file=sys.stderr)
     try:
         report = audit_run(run_dir, args.data_dir, settings, progress=bar.set_postfix_str, step=lambda: bar.update(1))
-    except AuditUnsupported as exc:
-        print(f"fedrlhf audit: error: {exc}", file=sys.stderr)
-        return 2
     finally:
         bar.close()
     print(format_report(report))

@@ -29,6 +29,7 @@ import numpy as np
 import yaml
 
 from fedrlhf_secure.config import RunConfig, build_config
+from fedrlhf_secure.configtypes import InputError
 from fedrlhf_secure.federation.engine import RunOptions, resolve_data_dir, run_federation
 from fedrlhf_secure.rundir import load_tensors
 
@@ -36,7 +37,7 @@ CANARY_RATINGS = (1.0, 5.0)
 """Canary ratings are drawn from the extremes so the label ("high" = rating ≥ 4) is unambiguous."""
 
 
-class AuditUnsupported(ValueError):
+class AuditUnsupported(InputError):
     """The run cannot be audited this way (e.g. a task without record-level audit hooks)."""
 
 

@@ -119,10 +119,16 @@ def test_audit_of_a_missing_run_is_a_clear_error(tmp_path, capsys):
     assert "run directory not found" in capsys.readouterr().err
 
 
-def test_too_few_canaries_are_refused(small_data, tmp_path, capsys):
+def test_too_few_canaries_are_refused(tmp_path, capsys):
     (tmp_path / "run").mkdir()
     assert main(["audit", str(tmp_path / "run"), "--canaries", "5", "--no-progress"]) == 2
     assert "--canaries must be 0 (no ε audit) or >= 20" in capsys.readouterr().err
+
+
+def test_a_server_view_of_fewer_than_50_clients_is_refused_before_any_training(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    assert main(["audit", str(tmp_path / "run"), "--server-view", "--server-view-clients", "49", "--no-progress"]) == 2
+    assert "fedrlhf audit: error: --server-view-clients must be >= 50" in capsys.readouterr().err
 
 
 def test_tasks_without_record_hooks_are_refused_clearly(tmp_path, capsys):
