@@ -26,9 +26,8 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import yaml
 
-from fedrlhf_secure.config import RunConfig, build_config
+from fedrlhf_secure.config import RunConfig, load_config
 from fedrlhf_secure.configtypes import InputError
 from fedrlhf_secure.federation.engine import RunOptions, resolve_data_dir, run_federation
 from fedrlhf_secure.rundir import load_tensors
@@ -42,10 +41,12 @@ class AuditUnsupported(InputError):
 
 
 def load_run_config(run_dir: Path) -> RunConfig:
+    """The resolved config a run directory was trained with (``config.yaml``), read and validated
+    by :func:`fedrlhf_secure.config.load_config` like any other config file."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory: {path} is missing")
-    return build_config(yaml.safe_load(path.read_text(encoding="utf-8")), source=str(path))
+    return load_config(path)
 
 
 def ensure_supported(config: RunConfig) -> None:
