@@ -151,6 +151,30 @@ def test_distributed_noise_shares_on_nodes_are_sized_for_the_federations_survivo
     assert len(_rows(remote)) == 2
 
 
+class _GarbledAdmission:
+    """A node whose admission answers are malformed (``admitted`` is not a list of ids)."""
+
+    def __init__(self, host: ClientHost) -> None:
+        self.host = host
+
+    def handle(self, data: bytes) -> bytes:
+        if NodeMessage.decode(data, REQUEST).op == "admit":
+            return NodeMessage("admit", {"admitted": "all of them"}).encode(RESPONSE)
+        return self.host.handle(data)
+
+
+def test_a_node_with_a_malformed_admission_sits_out_and_the_run_goes_on(tmp_path, capsys):
+    raw = _raw(RECORD, rounds=2)
+    hosts = {n: ClientHost(c, None, state_dir=tmp_path / f"node-{n}") for n, c in NODES.items()}
+    link = InProcessLink({0: _GarbledAdmission(hosts[0]), 1: hosts[1]})
+    run = run_remote_federation(config_from_dict(raw), link, NODES, RunOptions(out=tmp_path / "server", progress=False))
+    rows = _rows(run)
+    assert [(r["clients_refused"], r["clients_aggregated"]) for r in rows] == [(2, 2), (2, 2)]
+    assert "node 0 sent a malformed admission" in capsys.readouterr().err
+    _, entries = read_ledger(hosts[1].ledger_dir)
+    assert {c: len(es) for c, es in entries.items()} == {1: 2, 3: 2}
+
+
 def test_a_node_without_a_state_directory_refuses_a_dp_run():
     raw = _raw(RECORD)
     setup = NodeMessage("setup", {"client_ids": [0, 1, 2, 3]}, blobs={"config": yaml.safe_dump(raw).encode()})

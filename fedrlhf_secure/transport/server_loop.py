@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -255,17 +255,17 @@ class RemoteFederation(Federation):
         reqs = {n: NodeMessage("admit", {"round": r, "clients": cids}).encode(REQUEST) for n, cids in wanted.items()}
         raw = self.link.exchange(reqs, self.driver.stage_timeout)
         admitted: set[int] = set()
-        for n, data in raw.items():
+        for n, msg in _usable_responses(raw, "admission", f"round {r}: ", "its clients sit out"):
+            if n not in wanted:
+                continue
             try:
-                msg = NodeMessage.decode(data, RESPONSE)
+                answer = msg.int_list("admitted")
             except wire.WireError as exc:
                 print(f"round {r}: node {n} sent a malformed admission ({exc}); its clients sit out", file=sys.stderr)
                 continue
-            if "error" in msg.header:
-                print(f"round {r}: node {n} refused admission: {msg.header['error']}", file=sys.stderr)
-                continue
-            admitted.update(c for c in msg.int_list("admitted") if c in wanted[n])
-            for c, eps in dict(msg.header.get("epsilon_spent", {})).items():
+            admitted.update(c for c in answer if c in wanted[n])
+            spent = msg.header.get("epsilon_spent", {})
+            for c, eps in spent.items() if isinstance(spent, dict) else ():
                 if c.isdigit() and self.node_of.get(int(c)) == n:
                     self.privacy.report(int(c), eps)
         for c in selected:
@@ -294,13 +294,9 @@ class RemoteFederation(Federation):
         reqs = {n: NodeMessage("release", {}).encode(REQUEST) for n in self.nodes}
         raw = self.link.exchange(reqs, self.driver.stage_timeout)
         copies = []
-        for n, data in raw.items():
-            try:
-                msg = NodeMessage.decode(data, RESPONSE)
-            except wire.WireError as exc:
-                print(f"node {n} sent a malformed model release ({exc}); ignored", file=sys.stderr)
-                continue
-            if "error" in msg.header or msg.header.get("round") != self.history[-1]["round"]:
+        for n, msg in _usable_responses(raw, "model release", "", "ignored"):
+            if msg.header.get("round") != self.history[-1]["round"]:
+                print(f"node {n} holds the model of round {msg.header.get('round')}, not the last round's; ignored", file=sys.stderr)
                 continue
             model = {k: np.asarray(v, dtype=np.float32) for k, v in msg.arrays.items()}
             if sorted(model) != sorted(self.global_params) or any(model[k].shape != self.global_params[k].shape for k in model):
@@ -322,15 +318,7 @@ class RemoteFederation(Federation):
         }
         raw = self.link.exchange(reqs, self.driver.fit_timeout)
         per_client: dict[int, dict[str, float]] = {}
-        for n, data in raw.items():
-            try:
-                msg = NodeMessage.decode(data, RESPONSE)
-            except wire.WireError as exc:
-                print(f"round {r}: node {n} sent a malformed evaluation ({exc}); ignored", file=sys.stderr)
-                continue
-            if "error" in msg.header:
-                print(f"round {r}: node {n} could not evaluate: {msg.header['error']}", file=sys.stderr)
-                continue
+        for n, msg in _usable_responses(raw, "evaluation", f"round {r}: ", "ignored"):
             for c, frames in msg.messages.items():
                 if self.node_of.get(c) != n or len(frames) != 1:
                     continue
@@ -344,6 +332,24 @@ class RemoteFederation(Federation):
                     if self.options.hook:
                         self.options.hook(c, -1, frames[0])
         return {c: per_client[c] for c in sorted(per_client)}
+
+
+def _usable_responses(raw: Mapping[int, bytes], what: str, where: str, consequence: str) -> Iterator[tuple[int, NodeMessage]]:
+    """Each node's decoded answer; a malformed frame or the node's error report is logged and skipped.
+
+    One node's bad answer costs only its own clients' part in this step, never the run: it is
+    said on stderr (``where``, e.g. ``"round 3: "``, then the node, ``what`` it sent, ``consequence``).
+    """
+    for n, data in raw.items():
+        try:
+            msg = NodeMessage.decode(data, RESPONSE)
+        except wire.WireError as exc:
+            print(f"{where}node {n} sent a malformed {what} ({exc}); {consequence}", file=sys.stderr)
+            continue
+        if "error" in msg.header:
+            print(f"{where}node {n} refused the {what}: {msg.header['error']}; {consequence}", file=sys.stderr)
+            continue
+        yield n, msg
 
 
 def run_remote_federation(
