@@ -21,7 +21,7 @@ users. Both federations use the same config, seeds and data; only the aggregator
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np

@@ -82,9 +82,6 @@ class CandidatePool:
     def subset_task(self, keep: np.ndarray):
         return self.task.with_training_subset(keep)
 
-    def initial_shared(self) -> dict[str, np.ndarray]:
-        return self.task.initial_shared()
-
     def scores(self, shared: dict[str, np.ndarray], records: np.ndarray | None = None) -> np.ndarray:
         """True-label logit of every candidate (or of ``records``) under released ``shared`` params."""
         return np.asarray(self.task.record_scores(shared, self.records if records is None else records), dtype=np.float64)
@@ -108,11 +105,11 @@ def candidate_pool(config: RunConfig, data_dir: Path | None) -> CandidatePool:
     return CandidatePool(config, records, member, task)
 
 
-def train_released(config: RunConfig, task, *, name: str, progress: bool = False) -> dict[str, np.ndarray]:
+def train_released(config: RunConfig, task, *, name: str) -> dict[str, np.ndarray]:
     """Run the federation of ``config`` on ``task`` in a scratch directory; return the released params."""
     config = replace(config, baselines=())  # a shadow needs only its released parameters
     with tempfile.TemporaryDirectory(prefix="fedrlhf-audit-") as tmp:
-        run = run_federation(config, RunOptions(out=Path(tmp), progress=progress, task=task, name=name))
+        run = run_federation(config, RunOptions(out=Path(tmp), progress=False, task=task, name=name))
         return load_tensors(run / "model.safetensors")
 
 
@@ -194,7 +191,7 @@ def canary_scores(task, released: dict[str, np.ndarray], canary_records: np.ndar
     return np.linalg.norm(moved, axis=1)
 
 
-def run_canaries(config: RunConfig, data_dir: Path | None, num_canaries: int, seed: int, *, progress: bool = False) -> CanaryRun:
+def run_canaries(config: RunConfig, data_dir: Path | None, num_canaries: int, seed: int) -> CanaryRun:
     task, records, included = canary_task(config, data_dir, num_canaries, seed)
-    released = train_released(config, task, name="canary", progress=progress)
+    released = train_released(config, task, name="canary")
     return CanaryRun(records, included, canary_scores(task, released, records))
