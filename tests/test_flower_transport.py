@@ -66,11 +66,19 @@ def _rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_plain_rounds_over_nodes_equal_the_in_process_engine_exactly(tmp_path):
-    raw = _raw("plain")
-    local = run_federation(config_from_dict(raw), RunOptions(out=tmp_path / "a", progress=False))
-    remote = _remote(tmp_path / "b", raw)
+def _engine_and_nodes(tmp: Path, raw: dict) -> tuple[Path, Path, dict, dict]:
+    """``raw`` run by the in-process engine and over nodes: both run directories and final models
+    (which must hold the same tensors, and every round of the config)."""
+    local = run_federation(config_from_dict(raw), RunOptions(out=tmp / "a", progress=False))
+    remote = _remote(tmp / "b", raw)
     a, b = load_tensors(local / "model.safetensors"), load_tensors(remote / "model.safetensors")
+    assert sorted(a) == sorted(b)
+    assert len(_rows(local)) == len(_rows(remote)) == raw["federation"]["rounds"]
+    return local, remote, a, b
+
+
+def test_plain_rounds_over_nodes_equal_the_in_process_engine_exactly(tmp_path):
+    local, remote, a, b = _engine_and_nodes(tmp_path, _raw("plain"))
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
     assert float(np.abs(b["w"]).max()) > 0.5
@@ -82,10 +90,7 @@ def test_plain_rounds_over_nodes_equal_the_in_process_engine_exactly(tmp_path):
 
 
 def test_masking_over_nodes_equals_the_engine_up_to_stochastic_rounding(tmp_path):
-    raw = _raw("secagg")
-    local = run_federation(config_from_dict(raw), RunOptions(out=tmp_path / "a", progress=False))
-    remote = _remote(tmp_path / "b", raw)
-    a, b = load_tensors(local / "model.safetensors"), load_tensors(remote / "model.safetensors")
+    _, remote, a, b = _engine_and_nodes(tmp_path, _raw("secagg"))
     for k in a:
         np.testing.assert_allclose(a[k], b[k], atol=2e-3, rtol=0)
     assert [r["transport_stages"] for r in _rows(remote)] == [4, 4]  # fit+advertise, share, masked input, unmask
