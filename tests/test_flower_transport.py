@@ -175,6 +175,22 @@ def test_a_round_aborts_when_too_few_clients_survive_the_threshold(tmp_path):
     assert "aggregation failed" in summary["stopped_early"]
 
 
+def test_a_plain_round_in_which_every_node_is_silent_stops_the_run_cleanly(tmp_path):
+    # both nodes answer round 0, then go silent: round 1's plain sum is empty, which must end the
+    # run with a reason in summary.json, not an exception out of the server loop
+    hosts = {n: ClientHost(c, None) for n, c in NODES.items()}
+    link = InProcessLink(hosts)
+
+    def hook(rnd, op, stage):
+        if rnd == 0:
+            link.down.update(NODES)
+
+    run = run_remote_federation(config_from_dict(_raw("plain", rounds=3)), link, NODES, RunOptions(out=tmp_path, progress=False), on_stage=hook)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["rounds_completed"] == 1
+    assert "round 1: the aggregation produced no result" in summary["stopped_early"]
+
+
 def test_the_server_refuses_a_run_whose_nodes_do_not_host_every_client(tmp_path):
     with pytest.raises(TransportError, match=r"no node hosts clients \[3\]"):
         run_remote_federation(
