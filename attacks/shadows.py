@@ -29,7 +29,7 @@ import numpy as np
 
 from fedrlhf_secure.config import RunConfig, load_config
 from fedrlhf_secure.configtypes import InputError
-from fedrlhf_secure.federation.engine import RunOptions, resolve_data_dir, run_federation
+from fedrlhf_secure.federation.engine import RunOptions, build_task, resolve_data_dir, run_federation
 from fedrlhf_secure.rundir import load_tensors
 
 CANARY_RATINGS = (1.0, 5.0)
@@ -51,22 +51,26 @@ def load_run_config(run_dir: Path) -> RunConfig:
 
 def ensure_supported(config: RunConfig) -> None:
     """Raise :class:`AuditUnsupported` before any work when the run's task has no audit hooks."""
-    _movielens(config)
-
-
-def _movielens(config: RunConfig):
     if config.task.kind != "movielens":
         raise AuditUnsupported(
             f"audits need record-level hooks (training_records/record_scores); task {config.task.kind!r} has none yet"
         )
-    from fedrlhf_secure.tasks.movielens.data import MovieLensSplit, Ratings, load_split
-    from fedrlhf_secure.tasks.movielens.task import MovieLensTask
-
-    return MovieLensSplit, Ratings, load_split, MovieLensTask
 
 
-def _concat(Ratings, a, b):
-    return Ratings(np.r_[a.user, b.user], np.r_[a.item, b.item], np.r_[a.rating, b.rating].astype(np.float32))
+def _audited_task(config: RunConfig, data_dir: Path | None):
+    """The audited run's own task, built by the task's registered factory exactly as ``fedrlhf run``
+    built it (same split, clients, feedback profiles and initial parameters)."""
+    ensure_supported(config)
+    return build_task(config, resolve_data_dir(data_dir))
+
+
+def _with_training_ratings(task, train):
+    """``task`` (same config, catalogue, held-out set and seed) over other training ratings."""
+    return type(task)(task.config, replace(task.split, train=train), task.seed)
+
+
+def _concat(a, b):
+    return type(a)(np.r_[a.user, b.user], np.r_[a.item, b.item], np.r_[a.rating, b.rating].astype(np.float32))
 
 
 @dataclass
@@ -89,18 +93,15 @@ class CandidatePool:
 
 def candidate_pool(config: RunConfig, data_dir: Path | None) -> CandidatePool:
     """Training records (members) and held-out records (non-members) of the federation's users."""
-    MovieLensSplit, Ratings, load_split, MovieLensTask = _movielens(config)
-    params = config.task.params
-    split = load_split(resolve_data_dir(data_dir), params.split, params.holdout_fraction, config.seed)
-    audited = MovieLensTask(params, split, config.seed)
-    n_members = len(audited.training_records())
-    union = replace(split, train=_concat(Ratings, split.train, split.test))
-    task = MovieLensTask(params, union, config.seed)
+    audited = _audited_task(config, data_dir)
+    members = audited.training_records()
+    n_members = len(members)
+    task = _with_training_ratings(audited, _concat(audited.split.train, audited.split.test))
     records = task.training_records()
     # The union task lists records of the federation's users in split order: training ones first.
     member = np.zeros(len(records), dtype=bool)
     member[:n_members] = True
-    if not np.array_equal(records[:n_members], audited.training_records()):
+    if not np.array_equal(records[:n_members], members):
         raise RuntimeError("candidate pool does not start with the audited run's training records (task record order changed?)")
     return CandidatePool(config, records, member, task)
 
@@ -151,10 +152,10 @@ class CanaryRun:
 def canary_task(config: RunConfig, data_dir: Path | None, num_canaries: int, seed: int):
     """A task whose training data has no ordinary ratings of ``num_canaries`` least-rated items and
     holds one canary per such item; returns ``(task, canary_records, included)``."""
-    MovieLensSplit, Ratings, load_split, MovieLensTask = _movielens(config)
-    params = config.task.params
-    split = load_split(resolve_data_dir(data_dir), params.split, params.holdout_fraction, config.seed)
-    base = MovieLensTask(params, split, config.seed)
+    from fedrlhf_secure.tasks.movielens.data import Ratings
+
+    base = _audited_task(config, data_dir)
+    split = base.split
     cat = split.catalogue
     users = np.flatnonzero(base.client_of_user(np.arange(cat.num_users)) >= 0)  # the federation's users
     if num_canaries > cat.num_items:
@@ -171,8 +172,7 @@ def canary_task(config: RunConfig, data_dir: Path | None, num_canaries: int, see
     )
     included = rng.random(num_canaries) < 0.5
     ordinary = split.train.subset(~np.isin(split.train.item, items))
-    train = _concat(Ratings, ordinary, canaries)
-    task = MovieLensTask(params, replace(split, train=train), config.seed)
+    task = _with_training_ratings(base, _concat(ordinary, canaries))
     all_records = task.training_records()
     canary_records = all_records[-num_canaries:]
     keep = np.ones(len(all_records), dtype=bool)
