@@ -47,8 +47,6 @@ class GridLink:
 
     def __init__(self, grid: Grid) -> None:
         self.grid = grid
-        self.bytes_sent = 0
-        self.bytes_received = 0
 
     def exchange(self, requests: Mapping[int, bytes], timeout: float) -> dict[int, bytes]:
         # a node the SuperLink already reports offline cannot answer: do not wait a deadline for it
@@ -63,7 +61,6 @@ class GridLink:
         ]
         if not msgs:
             return {}
-        self.bytes_sent += sum(len(d) for d in requests.values())
         out: dict[int, bytes] = {}
         for reply in self.grid.send_and_receive(msgs, timeout=timeout):
             src = int(reply.metadata.src_node_id)
@@ -77,7 +74,6 @@ class GridLink:
                 continue
             if src in requests:
                 out[src] = data
-                self.bytes_received += len(data)
         return out
 
 
