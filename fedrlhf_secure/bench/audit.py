@@ -1,10 +1,11 @@
 """``fedrlhf bench audit``: a 16-shadow LiRA audit of the default MovieLens run, timed.
 
 Target (issue 6): the whole audit (16 shadow federations on random halves of the candidates, all
-attacks, metrics, plots) in under 15 minutes on 2 CPU cores. Both the wall time and this process's
-CPU time are recorded: the runs are single-threaded, so on an otherwise idle machine they agree,
-and on a shared one the CPU time is the figure that does not depend on the neighbours. The audited run itself is trained
-first and timed separately. Writes ``bench/audit.json`` and the ``audit`` section of
+attacks, metrics, plots) in under 15 minutes on 2 CPU cores. Both the wall time and the CPU time
+of this process and its worker processes are recorded: each training process is single-threaded,
+so on an otherwise idle machine wall ≈ CPU / (worker processes), and on a shared one the CPU time is
+the figure that does not depend on the neighbours. The audited run itself is trained first and
+timed separately. Writes ``bench/audit.json`` and the ``audit`` section of
 BENCHMARKS.md.
 """
 
