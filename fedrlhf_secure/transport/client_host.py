@@ -95,7 +95,7 @@ class ClientHost:
         if config.privacy.mode == "client" and config.privacy.noise == "central":
             raise NodeError(
                 "privacy.noise 'central' adds the noise on the server, which would then hold the privacy plan; "
-                "over nodes use privacy.noise: local or distributed (each node adds its clients' noise)"
+                "over nodes use privacy.noise: distributed (each node adds its clients' noise shares)"
             )
         if config.privacy.mode != "none" and self.state_dir is None:
             raise NodeError(f"privacy.mode {config.privacy.mode!r} needs a state directory for this node's ledger (--state-dir)")

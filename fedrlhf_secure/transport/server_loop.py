@@ -115,7 +115,7 @@ class RemoteFederation(Federation):
         if config.privacy.mode == "client" and config.privacy.noise == "central":
             raise ValueError(
                 "privacy.noise 'central' over nodes would make the server hold the privacy plan; use privacy.noise: "
-                "local or distributed (each node adds and accounts its own clients' noise)"
+                "distributed (each node adds and accounts its own clients' noise share)"
             )
         if config.federation.dropout_rate > 0:
             raise ValueError("federation.dropout_rate simulates dropouts in process; over a network dropouts are real: set it to 0")
