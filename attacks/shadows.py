@@ -159,7 +159,7 @@ def canary_task(config: RunConfig, data_dir: Path | None, num_canaries: int, see
     cat = split.catalogue
     users = np.flatnonzero(base.client_of_user(np.arange(cat.num_users)) >= 0)  # the federation's users
     if num_canaries > cat.num_items:
-        raise ValueError(f"{num_canaries} canaries need as many items; the catalogue has {cat.num_items}")
+        raise InputError(f"--canaries {num_canaries}: each canary needs its own item; {split.source} has {cat.num_items} items")
     in_fed = base.client_of_user(split.train.user) >= 0
     counts = np.bincount(split.train.item[in_fed], minlength=cat.num_items)
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0xCA4A]))

@@ -14,8 +14,10 @@ import pytest
 
 from attacks.audit import AuditSettings, audit_run
 from attacks.server_view import server_view_audit
+from attacks.shadows import canary_task
 from fedrlhf_secure.cli import main
 from fedrlhf_secure.config import config_from_dict
+from fedrlhf_secure.configtypes import InputError
 from fedrlhf_secure.federation.engine import RunOptions, run_federation
 from fedrlhf_secure.privacy.testing import noise_disabled
 
@@ -123,6 +125,11 @@ def test_too_few_canaries_are_refused(tmp_path, capsys):
     (tmp_path / "run").mkdir()
     assert main(["audit", str(tmp_path / "run"), "--canaries", "5", "--no-progress"]) == 2
     assert "--canaries must be 0 (no ε audit) or >= 20" in capsys.readouterr().err
+
+
+def test_more_canaries_than_items_is_a_clear_input_error(small_data):
+    with pytest.raises(InputError, match=r"--canaries 401: each canary needs its own item; .* has 400 items"):
+        canary_task(dp_config(), small_data, 401, seed=0)
 
 
 def test_a_server_view_of_fewer_than_50_clients_is_refused_before_any_training(tmp_path, capsys):
