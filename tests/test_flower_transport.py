@@ -191,6 +191,32 @@ def test_a_plain_round_in_which_every_node_is_silent_stops_the_run_cleanly(tmp_p
     assert "round 1: the aggregation produced no result" in summary["stopped_early"]
 
 
+class _GarbledFitSummary:
+    """A node whose fit answers carry a summary that is not a mapping (the aggregator messages are intact)."""
+
+    def __init__(self, host: ClientHost) -> None:
+        self.host = host
+
+    def handle(self, data: bytes) -> bytes:
+        resp = NodeMessage.decode(self.host.handle(data), RESPONSE)
+        if resp.op == "fit":
+            resp = NodeMessage("fit", {**resp.header, "fit": [1, 2]}, resp.messages)
+        return resp.encode(RESPONSE)
+
+
+def test_a_malformed_fit_summary_loses_that_nodes_metrics_but_not_its_updates(tmp_path, capsys):
+    raw = _raw("plain")
+    hosts = {n: ClientHost(c, None) for n, c in NODES.items()}
+    link = InProcessLink({0: _GarbledFitSummary(hosts[0]), 1: hosts[1]})
+    run = run_remote_federation(config_from_dict(raw), link, NODES, RunOptions(out=tmp_path / "b", progress=False))
+    local = run_federation(config_from_dict(raw), RunOptions(out=tmp_path / "a", progress=False))
+    a, b = load_tensors(local / "model.safetensors"), load_tensors(run / "model.safetensors")
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    assert [r["clients_aggregated"] for r in _rows(run)] == [4, 4]
+    assert "node 0 sent a fit summary that is not a mapping" in capsys.readouterr().err
+
+
 def test_the_server_refuses_a_run_whose_nodes_do_not_host_every_client(tmp_path):
     with pytest.raises(TransportError, match=r"no node hosts clients \[3\]"):
         run_remote_federation(

@@ -161,7 +161,11 @@ class NodeRoundDriver:
         }
         replies = self._exchange(out, "fit", rnd, fit_requests, self.fit_timeout)
         for n, msg in replies.items():
-            for c, info in dict(msg.header.get("fit", {})).items():
+            summary = msg.header.get("fit", {})
+            if not isinstance(summary, dict):
+                _log(f"round {rnd}: node {n} sent a fit summary that is not a mapping; its clients' metrics are ignored")
+                continue
+            for c, info in summary.items():
                 if c.isdigit() and self.node_of.get(int(c)) == n and isinstance(info, dict):
                     out.fit[int(c)] = info
         pending = self._feed(out, server, replies, rnd)
@@ -199,7 +203,11 @@ class NodeRoundDriver:
             replies = self._exchange(out, "finish", rnd, reqs, self.stage_timeout)
             for n in sorted(replies):
                 if "contributors" in replies[n].header:
-                    out.client_contributors = tuple(replies[n].int_list("contributors"))
+                    try:
+                        out.client_contributors = tuple(replies[n].int_list("contributors"))
+                    except wire.WireError as exc:
+                        _log(f"round {rnd}: node {n} sent malformed contributors ({exc}); ignored")
+                        continue
                     break
         return out
 
