@@ -131,8 +131,7 @@ class ClientHost:
         assert self.state_dir is not None and self.clients is not None
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         self.ledger_dir = self.state_dir / "privacy" / f"run-{stamp}-{os.urandom(4).hex()}" / "ledger"
-        sizes = {c: self.clients.clients[c].num_examples() for c in self.client_ids}
-        return build_plan(config, sizes, self.ledger_dir, False, num_clients=num_clients)
+        return build_plan(config, self.clients.num_examples(), self.ledger_dir, False, num_clients=num_clients)
 
     def _admit(self, req: NodeMessage) -> NodeMessage:
         """The privacy plan's admission, on the node: a client over its budget refuses the round."""
