@@ -12,7 +12,17 @@ from typing import Sequence
 import numpy as np
 
 from . import wire
-from .base import AggregateResult, Aggregator, ClientHalf, ProtocolError, RoundContext, ServerHalf, check_single_upload, register
+from .base import (
+    AggregateResult,
+    AggregationAborted,
+    Aggregator,
+    ClientHalf,
+    ProtocolError,
+    RoundContext,
+    ServerHalf,
+    check_single_upload,
+    register,
+)
 
 REQUEST = "plain/request"
 UPDATE = "plain/update"
@@ -55,6 +65,8 @@ class PlainServer(ServerHalf):
         return []
 
     def close_stage(self) -> list[tuple[int, bytes]]:
+        if not self._got:  # every participant dropped: an empty sum is no aggregate (weight 0)
+            raise AggregationAborted(f"round {self.ctx.round}: no client's update arrived")
         self._closed = True
         return []
 

@@ -188,7 +188,7 @@ def test_a_plain_round_in_which_every_node_is_silent_stops_the_run_cleanly(tmp_p
     run = run_remote_federation(config_from_dict(_raw("plain", rounds=3)), link, NODES, RunOptions(out=tmp_path, progress=False), on_stage=hook)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["rounds_completed"] == 1
-    assert "round 1: the aggregation produced no result" in summary["stopped_early"]
+    assert "round 1: aggregation failed: round 1: no client's update arrived" in summary["stopped_early"]
 
 
 class _GarbledFitSummary:

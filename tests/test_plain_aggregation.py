@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from aggregation import wire
-from aggregation.base import ProtocolError, RoundContext, spec_for
+from aggregation.base import AggregationAborted, ProtocolError, RoundContext, spec_for
 from aggregation.driver import run_round
 from aggregation.plain import UPDATE, PlainAggregator
 
@@ -27,6 +27,13 @@ def test_weighted_sum_and_total_weight_over_the_clients_that_answered():
     np.testing.assert_allclose(res.weighted_sum, np.full(5, 0 * 1 + 2 * 3.0))
     np.testing.assert_allclose(res.average, np.full(5, 1.5))
     assert out.stats.bytes_up[1] == 0 and out.stats.bytes_up[0] > 5 * 4
+
+
+def test_a_round_in_which_every_client_dropped_aborts_instead_of_releasing_an_empty_sum():
+    ctx = _ctx(rnd=4)
+    inputs = {i: (np.ones(5, np.float32), 1.0) for i in range(3)}
+    with pytest.raises(AggregationAborted, match="round 4: no client's update arrived"):
+        run_round(PlainAggregator(), ctx, inputs, drop_after={0: 0, 1: 0, 2: 0})
 
 
 def test_replayed_wrong_round_and_wrong_size_updates_are_rejected():

@@ -199,9 +199,8 @@ class RemoteFederation(Federation):
             contributors = outcome.client_contributors
         else:
             result: AggregateResult | None = outcome.server_result
-            if result is None or not result.contributors:
-                # plain aggregation closes with an empty sum when every node went silent in the fit stage
-                raise _Stop(f"round {r}: the aggregation produced no result (no client's update arrived)")
+            if result is None:
+                raise _Stop(f"round {r}: the aggregation produced no result")
             contributors = result.contributors
             need = self._survivors_required(len(admitted))
             if len(contributors) < need:
