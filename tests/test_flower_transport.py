@@ -160,35 +160,29 @@ def test_a_node_that_goes_silent_after_key_sharing_is_recovered_by_secagg(tmp_pa
     assert set(json.loads((masked / "summary.json").read_text())["clients_final"]) == {"0", "2", "3", "5"}
 
 
-def test_a_round_aborts_when_too_few_clients_survive_the_threshold(tmp_path):
-    # SecAgg's threshold for 4 participants is 2 (k=3, t=floor(3/2)+1); both nodes gone -> abort, run stops
+@pytest.mark.parametrize(
+    "kind, nodes_go_down, rounds_completed, reason",
+    [
+        # SecAgg's threshold for 4 participants is 2 (k=3, t=floor(3/2)+1): both nodes gone after
+        # the advertise stage of round 0 leaves too few to unmask
+        ("secagg", lambda rnd, stage: stage == 1, 0, "round 0: aggregation failed"),
+        # both nodes answer round 0, then go silent: round 1's plain aggregation receives nothing
+        ("plain", lambda rnd, stage: rnd == 0, 1, "round 1: aggregation failed: round 1: no client's update arrived"),
+    ],
+    ids=["secagg-below-threshold", "plain-every-node-silent"],
+)
+def test_a_round_that_cannot_aggregate_stops_the_run_with_the_reason(tmp_path, kind, nodes_go_down, rounds_completed, reason):
     hosts = {n: ClientHost(c, None) for n, c in NODES.items()}
     link = InProcessLink(hosts)
 
     def hook(rnd, op, stage):
-        if stage == 1:
+        if nodes_go_down(rnd, stage):
             link.down.update(NODES)
 
-    run = run_remote_federation(config_from_dict(_raw("secagg", rounds=2)), link, NODES, RunOptions(out=tmp_path, progress=False), on_stage=hook)
+    run = run_remote_federation(config_from_dict(_raw(kind, rounds=3)), link, NODES, RunOptions(out=tmp_path, progress=False), on_stage=hook)
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["rounds_completed"] == 0
-    assert "aggregation failed" in summary["stopped_early"]
-
-
-def test_a_plain_round_in_which_every_node_is_silent_stops_the_run_cleanly(tmp_path):
-    # both nodes answer round 0, then go silent: round 1's plain sum is empty, which must end the
-    # run with a reason in summary.json, not an exception out of the server loop
-    hosts = {n: ClientHost(c, None) for n, c in NODES.items()}
-    link = InProcessLink(hosts)
-
-    def hook(rnd, op, stage):
-        if rnd == 0:
-            link.down.update(NODES)
-
-    run = run_remote_federation(config_from_dict(_raw("plain", rounds=3)), link, NODES, RunOptions(out=tmp_path, progress=False), on_stage=hook)
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["rounds_completed"] == 1
-    assert "round 1: aggregation failed: round 1: no client's update arrived" in summary["stopped_early"]
+    assert summary["rounds_completed"] == rounds_completed
+    assert reason in summary["stopped_early"]
 
 
 class _GarbledFitSummary:
