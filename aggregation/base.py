@@ -25,14 +25,16 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
 
+from .errors import AggregationError
+
 Outgoing = tuple[int, bytes]
 
 
-class ProtocolError(ValueError):
+class ProtocolError(AggregationError, ValueError):
     """A message was rejected (malformed, replayed, wrong round/session/sender, bad signature...)."""
 
 
-class AggregationAborted(RuntimeError):
+class AggregationAborted(AggregationError, RuntimeError):
     """The round cannot complete (e.g. fewer than ``threshold`` clients left); nothing was revealed."""
 
 

@@ -28,6 +28,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from .errors import AggregationError
+
 import numpy as np
 from safetensors.numpy import load as _st_load
 from safetensors.numpy import save as _st_save
@@ -39,7 +41,7 @@ MAX_HEADER_BYTES = 1 << 20
 DEFAULT_MAX_FRAME_BYTES = 1 << 31
 
 
-class WireError(ValueError):
+class WireError(AggregationError, ValueError):
     """A frame is malformed, too large, of the wrong kind, or missing a field; the message says which."""
 
 

@@ -13,9 +13,7 @@ import typing
 from typing import Any, Literal, Mapping, Union
 
 
-class InputError(ValueError):
-    """Bad user input (a config, a data file, a run directory): the message says which file, which
-    field and what was expected. The CLI prints it and exits 2 instead of showing a traceback."""
+from .errors import InputError  # noqa: E402  (re-exported: the family lives in errors.py)
 
 
 class ConfigError(InputError):
