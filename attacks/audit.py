@@ -3,7 +3,10 @@
 Steps (each a separate, reproducible piece; ``seed`` fixes every coin the audit flips):
 
 1. **Released parameters** (threat model (a): anyone holding ``model.safetensors``). Candidates
-   are the federation users' training records (members) and held-out records (non-members);
+   are the task's training records (members) and records from the same distribution it never
+   trained on (non-members), through the task's
+   :class:`~fedrlhf_secure.tasks.auditable.AuditableTask` interface (a task without it is refused
+   with an :class:`~fedrlhf_secure.errors.InputError` before any work);
    ``num_shadows`` shadow runs of the same config train on random halves of all candidates
    (:mod:`.shadows`). Attacks: LOSS (:mod:`.loss`), reference-model (:mod:`.reference`), LiRA
    online/offline (:mod:`.lira`), RMIA online/offline (:mod:`.rmia`). Metrics: :mod:`.metrics`.
@@ -23,9 +26,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -69,7 +73,10 @@ class AuditSettings:
         if self.canary_runs < 1:
             raise InputError(f"--canary-runs must be >= 1, got {self.canary_runs}")
         if self.server_view and self.server_view_clients < MIN_AGGREGATE_CLIENTS:
-            raise InputError(f"--server-view-clients must be >= {MIN_AGGREGATE_CLIENTS} (an aggregate of fewer is not the claim), got {self.server_view_clients}")
+            raise InputError(
+                f"--server-view-clients must be >= {MIN_AGGREGATE_CLIENTS} (an aggregate of fewer is not the claim), "
+                f"got {self.server_view_clients}"
+            )
         if self.workers is not None and self.workers < 1:
             raise InputError(f"--workers must be >= 1, got {self.workers}")
         if not 0.5 <= self.confidence < 1:
@@ -86,7 +93,8 @@ class Claim:
     source: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {"epsilon": None if math.isinf(self.epsilon) else self.epsilon, "delta": self.delta, "mode": self.mode, "source": self.source}
+        epsilon = None if math.isinf(self.epsilon) else self.epsilon
+        return {"epsilon": epsilon, "delta": self.delta, "mode": self.mode, "source": self.source}
 
 
 def claimed_privacy(run_dir: Path, config: RunConfig) -> Claim:
@@ -131,8 +139,13 @@ def epsilon_audit(canary_runs: list, delta: float, confidence: float, seed: int)
     else:
         rng = np.random.default_rng(np.random.SeedSequence([seed, 0xC1]))
         half = rng.random(len(first.scores)) < 0.5
-        multi = bounds.multi_run_audit(first.scores[half], first.included[half], first.scores[~half], first.included[~half], delta, confidence)
-        multi_note = "single canary run: threshold chosen on half of the canaries, errors counted on the other half (canaries as trials; for comparison only)"
+        multi = bounds.multi_run_audit(
+            first.scores[half], first.included[half], first.scores[~half], first.included[~half], delta, confidence
+        )
+        multi_note = (
+            "single canary run: threshold chosen on half of the canaries, errors counted on the other half "
+            "(canaries as trials; for comparison only)"
+        )
     return {
         "estimate": one.epsilon_lower_bound,
         "confidence": confidence,
@@ -200,7 +213,7 @@ def audit_run(
         "privacy_mode": config.privacy.mode,
         "settings": {k: getattr(settings, k) for k in settings.__dataclass_fields__},
         "released_parameters": {
-            "threat_model": "anyone holding model.safetensors (shared parameters only; personal embeddings never released)",
+            "threat_model": "anyone holding model.safetensors (shared parameters only; personal parameters never released)",
             "candidates": int(len(pool.records)),
             "members": int(pool.member.sum()),
             "shadow_runs": settings.num_shadows,
@@ -222,7 +235,9 @@ def audit_run(
 
     if settings.server_view:
         say(f"server view ({settings.server_view_clients} clients, {settings.server_view_kind})")
-        sv = server_view_audit(config, data_dir, num_clients=settings.server_view_clients, secure_kind=settings.server_view_kind, seed=settings.seed)
+        sv = server_view_audit(
+            config, data_dir, num_clients=settings.server_view_clients, secure_kind=settings.server_view_kind, seed=settings.seed
+        )
         report["server_view"] = sv.to_dict()
         tick()
     else:

@@ -1,10 +1,12 @@
 """The LOSS / threshold attack (Yeom et al. 2018, "Privacy Risk in Machine Learning", §3.2).
 
 A model fits its training records better than unseen ones, so a record whose loss is low is
-guessed to be a member. The score is the negated loss; for our binary policy the loss of the
-true label is ``softplus(-z)`` with ``z`` the logit of the true label
-(:meth:`MovieLensTask.record_scores`), a decreasing function of ``z``, so ``z`` itself ranks
-records identically and is what we return. It needs no shadow models and is the weakest
+guessed to be a member. The score is the negated loss. A task's
+:meth:`~fedrlhf_secure.tasks.auditable.AuditableTask.record_scores` gives the logit-scaled
+confidence ``z = log(p / (1 - p))`` of the model on each record (``p`` its probability of the
+record's truth: the true label's for a binary classifier), so the loss is
+``-log p = softplus(-z)``, a decreasing function of ``z``; ``z`` itself would rank records
+identically. It needs no shadow models and is the weakest
 baseline: it cannot tell an easy non-member from a memorised member.
 """
 

@@ -5,17 +5,20 @@ Threat model (b) of issue 6: an honest-but-curious server records every byte it 
 ratings were in that client's training data.
 
 * **Plain FedAvg** (:mod:`aggregation.plain`): the server decodes each ``plain/update`` frame and
-  holds client k's own delta ``Δ_k``; its guess for a record of k's user is how much
-  ``θ_0 + Δ_k`` raised the record's true-label logit over the broadcast ``θ_0`` (a difference
-  attack with the pre-round model as the reference; the update also carries the client's touched
-  item rows in the clear).
+  holds client k's own delta ``Δ_k``; its guess for a record of client k is how much
+  ``θ_0 + Δ_k`` raised the record's score (:meth:`AuditableTask.record_scores`) over the broadcast
+  ``θ_0`` (a difference attack with the pre-round model as the reference). The update also carries
+  in the clear which rows of each ``sparse_rows`` parameter the client touched; a record whose row
+  (:meth:`AuditableTask.record_rows`) was not touched cannot have been trained on.
 * **Secure aggregation** (masking or CKKS): individual frames are masked or encrypted; all that
   can be learned is the aggregate of ≥ ``num_clients`` updates, i.e. the next global model
   ``θ_1``; the same difference score is computed from ``θ_1`` for every record.
 
-Members and non-members come from the same users: each of a client's training records is kept
+Members and non-members come from the same clients: each of a client's training records is kept
 with probability ½ (kept = member, dropped = non-member), so the attack cannot win by recognising
-users. Both federations use the same config, seeds and data; only the aggregator differs.
+clients. Both federations use the same config, seeds and data; only the aggregator differs. The
+task is reduced to ``num_clients`` clients by :meth:`AuditableTask.with_num_clients`.
+(:class:`~fedrlhf_secure.tasks.auditable.AuditableTask` is all this module knows of the task.)
 """
 
 from __future__ import annotations
@@ -30,11 +33,11 @@ from aggregation import wire
 from aggregation.driver import SERVER_ID
 from aggregation.plain import UPDATE as PLAIN_UPDATE
 from fedrlhf_secure.config import RunConfig, build_config
-from fedrlhf_secure.federation.engine import RunOptions, run_federation
 from fedrlhf_secure.rundir import load_tensors
+from fedrlhf_secure.tasks.auditable import AuditableTask
 
 from .metrics import AttackMetrics, summarize
-from .shadows import candidate_pool
+from .shadows import audited_task, candidate_pool
 
 MIN_AGGREGATE_CLIENTS = 50
 
@@ -60,34 +63,42 @@ class ServerViewResult:
         }
 
 
-def server_view_config(config: RunConfig, num_clients: int, kind: str, params: dict | None = None) -> RunConfig:
-    """The audited config reduced to one round over ``num_clients`` clients, all selected."""
+def server_view_config(config: RunConfig, kind: str, params: dict | None = None) -> RunConfig:
+    """The audited config reduced to one round with every client selected, aggregated by ``kind``
+    (the task, reduced to the aggregate's clients, is passed to the run separately)."""
     raw = config.to_mapping()
-    raw["task"]["num_clients"] = num_clients
     raw["federation"].update({"rounds": 1, "fraction": 1.0, "dropout_rate": 0.0, "workers": 1})
     raw["aggregation"] = {"kind": kind, **(params or {})}
     raw["baselines"] = []
     return build_config(raw, source=f"{config.source or '<config>'} (server-view audit)")
 
 
-def _touched_items(task, vector_len: int):
-    """``f(vector, records) -> bool``: did the update touch each record's item row? The touch
-    indicators of the ``sparse_rows`` item embedding follow the deltas in the update vector
-    (:mod:`fedrlhf_secure.federation.update`); a record whose item row did not move cannot have
-    been trained on (without record-level DP, which touches every row)."""
-    item_pos = {int(m): i for i, m in enumerate(task.split.catalogue.item_ids)}
-    sparse = [e for e in task.shared_spec().entries if e.sparse_rows]
+def _touched_records(task: AuditableTask, vector_len: int):
+    """``f(vector, records) -> bool``: did the update touch every sparse row each record can move?
+    The touch indicators of the ``sparse_rows`` parameters follow the deltas in the update vector,
+    one per row, in spec order (:mod:`fedrlhf_secure.federation.update`); a record whose row did not
+    move cannot have been trained on (without record-level DP, which touches every row)."""
+    offsets, pos = {}, vector_len
+    for e in task.shared_spec().entries:
+        if e.sparse_rows:
+            offsets[e.name] = (pos, e.shape[0])
+            pos += e.shape[0]
 
     def f(vector: np.ndarray, records: np.ndarray) -> np.ndarray:
-        rows = np.array([item_pos[int(m)] for m in records[:, 1]], dtype=np.int64)
-        if not sparse or len(vector) < vector_len + sparse[0].shape[0]:
-            return np.ones(len(records), dtype=bool)
-        return vector[vector_len + rows] > 0.5
+        seen = np.ones(len(records), dtype=bool)
+        if len(vector) < pos:  # the update carries no touch indicators (``sparse_rows: all``)
+            return seen
+        for name, rows in task.record_rows(records).items():
+            if name in offsets:
+                seen &= vector[offsets[name][0] + np.asarray(rows, dtype=np.int64)] > 0.5
+        return seen
 
     return f
 
 
 def _capture_plain_updates(config: RunConfig, task) -> dict[int, tuple[np.ndarray, float]]:
+    from fedrlhf_secure.federation.engine import RunOptions, run_federation
+
     updates: dict[int, tuple[np.ndarray, float]] = {}
 
     def hook(src: int, dst: int, data: bytes) -> None:
@@ -113,9 +124,11 @@ def server_view_audit(
 ) -> ServerViewResult:
     if num_clients < MIN_AGGREGATE_CLIENTS:
         raise ValueError(f"the aggregate side needs >= {MIN_AGGREGATE_CLIENTS} clients, got {num_clients}")
-    plain_cfg = server_view_config(config, num_clients, "plain")
-    secure_cfg = server_view_config(config, num_clients, secure_kind, secure_params)
-    pool = candidate_pool(plain_cfg, data_dir)
+    from fedrlhf_secure.federation.engine import RunOptions, run_federation
+
+    plain_cfg = server_view_config(config, "plain")
+    secure_cfg = server_view_config(config, secure_kind, secure_params)
+    pool = candidate_pool(plain_cfg, data_dir, task=audited_task(config, data_dir).with_num_clients(num_clients))
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5E4F]))
     kept = pool.member & (rng.random(len(pool.records)) < 0.5)
     idx = np.flatnonzero(pool.member)  # candidates: the clients' training records, half of them kept
@@ -126,10 +139,9 @@ def server_view_audit(
 
     updates = _capture_plain_updates(plain_cfg, task)
     spec = task.shared_spec()
-    user_pos = {int(u): i for i, u in enumerate(task.split.catalogue.user_ids)}
-    owner = task.client_of_user(np.array([user_pos[int(u)] for u in records[:, 0]], dtype=np.int64))
+    owner = task.record_clients(records)
     plain = np.zeros(len(records), dtype=np.float64)
-    touched = _touched_items(task, vector_len=spec.size)
+    touched = _touched_records(task, vector_len=spec.size)
     for cid, (vector, _weight) in updates.items():
         delta = spec.unflatten(vector[: spec.size])
         rows = owner == cid

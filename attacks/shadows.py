@@ -2,42 +2,43 @@
 
 Every model an audit trains is trained by the project's own federation code
 (:func:`fedrlhf_secure.federation.engine.run_federation`) with the audited run's own config —
-same clients, rounds, aggregation and privacy plan — on a MovieLens task whose training records
-the audit chooses (:class:`~fedrlhf_secure.tasks.movielens.MovieLensTask` built on a modified
-split). Only the released global shared parameters of those runs are used, as an outside attacker
-would see them.
+same clients, rounds, aggregation and privacy plan — on a task whose training records the audit
+chooses through the task's :class:`~fedrlhf_secure.tasks.auditable.AuditableTask` interface
+(``with_records``). Only the released global shared parameters of those runs are used, as an
+outside attacker would see them. Nothing here knows which task it audits.
 
-* **Candidates** of the membership game on a run are the federation users' training records
-  (members of the audited run) and their held-out records (non-members). Shadow runs train on
-  independent random halves of *all* candidates, so every candidate is IN about half of the
-  shadow runs and OUT of the rest (Carlini et al. 2022, §IV), held-out records included.
-* **Canaries** (for the one-run ε audit) are ``m`` extra rating records on the ``m`` least-rated
-  items, each given to a random federation user and included with probability ½; all ordinary
-  ratings of those items are removed from the canary run, so an item's embedding row is moved by
-  its canary alone. That is the strongest signal a single record can carry in this model, which
-  the one-run audit needs (Steinke et al. 2023, §6: many canaries, each easy to detect).
+* **Candidates** of the membership game on a run are the audited task's training records
+  (members) and records from the same distribution it never trained on (non-members), from
+  :meth:`~fedrlhf_secure.tasks.auditable.AuditableTask.membership_candidates`. Shadow runs train on
+  independent random halves of *all* candidates, so every candidate is IN about half of the shadow
+  runs and OUT of the rest (Carlini et al. 2022, §IV), non-members included.
+* **Canaries** (for the one-run ε audit) are ``m`` extra records the task inserts
+  (:meth:`~fedrlhf_secure.tasks.auditable.AuditableTask.with_canaries`), each included with
+  probability ½ by a coin the audit flips; the task scores them on the released parameters
+  (:meth:`~fedrlhf_secure.tasks.auditable.AuditableTask.canary_scores`). The one-run audit needs
+  many canaries, each easy to detect (Steinke et al. 2023, §6).
 """
 
 from __future__ import annotations
 
+import logging
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from fedrlhf_secure.config import RunConfig, load_config
-from fedrlhf_secure.configtypes import InputError
-from fedrlhf_secure.federation.engine import RunOptions, build_task, resolve_data_dir, run_federation
 from fedrlhf_secure.rundir import load_tensors
+from fedrlhf_secure.tasks.auditable import AuditableTask, AuditUnsupported, check_auditable_kind, require_auditable
 
-CANARY_RATINGS = (1.0, 5.0)
-"""Canary ratings are drawn from the extremes so the label ("high" = rating ≥ 4) is unambiguous."""
+__all__ = [
+    "AuditUnsupported", "CandidatePool", "CanaryRun", "audited_task", "candidate_pool", "canary_scores", "canary_task",
+    "ensure_supported", "load_run_config", "run_canaries", "shadow_inclusions", "train_released", "train_shadows",
+]
 
-
-class AuditUnsupported(InputError):
-    """The run cannot be audited this way (e.g. a task without record-level audit hooks)."""
+logger = logging.getLogger(__name__)
 
 
 def load_run_config(run_dir: Path) -> RunConfig:
@@ -50,65 +51,61 @@ def load_run_config(run_dir: Path) -> RunConfig:
 
 
 def ensure_supported(config: RunConfig) -> None:
-    """Raise :class:`AuditUnsupported` before any work when the run's task has no audit hooks."""
-    if config.task.kind != "movielens":
-        raise AuditUnsupported(
-            f"audits need record-level hooks (training_records/record_scores); task {config.task.kind!r} has none yet"
-        )
+    """Raise :class:`AuditUnsupported` before any work when the run's task kind is declared not to
+    implement :class:`~fedrlhf_secure.tasks.auditable.AuditableTask` (checked again on the built task)."""
+    check_auditable_kind(config.task.kind)
 
 
-def _audited_task(config: RunConfig, data_dir: Path | None):
+def audited_task(config: RunConfig, data_dir: Path | None) -> AuditableTask:
     """The audited run's own task, built by the task's registered factory exactly as ``fedrlhf run``
-    built it (same split, clients, feedback profiles and initial parameters)."""
+    built it (same split, clients, feedback and initial parameters); :class:`AuditUnsupported` when
+    it does not implement :class:`~fedrlhf_secure.tasks.auditable.AuditableTask`."""
+    from fedrlhf_secure.federation.engine import build_task, resolve_data_dir
+
     ensure_supported(config)
-    return build_task(config, resolve_data_dir(data_dir))
-
-
-def _with_training_ratings(task, train):
-    """``task`` (same config, catalogue, held-out set and seed) over other training ratings."""
-    return type(task)(task.config, replace(task.split, train=train), task.seed)
-
-
-def _concat(a, b):
-    return type(a)(np.r_[a.user, b.user], np.r_[a.item, b.item], np.r_[a.rating, b.rating].astype(np.float32))
+    return require_auditable(build_task(config, resolve_data_dir(data_dir)), config.task.kind)
 
 
 @dataclass
 class CandidatePool:
-    """The membership game on one run: ``records`` (N, 3), ``member`` (N,) bool for the audited run,
-    and a task over all candidates from which subset tasks are made."""
+    """The membership game on one run: ``records`` (N, k) as from ``task.training_records()``,
+    ``member`` (N,) bool for the audited run, and a task over all candidates from which subset
+    tasks are made."""
 
     config: RunConfig
     records: np.ndarray
     member: np.ndarray
-    task: object
+    task: AuditableTask
 
-    def subset_task(self, keep: np.ndarray):
-        return self.task.with_training_subset(keep)
+    def subset_task(self, keep: np.ndarray) -> AuditableTask:
+        return self.task.with_records(keep)
 
     def scores(self, shared: dict[str, np.ndarray], records: np.ndarray | None = None) -> np.ndarray:
-        """True-label logit of every candidate (or of ``records``) under released ``shared`` params."""
+        """Logit-scaled confidence of every candidate (or of ``records``) under released ``shared`` params."""
         return np.asarray(self.task.record_scores(shared, self.records if records is None else records), dtype=np.float64)
 
 
-def candidate_pool(config: RunConfig, data_dir: Path | None) -> CandidatePool:
-    """Training records (members) and held-out records (non-members) of the federation's users."""
-    audited = _audited_task(config, data_dir)
+def candidate_pool(config: RunConfig, data_dir: Path | None, *, task: AuditableTask | None = None) -> CandidatePool:
+    """Members (the audited task's training records) and non-members (see the module docstring).
+    ``task``: the audited task when already built (else built from ``config``)."""
+    audited = audited_task(config, data_dir) if task is None else require_auditable(task, config.task.kind)
     members = audited.training_records()
-    n_members = len(members)
-    task = _with_training_ratings(audited, _concat(audited.split.train, audited.split.test))
-    records = task.training_records()
-    # The union task lists records of the federation's users in split order: training ones first.
-    member = np.zeros(len(records), dtype=bool)
-    member[:n_members] = True
-    if not np.array_equal(records[:n_members], members):
-        raise RuntimeError("candidate pool does not start with the audited run's training records (task record order changed?)")
-    return CandidatePool(config, records, member, task)
+    candidates = audited.membership_candidates()
+    records = candidates.task.training_records()
+    member = np.asarray(candidates.member, dtype=bool)
+    if member.shape != (len(records),) or not np.array_equal(records[member], members):
+        raise RuntimeError(
+            f"{type(audited).__name__}.membership_candidates(): the member rows are not the audited run's training records"
+        )
+    return CandidatePool(config, records, member, candidates.task)
 
 
 def train_released(config: RunConfig, task, *, name: str) -> dict[str, np.ndarray]:
     """Run the federation of ``config`` on ``task`` in a scratch directory; return the released params."""
+    from fedrlhf_secure.federation.engine import RunOptions, run_federation
+
     config = replace(config, baselines=())  # a shadow needs only its released parameters
+    logger.debug("training %s on %s", name, type(task).__name__)
     with tempfile.TemporaryDirectory(prefix="fedrlhf-audit-") as tmp:
         run = run_federation(config, RunOptions(out=Path(tmp), progress=False, task=task, name=name))
         return load_tensors(run / "model.safetensors")
@@ -141,54 +138,29 @@ def train_shadows(
 @dataclass
 class CanaryRun:
     records: np.ndarray
-    """(m, 3) raw ``(user_id, item_id, rating)`` of the canaries."""
+    """(m, k) canary records, as the task lists them in ``training_records()``."""
     included: np.ndarray
     scores: np.ndarray
-    """Per canary: how far its item's embedding row moved from its public initial value (L2). Only
-    the canary can move that row (no other record rates the item), so without noise the score is
-    exactly 0 when the canary was left out; DP noise moves every row alike."""
+    """Per canary: the task's :meth:`~fedrlhf_secure.tasks.auditable.AuditableTask.canary_scores`
+    on the released parameters (higher = more likely included)."""
 
 
 def canary_task(config: RunConfig, data_dir: Path | None, num_canaries: int, seed: int):
-    """A task whose training data has no ordinary ratings of ``num_canaries`` least-rated items and
-    holds one canary per such item; returns ``(task, canary_records, included)``."""
-    from fedrlhf_secure.tasks.movielens.data import Ratings
-
-    base = _audited_task(config, data_dir)
-    split = base.split
-    cat = split.catalogue
-    users = np.flatnonzero(base.client_of_user(np.arange(cat.num_users)) >= 0)  # the federation's users
-    if num_canaries > cat.num_items:
-        raise InputError(f"--canaries {num_canaries}: each canary needs its own item; {split.source} has {cat.num_items} items")
-    in_fed = base.client_of_user(split.train.user) >= 0
-    counts = np.bincount(split.train.item[in_fed], minlength=cat.num_items)
+    """The audited task with ``num_canaries`` canaries, each kept with probability ½; returns
+    ``(task, canary_records, included)``. The task's canary choices and the audit's coins come
+    from one generator seeded by ``seed``."""
+    base = audited_task(config, data_dir)
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0xCA4A]))
-    order = np.lexsort((rng.random(cat.num_items), counts))  # least-rated first, ties at random
-    items = np.sort(order[:num_canaries])
-    canaries = Ratings(
-        rng.choice(users, size=num_canaries).astype(np.int64),
-        items.astype(np.int64),
-        rng.choice(np.asarray(CANARY_RATINGS, dtype=np.float32), size=num_canaries),
-    )
+    canaries = base.with_canaries(num_canaries, rng)
     included = rng.random(num_canaries) < 0.5
-    ordinary = split.train.subset(~np.isin(split.train.item, items))
-    task = _with_training_ratings(base, _concat(ordinary, canaries))
-    all_records = task.training_records()
-    canary_records = all_records[-num_canaries:]
-    keep = np.ones(len(all_records), dtype=bool)
-    keep[-num_canaries:] = included
-    return task.with_training_subset(keep), canary_records, included
+    keep = np.ones(len(canaries.task.training_records()), dtype=bool)
+    keep[canaries.index] = included
+    return canaries.task.with_records(keep), canaries.records, included
 
 
-def canary_scores(task, released: dict[str, np.ndarray], canary_records: np.ndarray) -> np.ndarray:
+def canary_scores(task: AuditableTask, released: dict[str, np.ndarray], canary_records: np.ndarray) -> np.ndarray:
     """See :attr:`CanaryRun.scores`: only public information (released and initial params) is used."""
-    from fedrlhf_secure.tasks.movielens.model import ITEM_EMBEDDING
-
-    initial = task.initial_shared()[ITEM_EMBEDDING]
-    item_pos = {int(m): i for i, m in enumerate(task.split.catalogue.item_ids)}
-    rows = np.array([item_pos[int(m)] for m in canary_records[:, 1]], dtype=np.int64)
-    moved = released[ITEM_EMBEDDING][rows].astype(np.float64) - initial[rows].astype(np.float64)
-    return np.linalg.norm(moved, axis=1)
+    return np.asarray(task.canary_scores(released, canary_records), dtype=np.float64)
 
 
 def run_canaries(config: RunConfig, data_dir: Path | None, num_canaries: int, seed: int) -> CanaryRun:

@@ -139,9 +139,11 @@ def test_a_server_view_of_fewer_than_50_clients_is_refused_before_any_training(t
 
 
 def test_tasks_without_record_hooks_are_refused_clearly(tmp_path, capsys):
-    run = tmp_path / "imdb-run"
+    import toy_task  # noqa: F401  (registers "toy", a task without the AuditableTask hooks; IMDb now has them)
+
+    run = tmp_path / "toy-run"
     run.mkdir()
-    (run / "config.yaml").write_text("seed: 0\ntask: {kind: imdb}\n")
+    (run / "config.yaml").write_text("seed: 0\ntask: {kind: toy}\n")
     (run / "model.safetensors").write_bytes(b"")
     assert main(["audit", str(run), "--no-progress", "--no-plots"]) == 2
-    assert "task 'imdb' has none yet" in capsys.readouterr().err
+    assert "task 'toy' (ToyTask) does not implement AuditableTask" in capsys.readouterr().err

@@ -37,13 +37,25 @@ class Reviews:
     """1 = positive, 0 = negative."""
     rating: np.ndarray
     """Star rating 1-10 (IMDb's own; 0 when the source has none)."""
+    ids: np.ndarray | None = None
+    """Stable review ids: positions in the loaded split (default ``0..n-1``), kept by :meth:`take`
+    so a review can be found again (the audits' record ids, :mod:`fedrlhf_secure.tasks.auditable`)."""
+
+    def __post_init__(self) -> None:
+        if self.ids is None:
+            object.__setattr__(self, "ids", np.arange(len(self.text), dtype=np.int64))
 
     def __len__(self) -> int:
         return len(self.text)
 
-    def take(self, idx: np.ndarray) -> "Reviews":
+    def take(self, idx: np.ndarray) -> Reviews:
         idx = np.asarray(idx, dtype=np.int64)
-        return Reviews([self.text[i] for i in idx], self.label[idx], self.rating[idx])
+        return Reviews([self.text[i] for i in idx], self.label[idx], self.rating[idx], self.ids[idx])
+
+    @staticmethod
+    def concat(parts: list[Reviews]) -> Reviews:
+        return Reviews([t for p in parts for t in p.text], np.concatenate([p.label for p in parts]).astype(np.int64),
+                       np.concatenate([p.rating for p in parts]).astype(np.int64), np.concatenate([p.ids for p in parts]).astype(np.int64))
 
 
 @dataclass(frozen=True)

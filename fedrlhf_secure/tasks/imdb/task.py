@@ -26,20 +26,24 @@ generations the engine keeps on the client's side (they never enter a ``fed/repo
 
 from __future__ import annotations
 
+import copy
 import logging
-import os
 import tempfile
 import time
 import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 
+from ...errors import InputError
+from ..auditable import AuditableTask, CanarySet, Candidates
 from ..base import FitConfig, FitResult, ParamEntry, ParamSpec, Task, TaskClient
 from .config import IMDbConfig
-from .data import IMDbSplit, load_reviews, prompts_from, split_reviews
+from .data import IMDbSplit, Reviews, load_reviews, prompts_from, split_reviews
 from .evaluation import EvaluationClassifier
 from .policy import Policy
 from .reward import SentimentClassifier, ShapedReward, encode, train_classifier, train_classifier_dp
@@ -47,8 +51,21 @@ from .reward import SentimentClassifier, ShapedReward, encode, train_classifier,
 REVIEW_WORDS = 128
 """Reward classifiers read the first 128 words of a review (sentiment shows early; keeps DP-SGD cheap)."""
 
+RECORD_TOKENS = 64
+"""Audits score a review by the released policy's likelihood of its first 64 tokens (at most the context)."""
 
-class IMDbTask(Task):
+logger = logging.getLogger(__name__)
+
+
+class IMDbTask(Task, AuditableTask):
+    """Clients ``0..clients-1``, each with a shard of labelled reviews (its reward's training data).
+
+    For the membership audits (:class:`~fedrlhf_secure.tasks.auditable.AuditableTask`) a record is
+    one labelled review a client holds, ``(client_id, review_id, label)`` with ``review_id`` its
+    position in the training split; the released model is the policy's shared parameters, which
+    see a client's reviews only through the reward it trains on them.
+    """
+
     name = "imdb"
     plot_metrics = ("positive_rate_mean", "sentiment_score_mean", "shaped_reward_mean", "kl_to_initial_mean")
 
@@ -56,12 +73,21 @@ class IMDbTask(Task):
         torch.set_num_threads(config.torch_threads)
         self.config = config
         self.seed = seed
+        self.data_dir = data_dir
         train, test = load_reviews(config.dataset, data_dir)
         self.split: IMDbSplit = split_reviews(train, test, config, seed)
+        self.train_reviews = train
+        """Every training review; ``review_id`` indexes it (audit records, non-members, canaries)."""
+        self._record_shards: list[Reviews] = list(self.split.shards)
+        """The clients' shards as listed by :meth:`training_records`; ``split.shards`` is what they train on."""
+        self._keep = np.ones(sum(len(r) for r in self._record_shards), dtype=bool)
+        self._scorer: Policy | None = None
         self.tokenizer = self._tokenizer(data_dir)
         self.model_path, self.pretrain_report = self._policy_weights(progress)
         check = self.split.eval_prompts
-        self.evaluator = EvaluationClassifier.train(self.split.eval_classifier.text, self.split.eval_classifier.label, check.text, check.label, seed)
+        self.evaluator = EvaluationClassifier.train(
+            self.split.eval_classifier.text, self.split.eval_classifier.label, check.text, check.label, seed
+        )
         public_prompts = prompts_from(self.split.public.text, self.tokenizer, config.prompt_tokens)
         self.train_prompts = [public_prompts[k :: config.clients] for k in range(config.clients)]
         eval_prompts = prompts_from(self.split.eval_prompts.text, self.tokenizer, config.prompt_tokens)
@@ -108,7 +134,7 @@ class IMDbTask(Task):
     def initial_shared(self) -> dict[str, np.ndarray]:
         return {k: v.copy() for k, v in self._initial.items()}
 
-    def make_client(self, client_id: int) -> "IMDbClient":
+    def make_client(self, client_id: int) -> IMDbClient:
         if client_id not in self.client_ids():
             raise KeyError(f"no IMDb client {client_id}; clients are 0..{self.config.clients - 1}")
         return IMDbClient(self, client_id)
@@ -131,6 +157,138 @@ class IMDbTask(Task):
         return {"positive_rate": positive / n, "sentiment_score": float(np.concatenate(scores).mean()), "generations": n,
                 "kl_to_initial": 0.0, **{f"pretrain_{k}": v for k, v in self.pretrain_report.items()}}
 
+    # ------------------------------------------------------------------ AuditableTask (attacks/)
+    def training_records(self) -> np.ndarray:
+        """(N, 3) int64 ``(client_id, review_id, label)`` of every review in the clients' shards,
+        client by client in shard order. Reviews left out by :meth:`with_records` are still listed."""
+        rows = [np.stack([np.full(len(r), k, dtype=np.int64), r.ids, r.label.astype(np.int64)], axis=1)
+                for k, r in enumerate(self._record_shards)]
+        return np.concatenate(rows).astype(np.int64) if rows else np.zeros((0, 3), dtype=np.int64)
+
+    def with_records(self, keep: np.ndarray) -> IMDbTask:
+        """The same task (tokenizer, policy, prompts, judge, seeds) whose client k trains its reward
+        only on its reviews in ``training_records()[keep]``."""
+        keep = np.asarray(keep, dtype=bool)
+        if keep.shape != self._keep.shape:
+            raise ValueError(f"keep has shape {keep.shape}, training_records() has {len(self._keep)} rows")
+        return self._with_shards(self._record_shards, keep & self._keep)
+
+    def record_scores(
+        self, shared: Mapping[str, np.ndarray], records: np.ndarray, personal: Mapping[str, np.ndarray] | None = None
+    ) -> np.ndarray:
+        """``z = log(p / (1 - p))`` with ``p`` the geometric mean of the released policy's token
+        probabilities on the review's first tokens (at most :data:`RECORD_TOKENS`), after an
+        end-of-text token: ``log p`` is the language-model loss of the review, negated.
+
+        ``personal`` (a client's reward classifier) is not used: the released model is the policy."""
+        records = np.asarray(records, dtype=np.int64)
+        if len(records) == 0:
+            return np.zeros(0, dtype=np.float64)
+        ids = records[:, 1]
+        if ids.min() < 0 or ids.max() >= len(self.train_reviews):
+            raise ValueError(f"review ids must be in 0..{len(self.train_reviews) - 1}")
+        policy = self._scoring_policy()
+        policy.load_shared(shared)
+        model = policy.model
+        config = getattr(model, "get_base_model", lambda: model)().config
+        width = max(1, min(RECORD_TOKENS, int(getattr(config, "n_positions", RECORD_TOKENS + 1)) - 1))
+        eos = self.tokenizer.eos_token_id
+        texts = [self.train_reviews.text[i] for i in ids]
+        tokens = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=width)["input_ids"]
+        tokens = [t if t else [eos] for t in tokens]
+        mean_lp = np.empty(len(tokens), dtype=np.float64)
+        for s in range(0, len(tokens), 64):
+            chunk = tokens[s : s + 64]
+            lps = policy.completion_logprobs(model, [[eos]] * len(chunk), chunk)
+            mean_lp[s : s + len(chunk)] = [float(lp.mean()) for lp in lps]
+        mean_lp = np.minimum(mean_lp, -1e-12)
+        return mean_lp - np.log(-np.expm1(mean_lp))
+
+    def membership_candidates(self) -> Candidates:
+        """Members: the clients' reviews. Non-members: as many training reviews that no client holds
+        and the public pool does not contain (never seen by any part of the run), dealt to the
+        clients as the split deals reviews (at random, or by star-rating band for ``by_rating``);
+        each client lists its members first, then its non-members."""
+        unused = self._unused_review_ids()
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, 0xA0D1]))
+        n = min(len(unused), len(self._keep))
+        chosen = rng.permutation(unused)[:n]
+        if self.config.partition == "by_rating":
+            chosen = chosen[np.argsort(self.train_reviews.rating[chosen], kind="stable")]
+        parts = np.array_split(chosen, self.config.clients)
+        shards, member = [], []
+        for k, own in enumerate(self._record_shards):
+            extra = self.train_reviews.take(np.sort(parts[k]))
+            shards.append(Reviews.concat([own, extra]))
+            member.append(np.r_[np.ones(len(own), dtype=bool), np.zeros(len(extra), dtype=bool)])
+        task = self._with_shards(shards, None)
+        return Candidates(task, np.concatenate(member))
+
+    def with_canaries(self, num_canaries: int, rng: np.random.Generator) -> CanarySet:
+        """``num_canaries`` training reviews that no client holds and the public pool does not
+        contain, each added to a random client's shard (appended after its own reviews)."""
+        unused = self._unused_review_ids()
+        if num_canaries > len(unused):
+            raise InputError(
+                f"--canaries {num_canaries}: IMDb canaries are training reviews no client or the public pool "
+                f"holds; this split leaves only {len(unused)}"
+            )
+        ids = np.sort(rng.choice(unused, size=num_canaries, replace=False))
+        owner = rng.integers(0, self.config.clients, size=num_canaries)
+        shards, index, pos = [], [], 0
+        for k, own in enumerate(self._record_shards):
+            mine = ids[owner == k]
+            shards.append(Reviews.concat([own, self.train_reviews.take(mine)]))
+            index.append(np.arange(pos + len(own), pos + len(own) + len(mine)))
+            pos += len(shards[-1])
+        task = self._with_shards(shards, None)
+        index = np.concatenate(index).astype(np.int64)
+        return CanarySet(task, task.training_records()[index], index)
+
+    def canary_scores(self, released: Mapping[str, np.ndarray], canaries: np.ndarray) -> np.ndarray:
+        """How much the released policy's confidence on each canary review rose over the public
+        initial policy's (:meth:`record_scores` difference)."""
+        return (self.record_scores(released, canaries) - self.record_scores(self.initial_shared(), canaries)).astype(np.float64)
+
+    def record_clients(self, records: np.ndarray) -> np.ndarray:
+        """The ``client_id`` column (-1 where it names no client of this task)."""
+        cid = np.asarray(records, dtype=np.int64)[:, 0]
+        return np.where((cid >= 0) & (cid < self.config.clients), cid, -1)
+
+    def with_num_clients(self, num_clients: int) -> IMDbTask:
+        """A new IMDb task with ``clients = num_clients`` (a fresh split: shards, public pool and
+        prompts all depend on the number of clients; the pretrained policy comes from the cache
+        when the public pool is unchanged)."""
+        if num_clients == self.config.clients:
+            return self
+        logger.info("building the IMDb task anew with %d clients (was %d)", num_clients, self.config.clients)
+        return IMDbTask(replace(self.config, clients=num_clients), self.data_dir, self.seed, progress=False)
+
+    def _with_shards(self, shards: list[Reviews], keep: np.ndarray | None) -> IMDbTask:
+        """A copy sharing every built part (tokenizer, policy weights, judge, prompts) over other shards."""
+        task = copy.copy(self)
+        task._record_shards = list(shards)
+        total = sum(len(r) for r in shards)
+        task._keep = np.ones(total, dtype=bool) if keep is None else keep
+        kept, pos = [], 0
+        for r in shards:
+            kept.append(r.take(np.flatnonzero(task._keep[pos : pos + len(r)])))
+            pos += len(r)
+        task.split = replace(self.split, shards=kept)
+        return task
+
+    def _unused_review_ids(self) -> np.ndarray:
+        used = np.zeros(len(self.train_reviews), dtype=bool)
+        for r in self._record_shards:
+            used[r.ids] = True
+        used[self.split.public.ids] = True
+        return np.flatnonzero(~used)
+
+    def _scoring_policy(self) -> Policy:
+        if self._scorer is None:
+            self._scorer = self.new_policy()
+        return self._scorer
+
     def eval_seed(self, client_id: int) -> int:
         """The same sampling seed in every round, so rounds differ only by the policy (common random numbers)."""
         return int(np.random.SeedSequence([self.seed, client_id, 0xE7A1]).generate_state(1)[0] & 0x7FFFFFFF)
@@ -140,7 +298,9 @@ def sample_and_judge(task: IMDbTask, policy: Policy, client_id: int) -> dict[str
     cfg = task.config
     prompts = task.eval_prompts[client_id]
     prompt_ids = policy.encode_prompts(prompts)
-    completion_ids = policy.generate(prompt_ids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=task.eval_seed(client_id))
+    completion_ids = policy.generate(
+        prompt_ids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=task.eval_seed(client_id)
+    )
     completions = policy.decode(completion_ids)
     return {"prompts": prompts, "prompt_ids": prompt_ids, "completion_ids": completion_ids, "completions": completions,
             "judge": task.evaluator.prob_positive(completions)}
@@ -255,7 +415,7 @@ class IMDbClient(TaskClient):
             "reward_preference": float(parts["preference"].mean()),
             "kl_to_initial": float(kl.mean()),
             "completion_tokens": float(np.mean([len(c) for c in gen["completion_ids"]])),
-            "samples": [f"{p}▸{c}" for p, c in zip(gen["prompts"][:k], gen["completions"][:k])],
+            "samples": [f"{p}▸{c}" for p, c in zip(gen["prompts"][:k], gen["completions"][:k], strict=True)],
         }
 
     # ------------------------------------------------------------------ personal state

@@ -15,13 +15,16 @@ depend on the data.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 
+from ...errors import InputError
+from ..auditable import AuditableTask, CanarySet, Candidates
 from ..base import FitConfig, FitResult, ParamSpec, Task, TaskClient
 from .config import MovieLensConfig
 from .data import MovieLensSplit, Ratings, load_split
@@ -48,9 +51,17 @@ def _average_ranks(a: np.ndarray) -> np.ndarray:
     ranks = np.empty(len(a), dtype=np.float64)
     starts = np.flatnonzero(np.r_[True, sorted_a[1:] != sorted_a[:-1]])
     ends = np.r_[starts[1:], len(a)]
-    for s, e in zip(starts, ends):
+    for s, e in zip(starts, ends, strict=False):
         ranks[order[s:e]] = (s + e - 1) / 2.0
     return ranks
+
+
+CANARY_RATINGS = (1.0, 5.0)
+"""Canary ratings are drawn from the extremes so the label ("high" = rating >= 4) is unambiguous."""
+
+
+def _concat(a: Ratings, b: Ratings) -> Ratings:
+    return Ratings(np.r_[a.user, b.user], np.r_[a.item, b.item], np.r_[a.rating, b.rating].astype(np.float32))
 
 
 def _group_by(keys: np.ndarray, values: np.ndarray) -> dict[int, np.ndarray]:
@@ -59,10 +70,10 @@ def _group_by(keys: np.ndarray, values: np.ndarray) -> dict[int, np.ndarray]:
     keys, values = keys[order], values[order]
     starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]) if len(keys) else np.zeros(0, dtype=np.int64)
     ends = np.r_[starts[1:], len(keys)]
-    return {int(keys[s]): values[s:e] for s, e in zip(starts, ends) if keys[s] >= 0}
+    return {int(keys[s]): values[s:e] for s, e in zip(starts, ends, strict=False) if keys[s] >= 0}
 
 
-class MovieLensTask(Task):
+class MovieLensTask(Task, AuditableTask):
     """Clients = groups of ``users_per_client`` users (one per user by default), optionally a seeded
     sample of ``num_clients`` of them; each trains on its users' training ratings."""
 
@@ -120,7 +131,7 @@ class MovieLensTask(Task):
     def initial_shared(self) -> dict[str, np.ndarray]:
         return {k: v.copy() for k, v in self._initial.items()}
 
-    def make_client(self, client_id: int) -> "MovieLensClient":
+    def make_client(self, client_id: int) -> MovieLensClient:
         if client_id not in self._client_users:
             raise KeyError(f"unknown MovieLens client {client_id}")
         users = self._client_users[client_id]
@@ -144,12 +155,12 @@ class MovieLensTask(Task):
         return {"centralized": lambda rounds=None, local_epochs=None: centralized(self, rounds, local_epochs),
                 "local": lambda rounds=None, local_epochs=None: local_only(self, rounds, local_epochs)}
 
-    # --- audit support ----------------------------------------------------------------------------
+    # --- AuditableTask (membership-inference audits, :mod:`attacks`) --------------------------
     def training_records(self) -> np.ndarray:
         """(N, 3) int64 ``(user_id, item_id, rating)`` of every training record of the federation's
         clients, raw ids as in the data files, in the order of the split file. Half-star ratings
         are floored (the label ``rating >= 4`` is unchanged by flooring). Rows removed by
-        :meth:`with_training_subset` are still listed: the order never changes."""
+        :meth:`with_records` are still listed: the order never changes."""
         tr = self.split.train
         cat = self.split.catalogue
         pos = self._train_index
@@ -157,11 +168,15 @@ class MovieLensTask(Task):
             [cat.user_ids[tr.user[pos]], cat.item_ids[tr.item[pos]], np.floor(tr.rating[pos]).astype(np.int64)], axis=1
         ).astype(np.int64)
 
-    def with_training_subset(self, keep: np.ndarray) -> "MovieLensTask":
+    def with_records(self, keep: np.ndarray) -> MovieLensTask:
         """The same task (same clients, held-out set, feedback profiles and initial parameters)
-        training only on the records ``training_records()[keep]``."""
+        training only on the records ``training_records()[keep]`` (and none this task already left out)."""
         keep = np.asarray(keep, dtype=bool)
+        if keep.shape != self._keep.shape:
+            raise ValueError(f"keep has shape {keep.shape}, training_records() has {len(self._keep)} rows")
         return MovieLensTask(self.config, self.split, self.seed, train_keep=keep & self._keep)
+
+    with_training_subset = with_records
 
     def record_scores(
         self,
@@ -178,11 +193,7 @@ class MovieLensTask(Task):
         get the neutral zero vector, the mean of the embeddings' initial distribution."""
         records = np.asarray(records)
         cat = self.split.catalogue
-        item_pos = {int(m): i for i, m in enumerate(cat.item_ids)}
-        try:
-            items = np.fromiter((item_pos[int(m)] for m in records[:, 1]), dtype=np.int64, count=len(records))
-        except KeyError as exc:
-            raise ValueError(f"record item_id {exc.args[0]} is not in the catalogue") from None
+        items = self._item_rows(records)
         users = np.zeros((len(records), self.dims.user_dim), dtype=np.float32)
         if personal:
             for row, uid in enumerate(records[:, 0]):
@@ -191,6 +202,80 @@ class MovieLensTask(Task):
                     users[row] = vec
         z = numpy_logits(shared, users, items, cat.genres[items])
         return np.where(labels(records[:, 2]) == 1.0, z, -z).astype(np.float32)
+
+    def membership_candidates(self) -> Candidates:
+        """Members: the federation users' training records; non-members: the same users' held-out
+        records. The candidate task trains on both (held-out ones listed after the training ones,
+        in split order) and keeps the held-out set for evaluation."""
+        members = self.training_records()
+        task = self._over_training(_concat(self.split.train, self.split.test))
+        records = task.training_records()
+        member = np.zeros(len(records), dtype=bool)
+        member[: len(members)] = True
+        if not np.array_equal(records[: len(members)], members):
+            raise RuntimeError("candidate records do not start with the audited run's training records (record order changed?)")
+        return Candidates(task, member)
+
+    def with_canaries(self, num_canaries: int, rng: np.random.Generator) -> CanarySet:
+        """``num_canaries`` extra ratings on the least-rated items (ties broken by ``rng``), one per
+        item, each by a random federation user with a rating drawn from :data:`CANARY_RATINGS`; all
+        ordinary ratings of those items are removed, so an item's embedding row is moved by its
+        canary alone (the strongest signal one record can carry in this model; Steinke et al. 2023,
+        §6: many canaries, each easy to detect). The canaries are the last training records."""
+        split = self.split
+        cat = split.catalogue
+        users = np.flatnonzero(self.client_of_user(np.arange(cat.num_users)) >= 0)  # the federation's users
+        if num_canaries > cat.num_items:
+            raise InputError(f"--canaries {num_canaries}: each canary needs its own item; {split.source} has {cat.num_items} items")
+        in_fed = self.client_of_user(split.train.user) >= 0
+        counts = np.bincount(split.train.item[in_fed], minlength=cat.num_items)
+        order = np.lexsort((rng.random(cat.num_items), counts))  # least-rated first, ties at random
+        items = np.sort(order[:num_canaries])
+        canaries = Ratings(
+            rng.choice(users, size=num_canaries).astype(np.int64),
+            items.astype(np.int64),
+            rng.choice(np.asarray(CANARY_RATINGS, dtype=np.float32), size=num_canaries),
+        )
+        ordinary = split.train.subset(~np.isin(split.train.item, items))
+        task = self._over_training(_concat(ordinary, canaries))
+        records = task.training_records()
+        index = np.arange(len(records) - num_canaries, len(records))
+        return CanarySet(task, records[index], index)
+
+    def canary_scores(self, released: Mapping[str, np.ndarray], canaries: np.ndarray) -> np.ndarray:
+        """How far each canary's item embedding row moved from its public initial value (L2). Only
+        the canary can move that row (no other record rates the item), so without noise the score is
+        exactly 0 when the canary was left out; DP noise moves every row alike."""
+        initial = self.initial_shared()[ITEM_EMBEDDING]
+        rows = self._item_rows(canaries)
+        moved = released[ITEM_EMBEDDING][rows].astype(np.float64) - initial[rows].astype(np.float64)
+        return np.linalg.norm(moved, axis=1)
+
+    def record_clients(self, records: np.ndarray) -> np.ndarray:
+        """The client of each record's user (-1 for users outside the federation or unknown ids)."""
+        user_pos = {int(u): i for i, u in enumerate(self.split.catalogue.user_ids)}
+        pos = np.array([user_pos.get(int(u), -1) for u in np.asarray(records)[:, 0]], dtype=np.int64)
+        return np.where(pos >= 0, self.client_of_user(np.maximum(pos, 0)), -1).astype(np.int64)
+
+    def record_rows(self, records: np.ndarray) -> dict[str, np.ndarray]:
+        """A rating can move only its item's embedding row (the ``sparse_rows`` parameter)."""
+        return {ITEM_EMBEDDING: self._item_rows(records)}
+
+    def with_num_clients(self, num_clients: int) -> MovieLensTask:
+        """The task of ``task.num_clients = num_clients`` on the same split and seed (what the
+        registered factory builds from a config with that setting)."""
+        return MovieLensTask(replace(self.config, num_clients=num_clients), self.split, self.seed)
+
+    def _over_training(self, train: Ratings) -> MovieLensTask:
+        """This task (same config, catalogue, held-out set and seed) over other training ratings."""
+        return MovieLensTask(self.config, replace(self.split, train=train), self.seed)
+
+    def _item_rows(self, records: np.ndarray) -> np.ndarray:
+        item_pos = {int(m): i for i, m in enumerate(self.split.catalogue.item_ids)}
+        try:
+            return np.fromiter((item_pos[int(m)] for m in np.asarray(records)[:, 1]), dtype=np.int64, count=len(records))
+        except KeyError as exc:
+            raise ValueError(f"record item_id {exc.args[0]} is not in the catalogue") from None
 
     # --- helpers for clients and baselines ------------------------------------------------------
     def initial_user_rows(self, users: np.ndarray) -> np.ndarray:
