@@ -127,21 +127,47 @@ class ClientHalf(ABC):
         return None
 
 
-class Aggregator(ABC):
-    """A plug-in: builds the two halves for each round.
+@dataclass(frozen=True)
+class Capabilities:
+    """What an aggregator guarantees and accepts, so the runtime never has to know it by name.
 
-    ``server_can_read_result`` tells the runtime whether the aggregate is readable by the server
-    (plain, masking) or only by the clients (CKKS).
+    ``server_reads_result``: the server can read the aggregate (plain, masking); False when only the
+    clients can (CKKS: the server never holds the global model in the clear).
+    ``hides_individual_updates``: the server learns only the sum, never one client's update.
+    ``integer_scale``: the aggregator sums integers, a float x entering as round(scale · x), and
+    takes an ``integer_noise`` share per client (distributed discrete DP); None for float sums.
     """
 
+    server_reads_result: bool = True
+    hides_individual_updates: bool = False
+    integer_scale: float | None = None
+
+
+class Aggregator(ABC):
+    """A plug-in: builds the two halves for each round and declares its :class:`Capabilities`."""
+
     kind: ClassVar[str]
-    server_can_read_result: ClassVar[bool] = True
+    capabilities: Capabilities = Capabilities()
+    """Each aggregator states its own (a class or instance attribute)."""
+
+    @property
+    def server_can_read_result(self) -> bool:
+        return self.capabilities.server_reads_result
 
     @abstractmethod
     def server(self, ctx: RoundContext) -> ServerHalf: ...
 
     @abstractmethod
-    def client(self, ctx: RoundContext, client_id: int, vector: np.ndarray, weight: float) -> ClientHalf: ...
+    def client(
+        self, ctx: RoundContext, client_id: int, vector: np.ndarray, weight: float, *, integer_noise: np.ndarray | None = None
+    ) -> ClientHalf:
+        """The client half over ``vector``; ``integer_noise`` only where ``capabilities.integer_scale`` is set."""
+
+
+def refuse_integer_noise(aggregator: Aggregator, integer_noise: np.ndarray | None) -> None:
+    """Float aggregators take no integer noise: a share handed to one would silently be dropped."""
+    if integer_noise is not None:
+        raise ProtocolError(f"the {aggregator.kind} aggregator sums floats and takes no integer noise share")
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,11 +16,13 @@ from .base import (
     AggregateResult,
     AggregationAborted,
     Aggregator,
+    Capabilities,
     ClientHalf,
     ProtocolError,
     RoundContext,
     ServerHalf,
     check_single_upload,
+    refuse_integer_noise,
     register,
 )
 
@@ -105,11 +107,13 @@ class PlainClient(ClientHalf):
 
 class PlainAggregator(Aggregator):
     kind = "plain"
+    capabilities = Capabilities(server_reads_result=True, hides_individual_updates=False)
 
     def server(self, ctx: RoundContext) -> ServerHalf:
         return PlainServer(ctx)
 
-    def client(self, ctx: RoundContext, client_id: int, vector: np.ndarray, weight: float) -> ClientHalf:
+    def client(self, ctx: RoundContext, client_id: int, vector: np.ndarray, weight: float, *, integer_noise=None) -> ClientHalf:
+        refuse_integer_noise(self, integer_noise)
         return PlainClient(ctx, vector, weight)
 
 

@@ -13,6 +13,7 @@ from aggregation import wire
 from fedrlhf_secure.config import config_from_dict
 from fedrlhf_secure.configtypes import ConfigError
 from fedrlhf_secure.federation.engine import RunOptions, run_federation
+from crash_points import SimulatedCrash, crash_after
 from fedrlhf_secure.rundir import load_tensors
 
 from toy_task import ROWS, toy_config
@@ -93,26 +94,24 @@ def test_a_bad_config_leaves_no_run_directory(tmp_path):
     with pytest.raises(ConfigError, match="federation.roundz"):
         config_from_dict(toy_config(roundz=3))
     cfg = config_from_dict(toy_config(min_clients=9))
-    with pytest.raises(ValueError, match="min_clients=9"):
+    with pytest.raises(ConfigError, match="federation.min_clients: must be at most the task's 4 clients, got 9"):
         run_federation(cfg, RunOptions(out=tmp_path, progress=False))
     assert list(tmp_path.iterdir()) == []
 
 
 def test_a_crash_in_the_first_round_of_a_non_private_run_leaves_nothing(tmp_path):
     cfg = config_from_dict(toy_config())
-    from fedrlhf_secure.federation.engine import InjectedCrash
-
-    with pytest.raises(InjectedCrash):
-        run_federation(cfg, RunOptions(out=tmp_path, progress=False, crash_after_commits=2))
+    with pytest.raises(SimulatedCrash):
+        run_federation(cfg, RunOptions(out=tmp_path, progress=False, on_commit=crash_after(2)))
     assert list(tmp_path.iterdir()) == []
 
 
 def test_an_interrupted_run_resumes_from_its_last_completed_round(tmp_path):
-    from fedrlhf_secure.federation.engine import InjectedCrash, resume_federation
+    from fedrlhf_secure.federation.engine import resume_federation
 
     cfg = config_from_dict(toy_config(rounds=3))
-    with pytest.raises(InjectedCrash):
-        run_federation(cfg, RunOptions(out=tmp_path / "x", progress=False, crash_after_commits=4 * 2 + 1))
+    with pytest.raises(SimulatedCrash):
+        run_federation(cfg, RunOptions(out=tmp_path / "x", progress=False, on_commit=crash_after(4 * 2 + 1)))
     (partial,) = list((tmp_path / "x").glob("*.partial"))
     resumed = resume_federation(partial, RunOptions(progress=False))
     straight = _run(tmp_path / "y", rounds=3)

@@ -22,10 +22,10 @@ pytest.importorskip("flwr")
 from fedrlhf_secure.config import load_config
 from fedrlhf_secure.federation.engine import RunOptions, build_task, run_federation
 from fedrlhf_secure.rundir import load_tensors
-from fedrlhf_secure.transport.client_host import ClientHost
+from fedrlhf_secure.federation.participant import ParticipantHost
 from fedrlhf_secure.transport.local_deployment import LocalDeployment, finished_run, partition
-from fedrlhf_secure.transport.node_driver import InProcessLink
-from fedrlhf_secure.transport.server_loop import run_remote_federation
+from fedrlhf_secure.federation.links import InProcessLink
+from fedrlhf_secure.federation.engine import run_remote_federation
 
 from conftest import SHARED_DATASETS
 from movielens_fixtures import write_ml100k
@@ -169,7 +169,7 @@ def test_a_supernode_stopped_mid_round_drops_out_and_the_round_still_completes(d
     assert set(summary["clients_final"]) == {str(c) for n in dep.nodes[:victim] for c in n.client_ids}
     # the same drop at the same protocol point, with the nodes in process, gives the same model:
     # the survivors' aggregate was recovered exactly (up to SecAgg's stochastic rounding)
-    hosts = {n.index: ClientHost(n.client_ids, shared_datasets) for n in dep.nodes}
+    hosts = {n.index: ParticipantHost(n.client_ids, shared_datasets) for n in dep.nodes}
     link = InProcessLink(hosts)
 
     def drop(rnd: int, op: str, stage: int) -> None:

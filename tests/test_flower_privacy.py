@@ -20,10 +20,10 @@ import yaml
 from fedrlhf_secure.config import config_from_dict
 from fedrlhf_secure.federation.engine import RunOptions, run_federation
 from fedrlhf_secure.privacy.ledger import read_ledger
-from fedrlhf_secure.transport.client_host import ClientHost
-from fedrlhf_secure.transport.node_driver import InProcessLink
-from fedrlhf_secure.transport.node_protocol import REQUEST, RESPONSE, NodeMessage
-from fedrlhf_secure.transport.server_loop import run_remote_federation
+from fedrlhf_secure.federation.participant import ParticipantHost
+from fedrlhf_secure.federation.links import InProcessLink
+from fedrlhf_secure.federation.node_protocol import REQUEST, RESPONSE, NodeMessage
+from fedrlhf_secure.federation.engine import run_remote_federation
 
 from toy_task import toy_config  # also registers the "toy-dp" task
 
@@ -43,13 +43,13 @@ def _raw(privacy: dict, aggregation: str = "plain", **fed) -> dict:
     return raw
 
 
-def _remote(tmp: Path, raw: dict) -> tuple[Path, dict[int, ClientHost]]:
-    hosts = {n: ClientHost(c, None, state_dir=tmp / f"node-{n}") for n, c in NODES.items()}
+def _remote(tmp: Path, raw: dict) -> tuple[Path, dict[int, ParticipantHost]]:
+    hosts = {n: ParticipantHost(c, None, state_dir=tmp / f"node-{n}") for n, c in NODES.items()}
     run = run_remote_federation(config_from_dict(raw), InProcessLink(hosts), NODES, RunOptions(out=tmp / "server", progress=False))
     return run, hosts
 
 
-def _node_ledgers(hosts: dict[int, ClientHost]) -> dict[int, list]:
+def _node_ledgers(hosts: dict[int, ParticipantHost]) -> dict[int, list]:
     out: dict[int, list] = {}
     for host in hosts.values():
         assert host.ledger_dir is not None and (host.ledger_dir / "plan.json").exists()
@@ -87,7 +87,7 @@ def test_record_level_dp_over_nodes_accounts_exactly_the_engines_epsilon_on_the_
     assert [r["privacy_epsilon_spent_max"] for r in b] == [r["privacy_epsilon_spent_max"] for r in a]
     assert b[-1]["privacy_epsilon_spent_max"] > 0
     summary = json.loads((remote / "summary.json").read_text())["privacy"]
-    assert summary["reported_by"] == "nodes"
+    assert summary["reported_by"] == "clients"
     assert summary["epsilon_per_client"] == {str(c): es[-1].epsilon_after for c, es in sorted(engine.items())}
 
 
@@ -126,11 +126,11 @@ class _RecordingAggregator:
 
 
 def test_distributed_noise_shares_on_nodes_are_sized_for_the_federations_survivors(tmp_path, monkeypatch):
-    from fedrlhf_secure.transport import client_host
+    from fedrlhf_secure.transport import aggregator_keys
 
     seen: list = []
-    real = client_host.node_aggregator
-    monkeypatch.setattr(client_host, "node_aggregator", lambda *a: _RecordingAggregator(real(*a), seen))
+    real = aggregator_keys.node_aggregator
+    monkeypatch.setattr(aggregator_keys, "node_aggregator", lambda *a: _RecordingAggregator(real(*a), seen))
     raw = _raw(CLIENT, "secagg", rounds=2)
     raw["aggregation"]["noise_bound"] = 5_000_000
     local = run_federation(config_from_dict(raw), RunOptions(out=tmp_path / "local", progress=False))
@@ -154,7 +154,7 @@ def test_distributed_noise_shares_on_nodes_are_sized_for_the_federations_survivo
 class _GarbledAdmission:
     """A node whose admission answers are malformed (``admitted`` is not a list of ids)."""
 
-    def __init__(self, host: ClientHost) -> None:
+    def __init__(self, host: ParticipantHost) -> None:
         self.host = host
 
     def handle(self, data: bytes) -> bytes:
@@ -165,7 +165,7 @@ class _GarbledAdmission:
 
 def test_a_node_with_a_malformed_admission_sits_out_and_the_run_goes_on(tmp_path, capsys):
     raw = _raw(RECORD, rounds=2)
-    hosts = {n: ClientHost(c, None, state_dir=tmp_path / f"node-{n}") for n, c in NODES.items()}
+    hosts = {n: ParticipantHost(c, None, state_dir=tmp_path / f"node-{n}") for n, c in NODES.items()}
     link = InProcessLink({0: _GarbledAdmission(hosts[0]), 1: hosts[1]})
     run = run_remote_federation(config_from_dict(raw), link, NODES, RunOptions(out=tmp_path / "server", progress=False))
     rows = _rows(run)
@@ -178,5 +178,5 @@ def test_a_node_with_a_malformed_admission_sits_out_and_the_run_goes_on(tmp_path
 def test_a_node_without_a_state_directory_refuses_a_dp_run():
     raw = _raw(RECORD)
     setup = NodeMessage("setup", {"client_ids": [0, 1, 2, 3]}, blobs={"config": yaml.safe_dump(raw).encode()})
-    err = NodeMessage.decode(ClientHost([0], None).handle(setup.encode(REQUEST)), RESPONSE).header["error"]
+    err = NodeMessage.decode(ParticipantHost([0], None).handle(setup.encode(REQUEST)), RESPONSE).header["error"]
     assert "--state-dir" in err

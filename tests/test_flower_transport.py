@@ -28,12 +28,14 @@ from fedrlhf_secure.config import config_from_dict, load_config
 from fedrlhf_secure.federation.engine import RunOptions, run_federation
 from fedrlhf_secure.rundir import load_tensors
 from fedrlhf_secure.transport.aggregator_keys import KeyFileError, ServerFileKeys, deal_keys
-from fedrlhf_secure.transport.client_host import ClientHost, serve
+from fedrlhf_secure.federation.participant import ParticipantHost
+from fedrlhf_secure.transport.client_host import serve
 from fedrlhf_secure.transport.credentials import create_certificates, create_node_keys
 from fedrlhf_secure.transport.local_socket import relay
-from fedrlhf_secure.transport.node_driver import InProcessLink
-from fedrlhf_secure.transport.node_protocol import REQUEST, RESPONSE, NodeMessage
-from fedrlhf_secure.transport.server_loop import TransportError, run_remote_federation
+from fedrlhf_secure.federation.links import InProcessLink
+from fedrlhf_secure.federation.node_protocol import REQUEST, RESPONSE, NodeMessage
+from fedrlhf_secure.federation.engine import run_remote_federation
+from fedrlhf_secure.federation.round_core import TransportError
 
 from toy_task import toy_config
 
@@ -47,7 +49,7 @@ def _raw(kind: str = "plain", **fed) -> dict:
 
 
 def _remote(tmp: Path, raw: dict, *, keys: tuple[Path, dict[int, Path]] | None = None, on_stage=None, down_after=None, nodes=NODES):
-    hosts = {n: ClientHost(c, None, keys[1][n] if keys else None) for n, c in nodes.items()}
+    hosts = {n: ParticipantHost(c, None, keys[1][n] if keys else None) for n, c in nodes.items()}
     link = InProcessLink(hosts)
     hook = on_stage
     if down_after is not None:
@@ -109,7 +111,7 @@ def test_ckks_over_nodes_reads_keys_from_the_dealer_files_and_the_server_has_no_
         server_keys.client_key(0, 0)
     local = run_federation(load_config(cfg_path), RunOptions(out=tmp_path / "a", progress=False))
     seen: list[bytes] = []
-    hosts = {n: ClientHost(c, None, node_dirs[n]) for n, c in NODES.items()}
+    hosts = {n: ParticipantHost(c, None, node_dirs[n]) for n, c in NODES.items()}
     remote = run_remote_federation(
         load_config(cfg_path), InProcessLink(hosts), NODES, RunOptions(out=tmp_path / "b", progress=False, hook=lambda s, d, b: seen.append(b)),
         keys_dir=tmp_path / "keys-server",
@@ -161,18 +163,20 @@ def test_a_node_that_goes_silent_after_key_sharing_is_recovered_by_secagg(tmp_pa
 
 
 @pytest.mark.parametrize(
-    "kind, nodes_go_down, rounds_completed, reason",
+    "kind, nodes_go_down, aborted_rounds, reason",
     [
         # SecAgg's threshold for 4 participants is 2 (k=3, t=floor(3/2)+1): both nodes gone after
         # the advertise stage of round 0 leaves too few to unmask
-        ("secagg", lambda rnd, stage: stage == 1, 0, "round 0: aggregation failed"),
+        ("secagg", lambda rnd, stage: stage == 1, [0, 1, 2], "round 0"),
         # both nodes answer round 0, then go silent: round 1's plain aggregation receives nothing
-        ("plain", lambda rnd, stage: rnd == 0, 1, "round 1: aggregation failed: round 1: no client's update arrived"),
+        ("plain", lambda rnd, stage: rnd == 0, [1, 2], "round 1: no client's update arrived"),
     ],
     ids=["secagg-below-threshold", "plain-every-node-silent"],
 )
-def test_a_round_that_cannot_aggregate_stops_the_run_with_the_reason(tmp_path, kind, nodes_go_down, rounds_completed, reason):
-    hosts = {n: ClientHost(c, None) for n, c in NODES.items()}
+def test_a_round_that_cannot_aggregate_releases_nothing_and_says_why(tmp_path, kind, nodes_go_down, aborted_rounds, reason):
+    """The one round core treats an aborted aggregation alike in process and over nodes: the round
+    releases nothing, the model stays as it was, the row says why, and the run goes on."""
+    hosts = {n: ParticipantHost(c, None) for n, c in NODES.items()}
     link = InProcessLink(hosts)
 
     def hook(rnd, op, stage):
@@ -180,15 +184,16 @@ def test_a_round_that_cannot_aggregate_stops_the_run_with_the_reason(tmp_path, k
             link.down.update(NODES)
 
     run = run_remote_federation(config_from_dict(_raw(kind, rounds=3)), link, NODES, RunOptions(out=tmp_path, progress=False), on_stage=hook)
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["rounds_completed"] == rounds_completed
-    assert reason in summary["stopped_early"]
+    rows = _rows(run)
+    assert [r["round"] for r in rows if r["aggregation_aborted"]] == aborted_rounds
+    assert reason in rows[aborted_rounds[0]]["aggregation_aborted"]
+    assert all(r["clients_aggregated"] == 0 for r in rows if r["aggregation_aborted"])
 
 
 class _GarbledFitSummary:
     """A node whose fit answers carry a summary that is not a mapping (the aggregator messages are intact)."""
 
-    def __init__(self, host: ClientHost) -> None:
+    def __init__(self, host: ParticipantHost) -> None:
         self.host = host
 
     def handle(self, data: bytes) -> bytes:
@@ -198,9 +203,9 @@ class _GarbledFitSummary:
         return resp.encode(RESPONSE)
 
 
-def test_a_malformed_fit_summary_loses_that_nodes_metrics_but_not_its_updates(tmp_path, capsys):
+def test_a_malformed_fit_summary_loses_that_nodes_metrics_but_not_its_updates(tmp_path, caplog):
     raw = _raw("plain")
-    hosts = {n: ClientHost(c, None) for n, c in NODES.items()}
+    hosts = {n: ParticipantHost(c, None) for n, c in NODES.items()}
     link = InProcessLink({0: _GarbledFitSummary(hosts[0]), 1: hosts[1]})
     run = run_remote_federation(config_from_dict(raw), link, NODES, RunOptions(out=tmp_path / "b", progress=False))
     local = run_federation(config_from_dict(raw), RunOptions(out=tmp_path / "a", progress=False))
@@ -208,19 +213,19 @@ def test_a_malformed_fit_summary_loses_that_nodes_metrics_but_not_its_updates(tm
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
     assert [r["clients_aggregated"] for r in _rows(run)] == [4, 4]
-    assert "node 0 sent a fit summary that is not a mapping" in capsys.readouterr().err
+    assert "node 0 sent a fit summary that is not a mapping" in caplog.text
 
 
 def test_the_server_refuses_a_run_whose_nodes_do_not_host_every_client(tmp_path):
     with pytest.raises(TransportError, match=r"no node hosts clients \[3\]"):
         run_remote_federation(
-            config_from_dict(_raw()), InProcessLink({0: ClientHost([0, 1, 2], None)}), {0: None}, RunOptions(out=tmp_path, progress=False)
+            config_from_dict(_raw()), InProcessLink({0: ParticipantHost([0, 1, 2], None)}), {0: None}, RunOptions(out=tmp_path, progress=False)
         )
     assert not any(tmp_path.iterdir())  # the half-made run directory was discarded
 
 
 def test_client_host_refuses_out_of_order_and_foreign_requests():
-    host = ClientHost([0, 2], None)
+    host = ParticipantHost([0, 2], None)
     fit = NodeMessage("fit", {"round": 0, "session": "00" * 16, "participants": [0, 2], "dim": 16, "clients": [0]}, blobs={"instruction": b""})
     resp = NodeMessage.decode(host.handle(fit.encode(REQUEST)), RESPONSE)
     assert "not been set up" in resp.header["error"]
@@ -236,7 +241,7 @@ def test_client_host_refuses_out_of_order_and_foreign_requests():
 
 
 def test_client_host_refuses_central_dp_noise_which_would_put_the_plan_on_the_server(tmp_path):
-    host = ClientHost([0], None, state_dir=tmp_path)
+    host = ParticipantHost([0], None, state_dir=tmp_path)
     raw = _raw(weighting="uniform")
     raw["privacy"] = {"mode": "client", "epsilon": 1.0, "delta": 1e-3, "noise": "central"}
     setup = NodeMessage("setup", {"client_ids": [0, 1, 2, 3]}, blobs={"config": yaml.safe_dump(raw).encode()})
@@ -276,7 +281,7 @@ def test_node_message_decoder_rejects_malformed_frames(tensors, problem):
 
 def test_client_host_answers_over_its_unix_socket_only_to_its_user(tmp_path):
     sock = tmp_path / "node.sock"
-    host = ClientHost([0, 1], None)
+    host = ParticipantHost([0, 1], None)
     t = threading.Thread(target=serve, args=(host, sock), kwargs={"ready_file": tmp_path / "ready", "max_requests": 1}, daemon=True)
     t.start()
     for _ in range(200):

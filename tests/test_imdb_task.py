@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fedrlhf_secure.configtypes import ConfigError, from_mapping
-from fedrlhf_secure.privacy.dpsgd import DPSGDSettings
+from fedrlhf_secure.privacy.dpsgd import DPSGDReport, DPSGDSettings
 from fedrlhf_secure.tasks.base import FitConfig
 from fedrlhf_secure.tasks.imdb import IMDbConfig, IMDbTask
 from fedrlhf_secure.tasks.imdb.data import clean, load_reviews, split_reviews
@@ -166,7 +166,7 @@ def test_record_level_dp_trains_the_reward_with_opacus_and_reports_its_steps(tas
     dp = DPSGDSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.1)
     res = client.fit(task.initial_shared(), FitConfig(0, 2, 5, dp_sgd=dp))
     # 2 epochs at sample rate 0.1 = 2 × 10 Poisson batches
-    assert res.privacy == {"steps": 20, "sample_rate": 0.1, "noise_multiplier": 1.0, "max_grad_norm": 1.0}
+    assert res.dp_sgd == DPSGDReport(steps=20, sample_rate=0.1, noise_multiplier=1.0, max_grad_norm=1.0)
     assert res.metrics["reward_steps"] == 20.0
     assert any(not torch.equal(before[k], v) for k, v in client.classifier.state_dict().items())
     assert not hasattr(client.classifier, "_module")  # Opacus hooks are gone after the fit

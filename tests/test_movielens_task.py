@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from fedrlhf_secure.config import config_from_dict
 from fedrlhf_secure.configtypes import ConfigError
-from fedrlhf_secure.privacy.dpsgd import DPSGDSettings
+from fedrlhf_secure.privacy.dpsgd import DPSGDReport, DPSGDSettings
 from fedrlhf_secure.tasks.base import FitConfig
 from fedrlhf_secure.tasks.movielens import MovieLensConfig, make_task
 from fedrlhf_secure.tasks.movielens.feedback import (
@@ -205,7 +205,7 @@ def test_dp_fit_runs_opacus_noises_every_item_row_and_reports_its_parameters(dat
     task = task_of(data_dir)
     dp = DPSGDSettings(noise_multiplier=1.0, max_grad_norm=0.5, sample_rate=0.25)
     client, result = fit(task, cid=4, epochs=2, dp=dp)
-    assert result.privacy == {"steps": 8, "sample_rate": 0.25, "noise_multiplier": 1.0, "max_grad_norm": 0.5}
+    assert result.dp_sgd == DPSGDReport(steps=8, sample_rate=0.25, noise_multiplier=1.0, max_grad_norm=0.5)
     assert result.touched_rows[ITEM_EMBEDDING].all()
     unrated = np.setdiff1d(np.arange(40), client.train.item)
     assert np.all(np.abs(result.delta[ITEM_EMBEDDING][unrated]).sum(axis=1) > 0)  # noise covers every row
@@ -265,7 +265,7 @@ def test_dp_fit_takes_a_noisy_step_on_empty_poisson_batches(data_dir):
     client = task.make_client(0)
     rate = 0.02  # ~0.3 expected records per batch: most batches are empty
     result = client.fit(task.initial_shared(), FitConfig(0, 1, 0, DPSGDSettings(1.0, 1.0, rate)))
-    assert result.privacy["steps"] == 50
+    assert result.dp_sgd.steps == 50
     assert np.all(np.isfinite(result.delta[ITEM_EMBEDDING])) and np.abs(result.delta[ITEM_EMBEDDING]).min() > 0
 
 

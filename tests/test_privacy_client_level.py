@@ -1,4 +1,4 @@
-"""Client-level DP-FedAvg: clipping, sensitivity, noise shares, dropouts, bad inputs, the audit switch."""
+"""Client-level DP-FedAvg: clipping, sensitivity, noise shares, dropouts, bad inputs, the injected noise seam."""
 
 from __future__ import annotations
 
@@ -13,13 +13,14 @@ from hypothesis.extra.numpy import arrays
 from aggregation.base import AggregateResult, AggregationAborted
 from fedrlhf_secure.config import config_from_dict
 from fedrlhf_secure.configtypes import ConfigError
-from fedrlhf_secure.federation.engine import RunOptions, run_federation
+from fedrlhf_secure.federation.engine import RunOptions, build_aggregator, run_federation
 from fedrlhf_secure.privacy.client_level import IntegerDomain
 from fedrlhf_secure.privacy.clipping import clip_l2
-from fedrlhf_secure.privacy.factory import build_plan
-from fedrlhf_secure.privacy.testing import noise_disabled
+from fedrlhf_secure.privacy.factory import build_client_privacy
+from fedrlhf_secure.privacy.server import ServerPrivacy
 from fedrlhf_secure.rundir import load_tensors
 
+from broken_noise import SilentNoise
 from toy_task import toy_config
 
 RNG = np.random.default_rng(0)
@@ -33,7 +34,18 @@ def _config(privacy: dict, **fed):
 
 def _plan(tmp_path, n=4, **privacy):
     privacy.setdefault("accountant", "rdp")
-    return build_plan(_config(privacy), {c: 10 for c in range(n)}, tmp_path / "ledger", resume=False)
+    cfg = _config(privacy)
+    return build_client_privacy(cfg, {c: 10 for c in range(n)}, tmp_path / "ledger", False, build_aggregator(cfg, list(range(n))))
+
+
+def _release(plan, cid, rnd, vector, weight=1.0, participants=None):
+    """The client's privacy layer as a Participant runs it: begin the round, clip, add the noise share."""
+    plan.begin_round(rnd, participants if participants is not None else len(plan.admitted.get(rnd, ())))
+    return plan.add_noise(cid, rnd, plan.clip(vector), weight)
+
+
+def _build(cfg, sizes, tmp_path):
+    return build_client_privacy(cfg, sizes, tmp_path / "ledger", False, build_aggregator(cfg, list(sizes)))
 
 
 @settings(max_examples=200, deadline=None)
@@ -60,7 +72,7 @@ def test_one_clients_influence_on_the_released_mean_is_at_most_c_over_n(tmp_path
         plan = _plan(tmp_path / str(len(list(tmp_path.iterdir()))), n=n, noise="central")
         for cid in range(n):
             plan.admit(cid, 0)
-        privs = [plan.privatize(cid, 0, v, 1.0) for cid, v in enumerate(vectors)]
+        privs = [_release(plan, cid, 0, v) for cid, v in enumerate(vectors)]
         total = AggregateResult(np.sum([p.vector for p in privs], axis=0, dtype=np.float64), sum(p.weight for p in privs), tuple(range(n)))
         return total.average
 
@@ -81,12 +93,12 @@ def test_distributed_gaussian_shares_add_up_to_the_calibrated_noise(tmp_path):
     plan = _plan(tmp_path, n=n, noise="distributed")
     for cid in range(n):
         plan.admit(cid, 0)
-    total = sum(plan.privatize(cid, 0, np.zeros(dim, np.float32), 1.0).vector.astype(np.float64) for cid in range(n))
+    total = sum(_release(plan, cid, 0, np.zeros(dim, np.float32)).vector.astype(np.float64) for cid in range(n))
     assert total.std() == pytest.approx(plan.z * plan.clip_norm, rel=0.03)
     # a single share alone carries only 1/sqrt(n) of it: no party sees the full noise, none sees the sum un-noised
     for cid in range(n):
         plan.admit(cid, 1)
-    single = plan.privatize(0, 1, np.zeros(dim, np.float32), 1.0).vector
+    single = _release(plan, 0, 1, np.zeros(dim, np.float32)).vector
     assert single.std() == pytest.approx(plan.z / np.sqrt(n), rel=0.05)
 
 
@@ -95,21 +107,23 @@ def test_dropouts_are_compensated_for_the_required_survivors_and_fewer_abort_the
     plan = _plan(tmp_path, n=n, noise="distributed", survivor_fraction=0.8)
     for cid in range(n):
         plan.admit(cid, 0)
+    shares = [_release(plan, cid, 0, np.zeros(dim, np.float32)).vector.astype(np.float64) for cid in range(8)]
     assert plan.survivors_required(0) == 8
-    shares = [plan.privatize(cid, 0, np.zeros(dim, np.float32), 1.0).vector.astype(np.float64) for cid in range(8)]
     assert sum(shares).std() == pytest.approx(plan.z, rel=0.03)  # 8 survivors still carry the full noise
-    with pytest.raises(AggregationAborted, match="needs 8"):
-        plan.finalize_aggregate(0, AggregateResult(sum(shares[:7]), 7.0, tuple(range(7))))
+    server = ServerPrivacy(_config({"noise": "distributed", "survivor_fraction": 0.8, "accountant": "rdp"}))
+    with pytest.raises(AggregationAborted, match="sized for 8"):
+        server.finalize(0, AggregateResult(sum(shares[:7]), 7.0, tuple(range(7))), admitted=n)
     ok = AggregateResult(sum(shares), 8.0, tuple(range(8)))
-    assert plan.finalize_aggregate(0, ok) is ok
+    assert server.finalize(0, ok, admitted=n) is ok
 
 
 def test_central_noise_is_added_by_the_server_after_aggregation(tmp_path):
     plan = _plan(tmp_path, noise="central")
     plan.admit(0, 0)
-    clipped = plan.privatize(0, 0, np.full(10_000, 5.0, np.float32), 1.0).vector
+    clipped = _release(plan, 0, 0, np.full(10_000, 5.0, np.float32)).vector
     assert np.linalg.norm(clipped) <= 1.0  # the client sends its clipped update without noise
-    out = plan.finalize_aggregate(0, AggregateResult(np.zeros(10_000), 1.0, (0,)))
+    server = ServerPrivacy(_config({"noise": "central", "accountant": "rdp"}))
+    out = server.finalize(0, AggregateResult(np.zeros(10_000), 1.0, (0,)), admitted=1)
     assert out.weighted_sum.std() == pytest.approx(plan.z, rel=0.03)
 
 
@@ -117,21 +131,23 @@ def test_integer_noise_for_masking_is_skellam_in_the_quantised_domain(tmp_path):
     cfg = _config({"noise": "distributed"})
     from fedrlhf_secure.privacy.client_level import ClientLevelPlan
     from fedrlhf_secure.privacy.ledger import PrivacyLedger
+    from fedrlhf_secure.privacy.noise import NoiseSource
     from fedrlhf_secure.privacy.replay import ReleaseStore
 
     plan = ClientLevelPlan(rounds=2, clip_norm=1.0, noise="distributed", budget=4.0, delta=1e-3, accountant="rdp",
                            noise_multiplier=None, survivor_fraction=1.0, min_clients=2, integer=IntegerDomain(2.0**12),
-                           ledger=PrivacyLedger(tmp_path / "l", {"m": 1}, resume=False), releases=ReleaseStore(tmp_path / "r"))
+                           ledger=PrivacyLedger(tmp_path / "l", {"m": 1}, resume=False), releases=ReleaseStore(tmp_path / "r"),
+                           noise_source=NoiseSource())
     n, dim = 4, 30_000
     for cid in range(n):
         plan.admit(cid, 0)
-    privs = [plan.privatize(cid, 0, np.zeros(dim, np.float32), 1.0) for cid in range(n)]
-    noise = sum(p.aggregator_kwargs["integer_noise"] for p in privs)
+    privs = [_release(plan, cid, 0, np.zeros(dim, np.float32)) for cid in range(n)]
+    noise = sum(p.integer_noise for p in privs)
     assert noise.dtype == np.int64
     variance, l1, l2 = plan._skellam_params
     assert l2 == pytest.approx(2.0**12 + np.sqrt(dim))
     assert noise.var() == pytest.approx(variance, rel=0.05)
-    eps = [plan.commit(cid, 0, {}) for cid in range(n)]
+    eps = [plan.commit(cid, 0, privs[cid], None) for cid in range(n)]
     assert 0 < eps[0] < 4.0 and plan.ledger.entry(0, 0).mechanism == "skellam"
 
 
@@ -149,7 +165,7 @@ def test_integer_noise_for_masking_is_skellam_in_the_quantised_domain(tmp_path):
 def test_bad_privacy_inputs_are_rejected_with_an_error_naming_the_key(tmp_path, privacy, fed, key):
     with pytest.raises(ConfigError) as err:
         cfg = _config(privacy, **fed)
-        build_plan(cfg, {c: 10 for c in range(4)}, tmp_path / "ledger", resume=False)
+        _build(cfg, {c: 10 for c in range(4)}, tmp_path)
     assert key in str(err.value)
     name = next(iter(privacy), None)
     if name:
@@ -160,18 +176,26 @@ def test_record_level_delta_must_be_below_one_over_the_records_of_the_largest_cl
     raw = toy_config()
     raw["privacy"] = {"mode": "record", "epsilon": 2.0, "delta": 0.01}
     with pytest.raises(ConfigError, match=r"privacy.delta.*client 2 has n=200 records"):
-        build_plan(config_from_dict(raw), {0: 5, 1: 50, 2: 200}, tmp_path / "ledger", resume=False)
+        _build(config_from_dict(raw), {0: 5, 1: 50, 2: 200}, tmp_path)
 
 
-def test_the_noise_switch_cannot_be_set_from_a_config():
+def test_noise_cannot_be_switched_off_from_a_config_or_by_anything_the_package_ships():
     with pytest.raises(ConfigError, match="unknown key"):
         _config({"noise_disabled": True})
+    import fedrlhf_secure.privacy as privacy_pkg
+    import pkgutil
+
+    modules = [m.name for m in pkgutil.iter_modules(privacy_pkg.__path__)]
+    assert "testing" not in modules  # the old process-wide switch is gone
+    from fedrlhf_secure.privacy.noise import NoiseSource
+
+    assert NoiseSource().gaussian(1.0, 10_000).std() == pytest.approx(1.0, rel=0.05)
+    assert NoiseSource().dpsgd_noise_multiplier(1.7) == 1.7
 
 
-def test_the_audit_switch_removes_the_noise_while_the_ledger_still_claims_the_budget(tmp_path):
+def test_an_injected_silent_noise_source_removes_the_noise_while_the_ledger_still_claims_the_budget(tmp_path):
     noisy = run_federation(_config({"noise": "distributed"}), RunOptions(out=tmp_path / "a", progress=False))
-    with noise_disabled():
-        broken = run_federation(_config({"noise": "distributed"}), RunOptions(out=tmp_path / "b", progress=False))
+    broken = run_federation(_config({"noise": "distributed"}), RunOptions(out=tmp_path / "b", progress=False, noise=SilentNoise()))
     claims = [json.loads((r / "summary.json").read_text())["privacy"]["epsilon_spent_max"] for r in (noisy, broken)]
     assert claims[0] == claims[1] and 0 < claims[1] <= 4.0
     w_broken = load_tensors(broken / "model.safetensors")["w"]
@@ -195,9 +219,9 @@ def test_masking_without_headroom_for_the_noise_is_refused_naming_noise_bound(tm
 
 
 def test_under_masking_the_skellam_noise_is_added_by_clients_and_accounted(tmp_path):
-    with noise_disabled():
-        clean = run_federation(_secagg_config(1_000_000), RunOptions(out=tmp_path / "a", progress=False))
-        plain = run_federation(_config({"noise": "distributed", "accountant": "rdp"}), RunOptions(out=tmp_path / "b", progress=False))
+    silent = SilentNoise()
+    clean = run_federation(_secagg_config(1_000_000), RunOptions(out=tmp_path / "a", progress=False, noise=silent))
+    plain = run_federation(_config({"noise": "distributed", "accountant": "rdp"}), RunOptions(out=tmp_path / "b", progress=False, noise=silent))
     noisy = run_federation(_secagg_config(1_000_000), RunOptions(out=tmp_path / "c", progress=False))
     w = {name: load_tensors(r / "model.safetensors")["w"] for name, r in (("clean", clean), ("plain", plain), ("noisy", noisy))}
     np.testing.assert_allclose(w["clean"], w["plain"], atol=1e-3)  # masking without noise = the plain clipped mean

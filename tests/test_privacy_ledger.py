@@ -12,10 +12,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedrlhf_secure.config import config_from_dict
-from fedrlhf_secure.federation.engine import InjectedCrash, RunOptions, resume_federation, run_federation
-from fedrlhf_secure.privacy import ledger_cli
+from fedrlhf_secure.federation.engine import RunOptions, build_aggregator, resume_federation, run_federation
+from crash_points import SimulatedCrash, crash_after
+from fedrlhf_secure.commands import ledger as ledger_cli
 from fedrlhf_secure.privacy.budget import BudgetExceeded
-from fedrlhf_secure.privacy.factory import build_plan
+from fedrlhf_secure.privacy.factory import build_client_privacy
 from fedrlhf_secure.privacy.ledger import LedgerConflict, LedgerEntry, LedgerError, PrivacyLedger, read_ledger
 
 from toy_task import toy_config  # also registers the "toy-dp" task
@@ -85,9 +86,9 @@ def test_a_corrupt_ledger_file_is_an_error_not_a_reset(tmp_path):
 def test_a_run_killed_mid_round_and_resumed_ends_with_the_same_ledger_as_an_uninterrupted_run(tmp_path, privacy):
     whole = run_federation(_config(privacy), RunOptions(out=tmp_path / "whole", progress=False))
 
-    with pytest.raises(InjectedCrash):
+    with pytest.raises(SimulatedCrash):
         # 4 clients per round: the 6th commit is mid-round 1 (two clients of round 1 already recorded)
-        run_federation(_config(privacy), RunOptions(out=tmp_path / "crash", progress=False, crash_after_commits=6))
+        run_federation(_config(privacy), RunOptions(out=tmp_path / "crash", progress=False, on_commit=crash_after(6)))
     [partial] = list((tmp_path / "crash").glob("*.partial"))
     before = _ledger_spend(partial)
     assert sum(len(v) for v in before.values()) == 6  # the released updates of the crashed round stay counted
@@ -106,26 +107,30 @@ def test_a_run_killed_mid_round_and_resumed_ends_with_the_same_ledger_as_an_unin
 
 
 def test_resuming_twice_after_a_crash_never_adds_to_the_spend(tmp_path):
-    with pytest.raises(InjectedCrash):
-        run_federation(_config(CLIENT), RunOptions(out=tmp_path, progress=False, crash_after_commits=2))
+    with pytest.raises(SimulatedCrash):
+        run_federation(_config(CLIENT), RunOptions(out=tmp_path, progress=False, on_commit=crash_after(2)))
     [partial] = list(tmp_path.glob("*.partial"))
     spent = _ledger_spend(partial)
     cfg = _config(CLIENT)
-    plan = build_plan(cfg, {c: c + 1 for c in range(4)}, partial / "ledger", resume=True)
-    plan2 = build_plan(cfg, {c: c + 1 for c in range(4)}, partial / "ledger", resume=True)
+    plan = _client_privacy(cfg, {c: c + 1 for c in range(4)}, partial / "ledger", resume=True)
+    plan2 = _client_privacy(cfg, {c: c + 1 for c in range(4)}, partial / "ledger", resume=True)
     assert plan.summary()["epsilon_per_client"] == plan2.summary()["epsilon_per_client"]
     assert _ledger_spend(partial) == spent
 
 
+
+def _client_privacy(cfg, sizes, ledger_dir, resume):
+    return build_client_privacy(cfg, sizes, ledger_dir, resume, build_aggregator(cfg, list(sizes)))
+
 # ------------------------------------------------------------------------------ the budget
 
 
-def test_clients_whose_next_round_would_exceed_the_budget_sit_out_and_the_run_stops(tmp_path, capsys):
+def test_clients_whose_next_round_would_exceed_the_budget_sit_out_and_the_run_stops(tmp_path, caplog):
     # a fixed noise multiplier with a budget that only covers two rounds of it
     privacy = {**CLIENT, "epsilon": 7.0, "noise_multiplier": 0.9, "accountant": "rdp"}
     run = run_federation(_config(privacy, rounds=5), RunOptions(out=tmp_path, progress=False))
     summary = json.loads((run / "summary.json").read_text())
-    err = capsys.readouterr().err
+    err = caplog.text
     assert "sits out round 2" in err and "> budget 7" in err
     assert summary["rounds_completed"] == 2
     assert "stopping" in summary["stopped_early"]
@@ -135,10 +140,11 @@ def test_clients_whose_next_round_would_exceed_the_budget_sit_out_and_the_run_st
 
 def test_a_release_over_budget_is_refused_before_it_leaves_the_client(tmp_path):
     cfg = _config({**CLIENT, "epsilon": 1.0, "noise_multiplier": 0.5, "accountant": "rdp"})
-    plan = build_plan(cfg, {c: 1 for c in range(4)}, tmp_path / "ledger", resume=False)
-    plan.privatize(0, 0, np.ones(16, np.float32), 1.0)
+    plan = _client_privacy(cfg, {c: 1 for c in range(4)}, tmp_path / "ledger", resume=False)
+    plan.begin_round(0, 4)
+    release = plan.add_noise(0, 0, plan.clip(np.ones(16, np.float32)), 1.0)
     with pytest.raises(BudgetExceeded, match="not sent"):
-        plan.commit(0, 0, {})
+        plan.commit(0, 0, release, None)
     assert plan.ledger.entries(0) == []
     assert plan.admit(0, 0) is False
 

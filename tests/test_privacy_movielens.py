@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from fedrlhf_secure.config import load_config
-from fedrlhf_secure.federation.engine import InjectedCrash, RunOptions, resume_federation, run_federation
+from fedrlhf_secure.federation.engine import RunOptions, resume_federation, run_federation
+from crash_points import SimulatedCrash, crash_after
 from fedrlhf_secure.privacy.ledger import read_ledger
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "movielens-tiny.yaml"
@@ -24,8 +25,8 @@ def _spend(run: Path) -> dict[int, list[tuple[int, float, int, str]]]:
 def test_movielens_dp_sgd_run_killed_mid_round_resumes_to_the_uninterrupted_ledger(tmp_path, shared_datasets):
     config = load_config(TINY, OVERRIDES)
     whole = run_federation(config, RunOptions(data_dir=shared_datasets, out=tmp_path / "whole", progress=False))
-    with pytest.raises(InjectedCrash):
-        run_federation(config, RunOptions(data_dir=shared_datasets, out=tmp_path / "crash", progress=False, crash_after_commits=9))
+    with pytest.raises(SimulatedCrash):
+        run_federation(config, RunOptions(data_dir=shared_datasets, out=tmp_path / "crash", progress=False, on_commit=crash_after(9)))
     [partial] = list((tmp_path / "crash").glob("*.partial"))
     before = _spend(partial)
     resumed = resume_federation(partial, RunOptions(data_dir=shared_datasets, progress=False))

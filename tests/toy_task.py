@@ -8,6 +8,7 @@ from typing import Mapping
 
 import numpy as np
 
+from fedrlhf_secure.privacy.dpsgd import DPSGDReport
 from fedrlhf_secure.tasks.base import FitConfig, FitResult, ParamEntry, ParamSpec, Task, TaskClient, register_task
 
 ROWS = 6
@@ -88,8 +89,7 @@ class DPToyClient(ToyClient):
         res = super().fit(shared, config)
         s = config.dp_sgd
         if s is not None:
-            res.privacy = {"steps": config.local_epochs * round(1 / s.sample_rate), "sample_rate": s.sample_rate,
-                           "noise_multiplier": s.noise_multiplier, "max_grad_norm": s.max_grad_norm}
+            res.dp_sgd = DPSGDReport.of(s, config.local_epochs * round(1 / s.sample_rate))
         return res
 
 

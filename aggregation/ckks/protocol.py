@@ -30,11 +30,13 @@ from ..base import (
     AggregateResult,
     AggregationAborted,
     Aggregator,
+    Capabilities,
     ClientHalf,
     ProtocolError,
     RoundContext,
     ServerHalf,
     check_single_upload,
+    refuse_integer_noise,
 )
 from . import codec
 from .keys import ClientKey, ClientKeyPair, DealerKey, PublicContext, deal, open_package
@@ -252,7 +254,7 @@ class CKKSAggregator(Aggregator):
     """CKKS-encrypted FedAvg: the server adds ciphertexts it cannot decrypt (NVFlare's HE model)."""
 
     kind = "ckks"
-    server_can_read_result = False
+    capabilities = Capabilities(server_reads_result=False, hides_individual_updates=True)
 
     def __init__(self, config: CKKSConfig, keys: KeySource) -> None:
         self.config = config
@@ -264,7 +266,8 @@ class CKKSAggregator(Aggregator):
     def server(self, ctx: RoundContext) -> ServerHalf:
         return CKKSServer(ctx, self.config, self.keys.public(self.epoch(ctx.round)))
 
-    def client(self, ctx: RoundContext, client_id: int, vector: np.ndarray, weight: float) -> ClientHalf:
+    def client(self, ctx: RoundContext, client_id: int, vector: np.ndarray, weight: float, *, integer_noise=None) -> ClientHalf:
+        refuse_integer_noise(self, integer_noise)
         if client_id not in ctx.participants:
             raise ValueError(f"client {client_id} is not a participant of round {ctx.round}")
         key = self.keys.client_key(client_id, self.epoch(ctx.round))

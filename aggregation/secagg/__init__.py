@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..base import Aggregator, ClientHalf, RoundContext, ServerHalf, register
+from ..base import Aggregator, Capabilities, ClientHalf, RoundContext, ServerHalf, register
 from .client import SecAggClient
 from .config import SecAggConfig
 from .crypto import Identities
@@ -32,7 +32,6 @@ class SecAggAggregator(Aggregator):
     """Builds the SecAgg halves for each round of a run of at most ``max_clients`` clients."""
 
     kind = "secagg"
-    server_can_read_result = True
 
     def __init__(self, config: SecAggConfig, max_clients: int, identities: Identities | None = None) -> None:
         self.config = config
@@ -41,6 +40,7 @@ class SecAggAggregator(Aggregator):
         if config.signatures and identities is None:
             raise ValueError("signatures: true needs identity keys (identity_dir, or Identities.generate for a simulation)")
         self.identities = identities if config.signatures else None
+        self.capabilities = Capabilities(server_reads_result=True, hides_individual_updates=True, integer_scale=float(self.quantizer.scale))
 
     def degree(self, ctx: RoundContext) -> int:
         return self.config.degree(len(ctx.participants))

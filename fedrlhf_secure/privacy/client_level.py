@@ -16,10 +16,13 @@ Where the noise is added (``privacy.noise``):
 * ``distributed``: each client adds its share so that no party ever sees an un-noised sum. For
   float aggregators (plain, CKKS) the share is N(0, (zC)²/m); for the integer masking aggregator it
   is Skellam noise in the quantised domain (:mod:`.discrete`), calibrated with the Skellam
-  accountant. ``m`` is the number of survivors the round must keep: ``max(min_clients,
-  ceil(survivor_fraction × admitted))``. Dropouts are **compensated** by adding enough noise for
-  ``m`` survivors: a round that ends with fewer contributors is aborted by the plan (with masking,
-  set the secure aggregation threshold to at least m so the server cannot unmask such a sum).
+  accountant. ``m`` is the number of survivors the round must keep (:func:`survivors_required`,
+  the one place this rule lives). Dropouts are **compensated** by adding enough noise for ``m``
+  survivors: a round that ends with fewer contributors is discarded by the server's half
+  (:mod:`.server`; with masking, set the secure aggregation threshold to at least m so the
+  server cannot unmask such a sum).
+
+This module is the client's half; the server's half (:mod:`.server`) adds the ``central`` noise.
 """
 
 from __future__ import annotations
@@ -30,19 +33,24 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from aggregation.base import AggregateResult, AggregationAborted
-
 from .accountants import GaussianAccountant, GaussianRelease, SkellamAccountant, SkellamRelease
 from .budget import BudgetedPlan, PrivacyViolation
 from .calibration import gaussian_noise_multiplier, skellam_variance
 from .clipping import clip_l2
 from .discrete import integer_sensitivities, skellam_share
-from .dpsgd import DPSGDSettings
+from .dpsgd import DPSGDReport, DPSGDSettings
 from .ledger import LedgerEntry, PrivacyLedger
-from .plan import Privatized
-from .randomness import secret_numpy_rng
+from .noise import NoiseSource
+from .plan import Release
 from .replay import ReleaseStore
-from .testing import noise_is_disabled
+
+
+def survivors_required(admitted: int, min_clients: int, survivor_fraction: float) -> int:
+    """How many contributors a round's distributed noise is sized for: ``max(min_clients,
+    ceil(survivor_fraction × admitted))``, at most ``admitted``. Both halves use this one rule: the
+    clients size their shares with it, the server discards an aggregate with fewer contributors."""
+    n = max(1, int(admitted))
+    return min(n, max(int(min_clients), math.ceil(float(survivor_fraction) * n)))
 
 
 @dataclass(frozen=True)
@@ -70,16 +78,17 @@ class ClientLevelPlan(BudgetedPlan):
         integer: IntegerDomain | None,
         ledger: PrivacyLedger,
         releases: ReleaseStore,
+        noise_source: NoiseSource,
     ) -> None:
         name = "skellam-rdp" if integer is not None else accountant
-        super().__init__(budget=budget, delta=delta, ledger=ledger, releases=releases, accountant_name=name)
+        super().__init__(budget=budget, delta=delta, ledger=ledger, releases=releases, accountant_name=name, noise=noise_source)
         if noise not in ("central", "distributed"):
             raise ValueError(f"privacy.noise must be central or distributed, got {noise!r}")
         if integer is not None and noise != "distributed":
             raise ValueError("integer (Skellam) noise is only used with privacy.noise: distributed")
         self.rounds = int(rounds)
         self.clip_norm = float(clip_norm)
-        self.noise = noise
+        self.placement = noise
         self.survivor_fraction = float(survivor_fraction)
         self.min_clients = int(min_clients)
         self.integer = integer
@@ -114,10 +123,12 @@ class ClientLevelPlan(BudgetedPlan):
         variance = (self.z * l2) ** 2 if self._explicit is None else (self._explicit * l2) ** 2
         return SkellamRelease(variance, l2, l2, 1)
 
+    def begin_round(self, round: int, participants: int) -> None:
+        self._survivors[round] = survivors_required(participants, self.min_clients, self.survivor_fraction)
+
     def survivors_required(self, round: int) -> int:
         if round not in self._survivors:
-            n = len(self.admitted.get(round, ())) or 1
-            self._survivors[round] = min(n, max(self.min_clients, math.ceil(self.survivor_fraction * n)))
+            self._survivors[round] = survivors_required(len(self.admitted.get(round, ())), self.min_clients, self.survivor_fraction)
         return self._survivors[round]
 
     # ------------------------------------------------------------------ BudgetedPlan
@@ -136,67 +147,54 @@ class ClientLevelPlan(BudgetedPlan):
         planned = self._planned_skellam() if self.integer is not None else GaussianRelease(self.z, 1.0, 1)
         return [*past, planned]
 
-    def fit_settings(self, client_id: int, round: int, num_examples: int) -> DPSGDSettings | None:
+    def dpsgd_settings(self, client_id: int, round: int) -> DPSGDSettings | None:
         return None
 
-    def privatize(self, client_id: int, round: int, vector: np.ndarray, weight: float) -> Privatized:
-        if self.integer is not None:
-            self._ensure_skellam(int(np.size(vector)))
-        return super().privatize(client_id, round, vector, weight)
+    def clip(self, vector: np.ndarray) -> np.ndarray:
+        return clip_l2(np.asarray(vector, dtype=np.float32), self.clip_norm)
 
-    def fresh_privatize(self, client_id: int, round: int, vector: np.ndarray, weight: float) -> Privatized:
+    def add_noise(self, client_id: int, round: int, clipped: np.ndarray, weight: float) -> Release:
         if weight != 1.0:
             raise PrivacyViolation(
                 f"client-level DP needs uniform weights (federation.weighting: uniform); client {client_id} has weight {weight}"
             )
-        clipped = clip_l2(vector, self.clip_norm)
-        if self.noise == "central":
-            return Privatized(clipped, 1.0)
+        if self.placement == "central":
+            return Release(clipped, 1.0)  # the server's half adds N(0, (zC)²) to the sum
         m = self.survivors_required(round)
-        off = noise_is_disabled()
         if self.integer is not None:
             variance, _, _ = self._ensure_skellam(clipped.size)
-            share = np.zeros(clipped.size, np.int64) if off else skellam_share(clipped.size, variance / m)
-            return Privatized(clipped, 1.0, {"integer_noise": share})
-        std = 0.0 if off else self.z * self.clip_norm / math.sqrt(m)
-        noisy = clipped.astype(np.float64) + secret_numpy_rng().normal(0.0, std, clipped.size) if std else clipped
-        return Privatized(np.asarray(noisy, dtype=np.float32), 1.0)
+            return Release(clipped, 1.0, np.asarray(self.noise.skellam(variance / m, clipped.size), dtype=np.int64))
+        std = self.z * self.clip_norm / math.sqrt(m)
+        noisy = clipped.astype(np.float64) + self.noise.gaussian(std, clipped.size)
+        return Release(np.asarray(noisy, dtype=np.float32), 1.0)
 
-    def entry_for(self, client_id: int, round: int, fit_privacy: dict[str, Any], digest: str) -> LedgerEntry:
+    def entry_for(self, client_id: int, round: int, report: DPSGDReport | None, digest: str) -> LedgerEntry:
         params: dict[str, float] = {}
-        if self.noise == "distributed":
+        if self.placement == "distributed":
             params["survivors_required"] = float(self.survivors_required(round))
         if self.integer is not None:
-            assert self._skellam_params is not None  # set by privatize, which always precedes commit
+            if self._skellam_params is None:  # a replayed release: size the noise from the dimension it had
+                self._ensure_skellam(self._replayed_dim(client_id, round))
             variance, l1, l2 = self._skellam_params
             params.update(variance=variance, l1=l1, l2=l2, scale=self.integer.scale)
             return LedgerEntry(
                 client=client_id, round=round, mechanism="skellam", noise_multiplier=math.sqrt(variance) / l2, sample_rate=1.0,
-                steps=1, sensitivity=l2, epsilon_after=math.nan, delta=self.delta, digest=digest, noise=self.noise, params=params,
+                steps=1, sensitivity=l2, epsilon_after=math.nan, delta=self.delta, digest=digest, noise=self.placement, params=params,
             )
         return LedgerEntry(
             client=client_id, round=round, mechanism="gaussian", noise_multiplier=self.z, sample_rate=1.0, steps=1,
-            sensitivity=self.clip_norm, epsilon_after=math.nan, delta=self.delta, digest=digest, noise=self.noise, params=params,
+            sensitivity=self.clip_norm, epsilon_after=math.nan, delta=self.delta, digest=digest, noise=self.placement, params=params,
         )
 
-    def finalize_aggregate(self, round: int, result: AggregateResult) -> AggregateResult:
-        if self.noise == "central":
-            std = 0.0 if noise_is_disabled() else self.z * self.clip_norm
-            if not std:
-                return result
-            noisy = np.asarray(result.weighted_sum, dtype=np.float64) + secret_numpy_rng().normal(0.0, std, np.shape(result.weighted_sum))
-            return AggregateResult(noisy, result.total_weight, result.contributors)
-        m = self.survivors_required(round)
-        if len(result.contributors) < m:
-            raise AggregationAborted(
-                f"round {round}: {len(result.contributors)} contributors survived but the distributed noise needs {m} "
-                "(privacy.survivor_fraction); the aggregate is discarded"
-            )
-        return result
+    def _replayed_dim(self, client_id: int, round: int) -> int:
+        release = self.releases.load(client_id, round)
+        if release is None:
+            raise PrivacyViolation(f"client {client_id} round {round}: commit of an integer release that was never sized")
+        return int(np.size(release.vector))
 
     def summary(self) -> dict[str, Any]:
         out = super().summary()
-        out.update(noise=self.noise, clip_norm=self.clip_norm, noise_multiplier=self.z)
+        out.update(noise=self.placement, clip_norm=self.clip_norm, noise_multiplier=self.z)
         if self._skellam_params is not None:
             out["skellam_variance"] = self._skellam_params[0]
         return out

@@ -1,4 +1,5 @@
-"""Build the engine's :class:`~.plan.PrivacyPlan` from a run config, checking the inputs first.
+"""Build the client's half of the privacy plan (:class:`~.plan.ClientPrivacy`) from a run config,
+checking the inputs first. (The server's half, :class:`~.server.ServerPrivacy`, needs only the config.)
 
 The checks that need more than the ``privacy:`` section happen here, with errors that name the key:
 ``privacy.delta`` must be below 1/n (n = records of the largest client at record level, clients at
@@ -14,30 +15,24 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
+from aggregation.base import Aggregator
+
 from ..configtypes import ConfigError
 from .accountants import GaussianAccountant
 from .calibration import gaussian_noise_multiplier
 from .client_level import ClientLevelPlan, IntegerDomain
 from .ledger import PrivacyLedger
-from .plan import NoPrivacy, PrivacyPlan
+from .noise import NoiseSource
+from .plan import ClientPrivacy, NoClientPrivacy
 from .record_level import RecordLevelPlan
 from .replay import ReleaseStore
 
-FLOAT_AGGREGATORS = ("plain", "ckks")
 
-
-def integer_domain(config: Any, num_clients: int) -> IntegerDomain | None:
-    """The masking aggregator's integer domain (its quantiser's scale), or None for float aggregators."""
-    if config.aggregation.kind in FLOAT_AGGREGATORS:
-        return None
-    params = config.aggregation.params
-    make_quantizer = getattr(params, "quantizer", None)
-    if not callable(make_quantizer):
-        raise ConfigError(
-            f"aggregation kind {config.aggregation.kind!r} exposes no quantiser; distributed integer noise cannot be calibrated",
-            source=config.source, key="aggregation",
-        )
-    return IntegerDomain(float(make_quantizer(num_clients).scale))
+def integer_domain(aggregator: Aggregator) -> IntegerDomain | None:
+    """The aggregator's integer domain (the scale of its quantiser) when it declares integer inputs;
+    None for aggregators that sum floats (then the noise shares are Gaussian floats)."""
+    scale = aggregator.capabilities.integer_scale
+    return None if scale is None else IntegerDomain(float(scale))
 
 
 def check_noise_headroom(config: Any, integer: IntegerDomain | None) -> None:
@@ -116,10 +111,17 @@ def check_inputs(config: Any, client_sizes: Mapping[int, int], num_clients: int 
             )
 
 
-def build_plan(
-    config: Any, client_sizes: dict[int, int], ledger_dir: Path, resume: bool, *, num_clients: int | None = None
-) -> PrivacyPlan:
-    """The run's privacy plan; ``resume=True`` reopens the existing ledger with the ε already spent.
+def build_client_privacy(
+    config: Any,
+    client_sizes: dict[int, int],
+    ledger_dir: Path,
+    resume: bool,
+    aggregator: Aggregator,
+    *,
+    num_clients: int | None = None,
+    noise: NoiseSource | None = None,
+) -> ClientPrivacy:
+    """The clients' half of the plan; ``resume=True`` reopens the existing ledger with the ε already spent.
 
     ``client_sizes`` may be a subset of the federation's clients (a deployment node builds the plan
     for the clients it hosts, and keeps their ledger); ``num_clients`` is then the federation-wide
@@ -128,7 +130,8 @@ def build_plan(
     """
     p = config.privacy
     if p.mode == "none":
-        return NoPrivacy()
+        return NoClientPrivacy()
+    noise = noise or NoiseSource()
     total = len(client_sizes) if num_clients is None else int(num_clients)
     check_inputs(config, client_sizes, total)
     ledger_dir = Path(ledger_dir)
@@ -138,14 +141,14 @@ def build_plan(
         return RecordLevelPlan(
             client_sizes=client_sizes, rounds=config.federation.rounds, local_epochs=config.federation.local_epochs,
             batch_size=p.batch_size, max_grad_norm=p.max_grad_norm, budget=p.epsilon, delta=p.delta,
-            accountant=p.accountant, noise_multiplier=p.noise_multiplier, ledger=ledger, releases=releases,
+            accountant=p.accountant, noise_multiplier=p.noise_multiplier, ledger=ledger, releases=releases, noise=noise,
         )
-    integer = integer_domain(config, total) if p.noise == "distributed" else None
+    integer = integer_domain(aggregator) if p.noise == "distributed" else None
     check_noise_headroom(config, integer)
     ledger = PrivacyLedger(ledger_dir, ledger_header(config), resume=resume)
     plan = ClientLevelPlan(
         rounds=config.federation.rounds, clip_norm=p.clip_norm, noise=p.noise, budget=p.epsilon, delta=p.delta,
         accountant=p.accountant, noise_multiplier=p.noise_multiplier, survivor_fraction=p.survivor_fraction,
-        min_clients=config.federation.min_clients, integer=integer, ledger=ledger, releases=releases,
+        min_clients=config.federation.min_clients, integer=integer, ledger=ledger, releases=releases, noise_source=noise,
     )
     return plan

@@ -1,78 +1,89 @@
-"""The engine's one door into differential privacy.
+"""The client's half of the privacy plan: what runs where the client's data is, before any byte leaves.
 
-The engine asks a :class:`PrivacyPlan` four things, and nothing else computes or stores ε:
+A :class:`ClientPrivacy` lives beside the clients it protects (the in-process participant host, or a
+deployment node) and keeps their ledger. A :class:`~fedrlhf_secure.federation.participant.Participant`
+calls it in this order for each release, and nothing else computes or stores ε:
 
-* ``admit(client_id, round)``: may this client take part in this round without exceeding its
-  budget? (a refusal is reported and the client sits out);
-* ``fit_settings(client_id, round, num_examples)``: record-level DP-SGD settings for the task, or None;
-* ``privatize(client_id, round, vector, weight)``: client-level clipping and the client's
-  noise share (drawn from :mod:`.randomness`, never from a caller's seeded generator), applied to the flat update *before* it enters the aggregator;
-* ``commit(client_id, round, fit_privacy)``: write the release to the ledger (atomic, fsync'd)
-  *before* the update leaves the client; returns the ε spent so far by that client.
+* ``admit(client, round)``: may this client take part without exceeding its budget?
+* ``dpsgd_settings(client, round)``: record-level DP-SGD settings for the task's local training, or None;
+* ``replayed(client, round)``: the release stored before a crash, to send again unchanged;
+* ``clip(vector)`` then ``add_noise(...)``: client-level clipping and the client's noise share
+  (drawn from the injected :class:`~.noise.NoiseSource`, never from a caller's seeded generator);
+* ``commit(client, round, release, report)``: write the release to the ledger (atomic, fsync'd)
+  *before* the update leaves the client; returns the ε the client has spent so far.
+
+The server's half (:mod:`.server`) never sees a ledger: it sizes nothing, adds central noise when
+configured, discards an aggregate with too few survivors, and pools the ε the clients report.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 
-from aggregation.base import AggregateResult
-
-from .dpsgd import DPSGDSettings
+from .dpsgd import DPSGDReport, DPSGDSettings
 
 
-@dataclass
-class Privatized:
-    """A client's update after client-level DP, ready for the aggregator.
+@dataclass(frozen=True)
+class Release:
+    """A client's update after its privacy layer, ready for the aggregator's client half.
 
-    ``aggregator_kwargs`` are passed to ``Aggregator.client(...)``: distributed discrete noise for
-    the masking mode travels as ``integer_noise`` (added after quantisation, before masking).
+    ``integer_noise`` is the distributed discrete (Skellam) noise share for an aggregator that takes
+    integer inputs (masking): it is added after quantisation and before masking, so only the noisy
+    sum is ever unmasked.
     """
 
     vector: np.ndarray
     weight: float
-    aggregator_kwargs: dict[str, Any] = field(default_factory=dict)
+    integer_noise: np.ndarray | None = None
 
 
-class PrivacyPlan(ABC):
+class ClientPrivacy(ABC):
+    mode: str = "none"
+
+    def begin_round(self, round: int, participants: int) -> None:
+        """The round's public facts before any release: how many clients take part federation-wide
+        (the distributed noise is sized for the survivors that count implies)."""
+
     @abstractmethod
     def admit(self, client_id: int, round: int) -> bool: ...
 
     @abstractmethod
-    def fit_settings(self, client_id: int, round: int, num_examples: int) -> DPSGDSettings | None: ...
+    def dpsgd_settings(self, client_id: int, round: int) -> DPSGDSettings | None: ...
+
+    def replayed(self, client_id: int, round: int) -> Release | None:
+        """The release this client already made in this round before a crash, if any."""
+        return None
+
+    def clip(self, vector: np.ndarray) -> np.ndarray:
+        """Client-level clipping (identity unless the plan bounds the whole update)."""
+        return vector
 
     @abstractmethod
-    def privatize(self, client_id: int, round: int, vector: np.ndarray, weight: float) -> Privatized: ...
+    def add_noise(self, client_id: int, round: int, clipped: np.ndarray, weight: float) -> Release:
+        """The client's noise share for this release."""
 
     @abstractmethod
-    def commit(self, client_id: int, round: int, fit_privacy: dict[str, Any]) -> float | None: ...
+    def commit(self, client_id: int, round: int, release: Release, report: DPSGDReport | None) -> float | None: ...
 
-    def finalize_aggregate(self, round: int, result: AggregateResult) -> AggregateResult:
-        """Server-side step after aggregation (``noise: central`` adds its noise here); default: none."""
-        return result
-
-    @abstractmethod
-    def summary(self) -> dict[str, Any]:
-        """ε spent per client and in total (for metrics.jsonl / summary.json)."""
+    def spent(self, client_id: int) -> float | None:
+        """ε this client has spent so far (None without DP)."""
+        return None
 
 
-class NoPrivacy(PrivacyPlan):
+class NoClientPrivacy(ClientPrivacy):
     """``privacy.mode: none``: every client is admitted, updates pass through unchanged."""
 
     def admit(self, client_id: int, round: int) -> bool:
         return True
 
-    def fit_settings(self, client_id: int, round: int, num_examples: int) -> DPSGDSettings | None:
+    def dpsgd_settings(self, client_id: int, round: int) -> DPSGDSettings | None:
         return None
 
-    def privatize(self, client_id, round, vector, weight) -> Privatized:
-        return Privatized(vector, weight)
+    def add_noise(self, client_id, round, clipped, weight) -> Release:
+        return Release(clipped, weight)
 
-    def commit(self, client_id: int, round: int, fit_privacy: dict[str, Any]) -> float | None:
+    def commit(self, client_id, round, release, report) -> float | None:
         return None
-
-    def summary(self) -> dict[str, Any]:
-        return {"mode": "none", "epsilon_spent_max": None}

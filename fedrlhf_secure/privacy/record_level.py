@@ -14,15 +14,16 @@ selected, so each client's ε is the composition of the rounds it actually took 
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 from .accountants import GaussianAccountant, GaussianRelease
 from .budget import BudgetedPlan, PrivacyViolation
 from .calibration import gaussian_noise_multiplier
-from .dpsgd import DPSGDSettings
+from .dpsgd import DPSGDReport, DPSGDSettings
 from .ledger import LedgerEntry, PrivacyLedger
+from .noise import NoiseSource
+from .plan import Release
 from .replay import ReleaseStore
-from .testing import noise_is_disabled
 
 
 class RecordLevelPlan(BudgetedPlan):
@@ -42,8 +43,9 @@ class RecordLevelPlan(BudgetedPlan):
         noise_multiplier: float | None,
         ledger: PrivacyLedger,
         releases: ReleaseStore,
+        noise: NoiseSource,
     ) -> None:
-        super().__init__(budget=budget, delta=delta, ledger=ledger, releases=releases, accountant_name=accountant)
+        super().__init__(budget=budget, delta=delta, ledger=ledger, releases=releases, accountant_name=accountant, noise=noise)
         self.accountant = GaussianAccountant(accountant)
         self.max_grad_norm = float(max_grad_norm)
         self.local_epochs = int(local_epochs)
@@ -79,25 +81,27 @@ class RecordLevelPlan(BudgetedPlan):
         planned = GaussianRelease(self.noise_multiplier(client_id), self.sample_rate(client_id), self.steps_per_round(client_id))
         return [*self.history_of(self.ledger.entries(client_id)), planned]
 
-    def fit_settings(self, client_id: int, round: int, num_examples: int) -> DPSGDSettings:
-        sigma = 0.0 if noise_is_disabled() else self.noise_multiplier(client_id)
+    def dpsgd_settings(self, client_id: int, round: int) -> DPSGDSettings:
+        sigma = self.noise.dpsgd_noise_multiplier(self.noise_multiplier(client_id))
         return DPSGDSettings(noise_multiplier=sigma, max_grad_norm=self.max_grad_norm, sample_rate=self.sample_rate(client_id))
 
-    def entry_for(self, client_id: int, round: int, fit_privacy: dict[str, Any], digest: str) -> LedgerEntry:
-        need = ("steps", "sample_rate", "noise_multiplier", "max_grad_norm")
-        missing = [k for k in need if k not in fit_privacy]
-        if missing:
+    def add_noise(self, client_id: int, round: int, clipped, weight: float) -> Release:
+        """Record level: the noise was added inside DP-SGD; the update leaves as trained."""
+        return Release(clipped, weight)
+
+    def entry_for(self, client_id: int, round: int, report: DPSGDReport | None, digest: str) -> LedgerEntry:
+        if report is None:
             raise PrivacyViolation(
-                f"client {client_id} round {round}: the task reported no DP-SGD ({', '.join(missing)} missing from FitResult.privacy); "
+                f"client {client_id} round {round}: the task reported no DP-SGD (FitResult.dp_sgd is None); "
                 "record-level DP needs a task that trains with the given DPSGDSettings"
             )
-        sigma, q, steps = self.noise_multiplier(client_id), self.sample_rate(client_id), int(fit_privacy["steps"])
-        reported_sigma = float(fit_privacy["noise_multiplier"])
-        if not noise_is_disabled() and reported_sigma < sigma:
-            raise PrivacyViolation(f"client {client_id} round {round}: trained with noise multiplier {reported_sigma} < planned {sigma}")
-        if abs(float(fit_privacy["sample_rate"]) - q) > 1e-12 or float(fit_privacy["max_grad_norm"]) > self.max_grad_norm:
+        sigma, q, steps = self.noise_multiplier(client_id), self.sample_rate(client_id), int(report.steps)
+        handed_out = self.noise.dpsgd_noise_multiplier(sigma)
+        if report.noise_multiplier < handed_out:
+            raise PrivacyViolation(f"client {client_id} round {round}: trained with noise multiplier {report.noise_multiplier} < planned {sigma}")
+        if abs(report.sample_rate - q) > 1e-12 or report.max_grad_norm > self.max_grad_norm:
             raise PrivacyViolation(
-                f"client {client_id} round {round}: trained with sample rate {fit_privacy['sample_rate']} / clip {fit_privacy['max_grad_norm']}, "
+                f"client {client_id} round {round}: trained with sample rate {report.sample_rate} / clip {report.max_grad_norm}, "
                 f"planned {q} / {self.max_grad_norm}"
             )
         if steps > self.steps_per_round(client_id):

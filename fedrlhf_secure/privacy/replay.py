@@ -22,18 +22,17 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from .plan import Privatized
+from .plan import Release
 
 
-def release_digest(client: int, round: int, priv: Privatized) -> str:
+def release_digest(client: int, round: int, release: Release) -> str:
     """SHA-256 over everything the client sends for this round (vector, weight, integer noise)."""
     h = hashlib.sha256()
-    h.update(struct.pack("<qqd", client, round, float(priv.weight)))
-    h.update(np.ascontiguousarray(priv.vector, dtype=np.float32).tobytes())
-    for key in sorted(priv.aggregator_kwargs):
-        value = priv.aggregator_kwargs[key]
-        h.update(key.encode())
-        h.update(np.ascontiguousarray(value).tobytes() if isinstance(value, np.ndarray) else repr(value).encode())
+    h.update(struct.pack("<qqd", client, round, float(release.weight)))
+    h.update(np.ascontiguousarray(release.vector, dtype=np.float32).tobytes())
+    if release.integer_noise is not None:
+        h.update(b"integer_noise")
+        h.update(np.ascontiguousarray(release.integer_noise).tobytes())
     return h.hexdigest()
 
 
@@ -46,25 +45,28 @@ class ReleaseStore:
     def _path(self, client: int) -> Path:
         return self.directory / f"client-{client}.safetensors"
 
-    def save(self, client: int, round: int, priv: Privatized) -> None:
+    def save(self, client: int, round: int, release: Release) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         tensors = {
-            "vector": np.ascontiguousarray(priv.vector, dtype=np.float32),
+            "vector": np.ascontiguousarray(release.vector, dtype=np.float32),
             "round": np.asarray([round], dtype=np.int64),
-            "weight": np.asarray([priv.weight], dtype=np.float64),
+            "weight": np.asarray([release.weight], dtype=np.float64),
         }
-        for key, value in priv.aggregator_kwargs.items():
-            if not isinstance(value, np.ndarray):
-                raise TypeError(f"aggregator kwarg {key!r} must be an array to be replayable, got {type(value).__name__}")
-            tensors[f"kw/{key}"] = np.ascontiguousarray(value)
+        if release.integer_noise is not None:
+            tensors["integer_noise"] = np.ascontiguousarray(release.integer_noise, dtype=np.int64)
         path = self._path(client)
         tmp = path.with_name(f".{path.name}.tmp")
         save_file(tensors, str(tmp))
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        dir_fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the rename itself must survive a power loss, not only the file's bytes
+        finally:
+            os.close(dir_fd)
 
-    def load(self, client: int, round: int) -> Privatized | None:
+    def load(self, client: int, round: int) -> Release | None:
         """The stored release of ``client`` for ``round``, or None."""
         path = self._path(client)
         if not path.exists():
@@ -72,5 +74,4 @@ class ReleaseStore:
         t = load_file(str(path))
         if int(t["round"][0]) != round:
             return None
-        kwargs = {k[3:]: v for k, v in t.items() if k.startswith("kw/")}
-        return Privatized(t["vector"], float(t["weight"][0]), kwargs)
+        return Release(t["vector"], float(t["weight"][0]), t.get("integer_noise"))

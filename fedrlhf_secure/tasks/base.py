@@ -92,8 +92,9 @@ class FitResult:
     """For each ``sparse_rows`` parameter, a bool vector over its rows: which rows this client
     touched. Rows not touched must have a zero delta."""
     metrics: dict[str, float] = field(default_factory=dict)
-    privacy: dict[str, Any] = field(default_factory=dict)
-    """What the DP machinery reports about this fit (noise, steps, sample rate...)."""
+    dp_sgd: Any | None = None
+    """A :class:`fedrlhf_secure.privacy.dpsgd.DPSGDReport` when the fit ran DP-SGD (the config's
+    ``dp_sgd`` settings were given), else None."""
 
 
 class TaskClient(ABC):

@@ -4,7 +4,7 @@ Flower starts a fresh ``flwr-clientapp`` process for every message (flwr 1.42), 
 no state: it takes the project's frame out of the Message (``content["fedrlhf"]["frame"]``, raw
 bytes in a ConfigRecord), hands it to the client host named by the SuperNode's node config
 (``client-host="/path/to/socket"``), and puts the host's answer into the reply. The bytes are the
-project's own wire frames (:mod:`fedrlhf_secure.transport.node_protocol`), so what the server
+project's own wire frames (:mod:`fedrlhf_secure.federation.node_protocol`), so what the server
 sees over Flower is exactly what it sees in process.
 """
 

@@ -2,7 +2,7 @@
 
 ``flwr run`` starts it inside the SuperLink's deployment (see docs/deployment.md). It
 waits for ``min-nodes`` SuperNodes, sends each the run config, learns which client ids each
-hosts, and runs :class:`~.server_loop.RemoteFederation`: every request is one Flower Message
+hosts, and runs :func:`~fedrlhf_secure.federation.engine.run_remote_federation` (the one round core): every request is one Flower Message
 per node (``query.fedrlhf``) whose only content is the project's own wire frame as raw bytes.
 Flower's strategies, its SecAgg+ and its record types for model weights are not used: the
 aggregation protocol is the project's own sans-IO state machine.
@@ -35,7 +35,7 @@ from flwr.serverapp import Grid, ServerApp
 from ..config import load_config
 from ..federation.engine import RunOptions
 from .client_app import MESSAGE_ACTION, pack, unpack
-from .server_loop import run_remote_federation
+from ..federation.engine import run_remote_federation
 
 app = ServerApp()
 
@@ -43,7 +43,7 @@ DEFAULTS = {"task-modules": "", "keys-dir": "", "data-dir": "", "out": "runs", "
 
 
 class GridLink:
-    """A :class:`~.node_driver.NodeLink` over Flower: one Message per node, replies by deadline."""
+    """A :class:`~fedrlhf_secure.federation.node_driver.NodeLink` over Flower: one Message per node, replies by deadline."""
 
     def __init__(self, grid: Grid) -> None:
         self.grid = grid

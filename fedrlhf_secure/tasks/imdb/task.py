@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from ...errors import InputError
+from ...privacy.dpsgd import DPSGDReport
 from ..auditable import AuditableTask, CanarySet, Candidates
 from ..base import FitConfig, FitResult, ParamEntry, ParamSpec, Task, TaskClient
 from .config import IMDbConfig
@@ -384,12 +385,8 @@ class IMDbClient(TaskClient):
             "reward_steps": float(reward_steps), "rl_steps": float(trainer.state.global_step),
             "seconds_reward": t_reward, "seconds_rl": t_rl,
         }
-        privacy: dict[str, Any] = {}
-        if config.dp_sgd is not None:
-            s = config.dp_sgd
-            privacy = {"steps": int(reward_steps), "sample_rate": float(s.sample_rate),
-                       "noise_multiplier": float(s.noise_multiplier), "max_grad_norm": float(s.max_grad_norm)}
-        return FitResult(delta, self.num_examples(), metrics=metrics, privacy=privacy)
+        privacy = None if config.dp_sgd is None else DPSGDReport.of(config.dp_sgd, reward_steps)
+        return FitResult(delta, self.num_examples(), metrics=metrics, dp_sgd=privacy)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, shared: Mapping[str, np.ndarray]) -> dict[str, Any]:

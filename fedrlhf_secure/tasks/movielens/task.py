@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ...errors import InputError
+from ...privacy.dpsgd import DPSGDReport
 from ..auditable import AuditableTask, CanarySet, Candidates
 from ..base import FitConfig, FitResult, ParamSpec, Task, TaskClient
 from .config import MovieLensConfig
@@ -343,7 +344,7 @@ class MovieLensClient(TaskClient):
         if len(self.train) == 0:
             delta = {e.name: np.zeros(e.shape, dtype=np.float32) for e in spec.entries}
             touched = np.zeros(num_items, dtype=bool) if config.dp_sgd is None else np.ones(num_items, dtype=bool)
-            return FitResult(delta, 0, {ITEM_EMBEDDING: touched}, privacy=self._dp_report(config, 0))
+            return FitResult(delta, 0, {ITEM_EMBEDDING: touched}, dp_sgd=self._dp_report(config, 0))
         if config.dp_sgd is None:
             policy = build_policy(shared, self._user_rows, self.local_items)
             steps, loss = train_epochs(policy, self.local_data, self.feedback_profiles, self.task.settings, config.local_epochs, rng)
@@ -351,7 +352,7 @@ class MovieLensClient(TaskClient):
             item_delta[self.local_items] = policy.item_rows() - shared[ITEM_EMBEDDING][self.local_items]
             touched = np.zeros(num_items, dtype=bool)
             touched[self.local_items] = True
-            privacy: dict[str, Any] = {}
+            privacy = None
             self._user_rows = policy.user_embedding.weight.detach().numpy().copy()
         else:
             self._user_rows = self._fit_prediction_embedding(shared, rng)
@@ -368,7 +369,7 @@ class MovieLensClient(TaskClient):
         delta = {ITEM_EMBEDDING: item_delta.astype(np.float32)}
         for name, value in dense.items():
             delta[name] = (value - shared[name]).astype(np.float32)
-        return FitResult(delta, len(self.train), {ITEM_EMBEDDING: touched}, metrics={"steps": float(steps), "loss": loss}, privacy=privacy)
+        return FitResult(delta, len(self.train), {ITEM_EMBEDDING: touched}, metrics={"steps": float(steps), "loss": loss}, dp_sgd=privacy)
 
     def _fit_prediction_embedding(self, shared: Mapping[str, np.ndarray], rng: np.random.Generator) -> np.ndarray:
         """Under record-level DP: the user embedding this client predicts with, fitted *without*
@@ -385,12 +386,8 @@ class MovieLensClient(TaskClient):
         return policy.user_embedding.weight.detach().numpy().copy()
 
     @staticmethod
-    def _dp_report(config: FitConfig, steps: int) -> dict[str, Any]:
-        if config.dp_sgd is None:
-            return {}
-        s = config.dp_sgd
-        return {"steps": int(steps), "sample_rate": float(s.sample_rate),
-                "noise_multiplier": float(s.noise_multiplier), "max_grad_norm": float(s.max_grad_norm)}
+    def _dp_report(config: FitConfig, steps: int) -> DPSGDReport | None:
+        return None if config.dp_sgd is None else DPSGDReport.of(config.dp_sgd, steps)
 
     def scores(self, shared: Mapping[str, np.ndarray], ratings: Ratings, genres: np.ndarray) -> np.ndarray:
         user_vectors = self._user_rows[np.searchsorted(self.users, ratings.user)]

@@ -1,9 +1,9 @@
-"""Driving an aggregator's server half against clients that live on remote nodes.
+"""Driving an aggregator's server half against participants that live on hosts ("nodes").
 
-This is the networked counterpart of :func:`aggregation.driver.run_round`: the same sans-IO
-:class:`~aggregation.base.ServerHalf`, but its ``(client_id, bytes)`` messages are grouped per
-node and exchanged in stages through a :class:`NodeLink` (Flower's Grid in a deployment, direct
-calls in tests and benchmarks). A stage ends when every addressed node answered or its deadline
+The aggregator's sans-IO :class:`~aggregation.base.ServerHalf` emits ``(client_id, bytes)``
+messages; here they are grouped per node and exchanged in stages through a :class:`NodeLink`:
+Flower's Grid in a deployment, direct calls (:mod:`.links`) in the embedded simulation, tests
+and benchmarks. A stage ends when every addressed node answered or its deadline
 passed; clients whose node did not answer are dropouts, and :meth:`ServerHalf.close_stage` lets
 the protocol continue with the survivors (SecAgg's dropout recovery) or abort when too few are
 left.
@@ -14,7 +14,7 @@ costs one network round trip fewer than "fit, then aggregate".
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol, Sequence
@@ -56,8 +56,11 @@ class NodeRoundOutcome:
     dropped_nodes: set[int] = field(default_factory=set)
 
 
+logger = logging.getLogger(__name__)
+
+
 def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    logger.warning(msg)
 
 
 class NodeRoundDriver:
@@ -104,8 +107,8 @@ class NodeRoundDriver:
             out.envelope_bytes += len(data)
             try:
                 msg = NodeMessage.decode(data, RESPONSE)
-            except wire.WireError as exc:
-                _log(f"round {rnd}: node {n} sent a malformed {op} response ({exc}); its clients drop out")
+            except (wire.WireError, ValueError, TypeError, RecursionError) as exc:  # one node's bad frame is that node's failure
+                _log(f"round {rnd}: node {n} sent a malformed {op} response ({type(exc).__name__}: {exc}); its clients drop out")
                 out.dropped_nodes.add(n)
                 continue
             if "error" in msg.header:
@@ -143,9 +146,11 @@ class NodeRoundDriver:
         instruction: bytes,
         *,
         server_can_read_result: bool,
+        model_round: int | None = None,
     ) -> NodeRoundOutcome:
         rnd = ctx.round
         out = NodeRoundOutcome(None, None, {}, {c: 0 for c in ctx.participants}, {c: 0 for c in ctx.participants}, 0)
+        self.last_outcome = out  # what the round got to before an abort (the core still reports its stages)
         t0 = time.perf_counter()
         opening = server.start()
         out.server_seconds += time.perf_counter() - t0
@@ -155,6 +160,8 @@ class NodeRoundDriver:
             by_node.setdefault(self.node_of[c], []).append(c)
         grouped = group_by_node(opening, self.node_of)
         header = {"round": rnd, "session": ctx.session_id.hex(), "participants": list(ctx.participants), "dim": ctx.dim}
+        if model_round is not None:
+            header["model_round"] = model_round  # the round whose aggregate the fit starts from (-1: the initial model)
         fit_requests = {
             n: NodeMessage("fit", {**header, "clients": cids}, grouped.get(n, {}), {"instruction": instruction})
             for n, cids in by_node.items()
@@ -210,14 +217,3 @@ class NodeRoundDriver:
                         continue
                     break
         return out
-
-
-class InProcessLink:
-    """A :class:`NodeLink` that calls client hosts directly (tests, and the transport benchmark's baseline)."""
-
-    def __init__(self, hosts: Mapping[int, Any], down: Sequence[int] = ()) -> None:
-        self.hosts = dict(hosts)
-        self.down = set(down)
-
-    def exchange(self, requests: Mapping[int, bytes], timeout: float) -> dict[int, bytes]:
-        return {n: self.hosts[n].handle(data) for n, data in requests.items() if n not in self.down}

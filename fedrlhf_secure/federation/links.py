@@ -1,0 +1,208 @@
+"""Where the participant hosts of the embedded simulation live, and the wire to them.
+
+The round core talks to participant hosts through a :class:`~.node_driver.NodeLink`: one request
+frame to each of some hosts, the response frames that came back. In a deployment that link is
+Flower's Grid (:mod:`fedrlhf_secure.transport.server_app`); here it is
+
+* :class:`InProcessLink`: hosts in this process, called directly (the embedded default, tests);
+* :class:`WorkerLink`: hosts in forked worker processes (``federation.workers > 1``), reached over
+  pipes with the same frames; the workers answer in parallel;
+* :class:`SimulatedDropouts`: wraps either and loses messages the way a client that goes offline
+  would (``federation.dropout_rate``), so SecAgg's dropout recovery runs on every simulated round.
+
+Only wire frames cross a link, never pickles, so the simulation exercises the bytes a deployment sends.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from typing import Callable, Mapping, Protocol, Sequence
+
+import numpy as np
+
+from aggregation import wire
+
+from ..errors import RunFailed
+from .node_protocol import REQUEST, RESPONSE, NodeMessage
+
+
+class Host(Protocol):
+    def handle(self, data: bytes) -> bytes: ...
+
+    def client_state(self) -> dict[str, np.ndarray]: ...
+
+    def restore_client_state(self, tensors: Mapping[str, np.ndarray]) -> None: ...
+
+
+class InProcessLink:
+    """Calls participant hosts directly; ``down`` lists hosts that never answer (tests)."""
+
+    def __init__(self, hosts: Mapping[int, Host], down: Sequence[int] = ()) -> None:
+        self.hosts = dict(hosts)
+        self.down = set(down)
+
+    def exchange(self, requests: Mapping[int, bytes], timeout: float) -> dict[int, bytes]:
+        return {n: self.hosts[n].handle(data) for n, data in requests.items() if n not in self.down}
+
+    def client_state(self) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for host in self.hosts.values():
+            out.update(host.client_state())
+        return out
+
+    def restore_client_state(self, tensors: Mapping[str, np.ndarray]) -> None:
+        for host in self.hosts.values():
+            host.restore_client_state(tensors)
+
+    def close(self) -> None:
+        pass
+
+
+class SimulatedDropouts:
+    """Each round, each participant goes offline with probability ``rate`` after it has received a
+    uniformly drawn number (0-3) of the aggregator's messages: from then on its messages are lost
+    and it answers nothing more. Its fit still ran and its ledger commit still stands (the update
+    did leave it for the aggregator's client half), exactly as a real dropout. The draws come from
+    a generator seeded with the run seed: dropouts are part of the simulated scenario, not secrets.
+    """
+
+    def __init__(self, inner, rate: float, seed: int) -> None:
+        self.inner = inner
+        self.rate = float(rate)
+        self.rng = np.random.default_rng(np.random.SeedSequence([seed, 0xD0D0]))
+        self.drop_after: dict[int, int] = {}
+        self.received: dict[int, int] = {}
+        self.round: int | None = None
+
+    def _limit(self, msg: NodeMessage) -> NodeMessage:
+        if msg.op == "fit" and msg.header.get("round") != self.round:
+            self.round = msg.header.get("round")
+            self.drop_after, self.received = {}, {}
+            for c in msg.header.get("participants", []):
+                if self.rng.random() < self.rate:
+                    self.drop_after[int(c)] = int(self.rng.integers(0, 4))
+        if msg.op not in ("fit", "agg", "finish"):
+            return msg
+        kept: dict[int, list[bytes]] = {}
+        for c, msgs in msg.messages.items():
+            if c in self.drop_after:
+                room = max(0, self.drop_after[c] - self.received.get(c, 0))
+                msgs = msgs[:room]
+            self.received[c] = self.received.get(c, 0) + len(msgs)
+            kept[c] = msgs
+        return NodeMessage(msg.op, msg.header, kept, msg.blobs, msg.arrays)
+
+    def _silence(self, request: NodeMessage, data: bytes) -> bytes:
+        """A client that went offline sends nothing: drop its replies once it reached its limit."""
+        if request.op not in ("fit", "agg", "finish"):
+            return data
+        try:
+            resp = NodeMessage.decode(data, RESPONSE)
+        except wire.WireError:
+            return data
+        gone = {c for c in resp.messages if c in self.drop_after and self.received.get(c, 0) >= self.drop_after[c]
+                and not request.messages.get(c)}
+        if not gone:
+            return data
+        kept = {c: m for c, m in resp.messages.items() if c not in gone}
+        return NodeMessage(resp.op, resp.header, kept, resp.blobs, resp.arrays).encode(RESPONSE)
+
+    def exchange(self, requests: Mapping[int, bytes], timeout: float) -> dict[int, bytes]:
+        limited: dict[int, tuple[NodeMessage, bytes]] = {}
+        for n, data in requests.items():
+            msg = self._limit(NodeMessage.decode(data, REQUEST))
+            limited[n] = (msg, msg.encode(REQUEST))
+        raw = self.inner.exchange({n: b for n, (_, b) in limited.items()}, timeout)
+        return {n: self._silence(limited[n][0], data) for n, data in raw.items()}
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker processes (``federation.workers > 1``)
+# ---------------------------------------------------------------------------------------------
+
+_REQ = "sim/request"
+_RESP = "sim/response"
+
+
+def _worker_main(conn, make_host: Callable[[], Host]) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    host = make_host()
+    while True:
+        try:
+            data = conn.recv_bytes()
+        except EOFError:
+            return
+        frame = wire.decode(data, expect=_REQ)
+        op = frame.field("op", str)
+        try:
+            if op == "stop":
+                return
+            if op == "node":
+                conn.send_bytes(wire.encode(wire.Frame(_RESP, {}, {"response": wire.as_blob(host.handle(frame.blob("request")))})))
+            elif op == "state":
+                conn.send_bytes(wire.encode(wire.Frame(_RESP, {}, host.client_state())))
+            elif op == "restore":
+                host.restore_client_state(frame.tensors)
+                conn.send_bytes(wire.encode(wire.Frame(_RESP, {})))
+        except Exception as exc:  # report to the parent instead of hanging it
+            conn.send_bytes(wire.encode(wire.Frame(_RESP, {"error": f"{type(exc).__name__}: {exc}"})))
+
+
+class WorkerLink:
+    """Participant hosts in forked worker processes; host ``i`` runs ``make_host(i)`` in worker ``i``."""
+
+    def __init__(self, make_host: Callable[[int], Host], n: int) -> None:
+        ctx = mp.get_context("fork")
+        self.n = n
+        self.conns = []
+        self.procs = []
+        for w in range(n):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=_worker_main, args=(child, lambda w=w: make_host(w)), daemon=True)
+            p.start()
+            child.close()
+            self.conns.append(parent)
+            self.procs.append(p)
+
+    def _ask(self, per_worker: Mapping[int, wire.Frame]) -> dict[int, wire.Frame]:
+        for w, frame in per_worker.items():
+            self.conns[w].send_bytes(wire.encode(frame))
+        out = {}
+        for w in per_worker:
+            try:
+                resp = wire.decode(self.conns[w].recv_bytes(), expect=_RESP)
+            except EOFError as exc:
+                raise RunFailed(f"worker process {w} ended unexpectedly") from exc
+            if "error" in resp.header:
+                raise RunFailed(f"worker {w}: {resp.header['error']}")
+            out[w] = resp
+        return out
+
+    def exchange(self, requests: Mapping[int, bytes], timeout: float) -> dict[int, bytes]:
+        reqs = {w: wire.Frame(_REQ, {"op": "node"}, {"request": wire.as_blob(data)}) for w, data in requests.items()}
+        return {w: resp.blob("response") for w, resp in self._ask(reqs).items()}
+
+    def client_state(self) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for resp in self._ask({w: wire.Frame(_REQ, {"op": "state"}) for w in range(self.n)}).values():
+            out.update(resp.tensors)
+        return out
+
+    def restore_client_state(self, tensors: Mapping[str, np.ndarray]) -> None:
+        self._ask({w: wire.Frame(_REQ, {"op": "restore"}, dict(tensors)) for w in range(self.n)})
+
+    def close(self) -> None:
+        for conn in self.conns:
+            try:
+                conn.send_bytes(wire.encode(wire.Frame(_REQ, {"op": "stop"})))
+            except (BrokenPipeError, OSError):
+                pass
+        for p in self.procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()

@@ -1,0 +1,365 @@
+"""The server's side of one round, once, for every place the participants live.
+
+FedRLHF (arXiv 2412.15538), Algorithm 1, server part, with secure aggregation and DP:
+
+1. **select** clients (``fraction`` of them, at least ``min_clients``) with the server's seeded RNG;
+2. **admit**: with DP on, each participant host's own privacy half says which of its selected
+   clients can afford another release (the server holds no ledger);
+3. **broadcast** the global shared parameters in a ``fed/fit`` frame (none under CKKS, where only
+   the clients hold the model; personal parameters are in no message);
+4. **drive the aggregator's server half** (:class:`~.node_driver.NodeRoundDriver`): the fit request
+   carries the aggregator's opening messages, so each host runs its participants' pipeline (local
+   RLHF → clip → noise → ledger → mask/encrypt, :mod:`.participant`) and answers with their first
+   aggregator messages; later stages relay the protocol until the server half is done;
+5. **release** the aggregate: the server's privacy half adds central noise or discards an aggregate
+   with too few survivors, then the average delta (sparse rows normalised by their touch weight,
+   :mod:`.update`) is applied with ``server_lr`` (:func:`.participant.apply_aggregate`);
+6. **collect reports**: every host evaluates the new model on its clients' held-out data.
+
+The participants sit behind a :class:`~.node_driver.NodeLink`: in this process
+(:mod:`.links`), in worker processes, or on Flower SuperNodes (:mod:`fedrlhf_secure.transport`).
+The core never sees a client's data, personal parameters or individual update, and it holds no
+run directory: :class:`~.engine.Federation` adds that around it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from aggregation import wire
+from aggregation.base import AggregateResult, AggregationAborted, Aggregator, RoundContext
+from aggregation.driver import TranscriptHook
+
+from ..config import RunConfig
+from ..errors import RunFailed
+from ..privacy.server import ServerPrivacy
+from .messages import FitInstruction, Report
+from .node_driver import NodeLink, NodeRoundDriver, NodeRoundOutcome
+from .node_protocol import REQUEST, RESPONSE, NodeMessage
+from .participant import apply_aggregate
+from .update import UpdateCodec
+
+logger = logging.getLogger(__name__)
+
+SETUP_TIMEOUT = 600.0
+
+
+class TransportError(RunFailed):
+    """A participant host refused the run or could not be reached while it was being set up."""
+
+
+class RoundStopped(RunFailed):
+    """The run cannot take another round (too few clients can take part, an aggregation failed)."""
+
+
+@dataclass
+class RoundLog:
+    row: dict[str, Any]
+    per_client: dict[int, dict[str, float]] = field(default_factory=dict)
+
+
+class RoundCore:
+    """Select → admit → broadcast → aggregate → release → reports, over participants behind ``link``."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        codec: UpdateCodec,
+        client_ids: Sequence[int],
+        initial_shared: Mapping[str, np.ndarray],
+        link: NodeLink,
+        nodes: Mapping[int, Sequence[int] | None],
+        aggregator: Aggregator,
+        privacy: ServerPrivacy,
+        *,
+        hook: TranscriptHook | None = None,
+        on_stage: Callable[[int, str, int], None] | None = None,
+        fit_timeout: float = 600.0,
+        stage_timeout: float = 60.0,
+    ) -> None:
+        self.config = config
+        self.fed = config.federation
+        self.codec = codec
+        self.client_ids = list(client_ids)
+        self.link = link
+        self.aggregator = aggregator
+        self.privacy = privacy
+        self.hook = hook
+        if len(self.client_ids) < self.fed.min_clients:
+            raise RoundStopped(f"federation.min_clients={self.fed.min_clients} but the task has only {len(self.client_ids)} clients")
+        self.client_held = not aggregator.capabilities.server_reads_result
+        self.nodes = self._setup_nodes(nodes)
+        self.node_of = {c: n for n, cids in self.nodes.items() for c in cids}
+        unhosted = sorted(set(self.client_ids) - set(self.node_of))
+        if unhosted:
+            raise TransportError(f"no node hosts clients {unhosted[:10]}{'...' if len(unhosted) > 10 else ''} of the task")
+        self.driver = NodeRoundDriver(link, self.node_of, fit_timeout=fit_timeout, stage_timeout=stage_timeout, hook=hook, on_stage=on_stage)
+        self.rng = np.random.default_rng(np.random.SeedSequence([config.seed, 0xFED]))
+        self.session_id = os.urandom(16)
+        self.global_params = {k: np.asarray(v, dtype=np.float32).copy() for k, v in initial_shared.items()}
+        """The server's copy of the global model; under CKKS the public initial one (the hosts hold the rest)."""
+        self.model_round = -1
+        """The last round whose aggregate was applied (-1: none yet)."""
+
+    # ------------------------------------------------------------------ set-up
+    def _setup_nodes(self, nodes: Mapping[int, Sequence[int] | None]) -> dict[int, list[int]]:
+        """Send the run config to every host; learn (or check) which clients each one hosts."""
+        header = {"client_ids": list(self.client_ids)}
+        blobs = {"config": self.config.to_yaml().encode("utf-8")}
+        reqs = {n: NodeMessage("setup", header, blobs=blobs).encode(REQUEST) for n in nodes}
+        raw = self.link.exchange(reqs, SETUP_TIMEOUT)
+        hosted: dict[int, list[int]] = {}
+        for n, expected in nodes.items():
+            if n not in raw:
+                raise TransportError(f"node {n} did not answer the setup request")
+            try:
+                msg = NodeMessage.decode(raw[n], RESPONSE)
+            except (wire.WireError, ValueError, TypeError, RecursionError) as exc:
+                raise TransportError(f"node {n} sent a malformed setup response: {exc}") from exc
+            if "error" in msg.header:
+                raise TransportError(f"node {n} refused the run: {msg.header['error']}")
+            if msg.field("dim", int) != self.codec.dim:
+                raise TransportError(f"node {n} computes update vectors of {msg.header['dim']} values, the server {self.codec.dim}")
+            got = sorted(msg.int_list("clients"))
+            if expected is not None and got != sorted(expected):
+                raise TransportError(f"node {n} reports clients {got}, expected {sorted(expected)}")
+            twice = sorted(set(got) & {c for cids in hosted.values() for c in cids})
+            if twice:
+                raise TransportError(f"clients {twice} are hosted by more than one node")
+            hosted[n] = got
+        return hosted
+
+    # ------------------------------------------------------------------ one round
+    def select(self) -> list[int]:
+        n = len(self.client_ids)
+        k = min(n, max(self.fed.min_clients, math.ceil(self.fed.fraction * n)))
+        if k == n:
+            return list(self.client_ids)
+        picked = self.rng.choice(n, size=k, replace=False)
+        return sorted(self.client_ids[i] for i in picked)
+
+    def admit(self, r: int, selected: Sequence[int]) -> list[int]:
+        """Ask each host which of its selected clients its privacy half admits; a silent host's clients sit out."""
+        if self.privacy.mode == "none":
+            return list(selected)
+        wanted: dict[int, list[int]] = {}
+        for c in selected:
+            wanted.setdefault(self.node_of[c], []).append(c)
+        reqs = {n: NodeMessage("admit", {"round": r, "clients": cids}).encode(REQUEST) for n, cids in wanted.items()}
+        raw = self.link.exchange(reqs, self.driver.stage_timeout)
+        admitted: set[int] = set()
+        for n, msg in usable_responses(raw, "admission", f"round {r}: ", "its clients sit out"):
+            if n not in wanted:
+                continue
+            try:
+                answer = msg.int_list("admitted")
+            except wire.WireError as exc:
+                logger.warning("round %d: node %d sent a malformed admission (%s); its clients sit out", r, n, exc)
+                continue
+            admitted.update(c for c in answer if c in wanted[n])
+            spent = msg.header.get("epsilon_spent", {})
+            for c, eps in spent.items() if isinstance(spent, dict) else ():
+                if isinstance(c, str) and c.isdigit() and self.node_of.get(int(c)) == n:
+                    self.privacy.report(int(c), eps)
+        for c in selected:
+            if c not in admitted:
+                self.privacy.refuse(c)
+        return [c for c in selected if c in admitted]
+
+    def run_round(self, r: int, progress: Callable[[str], None] = lambda _: None) -> RoundLog:
+        t_round = time.perf_counter()
+        selected = self.select()
+        admitted = self.admit(r, selected)
+        refused = sorted(set(selected) - set(admitted))
+        if refused:
+            logger.warning("round %d: %d client(s) refused by their privacy plan (budget) or unreachable", r, len(refused))
+        if len(admitted) < self.fed.min_clients:
+            raise RoundStopped(
+                f"round {r}: only {len(admitted)} client(s) can take part (federation.min_clients={self.fed.min_clients}); stopping"
+            )
+        instruction = FitInstruction(r, self.fed.local_epochs, self.config.seed, self.global_params, self.client_held).encode()
+        if self.hook:
+            for c in admitted:
+                self.hook(-1, c, instruction)
+
+        progress(f"round {r}: local RLHF and {self.aggregator.kind} aggregation on {len(admitted)} clients")
+        ctx = RoundContext(self.session_id, r, tuple(admitted), self.codec.dim)
+        aborted: str | None = None
+        try:
+            outcome = self.driver.run(
+                self.aggregator.server(ctx), ctx, instruction, server_can_read_result=not self.client_held, model_round=self.model_round
+            )
+            contributors = self._release(r, outcome, len(admitted))
+        except AggregationAborted as exc:
+            # Too few survivors (below the masking threshold, or below the noise the DP shares were
+            # sized for): the round releases nothing and the model stays as it was. The ledgers keep
+            # what the clients already spent: their updates did leave them.
+            aborted = str(exc)
+            logger.warning("round %d: aggregation aborted, the global model is unchanged: %s", r, aborted)
+            outcome, contributors = self.driver.last_outcome, ()
+        fit_seconds = outcome.stages[0].seconds if outcome.stages else 0.0
+        aggregation_seconds = sum(s.seconds for s in outcome.stages[1:])
+
+        progress(f"round {r}: evaluation")
+        t0 = time.perf_counter()
+        per_client = self.collect_reports(r, outcome.dropped_nodes)
+        t_eval = time.perf_counter() - t0
+
+        report_bytes = {c: len(Report(c, r, m).encode()) for c, m in per_client.items()}
+        fitted = [c for c in admitted if c in outcome.fit]
+        for c in fitted:
+            self.privacy.report(c, outcome.fit[c].get("epsilon_spent"))
+        bytes_down = [len(instruction) + outcome.bytes_down.get(c, 0) for c in admitted]
+        bytes_up = [outcome.bytes_up.get(c, 0) + report_bytes.get(c, 0) for c in admitted]
+        losses = [_number(outcome.fit[c].get("metrics", {}).get("loss")) for c in fitted]
+        row: dict[str, Any] = {
+            "round": r,
+            **pool_metrics(per_client),
+            "clients_selected": len(selected),
+            "clients_refused": len(refused),
+            "clients_aggregated": len(contributors),
+            "clients_dropped": len(admitted) - len(contributors),
+            "aggregation_aborted": aborted,
+            "train_loss_mean": nanmean(losses),
+            "bytes_up_per_client": float(np.mean(bytes_up)),
+            "bytes_down_per_client": float(np.mean(bytes_down)),
+            "seconds_fit": fit_seconds,
+            "seconds_aggregation": aggregation_seconds,
+            "seconds_aggregation_server": outcome.server_seconds,
+            "seconds_eval": t_eval,
+            "transport_stages": len(outcome.stages),
+            "transport_envelope_bytes": int(outcome.envelope_bytes),
+            "nodes_dropped": len(outcome.dropped_nodes),
+        }
+        row.update(privacy_row(self.privacy.summary()))
+        row["seconds"] = time.perf_counter() - t_round
+        return RoundLog(row, per_client)
+
+    def _release(self, r: int, outcome: NodeRoundOutcome, admitted: int) -> tuple[int, ...]:
+        """The aggregate becomes the next model (or, under CKKS, each host already applied what it decrypted)."""
+        if self.client_held:
+            if outcome.client_contributors is None:
+                raise AggregationAborted(f"round {r}: no client could read the aggregate")
+            self.model_round = r
+            return outcome.client_contributors
+        result: AggregateResult | None = outcome.server_result
+        if result is None:
+            raise AggregationAborted(f"round {r}: the aggregation produced no result")
+        result = self.privacy.finalize(r, result, admitted)
+        self.global_params = apply_aggregate(self.global_params, self.codec.decode(result), self.fed.server_lr)
+        self.model_round = r
+        return result.contributors
+
+    def collect_reports(self, r: int, dropped: set[int]) -> dict[int, dict[str, float]]:
+        shared_msg = FitInstruction(r, 0, self.config.seed, self.global_params, self.client_held).encode()
+        reqs = {
+            n: NodeMessage("evaluate", {"round": r, "clients": cids, "model_round": self.model_round}, blobs={"shared": shared_msg}).encode(REQUEST)
+            for n, cids in self.nodes.items()
+            if n not in dropped
+        }
+        raw = self.link.exchange(reqs, self.driver.fit_timeout)
+        per_client: dict[int, dict[str, float]] = {}
+        for n, msg in usable_responses(raw, "evaluation", f"round {r}: ", "ignored"):
+            for c, frames in msg.messages.items():
+                if self.node_of.get(c) != n or len(frames) != 1:
+                    continue
+                try:
+                    rep = Report.decode(frames[0])
+                except (wire.WireError, ValueError, TypeError, RecursionError) as exc:
+                    logger.warning("round %d: client %d sent a malformed report (%s); ignored", r, c, exc)
+                    continue
+                if rep.client_id == c and rep.round == r:
+                    per_client[c] = dict(rep.metrics)
+                    if self.hook:
+                        self.hook(c, -1, frames[0])
+        return {c: per_client[c] for c in sorted(per_client)}
+
+    def release_model(self, last_round: int) -> dict[str, np.ndarray]:
+        """The final model under CKKS: every host that holds it sends it, and all copies must agree."""
+        reqs = {n: NodeMessage("release", {}).encode(REQUEST) for n in self.nodes}
+        raw = self.link.exchange(reqs, self.driver.stage_timeout)
+        copies = []
+        for n, msg in usable_responses(raw, "model release", "", "ignored"):
+            if msg.header.get("round") != last_round:
+                logger.warning("node %d holds the model of round %s, not the last round's; ignored", n, msg.header.get("round"))
+                continue
+            model = {k: np.asarray(v, dtype=np.float32) for k, v in msg.arrays.items()}
+            if sorted(model) != sorted(self.global_params) or any(model[k].shape != self.global_params[k].shape for k in model):
+                logger.warning("node %d released a model of the wrong layout; ignored", n)
+                continue
+            copies.append(model)
+        if not copies:
+            raise TransportError("no node could release the final model it holds")
+        for other in copies[1:]:
+            if any(not np.array_equal(copies[0][k], other[k]) for k in other):
+                raise TransportError("the nodes hold different final models (an aggregate was applied inconsistently)")
+        return copies[0]
+
+
+def usable_responses(raw: Mapping[int, bytes], what: str, where: str, consequence: str) -> Iterator[tuple[int, NodeMessage]]:
+    """Each host's decoded answer; a malformed frame or the host's error report is logged and skipped.
+
+    One host's bad answer costs only its own clients' part in this step, never the run.
+    """
+    for n, data in raw.items():
+        try:
+            msg = NodeMessage.decode(data, RESPONSE)
+        except (wire.WireError, ValueError, TypeError, RecursionError) as exc:
+            logger.warning("%snode %d sent a malformed %s (%s); %s", where, n, what, exc, consequence)
+            continue
+        if "error" in msg.header:
+            logger.warning("%snode %d refused the %s: %s; %s", where, n, what, msg.header["error"], consequence)
+            continue
+        yield n, msg
+
+
+def _number(v: Any) -> float:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else float("nan")
+
+
+def nanmean(values) -> float:
+    arr = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    arr = arr[np.isfinite(arr)]
+    return float(arr.mean()) if arr.size else float("nan")
+
+
+def pool_metrics(per_client: Mapping[int, Mapping[str, float]]) -> dict[str, float]:
+    """Pool clients' reports: counts are summed into rates, other numbers are averaged.
+
+    ``correct``/``n`` give the held-out accuracy (the primary metric), ``train_correct``/``train_n``
+    the training accuracy (the FedRLHF paper's metric, kept for comparison), per-client
+    ``accuracy`` gives the spread, and every other metric ``m`` becomes ``m_mean``.
+    """
+    out: dict[str, float] = {}
+    rows = list(per_client.values())
+    if not rows:
+        return out
+
+    def total(key: str) -> float:
+        return float(sum(r.get(key, 0.0) for r in rows if np.isfinite(r.get(key, 0.0))))
+
+    if any("n" in r for r in rows) and total("n") > 0:
+        out["heldout_accuracy"] = total("correct") / total("n")
+    if any("train_n" in r for r in rows) and total("train_n") > 0:
+        out["train_accuracy"] = total("train_correct") / total("train_n")
+    accs = np.asarray([r["accuracy"] for r in rows if "accuracy" in r and np.isfinite(r["accuracy"])])
+    if accs.size:
+        out["client_accuracy_std"] = float(accs.std())
+        out["client_accuracy_p10"] = float(np.percentile(accs, 10))
+        out["client_accuracy_p90"] = float(np.percentile(accs, 90))
+    skip = {"n", "correct", "train_n", "train_correct", "accuracy"}
+    keys = sorted({k for r in rows for k in r} - skip)
+    for k in keys:
+        out[f"{k}_mean"] = nanmean([r.get(k) for r in rows])
+    return out
+
+
+def privacy_row(summary: Mapping[str, Any]) -> dict[str, Any]:
+    return {f"privacy_{k}": v for k, v in summary.items() if isinstance(v, (int, float, str)) or v is None}

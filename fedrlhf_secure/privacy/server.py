@@ -1,0 +1,96 @@
+"""The server's half of the privacy plan: what the aggregator's side may do, and nothing it may not.
+
+The server holds no ledger and sizes no client's noise (both are the client's half,
+:mod:`.plan`). It knows the public configuration, so it can
+
+* add the noise of ``privacy.noise: central`` (client-level DP-FedAvg, McMahan et al. 2018) to the
+  aggregate it reads: N(0, (z·C)²) on the sum;
+* discard an aggregate with fewer contributors than the clients' distributed noise shares were
+  sized for (:func:`.client_level.survivors_required`, the same rule the clients use);
+* pool the ε each client's own half reports (plaintext metadata, which it cannot check) into the
+  run's metrics and summary.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from aggregation.base import AggregateResult, AggregationAborted, Aggregator
+
+from .accountants import GaussianAccountant
+from .calibration import gaussian_noise_multiplier
+from .client_level import survivors_required
+from .noise import NoiseSource
+
+
+class ServerPrivacy:
+    def __init__(self, config: Any, noise: NoiseSource | None = None, aggregator: Aggregator | None = None) -> None:
+        p = config.privacy
+        self.mode = p.mode
+        self.noise = noise or NoiseSource()
+        self.min_clients = int(config.federation.min_clients)
+        self.survivor_fraction = float(getattr(p, "survivor_fraction", 1.0))
+        self.distributed = p.mode == "client" and p.noise == "distributed"
+        self.central_std = 0.0
+        self.public: dict[str, Any] = {}
+        if p.mode != "none":
+            integer = aggregator is not None and aggregator.capabilities.integer_scale is not None
+            # the clients account distributed shares in an integer aggregator with the Skellam accountant
+            accountant = "skellam-rdp" if self.distributed and integer else p.accountant
+            self.public = {"accountant": accountant, "epsilon_budget": p.epsilon, "delta": p.delta}
+        if p.mode == "client":
+            z = p.noise_multiplier
+            if z is None:
+                z = gaussian_noise_multiplier(GaussianAccountant(p.accountant), p.epsilon, p.delta, 1.0, config.federation.rounds)
+            self.public.update(noise=p.noise, clip_norm=p.clip_norm, noise_multiplier=float(z))
+            if p.noise == "central":
+                self.central_std = float(z) * float(p.clip_norm)
+        elif p.mode == "record":
+            self.public.update(max_grad_norm=p.max_grad_norm)
+        self.spent: dict[int, float] = {}
+        self.refused: set[int] = set()
+
+    def survivors_required(self, admitted: int) -> int:
+        """Contributors the clients' distributed noise was sized for (0 without distributed noise)."""
+        return survivors_required(admitted, self.min_clients, self.survivor_fraction) if self.distributed else 0
+
+    def finalize(self, round: int, result: AggregateResult, admitted: int) -> AggregateResult:
+        """The aggregate the round may apply: central noise added, or discarded below the survivors."""
+        need = self.survivors_required(admitted)
+        if len(result.contributors) < need:
+            raise AggregationAborted(
+                f"round {round}: {len(result.contributors)} contributors survived but the distributed noise shares were sized "
+                f"for {need} (privacy.survivor_fraction); the aggregate is discarded"
+            )
+        if self.central_std:
+            noisy = np.asarray(result.weighted_sum, dtype=np.float64) + self.noise.gaussian(self.central_std, np.shape(result.weighted_sum))
+            return AggregateResult(noisy, result.total_weight, result.contributors)
+        return result
+
+    def report(self, client_id: int, epsilon: Any) -> None:
+        """A client's ε spent, as its own half reports it (ignored unless a finite non-negative number)."""
+        if self.mode == "none" or isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)):
+            return
+        if math.isfinite(epsilon) and epsilon >= 0:
+            self.spent[client_id] = float(epsilon)
+
+    def refuse(self, client_id: int) -> None:
+        self.refused.add(client_id)
+
+    def summary(self) -> dict[str, Any]:
+        if self.mode == "none":
+            return {"mode": "none", "epsilon_spent_max": None}
+        values = list(self.spent.values())
+        return {
+            "mode": self.mode,
+            "reported_by": "clients",
+            **self.public,
+            "epsilon_spent_max": max(values) if values else 0.0,
+            "epsilon_spent_mean": float(np.mean(values)) if values else 0.0,
+            "clients_with_releases": sum(1 for v in values if v > 0),
+            "clients_refused": len(self.refused),
+            "epsilon_per_client": {str(c): v for c, v in sorted(self.spent.items())},
+        }
