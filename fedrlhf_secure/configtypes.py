@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from typing import Any, Literal, Mapping, Union
-
+from collections.abc import Mapping
+from typing import Any, Literal, Union
 
 from .errors import InputError  # noqa: E402  (re-exported: the family lives in errors.py)
 
@@ -112,9 +112,7 @@ def from_mapping(cls: type, data: Any, *, key: str = "", source: str | None = No
     unknown = sorted(set(data) - set(fields))
     if unknown:
         bad = ", ".join(f"{key + '.' if key else ''}{u}" for u in unknown)
-        raise ConfigError(
-            f"unknown key {bad}; known keys here: {', '.join(sorted(fields))}", source=source
-        )
+        raise ConfigError(f"unknown key {bad}; known keys here: {', '.join(sorted(fields))}", source=source)
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = convert(hints[name], value, key=f"{key}.{name}" if key else name, source=source)

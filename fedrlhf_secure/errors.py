@@ -64,11 +64,17 @@ class Interrupted(FedRLHFError):
 
 
 def exit_status(exc: BaseException) -> int | None:
-    """The exit status for ``exc``, or None when it is a bug (the CLI then shows the traceback)."""
+    """The exit status for ``exc``, or None when it is a bug (the CLI then shows the traceback).
+
+    A bare :class:`FileNotFoundError` (a data or run file that is not there, raised by code that has
+    no family class of its own yet) counts as bad input, as the CLI always treated it.
+    """
     if isinstance(exc, FedRLHFError):
         return exc.exit_status
     if isinstance(exc, KeyboardInterrupt):
         return Interrupted.exit_status
+    if isinstance(exc, FileNotFoundError):
+        return InputError.exit_status
     try:
         from aggregation.errors import AggregationError
     except ImportError:  # pragma: no cover - aggregation ships with the package

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -41,7 +42,14 @@ def plot_run(
         handles, labels = ax.get_legend_handles_labels()
         if any(isinstance(e, (int, float)) for e in eps):
             ax2 = ax.twinx()
-            ax2.plot(rounds, [np.nan if e is None else e for e in eps], color="tab:red", linestyle="--", marker="x", label="ε spent (max over clients)")
+            ax2.plot(
+                rounds,
+                [np.nan if e is None else e for e in eps],
+                color="tab:red",
+                linestyle="--",
+                marker="x",
+                label="ε spent (max over clients)",
+            )
             ax2.set_ylabel("ε")
             h2, l2 = ax2.get_legend_handles_labels()
             handles, labels = handles + h2, labels + l2

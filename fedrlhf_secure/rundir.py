@@ -18,12 +18,20 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 from safetensors.numpy import load_file
 from safetensors.numpy import save as save_tensors
+
+from .errors import InputError
+
+
+class RunDirectoryNotFound(InputError, FileNotFoundError):
+    """``--resume`` of a path that holds no interrupted run (or a completed one)."""
+
 
 PARTIAL_SUFFIX = ".partial"
 
@@ -88,7 +96,7 @@ class RunDirectory:
         self.path = self.final.with_name(self.final.name + PARTIAL_SUFFIX)
 
     @classmethod
-    def create(cls, out: Path | None, name: str) -> "RunDirectory":
+    def create(cls, out: Path | None, name: str) -> RunDirectory:
         """A fresh run directory under ``out`` (default ``./runs``) named ``name-YYYYmmdd-HHMMSS``."""
         parent = Path(out) if out else Path("runs")
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -102,7 +110,7 @@ class RunDirectory:
         return rd
 
     @classmethod
-    def for_resume(cls, given: Path) -> "RunDirectory":
+    def for_resume(cls, given: Path) -> RunDirectory:
         given = Path(given)
         if given.name.endswith(PARTIAL_SUFFIX):
             rd = cls(given.with_name(given.name[: -len(PARTIAL_SUFFIX)]))
@@ -110,8 +118,8 @@ class RunDirectory:
             rd = cls(given)
         if not rd.path.is_dir():
             if rd.final.is_dir():
-                raise FileNotFoundError(f"{rd.final} is a completed run; nothing to resume")
-            raise FileNotFoundError(f"no interrupted run at {given} (looked for {rd.path})")
+                raise RunDirectoryNotFound(f"{rd.final} is a completed run; nothing to resume")
+            raise RunDirectoryNotFound(f"no interrupted run at {given} (looked for {rd.path})")
         return rd
 
     def file(self, *parts: str) -> Path:

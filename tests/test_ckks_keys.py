@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from aggregation import wire
-from aggregation.ckks import CKKSConfig, ClientKeyPair, DealerKey, KeyPackageError, PublicContext, deal, open_package
-from aggregation.ckks import codec
+from aggregation.ckks import CKKSConfig, ClientKeyPair, DealerKey, KeyPackageError, PublicContext, codec, deal, open_package
 from fedrlhf_secure.cli import main as cli
 
 CFG = CKKSConfig()
@@ -117,20 +116,69 @@ def test_keys_cli_round_trip_and_rejection(tmp_path, capsys):
         (pubs / f"client-{cid}.pub").write_text((tmp_path / f"c{cid}" / f"client-{cid}.pub").read_text())
     assert (tmp_path / "c4" / "client-4.key").stat().st_mode & 0o077 == 0
     assert cli(["keys", "dealer", "--out", str(tmp_path / "dealer")]) == 0
-    assert cli(["keys", "deal", "--dealer-key", str(tmp_path / "dealer" / "dealer.key"), "--clients", str(pubs),
-                "--out", str(tmp_path / "deal"), "--set", "aggregation.scale_bits=36"]) == 0
+    assert (
+        cli(
+            [
+                "keys",
+                "deal",
+                "--dealer-key",
+                str(tmp_path / "dealer" / "dealer.key"),
+                "--clients",
+                str(pubs),
+                "--out",
+                str(tmp_path / "deal"),
+                "--set",
+                "aggregation.scale_bits=36",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     key_id = out.split("CKKS key ")[1].split()[0]
-    ok = cli(["keys", "open", "--package", str(tmp_path / "deal" / "package-client-4.frame"),
-              "--client-key", str(tmp_path / "c4" / "client-4.key"), "--dealer-pub", str(tmp_path / "dealer" / "dealer.pub"),
-              "--set", "aggregation.scale_bits=36"])
+    ok = cli(
+        [
+            "keys",
+            "open",
+            "--package",
+            str(tmp_path / "deal" / "package-client-4.frame"),
+            "--client-key",
+            str(tmp_path / "c4" / "client-4.key"),
+            "--dealer-pub",
+            str(tmp_path / "dealer" / "dealer.pub"),
+            "--set",
+            "aggregation.scale_bits=36",
+        ]
+    )
     assert ok == 0 and key_id in capsys.readouterr().out
-    swapped = cli(["keys", "open", "--package", str(tmp_path / "deal" / "package-client-9.frame"),
-                   "--client-key", str(tmp_path / "c4" / "client-4.key"), "--dealer-pub", str(tmp_path / "dealer" / "dealer.pub"),
-                   "--set", "aggregation.scale_bits=36"])
+    swapped = cli(
+        [
+            "keys",
+            "open",
+            "--package",
+            str(tmp_path / "deal" / "package-client-9.frame"),
+            "--client-key",
+            str(tmp_path / "c4" / "client-4.key"),
+            "--dealer-pub",
+            str(tmp_path / "dealer" / "dealer.pub"),
+            "--set",
+            "aggregation.scale_bits=36",
+        ]
+    )
     assert swapped == 1 and "addressed to client 9" in capsys.readouterr().err
-    insecure = cli(["keys", "deal", "--dealer-key", str(tmp_path / "dealer" / "dealer.key"), "--clients", str(pubs),
-                    "--out", str(tmp_path / "bad"), "--set", "aggregation.coeff_mod_bit_sizes=[60,60]"])
+    insecure = cli(
+        [
+            "keys",
+            "deal",
+            "--dealer-key",
+            str(tmp_path / "dealer" / "dealer.key"),
+            "--clients",
+            str(pubs),
+            "--out",
+            str(tmp_path / "bad"),
+            "--set",
+            "aggregation.coeff_mod_bit_sizes=[60,60]",
+        ]
+    )
     assert insecure == 2 and "109 bits" in capsys.readouterr().err
 
 
@@ -139,7 +187,7 @@ def test_dealt_key_files_drive_a_round_where_the_server_reads_only_the_public_co
 
     from aggregation.base import RoundContext
     from aggregation.ckks import CKKSAggregator
-    from aggregation.ckks_keys import DealtKeyFiles
+    from fedrlhf_secure.keys import DealtKeyFiles
 
     pubs = tmp_path / "pubs"
     for cid in (0, 1):
@@ -147,8 +195,21 @@ def test_dealt_key_files_drive_a_round_where_the_server_reads_only_the_public_co
         pubs.mkdir(exist_ok=True)
         (pubs / f"client-{cid}.pub").write_text((tmp_path / f"c{cid}" / f"client-{cid}.pub").read_text())
     assert cli(["keys", "dealer", "--out", str(tmp_path / "dealer")]) == 0
-    assert cli(["keys", "deal", "--dealer-key", str(tmp_path / "dealer" / "dealer.key"), "--clients", str(pubs),
-                "--out", str(tmp_path / "deal")]) == 0
+    assert (
+        cli(
+            [
+                "keys",
+                "deal",
+                "--dealer-key",
+                str(tmp_path / "dealer" / "dealer.key"),
+                "--clients",
+                str(pubs),
+                "--out",
+                str(tmp_path / "deal"),
+            ]
+        )
+        == 0
+    )
     dealer_pub = tmp_path / "dealer" / "dealer.pub"
     server_side = CKKSAggregator(CFG, DealtKeyFiles(CFG, tmp_path / "deal", dealer_pub))
     client_side = {

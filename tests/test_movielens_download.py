@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import argparse
 import zipfile
 
 import pytest
+from movielens_fixtures import write_ml100k
 
+from fedrlhf_secure.cli import main
 from fedrlhf_secure.tasks.movielens.data import load_split
 from fedrlhf_secure.tasks.movielens.download import (
     ML100K_U_DATA_SHA256,
     VerificationError,
-    add_arguments,
     install_archive,
-    run,
     sha256_file,
     verify_ml100k,
 )
-from movielens_fixtures import write_ml100k
 
 
 def make_archive(tmp_path, extra: dict[str, bytes] | None = None):
@@ -63,9 +61,7 @@ def test_incomplete_directory_is_not_verified(tmp_path):
 
 def test_command_installs_a_given_archive_and_refuses_a_tampered_one(tmp_path, capsys):
     archive, _ = make_archive(tmp_path)
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    rc = run(parser.parse_args(["--dest", str(tmp_path / "data"), "--archive", str(archive)]))
+    rc = main(["data", "--dest", str(tmp_path / "data"), "--archive", str(archive)])
     assert rc == 2 and "SHA-256" in capsys.readouterr().err  # the fixture is not the official data
 
 

@@ -23,17 +23,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
+import tenseal as ts
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
-import tenseal as ts
 
 from .. import wire
 from ..base import ProtocolError
@@ -75,11 +75,11 @@ class ClientKeyPair:
     private: X25519PrivateKey
 
     @classmethod
-    def generate(cls, client_id: int) -> "ClientKeyPair":
+    def generate(cls, client_id: int) -> ClientKeyPair:
         return cls(client_id, X25519PrivateKey.generate())
 
     @classmethod
-    def from_bytes(cls, client_id: int, raw: bytes) -> "ClientKeyPair":
+    def from_bytes(cls, client_id: int, raw: bytes) -> ClientKeyPair:
         if len(raw) != 32:
             raise ValueError(f"an X25519 private key is 32 bytes, got {len(raw)}")
         return cls(client_id, X25519PrivateKey.from_private_bytes(raw))
@@ -100,11 +100,11 @@ class DealerKey:
     signing: Ed25519PrivateKey
 
     @classmethod
-    def generate(cls) -> "DealerKey":
+    def generate(cls) -> DealerKey:
         return cls(Ed25519PrivateKey.generate())
 
     @classmethod
-    def from_bytes(cls, raw: bytes) -> "DealerKey":
+    def from_bytes(cls, raw: bytes) -> DealerKey:
         if len(raw) != 32:
             raise ValueError(f"an Ed25519 private key is 32 bytes, got {len(raw)}")
         return cls(Ed25519PrivateKey.from_private_bytes(raw))
@@ -150,12 +150,10 @@ class PublicContext:
 
     def encode(self, config: CKKSConfig) -> bytes:
         header = {"key_id": self.key_id.hex(), "epoch": self.epoch, "params": _params(config)}
-        return wire.encode(
-            wire.Frame(PUBLIC, header, {"context": wire.as_blob(self.context), "signature": wire.as_blob(self.signature)})
-        )
+        return wire.encode(wire.Frame(PUBLIC, header, {"context": wire.as_blob(self.context), "signature": wire.as_blob(self.signature)}))
 
     @classmethod
-    def decode(cls, data: bytes, config: CKKSConfig, dealer_verify: bytes) -> "PublicContext":
+    def decode(cls, data: bytes, config: CKKSConfig, dealer_verify: bytes) -> PublicContext:
         """Parse and authenticate (dealer signature, parameter set) a public context file or message."""
         try:
             frame = wire.decode(data, expect=PUBLIC, max_bytes=MAX_PUBLIC_CONTEXT_BYTES + 4096)
@@ -253,9 +251,7 @@ def _hex(value: str, n: int, name: str) -> bytes:
     return raw
 
 
-def open_package(
-    data: bytes, me: ClientKeyPair, dealer_verify: bytes, config: CKKSConfig, *, epoch: int | None = None
-) -> ClientKey:
+def open_package(data: bytes, me: ClientKeyPair, dealer_verify: bytes, config: CKKSConfig, *, epoch: int | None = None) -> ClientKey:
     """Authenticate and decrypt a key package addressed to ``me``; raise :class:`KeyPackageError`."""
     try:
         frame = wire.decode(data, expect=PACKAGE, max_bytes=MAX_PACKAGE_BYTES)

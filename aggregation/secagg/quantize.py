@@ -31,13 +31,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import AggregationConfigError
+
 MAX_LEVELS = 1 << 24
 """Above 2^24 levels float32 inputs carry no more precision."""
 MIN_AUTO_LEVELS_32 = 1 << 10
 """``bits: auto`` moves to 64-bit arithmetic when 32 bits would leave fewer levels than this."""
 
 
-class HeadroomError(ValueError):
+class HeadroomError(AggregationConfigError):
     """The configured range, weights, noise and client count could wrap the modular sum."""
 
 
@@ -176,6 +178,5 @@ def plan(
             continue
         return Quantizer(clip, lv, b, max_weight, weight_resolution, max_clients, noise_bound)
     raise HeadroomError(
-        "the masked sum could wrap around: " + "; ".join(reasons)
-        + " (lower levels, max_weight or noise_bound, or use bits: 64)"
+        "the masked sum could wrap around: " + "; ".join(reasons) + " (lower levels, max_weight or noise_bound, or use bits: 64)"
     )

@@ -62,22 +62,43 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dropout", type=float, nargs="+", default=[0.0, 0.1], help="dropout shares per cell")
     p.add_argument("--k", type=int, default=7, help="SecAgg+ degree (and Flower num_shares); 0 = the auto rule")
     p.add_argument("--append", action="store_true", help="keep the cells already in --json and run only the missing ones")
-    p.add_argument("--targets", action=argparse.BooleanOptionalAction, default=True,
-                   help="also run the three target cells (n=100/1000 k=7, full graph n=100; d=1e5) vs Flower")
+    p.add_argument(
+        "--targets",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run the three target cells (n=100/1000 k=7, full graph n=100; d=1e5) vs Flower",
+    )
     p.add_argument("--grid", action=argparse.BooleanOptionalAction, default=True, help="run the n x d x dropout grid")
-    p.add_argument("--flower", action=argparse.BooleanOptionalAction, default=True,
-                   help="compare with Flower 1.42 SecAgg+ (skipped with a message when flwr is missing)")
-    p.add_argument("--flower-full-graph", action="store_true",
-                   help="also run Flower on the full-graph target (n=100, k=99: several minutes)")
-    p.add_argument("--flower-max-nd", type=float, default=1e7,
-                   help="skip Flower in grid cells with n*d above this (it takes minutes there); targets always run")
-    p.add_argument("--ckks", action=argparse.BooleanOptionalAction, default=True,
-                   help="add CKKS rows from fedrlhf_secure.bench.ckks.measure(n, d) when that module exists")
+    p.add_argument(
+        "--flower",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="compare with Flower 1.42 SecAgg+ (skipped with a message when flwr is missing)",
+    )
+    p.add_argument(
+        "--flower-full-graph", action="store_true", help="also run Flower on the full-graph target (n=100, k=99: several minutes)"
+    )
+    p.add_argument(
+        "--flower-max-nd",
+        type=float,
+        default=1e7,
+        help="skip Flower in grid cells with n*d above this (it takes minutes there); targets always run",
+    )
+    p.add_argument(
+        "--ckks",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="add CKKS rows from fedrlhf_secure.bench.ckks.measure(n, d) when that module exists",
+    )
     p.add_argument("--ckks-max-nd", type=float, default=1e6, help="largest n*d cell given to the CKKS measure")
     p.add_argument("--max-memory-gb", type=float, default=4.0, help="skip cells whose inputs + state would exceed this")
     p.add_argument("--repeats", type=int, default=1, help="rounds per cell and kind; medians are reported")
-    p.add_argument("--json", type=Path, default=Path("bench/aggregation.json"))
-    p.add_argument("--doc", type=Path, default=Path("BENCHMARKS.md"))
+    p.add_argument(
+        "--json", type=Path, default=Path("bench/aggregation.json"), help="where the JSON results go (default bench/aggregation.json)"
+    )
+    p.add_argument(
+        "--doc", type=Path, default=Path("BENCHMARKS.md"), help="Markdown file whose section gets the table (default BENCHMARKS.md)"
+    )
 
 
 # ------------------------------------------------------------------------------------ inputs
@@ -183,8 +204,9 @@ def _flower(inputs, drops, k: int, t: int) -> dict[str, Any]:
 
     shifted = {c + 1: v for c, v in inputs.items()}  # Flower node ids must be non-zero
     t0 = time.perf_counter()
-    r = run_flower_secaggplus(shifted, num_shares=k, threshold=t, drop_from_stage={c + 1: 2 for c in drops},
-                              clipping_range=CLIP, max_weight=MAX_WEIGHT)
+    r = run_flower_secaggplus(
+        shifted, num_shares=k, threshold=t, drop_from_stage={c + 1: 2 for c in drops}, clipping_range=CLIP, max_weight=MAX_WEIGHT
+    )
     wall = time.perf_counter() - t0
     survivors = [c for c in inputs if c not in drops]
     if r.aggregate is None or not np.any(r.aggregate):
@@ -228,8 +250,10 @@ def measure_cell(n: int, d: int, drops: list[int], *, k: int, flower: bool, repe
     cfg = SecAggConfig(neighbours=k, threshold=t, clip_range=CLIP, max_weight=MAX_WEIGHT, bits=32)
     meta = {"n": n, "d": d, "k": min(k, n - 1), "t": t, "dropped": len(drops)}
     rows = []
-    kinds = [("plain", lambda: _ours("plain", PlainAggregator(), inputs, drops, ("encode", "update"))),
-             ("secagg", lambda: _ours("secagg", SecAggAggregator(cfg, n), inputs, drops, STAGES))]
+    kinds = [
+        ("plain", lambda: _ours("plain", PlainAggregator(), inputs, drops, ("encode", "update"))),
+        ("secagg", lambda: _ours("secagg", SecAggAggregator(cfg, n), inputs, drops, STAGES)),
+    ]
     if flower:
         kinds.append(("flower-secagg+", lambda: _flower(inputs, drops, min(k, n), t)))
     for kind, fn in kinds:
@@ -289,9 +313,14 @@ def run(args: argparse.Namespace) -> int:
     if flower_reason and any(r["kind"] == "flower-secagg+" for r in results):
         flower_reason = None  # earlier cells of this file do have Flower rows; new cells simply lack them
     payload: dict[str, Any] = {
-        "grid": {"n": list(ns), "d": list(ds), "dropout": args.dropout, "k": args.k}, "results": results, "targets": [],
-        "skipped": skipped, "flower": flower_reason or "flwr 1.42 SecAgg+, run right after the secagg row of the same cell", "ckks": previous.get("ckks", []),
-        "ckks_note": previous.get("ckks_note", "CKKS rows pending"), "complete": False,
+        "grid": {"n": list(ns), "d": list(ds), "dropout": args.dropout, "k": args.k},
+        "results": results,
+        "targets": [],
+        "skipped": skipped,
+        "flower": flower_reason or "flwr 1.42 SecAgg+, run right after the secagg row of the same cell",
+        "ckks": previous.get("ckks", []),
+        "ckks_note": previous.get("ckks_note", "CKKS rows pending"),
+        "complete": False,
     }
     # Cheapest cells first, and results written after every cell: on a shared machine a long grid can
     # be stopped at any point and still leave every finished cell in the JSON and the table.
@@ -303,8 +332,14 @@ def run(args: argparse.Namespace) -> int:
             skipped.append({"cell": label, "n": n, "d": d, "why": f"needs ~{_memory_gb(n, d, False):.1f} GB > --max-memory-gb"})
             continue
         if use_flower and _memory_gb(n, d, True) > args.max_memory_gb:
-            skipped.append({"cell": label + " (Flower only)", "n": n, "d": d,
-                            "why": f"Flower needs ~{_memory_gb(n, d, True):.1f} GB > --max-memory-gb"})
+            skipped.append(
+                {
+                    "cell": label + " (Flower only)",
+                    "n": n,
+                    "d": d,
+                    "why": f"Flower needs ~{_memory_gb(n, d, True):.1f} GB > --max-memory-gb",
+                }
+            )
             use_flower = False
         for row in measure_cell(n, d, drops, k=k, flower=use_flower, repeats=args.repeats):
             results.append({"cell": label, **row})
@@ -347,54 +382,120 @@ def _ckks(args, ns, ds) -> tuple[list[dict[str, Any]], str]:
 
 def _target_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
-    for label, n, d, k, _, _ in TARGETS:
+    for label, *_ in TARGETS:
         rows = {r["kind"]: r for r in results if r["cell"] == label and "aborted" not in r}
         if "secagg" not in rows:
             continue
         ours = rows["secagg"]
-        entry = {"cell": label, "secagg_seconds_round": ours["seconds_round"], "secagg_seconds_compute": ours["seconds_compute"],
-                 "secagg_bytes_up_per_client": ours["bytes_up_per_client"]}
+        entry = {
+            "cell": label,
+            "secagg_seconds_round": ours["seconds_round"],
+            "secagg_seconds_compute": ours["seconds_compute"],
+            "secagg_bytes_up_per_client": ours["bytes_up_per_client"],
+        }
         fl = rows.get("flower-secagg+")
         if fl:
-            entry.update({
-                "flower_seconds_round": fl["seconds_round"], "flower_seconds_compute": fl["seconds_compute"],
-                "flower_seconds_server": fl["seconds_server"], "flower_bytes_up_per_client": fl["bytes_up_per_client"],
-                "compute_speedup_vs_flower": fl["seconds_compute"] / ours["seconds_compute"],
-                "cpu_speedup_vs_flower": fl["cpu_seconds_round"] / ours["cpu_seconds_round"],
-                "secagg_cpu_seconds_round": ours["cpu_seconds_round"], "flower_cpu_seconds_round": fl["cpu_seconds_round"],
-                "round_time_ratio_vs_flower": ours["seconds_round"] / fl["seconds_round"],
-                "upload_ratio_vs_flower": ours["bytes_up_per_client"] / fl["bytes_up_per_client"],
-            })
+            entry.update(
+                {
+                    "flower_seconds_round": fl["seconds_round"],
+                    "flower_seconds_compute": fl["seconds_compute"],
+                    "flower_seconds_server": fl["seconds_server"],
+                    "flower_bytes_up_per_client": fl["bytes_up_per_client"],
+                    "compute_speedup_vs_flower": fl["seconds_compute"] / ours["seconds_compute"],
+                    "cpu_speedup_vs_flower": fl["cpu_seconds_round"] / ours["cpu_seconds_round"],
+                    "secagg_cpu_seconds_round": ours["cpu_seconds_round"],
+                    "flower_cpu_seconds_round": fl["cpu_seconds_round"],
+                    "round_time_ratio_vs_flower": ours["seconds_round"] / fl["seconds_round"],
+                    "upload_ratio_vs_flower": ours["bytes_up_per_client"] / fl["bytes_up_per_client"],
+                }
+            )
         out.append(entry)
     return out
 
 
 def _markdown(payload: dict[str, Any]) -> str:
-    head = ["cell", "kind", "n", "d", "k", "t", "dropped", "round s", "compute s", "CPU s", "server s", "client s (median)",
-            *[f"client {s} s" for s in STAGES], "up B/client", "down B/client", "max err of avg"]
+    head = [
+        "cell",
+        "kind",
+        "n",
+        "d",
+        "k",
+        "t",
+        "dropped",
+        "round s",
+        "compute s",
+        "CPU s",
+        "server s",
+        "client s (median)",
+        *[f"client {s} s" for s in STAGES],
+        "up B/client",
+        "down B/client",
+        "max err of avg",
+    ]
     rows = []
     for r in payload["results"]:
         if "aborted" in r:
-            rows.append([r["cell"], r["kind"], r["n"], r["d"], r["k"], r["t"], r["dropped"], f"aborted: {r['aborted']}",
-                         *[""] * (len(head) - 8)])
+            rows.append(
+                [r["cell"], r["kind"], r["n"], r["d"], r["k"], r["t"], r["dropped"], f"aborted: {r['aborted']}", *[""] * (len(head) - 8)]
+            )
             continue
         st = r["client_stage_seconds_median"]
-        rows.append([r["cell"], r["kind"], r["n"], r["d"], r["k"], r["t"], r["dropped"], r["seconds_round"], r["seconds_compute"],
-                     r["cpu_seconds_round"], r["seconds_server"], r["seconds_client_median"], *[st.get(s, "") for s in STAGES],
-                     int(r["bytes_up_per_client"]), int(r["bytes_down_per_client"]), r["max_abs_error_of_average"]])
-    parts = ["### Aggregation protocols (`fedrlhf bench aggregation`)", "",
-             "One in-process round per cell, every client and the server timed separately in one process; "
-             "dropped clients stop after the share-keys stage. 'compute s' is wall time summed over the clients and "
-             "the server; 'CPU s' is the process CPU time of the round (robust to other load on a shared machine). Flower = flwr 1.42 `SecAggPlusWorkflow` + "
-             f"`secaggplus_mod`, same inputs ({payload['flower']}).",
-             "" if payload.get("complete", True) else "\n**Partial run**: stopped before every cell finished; the cells below are all that was measured.",
-             "", markdown_table(head, rows)]
+        rows.append(
+            [
+                r["cell"],
+                r["kind"],
+                r["n"],
+                r["d"],
+                r["k"],
+                r["t"],
+                r["dropped"],
+                r["seconds_round"],
+                r["seconds_compute"],
+                r["cpu_seconds_round"],
+                r["seconds_server"],
+                r["seconds_client_median"],
+                *[st.get(s, "") for s in STAGES],
+                int(r["bytes_up_per_client"]),
+                int(r["bytes_down_per_client"]),
+                r["max_abs_error_of_average"],
+            ]
+        )
+    parts = [
+        "### Aggregation protocols (`fedrlhf bench aggregation`)",
+        "",
+        "One in-process round per cell, every client and the server timed separately in one process; "
+        "dropped clients stop after the share-keys stage. 'compute s' is wall time summed over the clients and "
+        "the server; 'CPU s' is the process CPU time of the round (robust to other load on a shared machine). "
+        "Flower = flwr 1.42 `SecAggPlusWorkflow` + "
+        f"`secaggplus_mod`, same inputs ({payload['flower']}).",
+        ""
+        if payload.get("complete", True)
+        else "\n**Partial run**: stopped before every cell finished; the cells below are all that was measured.",
+        "",
+        markdown_table(head, rows),
+    ]
     if payload["targets"]:
-        th = ["target cell", "ours round s", "Flower round s", "compute speed-up (wall)", "CPU speed-up", "round time ratio",
-              "upload ratio"]
-        tr = [[t["cell"], t["secagg_seconds_round"], t.get("flower_seconds_round", "n/a"), t.get("compute_speedup_vs_flower", "n/a"),
-               t.get("cpu_speedup_vs_flower", "n/a"), t.get("round_time_ratio_vs_flower", "n/a"), t.get("upload_ratio_vs_flower", "n/a")]
-              for t in payload["targets"]]
+        th = [
+            "target cell",
+            "ours round s",
+            "Flower round s",
+            "compute speed-up (wall)",
+            "CPU speed-up",
+            "round time ratio",
+            "upload ratio",
+        ]
+        tr = [
+            [
+                t["cell"],
+                t["secagg_seconds_round"],
+                t.get("flower_seconds_round", "n/a"),
+                t.get("compute_speedup_vs_flower", "n/a"),
+                t.get("cpu_speedup_vs_flower", "n/a"),
+                t.get("round_time_ratio_vs_flower", "n/a"),
+                t.get("upload_ratio_vs_flower", "n/a"),
+            ]
+            for t in payload["targets"]
+        ]
         parts += ["", "Targets (same run):", "", markdown_table(th, tr)]
     if payload["skipped"]:
         parts += ["", "Skipped cells: " + "; ".join(f"n={s['n']} d={s['d']} ({s['why']})" for s in payload["skipped"])]

@@ -29,36 +29,45 @@ def _cpu_seconds() -> float:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default="configs/movielens.yaml")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--data-dir", type=Path, default=None)
-    p.add_argument("--shadows", type=int, default=16)
+    p.add_argument("--config", default="configs/movielens.yaml", help="run config the benchmark measures (default configs/movielens.yaml)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set federation.rounds=3 (repeatable)",
+    )
+    p.add_argument("--data-dir", type=Path, default=None, help="datasets directory (default: $FEDRLHF_DATA_DIR)")
+    p.add_argument("--shadows", type=int, default=16, help="shadow runs of the LiRA audit (default 16)")
     p.add_argument("--canaries", type=int, default=0, help="also run the one-run ε audit with this many canaries")
-    p.add_argument("--json", type=Path, default=Path("bench/audit.json"))
-    p.add_argument("--doc", type=Path, default=Path("BENCHMARKS.md"))
+    p.add_argument("--json", type=Path, default=Path("bench/audit.json"), help="where the JSON results go (default bench/audit.json)")
+    p.add_argument(
+        "--doc", type=Path, default=Path("BENCHMARKS.md"), help="Markdown file whose section gets the table (default BENCHMARKS.md)"
+    )
     p.add_argument("--workers", type=int, default=None, help="worker processes for the audit's training runs (2 uses both cores)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
-    from attacks.audit import AuditSettings, audit_run, progress_steps
-    from fedrlhf_secure.config import load_config
-    from fedrlhf_secure.federation.engine import RunOptions, run_federation
+    from ..commands.audit import audit_with_progress  # the CLI front door is the runtime's only way to the attacks
+    from ..config import load_config
+    from ..federation.engine import RunOptions, run_federation
 
     config = load_config(args.config, args.overrides)
-    settings = AuditSettings(num_shadows=args.shadows, num_canaries=args.canaries, workers=args.workers)
     with tempfile.TemporaryDirectory(prefix="fedrlhf-bench-audit-") as tmp:
         t0 = time.perf_counter()
         run_dir = run_federation(config, RunOptions(data_dir=args.data_dir, out=Path(tmp), progress=not args.no_progress))
         target_seconds = time.perf_counter() - t0
-        bar = tqdm(total=progress_steps(settings), desc="audit", unit="run", disable=args.no_progress)
         t0, c0 = time.perf_counter(), _cpu_seconds()
-        try:
-            report = audit_run(run_dir, args.data_dir, settings, progress=bar.set_postfix_str, step=lambda: bar.update(1))
-        finally:
-            bar.close()
+        report = audit_with_progress(
+            run_dir,
+            args.data_dir,
+            show_progress=not args.no_progress,
+            num_shadows=args.shadows,
+            num_canaries=args.canaries,
+            workers=args.workers,
+        )
         audit_seconds = time.perf_counter() - t0
         audit_cpu_seconds = _cpu_seconds() - c0
     attacks = report["released_parameters"]["attacks"]
@@ -75,8 +84,9 @@ def run(args: argparse.Namespace) -> int:
         "attacks": attacks,
         "epsilon": report.get("epsilon"),
     }
-    write_json(args.json, {"config": args.config, "overrides": args.overrides, "shadows": args.shadows, "workers": args.workers,
-                           "results": result})
+    write_json(
+        args.json, {"config": args.config, "overrides": args.overrides, "shadows": args.shadows, "workers": args.workers, "results": result}
+    )
     rows = [[name, m["auc"], m["tpr_at_0_1pct_fpr"], m["tpr_at_1pct_fpr"], m["balanced_accuracy"]] for name, m in attacks.items()]
     body = (
         f"### Membership audit (`fedrlhf bench audit --config {args.config}`, {args.shadows} shadow runs)\n\n"

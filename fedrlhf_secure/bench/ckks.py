@@ -20,14 +20,14 @@ import argparse
 import os
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from aggregation.base import RoundContext
-from aggregation.ckks import CKKSConfig, factory
-from aggregation.ckks import codec
+from aggregation.ckks import CKKSConfig, codec, factory
 from aggregation.ckks.params import MAX_LOG_Q_128
 
 DEFAULT = ("ckks", CKKSConfig())
@@ -111,7 +111,7 @@ class _PartyTimer:
         codec.encrypt(self.payload, self.key.context, self.config)
 
     def aggregate(self) -> None:
-        for a, c in zip(self.acc, codec.load_chunks(self.blobs, self.server_ctx, self.config, self.d + 1)):
+        for a, c in zip(self.acc, codec.load_chunks(self.blobs, self.server_ctx, self.config, self.d + 1), strict=False):
             a.add_(c)
 
     def decrypt(self) -> None:
@@ -187,19 +187,46 @@ def sweep(d: int, *, n: int = 10, seed: int = 0, data_bits: Sequence[int] = (44,
         special = min(60, MAX_LOG_Q_128[4096] - bits)
         cfg = CKKSConfig(coeff_mod_bit_sizes=(bits, special), scale_bits=bits - 22)
         r = _full_round(f"q{bits}", cfg, n, d, seed, uniform=True)
-        rows.append({"coeff_mod_bit_sizes": [bits, special], "scale_bits": cfg.scale_bits, "headroom": 2.0 ** 21,
-                     "expansion_vs_float32": r["expansion_vs_float32"], "rel_error": r["rel_error"]})
+        rows.append(
+            {
+                "coeff_mod_bit_sizes": [bits, special],
+                "scale_bits": cfg.scale_bits,
+                "headroom": 2.0**21,
+                "expansion_vs_float32": r["expansion_vs_float32"],
+                "rel_error": r["rel_error"],
+            }
+        )
     return rows
 
 
-TABLE_HEADERS = ("mode", "N", "primes", "scale", "n", "d", "expansion ×f32", "rel. error",
-                 "enc s/1e6 (cpu)", "agg s/1e6 (cpu)", "dec s/1e6 (cpu)", "round s (cpu)")
+TABLE_HEADERS = (
+    "mode",
+    "N",
+    "primes",
+    "scale",
+    "n",
+    "d",
+    "expansion ×f32",
+    "rel. error",
+    "enc s/1e6 (cpu)",
+    "agg s/1e6 (cpu)",
+    "dec s/1e6 (cpu)",
+    "round s (cpu)",
+)
 
 
 def table_rows(rows: Sequence[dict[str, Any]]) -> list[list[Any]]:
     return [
-        [r["mode"], r["poly_modulus_degree"], str(r["coeff_mod_bit_sizes"]), f"2^{r['scale_bits']}", r["n"], r["d"],
-         r["expansion_vs_float32"], r["rel_error"]]
+        [
+            r["mode"],
+            r["poly_modulus_degree"],
+            str(r["coeff_mod_bit_sizes"]),
+            f"2^{r['scale_bits']}",
+            r["n"],
+            r["d"],
+            r["expansion_vs_float32"],
+            r["rel_error"],
+        ]
         + [f"{r[f'{k}_s_per_1e6']:.3g} ({r[f'{k}_cpu_s_per_1e6']:.3g})" for k in ("encrypt", "aggregate", "decrypt")]
         + [f"{r['round_s']:.3g} ({r['round_cpu_s']:.3g})"]
         for r in rows
@@ -265,8 +292,10 @@ def run(args: argparse.Namespace) -> int:
             "",
             f"Data-prime sweep (n=10, d={args.sweep_d}, uniform weights, clipped-size updates, headroom 2^21):",
             "",
-            markdown_table(("primes", "scale", "expansion ×f32", "rel. error"),
-                           [[str(r["coeff_mod_bit_sizes"]), f"2^{r['scale_bits']}", r["expansion_vs_float32"], r["rel_error"]] for r in swept]),
+            markdown_table(
+                ("primes", "scale", "expansion ×f32", "rel. error"),
+                [[str(r["coeff_mod_bit_sizes"]), f"2^{r['scale_bits']}", r["expansion_vs_float32"], r["rel_error"]] for r in swept],
+            ),
         ]
     body = "\n".join(parts)
     update_section(args.doc, "ckks", body)

@@ -32,21 +32,46 @@ from .report import markdown_table, update_section, write_json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default="configs/movielens.yaml")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--data-dir", type=Path, default=None)
+    p.add_argument("--config", default="configs/movielens.yaml", help="run config the benchmark measures (default configs/movielens.yaml)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set federation.rounds=3 (repeatable)",
+    )
+    p.add_argument("--data-dir", type=Path, default=None, help="datasets directory (default: $FEDRLHF_DATA_DIR)")
     p.add_argument("--utility", action="store_true", help="run the privacy-utility grid instead of the overhead benchmark")
     p.add_argument("--clients", type=int, default=None, help="utility: seeded subset of this many clients (default: all)")
-    p.add_argument("--epsilons", nargs="+", type=float, default=[1.0, 2.0, 4.0, 8.0, math.inf])
-    p.add_argument("--modes", nargs="+", default=["record", "client"], choices=["record", "client"])
-    p.add_argument("--aggregations", nargs="+", default=["plain", "secagg"])
-    p.add_argument("--delta", type=float, default=1e-5)
+    p.add_argument(
+        "--epsilons",
+        nargs="+",
+        type=float,
+        default=[1.0, 2.0, 4.0, 8.0, math.inf],
+        help="ε budgets of the privacy-utility table (inf: no noise)",
+    )
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        default=["record", "client"],
+        choices=["record", "client"],
+        help="DP modes to measure: record (DP-SGD), client (DP-FedAvg)",
+    )
+    p.add_argument("--aggregations", nargs="+", default=["plain", "secagg"], help="aggregation kinds to run each mode with")
+    p.add_argument("--delta", type=float, default=1e-5, help="privacy δ of every run (default 1e-5)")
     p.add_argument("--overhead-clients", type=int, default=24, help="overhead: clients timed")
     p.add_argument("--repeats", type=int, default=3, help="overhead: timed repetitions per client (median kept)")
     p.add_argument("--json", type=Path, default=None, help="default bench/dp.json or bench/dp_utility.json")
-    p.add_argument("--doc", type=Path, default=Path("BENCHMARKS.md"))
-    p.add_argument("--section", default=None, help="utility: the BENCHMARKS.md section to write (default dp-utility), "
-                   "so grids on different settings (say, one client per user and silos of users) can sit side by side")
+    p.add_argument(
+        "--doc", type=Path, default=Path("BENCHMARKS.md"), help="Markdown file whose section gets the table (default BENCHMARKS.md)"
+    )
+    p.add_argument(
+        "--section",
+        default=None,
+        help="utility: the BENCHMARKS.md section to write (default dp-utility), "
+        "so grids on different settings (say, one client per user and silos of users) can sit side by side",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -95,15 +120,24 @@ def _overhead(args: argparse.Namespace) -> int:
                 t0 = time.perf_counter()
                 if kind == "train_plain":  # the non-private fit's training epochs: compact model, shared parameters
                     policy = build_policy(shared, client._user_rows, client.local_items)
-                    _run_epochs(policy, _adam(policy, task.settings, personal=False, shared=True), client.local_data,
-                                client.feedback_profiles, task.settings, epochs, np.random.default_rng(max(rep, 0)))
+                    _run_epochs(
+                        policy,
+                        _adam(policy, task.settings, personal=False, shared=True),
+                        client.local_data,
+                        client.feedback_profiles,
+                        task.settings,
+                        epochs,
+                        np.random.default_rng(max(rep, 0)),
+                    )
                 elif kind == "train_dp":  # the DP fit's training epochs: Opacus on the full table
                     policy = build_policy(shared, client._dp_user_rows, None, item_scale=task.config.dp_item_scale)
-                    train_epochs_dp(policy, client._dp_data, client.feedback_profiles, task.settings, epochs, dp,
-                                    rng=np.random.default_rng(max(rep, 0)))
+                    train_epochs_dp(
+                        policy, client._dp_data, client.feedback_profiles, task.settings, epochs, dp, rng=np.random.default_rng(max(rep, 0))
+                    )
                 else:
-                    client.fit(shared, FitConfig(round=max(rep, 0), local_epochs=epochs, seed=max(rep, 0),
-                                                 dp_sgd=dp if kind == "fit_dp" else None))
+                    client.fit(
+                        shared, FitConfig(round=max(rep, 0), local_epochs=epochs, seed=max(rep, 0), dp_sgd=dp if kind == "fit_dp" else None)
+                    )
                 if rep >= 0:
                     times[kind].append(time.perf_counter() - t0)
         rows.append({"client": cid, "records": n, "sample_rate": q, **{f"seconds_{k}": statistics.median(v) for k, v in times.items()}})
@@ -126,18 +160,43 @@ def _overhead(args: argparse.Namespace) -> int:
     }
     path = write_json(args.json or Path("bench/dp.json"), {"config": args.config, "overrides": args.overrides, "overhead": result})
     table = markdown_table(
-        ["clients", "records", "batch (plain / DP)", "s/epoch non-private", "s/epoch DP-SGD", "DP / non-private per epoch",
-         "s/fit non-private", "s/fit DP", "DP / non-private per fit", "target"],
-        [[result["clients"], result["records"], f"{result['plain_batch_size']} / {batch}", result["seconds_per_epoch_plain"],
-          result["seconds_per_epoch_dp"], result["ratio_epoch"], total["fit_plain"], total["fit_dp"], result["ratio_fit"],
-          "≤ 2× per epoch"]],
+        [
+            "clients",
+            "records",
+            "batch (plain / DP)",
+            "s/epoch non-private",
+            "s/epoch DP-SGD",
+            "DP / non-private per epoch",
+            "s/fit non-private",
+            "s/fit DP",
+            "DP / non-private per fit",
+            "target",
+        ],
+        [
+            [
+                result["clients"],
+                result["records"],
+                f"{result['plain_batch_size']} / {batch}",
+                result["seconds_per_epoch_plain"],
+                result["seconds_per_epoch_dp"],
+                result["ratio_epoch"],
+                total["fit_plain"],
+                total["fit_dp"],
+                result["ratio_fit"],
+                "≤ 2× per epoch",
+            ]
+        ],
     )
-    body = _section_header("DP-SGD overhead per local epoch (`fedrlhf bench dp`)", args) + table + (
-        f"\n\nSame clients, same process, median of {args.repeats} repetitions per client. *Per epoch*: the "
-        f"training epochs of a fit ({epochs} per round), non-private (Adam on the compact model holding the client's "
-        "rated item rows, the non-private fit's shared phase) vs DP-SGD (Opacus ghost clipping, Poisson batches, "
-        "noise on the full item table, because under record-level DP the rated set is itself private). *Per fit*: "
-        "a whole `client.fit` of one round, both including the personal-embedding epochs every fit starts with.\n"
+    body = (
+        _section_header("DP-SGD overhead per local epoch (`fedrlhf bench dp`)", args)
+        + table
+        + (
+            f"\n\nSame clients, same process, median of {args.repeats} repetitions per client. *Per epoch*: the "
+            f"training epochs of a fit ({epochs} per round), non-private (Adam on the compact model holding the client's "
+            "rated item rows, the non-private fit's shared phase) vs DP-SGD (Opacus ghost clipping, Poisson batches, "
+            "noise on the full item table, because under record-level DP the rated set is itself private). *Per fit*: "
+            "a whole `client.fit` of one round, both including the personal-embedding epochs every fit starts with.\n"
+        )
     )
     _update_doc(args.doc, "dp", body)
     print(json.dumps({k: v for k, v in result.items() if k != "per_client"}, indent=2))
@@ -170,7 +229,7 @@ def _utility(args: argparse.Namespace) -> int:
     grid = []
     for aggregation in args.aggregations:
         for eps in args.epsilons:
-            for mode in (args.modes if not math.isinf(eps) else ["none"]):
+            for mode in args.modes if not math.isinf(eps) else ["none"]:
                 grid.append((aggregation, eps, mode))
     for aggregation, eps, mode in grid:
         overrides = base + _run_overrides(mode, eps, aggregation, args.delta)
@@ -183,15 +242,22 @@ def _utility(args: argparse.Namespace) -> int:
             path = run_federation(config, RunOptions(data_dir=args.data_dir, out=Path(tmp), progress=True))
             summary = json.loads((path / "summary.json").read_text())
         res = {
-            "aggregation": aggregation, "mode": mode, "epsilon_target": eps,
+            "aggregation": aggregation,
+            "mode": mode,
+            "epsilon_target": eps,
             "epsilon_spent": summary["privacy"].get("epsilon_spent_max"),
             "heldout_accuracy": summary["final"].get("heldout_accuracy"),
-            "rounds": summary["rounds_completed"], "clients": summary["num_clients"],
-            "seconds": time.perf_counter() - t0, "overrides": overrides,
+            "rounds": summary["rounds_completed"],
+            "clients": summary["num_clients"],
+            "seconds": time.perf_counter() - t0,
+            "overrides": overrides,
         }
         results.append(res)
         print(json.dumps(res))
-    path = write_json(args.json or Path(f"bench/{(args.section or 'dp-utility').replace('-', '_')}.json"), {"config": args.config, "overrides": base, "delta": args.delta, "results": results})
+    path = write_json(
+        args.json or Path(f"bench/{(args.section or 'dp-utility').replace('-', '_')}.json"),
+        {"config": args.config, "overrides": base, "delta": args.delta, "results": results},
+    )
     plot = _plot(results, path.with_suffix(".png"))
     header = ["aggregation", "DP"] + [("∞ (non-private)" if math.isinf(e) else f"ε={e:g}") for e in args.epsilons]
     rows = []
@@ -204,12 +270,16 @@ def _utility(args: argparse.Namespace) -> int:
                 row.append(hit[0]["heldout_accuracy"] if hit else "-")
             rows.append(row)
     clients = results[0]["clients"] if results else 0
-    body = _section_header("Privacy–utility on ML-100k u1 (`fedrlhf bench dp --utility`)", args) + markdown_table(header, rows) + (
-        f"\n\nHeld-out accuracy after {results[0]['rounds'] if results else '?'} rounds, {clients} clients"
-        f"{' (seeded subset: ' + str(args.clients) + ' users)' if args.clients else ''}, δ={args.delta:g}. Record level: Opacus "
-        "DP-SGD, σ calibrated per client over all rounds (PRV unless overridden). Client level: DP-FedAvg, uniform weights, "
-        "distributed noise (Gaussian shares with plain aggregation, Skellam shares in the quantised domain under SecAgg). "
-        f"Plot: `{plot}`.\n"
+    body = (
+        _section_header("Privacy–utility on ML-100k u1 (`fedrlhf bench dp --utility`)", args)
+        + markdown_table(header, rows)
+        + (
+            f"\n\nHeld-out accuracy after {results[0]['rounds'] if results else '?'} rounds, {clients} clients"
+            f"{' (seeded subset: ' + str(args.clients) + ' users)' if args.clients else ''}, δ={args.delta:g}. Record level: Opacus "
+            "DP-SGD, σ calibrated per client over all rounds (PRV unless overridden). Client level: DP-FedAvg, uniform weights, "
+            "distributed noise (Gaussian shares with plain aggregation, Skellam shares in the quantised domain under SecAgg). "
+            f"Plot: `{plot}`.\n"
+        )
     )
     _update_doc(args.doc, args.section or "dp-utility", body)
     print(markdown_table(header, rows))
@@ -248,14 +318,25 @@ def _plot(results: list[dict[str, Any]], out: Path) -> Path:
     for aggregation in sorted({r["aggregation"] for r in results}):
         base = [r for r in results if r["aggregation"] == aggregation and r["mode"] == "none"]
         if base:
-            ax.axhline(base[0]["heldout_accuracy"], ls=":", color="grey" if aggregation == "plain" else "black", lw=1,
-                       label=f"non-private ({aggregation})")
+            ax.axhline(
+                base[0]["heldout_accuracy"],
+                ls=":",
+                color="grey" if aggregation == "plain" else "black",
+                lw=1,
+                label=f"non-private ({aggregation})",
+            )
         for mode, marker in (("record", "o"), ("client", "s")):
-            pts = sorted((r["epsilon_target"], r["heldout_accuracy"]) for r in results
-                         if r["aggregation"] == aggregation and r["mode"] == mode)
+            pts = sorted(
+                (r["epsilon_target"], r["heldout_accuracy"]) for r in results if r["aggregation"] == aggregation and r["mode"] == mode
+            )
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, ls="-" if aggregation == "plain" else "--",
-                        label=f"{mode}-level, {aggregation}")
+                ax.plot(
+                    [p[0] for p in pts],
+                    [p[1] for p in pts],
+                    marker=marker,
+                    ls="-" if aggregation == "plain" else "--",
+                    label=f"{mode}-level, {aggregation}",
+                )
     ax.set_xscale("log", base=2)
     if finite:
         ax.set_xticks(finite, [f"{e:g}" for e in finite])

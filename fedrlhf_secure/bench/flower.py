@@ -28,13 +28,17 @@ MODULE = "fedrlhf_secure.bench.vector_task"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--clients", type=int, default=10)
-    p.add_argument("--dim", type=int, default=100_000)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--clients", type=int, default=10, help="clients per round (default 10)")
+    p.add_argument("--dim", type=int, default=100_000, help="parameters per update (default 100000)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds per measurement (default 3)")
     p.add_argument("--nodes", type=int, default=5, help="SuperNodes the clients are spread over (round-robin)")
-    p.add_argument("--modes", nargs="+", default=["plain", "secagg"], choices=["plain", "secagg"])
-    p.add_argument("--json", type=Path, default=Path("bench/flower.json"))
-    p.add_argument("--doc", type=Path, default=Path("BENCHMARKS.md"))
+    p.add_argument(
+        "--modes", nargs="+", default=["plain", "secagg"], choices=["plain", "secagg"], help="aggregations to measure over Flower"
+    )
+    p.add_argument("--json", type=Path, default=Path("bench/flower.json"), help="where the JSON results go (default bench/flower.json)")
+    p.add_argument(
+        "--doc", type=Path, default=Path("BENCHMARKS.md"), help="Markdown file whose section gets the table (default BENCHMARKS.md)"
+    )
 
 
 def _rows(run: Path) -> list[dict]:
@@ -49,11 +53,10 @@ def run(args: argparse.Namespace) -> int:
 
     importlib.import_module(MODULE)
     from ..config import load_config
-    from ..federation.engine import RunOptions, run_federation
-    from ..transport.client_host import ClientHost
+    from ..federation.engine import RunOptions, run_federation, run_remote_federation
+    from ..federation.links import InProcessLink
+    from ..federation.participant import ParticipantHost
     from ..transport.local_deployment import LocalDeployment, partition
-    from ..transport.node_driver import InProcessLink
-    from ..transport.server_loop import run_remote_federation
 
     results = []
     with tempfile.TemporaryDirectory(prefix="fedrlhf-bench-flower-") as tmp_s:
@@ -77,8 +80,12 @@ def run(args: argparse.Namespace) -> int:
                 engine = _rows(run_federation(config, RunOptions(out=tmp / f"engine-{mode}", progress=False)))
                 bar.update(1)
                 bar.set_postfix_str(f"{mode}: node protocol")
-                hosts = {i: ClientHost(g, None) for i, g in enumerate(groups)}
-                nodes = _rows(run_remote_federation(config, InProcessLink(hosts), dict(enumerate(groups)), RunOptions(out=tmp / f"nodes-{mode}", progress=False)))
+                hosts = {i: ParticipantHost(g, None) for i, g in enumerate(groups)}
+                nodes = _rows(
+                    run_remote_federation(
+                        config, InProcessLink(hosts), dict(enumerate(groups)), RunOptions(out=tmp / f"nodes-{mode}", progress=False)
+                    )
+                )
                 bar.update(1)
                 bar.set_postfix_str(f"{mode}: Flower")
                 flower = _rows(dep.run(path, tmp / f"flower-{mode}", stage_timeout=300.0, timeout=3000))
@@ -115,13 +122,35 @@ def run(args: argparse.Namespace) -> int:
 def write_report(doc: Path, results: list[dict], startup: float) -> None:
     """The ``flower`` section of BENCHMARKS.md from this benchmark's results."""
     rows = [
-        [r["mode"], r["clients"], r["dim"], r["supernodes"], r["engine_s_per_round"], r["node_protocol_s_per_round"], r["flower_s_per_round"],
-         r["flower_overhead_s_per_round"], r["flower_over_engine"], r["flower_stages_per_round"], r["flower_payload_bytes_per_round"]]
+        [
+            r["mode"],
+            r["clients"],
+            r["dim"],
+            r["supernodes"],
+            r["engine_s_per_round"],
+            r["node_protocol_s_per_round"],
+            r["flower_s_per_round"],
+            r["flower_overhead_s_per_round"],
+            r["flower_over_engine"],
+            r["flower_stages_per_round"],
+            r["flower_payload_bytes_per_round"],
+        ]
         for r in results
     ]
     table = markdown_table(
-        ["mode", "clients", "d", "SuperNodes", "engine s/round", "node protocol s/round", "Flower s/round", "Flower overhead s/round",
-         "Flower / engine", "Flower exchanges/round", "node-frame bytes/round (fit + aggregation)"],
+        [
+            "mode",
+            "clients",
+            "d",
+            "SuperNodes",
+            "engine s/round",
+            "node protocol s/round",
+            "Flower s/round",
+            "Flower overhead s/round",
+            "Flower / engine",
+            "Flower exchanges/round",
+            "node-frame bytes/round (fit + aggregation)",
+        ],
         rows,
     )
     rounds = results[0]["rounds"] if results else 0

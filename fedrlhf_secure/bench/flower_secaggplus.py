@@ -18,8 +18,8 @@ A dropout is a client that stops replying from a given stage on (Flower's stage 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 import numpy as np
 
@@ -59,9 +59,10 @@ def run_flower_secaggplus(
 ) -> FlowerRound:
     """One round of Flower SecAgg+ over ``inputs[node_id] = (vector, weight)``."""
     from flwr.app import ConfigRecord, Context, Message, RecordDict
-    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
-    from flwr.common.serde import message_from_proto, message_to_proto
     from flwr.client.mod import secaggplus_mod
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+    from flwr.common.serde import message_from_proto, message_to_proto
     from flwr.compat.common import recorddict_compat as compat
     from flwr.server.client_manager import SimpleClientManager
     from flwr.server.client_proxy import ClientProxy
@@ -69,7 +70,6 @@ def run_flower_secaggplus(
     from flwr.server.strategy import FedAvg
     from flwr.server.workflow import SecAggPlusWorkflow
     from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
-    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
     drop_from_stage = dict(drop_from_stage or {})
     stages = ["setup", "share_keys", "collect_masked_vectors", "unmask"]
@@ -88,9 +88,7 @@ def run_flower_secaggplus(
         def aggregate_fit(self, server_round, results, failures):
             return (results[0][1].parameters if results else None), {}
 
-    client_ctx = {
-        nid: Context(run_id=0, node_id=nid, node_config={}, state=RecordDict(), run_config={}) for nid in inputs
-    }
+    client_ctx = {nid: Context(run_id=0, node_id=nid, node_config={}, state=RecordDict(), run_config={}) for nid in inputs}
     client_seconds = {nid: 0.0 for nid in inputs}
     bytes_up = {nid: 0 for nid in inputs}
     bytes_down = {nid: 0 for nid in inputs}
@@ -138,7 +136,9 @@ def run_flower_secaggplus(
         ndarrays_to_parameters([np.zeros(dim, np.float32)]), keep_input=True
     )
     strategy = _TakeAggregate(fraction_fit=1.0, min_fit_clients=len(inputs), min_available_clients=len(inputs))
-    context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=state, run_config={}), strategy=strategy, client_manager=manager)
+    context = LegacyContext(
+        Context(run_id=0, node_id=0, node_config={}, state=state, run_config={}), strategy=strategy, client_manager=manager
+    )
     workflow = SecAggPlusWorkflow(num_shares, threshold, max_weight=max_weight, clipping_range=clipping_range)
     import logging
 

@@ -11,8 +11,9 @@ import os
 import platform
 import re
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 
 def machine_info() -> dict[str, Any]:

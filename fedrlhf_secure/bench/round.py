@@ -17,12 +17,21 @@ from .report import markdown_table, update_section, write_json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default="configs/movielens.yaml")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--data-dir", type=Path, default=None)
+    p.add_argument("--config", default="configs/movielens.yaml", help="run config the benchmark measures (default configs/movielens.yaml)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set federation.rounds=3 (repeatable)",
+    )
+    p.add_argument("--data-dir", type=Path, default=None, help="datasets directory (default: $FEDRLHF_DATA_DIR)")
     p.add_argument("--aggregations", nargs="+", default=["plain"], help="aggregation kinds to time side by side")
-    p.add_argument("--json", type=Path, default=Path("bench/round.json"))
-    p.add_argument("--doc", type=Path, default=Path("BENCHMARKS.md"))
+    p.add_argument("--json", type=Path, default=Path("bench/round.json"), help="where the JSON results go (default bench/round.json)")
+    p.add_argument(
+        "--doc", type=Path, default=Path("BENCHMARKS.md"), help="Markdown file whose section gets the table (default BENCHMARKS.md)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
             t0 = time.perf_counter()
             path = run_federation(config, RunOptions(data_dir=args.data_dir, out=Path(tmp), progress=True))
             total = time.perf_counter() - t0
-            history = [json.loads(l) for l in (path / "metrics.jsonl").read_text().splitlines()]
+            history = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
             summary = json.loads((path / "summary.json").read_text())
         per_round = [h["seconds"] for h in history]
         res = {
@@ -53,12 +62,38 @@ def run(args: argparse.Namespace) -> int:
             "bytes_down_per_client": history[-1]["bytes_down_per_client"],
         }
         results.append(res)
-        rows.append([kind, res["clients"], res["rounds"], res["seconds_total"], res["seconds_per_round_median"], res["seconds_fit_median"],
-                     res["seconds_aggregation_median"], res["seconds_eval_median"], res["heldout_accuracy"], res["bytes_up_per_client"], res["bytes_down_per_client"]])
+        rows.append(
+            [
+                kind,
+                res["clients"],
+                res["rounds"],
+                res["seconds_total"],
+                res["seconds_per_round_median"],
+                res["seconds_fit_median"],
+                res["seconds_aggregation_median"],
+                res["seconds_eval_median"],
+                res["heldout_accuracy"],
+                res["bytes_up_per_client"],
+                res["bytes_down_per_client"],
+            ]
+        )
         print(json.dumps(res))
     write_json(args.json, {"config": args.config, "overrides": args.overrides, "results": results})
     table = markdown_table(
-        ["aggregation", "clients", "rounds", "total s", "s/round (median)", "fit s", "aggregation s", "eval s", "held-out acc", "bytes up/client", "bytes down/client"], rows
+        [
+            "aggregation",
+            "clients",
+            "rounds",
+            "total s",
+            "s/round (median)",
+            "fit s",
+            "aggregation s",
+            "eval s",
+            "held-out acc",
+            "bytes up/client",
+            "bytes down/client",
+        ],
+        rows,
     )
     update_section(args.doc, "round", f"### One federation (`fedrlhf bench round --config {args.config}`)\n\n{table}")
     print(f"results: {args.json} and {args.doc}")

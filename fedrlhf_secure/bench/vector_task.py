@@ -7,9 +7,9 @@ is imported (``fedrlhf deploy client-host --task-module fedrlhf_secure.bench.vec
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 

@@ -13,9 +13,16 @@ from ..rundir import RunDirectory, atomic_write_json
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML config whose task, split and model the baselines use")
     p.add_argument("--which", nargs="+", default=None, help="baselines to run (default: all the task offers)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set federation.rounds=3 (repeatable)",
+    )
     p.add_argument("--out", type=Path, default=None, help="parent directory of run directories (default: ./runs)")
-    p.add_argument("--data-dir", type=Path, default=None)
+    p.add_argument("--data-dir", type=Path, default=None, help="datasets directory (default: $FEDRLHF_DATA_DIR)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,7 +36,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         (rd.path / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
         results = run_baselines(task, names, config.federation)
-        atomic_write_json(rd.path / "summary.json", {"task": config.task.kind, "seed": config.seed, "baselines": results, "versions": package_versions()})
+        atomic_write_json(
+            rd.path / "summary.json", {"task": config.task.kind, "seed": config.seed, "baselines": results, "versions": package_versions()}
+        )
     except BaseException:
         rd.discard()
         raise

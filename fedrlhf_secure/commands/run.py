@@ -13,7 +13,14 @@ from ..configtypes import ConfigError
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="YAML config (e.g. configs/movielens.yaml); omit with --resume")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. --set federation.rounds=3 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set federation.rounds=3 (repeatable)",
+    )
     p.add_argument("--out", type=Path, default=None, help="parent directory of run directories (default: ./runs)")
     p.add_argument("--name", default=None, help="run directory name prefix (default: TASK-AGGREGATION)")
     p.add_argument("--data-dir", type=Path, default=None, help="datasets directory (default: $FEDRLHF_DATA_DIR)")
@@ -49,7 +56,9 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("give a CONFIG file (e.g. configs/movielens.yaml) or --resume RUN_DIR")
         config = load_config(args.config, overrides_from_args(args))
         if args.epsilon is not None and config.privacy.mode == "none":
-            raise ConfigError("--epsilon needs a DP mode: add --set privacy.mode=record (DP-SGD) or privacy.mode=client (DP-FedAvg)", source=args.config)
+            raise ConfigError(
+                "--epsilon needs a DP mode: add --set privacy.mode=record (DP-SGD) or privacy.mode=client (DP-FedAvg)", source=args.config
+            )
         path = run_federation(config, options)
     summary = json.loads((path / "summary.json").read_text())
     final = summary.get("final", {})
@@ -59,8 +68,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"privacy: ε spent (max over clients) = {eps:.3f}, δ = {summary['privacy'].get('delta')}")
     if summary.get("stopped_early"):
         print(f"stopped early: {summary['stopped_early']}")
-    print(f"rounds: {summary['rounds_completed']}, seconds: {summary['seconds_total']:.1f}, bytes up/down per client (last round): "
-          f"{final.get('bytes_up_per_client', 0):.0f}/{final.get('bytes_down_per_client', 0):.0f}")
+    print(
+        f"rounds: {summary['rounds_completed']}, seconds: {summary['seconds_total']:.1f}, bytes up/down per client (last round): "
+        f"{final.get('bytes_up_per_client', 0):.0f}/{final.get('bytes_down_per_client', 0):.0f}"
+    )
     latest = path.parent / "latest"
     try:
         if latest.is_symlink() or latest.exists():

@@ -12,15 +12,17 @@ within ``rtol`` of the smallest noise that does.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
+from ..errors import InputError
 from .accountants import Accountant, GaussianRelease, SkellamAccountant, SkellamRelease
 
 MAX_NOISE = 1e6
 
 
-class BudgetTooSmall(ValueError):
-    """No finite noise reaches the target ε (e.g. δ too small for the number of releases)."""
+class BudgetTooSmall(InputError):
+    """No finite noise reaches the target ε (e.g. δ too small for the number of releases): the
+    configured ε/δ/rounds cannot be met, a bad config (exit status 2)."""
 
 
 def bisect_noise(epsilon_of: Callable[[float], float], target_epsilon: float, *, start: float = 1.0, rtol: float = 2e-3) -> float:
@@ -80,9 +82,7 @@ def bisect_noise(epsilon_of: Callable[[float], float], target_epsilon: float, *,
     return hi
 
 
-def gaussian_noise_multiplier(
-    accountant: Accountant, target_epsilon: float, delta: float, sample_rate: float, steps: int
-) -> float:
+def gaussian_noise_multiplier(accountant: Accountant, target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
     """Noise multiplier σ so that ``steps`` subsampled-Gaussian releases at rate ``sample_rate`` cost ≤ ε."""
     if steps <= 0:
         raise ValueError(f"steps must be positive, got {steps}")

@@ -26,17 +26,30 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
+from ..errors import InputError, PrivacyError
 from ..rundir import atomic_write_json
 
 LEDGER_VERSION = 1
 
 
-class LedgerError(RuntimeError):
-    """The ledger cannot be used as asked (missing, corrupt, or for another plan)."""
+class LedgerError(PrivacyError):
+    """The ledger cannot be used as asked (corrupt, or for another plan): no release may follow."""
+
+
+class LedgerRefused(LedgerError, InputError):
+    """The ledger refuses how it was asked to be used (a fresh run over an existing ledger, a resume
+    with another privacy plan): bad input, exit status 2."""
+
+    exit_status = InputError.exit_status
+
+
+class LedgerMissing(LedgerRefused, FileNotFoundError):
+    """No ledger where one was expected (``fedrlhf ledger`` of a run without DP, a wrong path)."""
 
 
 class LedgerConflict(LedgerError):
@@ -66,14 +79,21 @@ class LedgerEntry:
     written_at: str = ""
 
     @classmethod
-    def from_mapping(cls, raw: Mapping[str, Any], source: Path) -> "LedgerEntry":
+    def from_mapping(cls, raw: Mapping[str, Any], source: Path) -> LedgerEntry:
         try:
             return cls(
-                client=int(raw["client"]), round=int(raw["round"]), mechanism=str(raw["mechanism"]),
-                noise_multiplier=float(raw["noise_multiplier"]), sample_rate=float(raw["sample_rate"]),
-                steps=int(raw["steps"]), sensitivity=float(raw["sensitivity"]),
-                epsilon_after=float(raw["epsilon_after"]), delta=float(raw["delta"]), digest=str(raw["digest"]),
-                noise=str(raw.get("noise", "local")), params={k: float(v) for k, v in dict(raw.get("params", {})).items()},
+                client=int(raw["client"]),
+                round=int(raw["round"]),
+                mechanism=str(raw["mechanism"]),
+                noise_multiplier=float(raw["noise_multiplier"]),
+                sample_rate=float(raw["sample_rate"]),
+                steps=int(raw["steps"]),
+                sensitivity=float(raw["sensitivity"]),
+                epsilon_after=float(raw["epsilon_after"]),
+                delta=float(raw["delta"]),
+                digest=str(raw["digest"]),
+                noise=str(raw.get("noise", "local")),
+                params={k: float(v) for k, v in dict(raw.get("params", {})).items()},
                 written_at=str(raw.get("written_at", "")),
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -96,13 +116,13 @@ class PrivacyLedger:
             else:
                 saved = self._read_json(plan_path)
                 if saved != json.loads(json.dumps(self.header)):
-                    raise LedgerError(
+                    raise LedgerRefused(
                         f"{plan_path}: the ledger was written for {saved}, but the resumed run asks for {self.header}; "
                         "a resumed run must keep its privacy plan"
                     )
         else:
             if plan_path.exists() or (self.directory.exists() and any(self.directory.glob("client-*.json"))):
-                raise LedgerError(f"{self.directory} already holds a ledger; a new run never reuses one (use --resume)")
+                raise LedgerRefused(f"{self.directory} already holds a ledger; a new run never reuses one (use --resume)")
             self.directory.mkdir(parents=True, exist_ok=True)
             atomic_write_json(plan_path, self.header)
         self._entries: dict[int, dict[int, LedgerEntry]] = {}
@@ -170,7 +190,7 @@ def read_ledger(directory: Path) -> tuple[dict[str, Any], dict[int, list[LedgerE
     directory = Path(directory)
     plan_path = directory / "plan.json"
     if not plan_path.exists():
-        raise FileNotFoundError(f"no privacy ledger at {directory} (expected {plan_path})")
+        raise LedgerMissing(f"no privacy ledger at {directory} (expected {plan_path})")
     header = PrivacyLedger._read_json(plan_path)
     out: dict[int, list[LedgerEntry]] = {}
     for path in sorted(directory.glob("client-*.json")):

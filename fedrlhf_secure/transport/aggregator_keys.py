@@ -15,31 +15,23 @@ aggregators need no key files (SecAgg keys are per round and made inside the cli
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
-from aggregation.base import Aggregator
+from aggregation.base import Aggregator, spec_for
 
 from ..config import RunConfig
-from ..federation.engine import build_aggregator
+from ..configtypes import ConfigError
+from ..keys import KeyFileError, deal_run_keys, load_client_key, load_dealer_pub, load_public_context
+from ..keys import require as _need
 
-
-class KeyFileError(FileNotFoundError):
-    """A key file the aggregation mode needs is missing; the message names it."""
-
-
-def _need(path: Path) -> Path:
-    if not path.is_file():
-        raise KeyFileError(f"missing key file {path} (made by `fedrlhf keys`; see docs/deployment.md)")
-    return path
+__all__ = ["KeyFileError", "NodeFileKeys", "ServerFileKeys", "deal_keys", "node_aggregator", "server_aggregator"]
 
 
 class ServerFileKeys:
     """The CKKS :class:`~aggregation.ckks.protocol.KeySource` of the server: the public context only."""
 
     def __init__(self, keys_dir: Path, config) -> None:
-        from aggregation.ckks_keys import load_public_context
-
         self.public_context = load_public_context(
             _need(Path(keys_dir) / "public-context.frame"), _need(Path(keys_dir) / "dealer.pub"), config
         )
@@ -58,7 +50,6 @@ class NodeFileKeys:
 
     def __init__(self, keys_dir: Path, config, client_ids: Sequence[int]) -> None:
         from aggregation.ckks.keys import open_package
-        from aggregation.ckks_keys import load_client_key, load_dealer_pub
 
         keys_dir = Path(keys_dir)
         dealer = load_dealer_pub(_need(keys_dir / "dealer.pub"))
@@ -66,7 +57,7 @@ class NodeFileKeys:
         for c in client_ids:
             me = load_client_key(_need(keys_dir / f"client-{c}.key"))
             if me.client_id != c:
-                raise ValueError(f"{keys_dir / f'client-{c}.key'} belongs to client {me.client_id}, not {c}")
+                raise KeyFileError(f"{keys_dir / f'client-{c}.key'} belongs to client {me.client_id}, not {c}")
             package = _need(keys_dir / f"package-client-{c}.frame").read_bytes()
             self.keys[c] = open_package(package, me, dealer, config, epoch=0)
 
@@ -82,9 +73,16 @@ class NodeFileKeys:
         return key
 
 
+def build_aggregator(config: RunConfig, client_ids: list[int]) -> Aggregator:
+    """The in-memory aggregator of ``config`` (what a run without key files uses; as the engine builds it)."""
+    return spec_for(config.aggregation.kind).factory(config.aggregation.params, client_ids, config.seed)
+
+
 def _check_ckks(config: RunConfig) -> None:
     if getattr(config.aggregation.params, "rotate_keys", "run") != "run":
-        raise ValueError("aggregation.rotate_keys: round needs a key ceremony per round; deployments deal one key per run (rotate_keys: run)")
+        raise ConfigError(
+            "aggregation.rotate_keys: round needs a key ceremony per round; deployments deal one key per run (rotate_keys: run)"
+        )
 
 
 def server_aggregator(config: RunConfig, client_ids: Sequence[int], keys_dir: Path | None) -> Aggregator:
@@ -109,35 +107,9 @@ def node_aggregator(config: RunConfig, client_ids: Sequence[int], hosted: Sequen
     return CKKSAggregator(config.aggregation.params, NodeFileKeys(keys_dir, config.aggregation.params, hosted))
 
 
-def deal_keys(config_path: Path, node_clients: Sequence[Sequence[int]], server_dir: Path, node_dirs: Sequence[Path], dealer_dir: Path) -> None:
-    """The whole ``fedrlhf keys`` ceremony on one machine (for ``fedrlhf deploy local`` and tests).
-
-    Runs the same commands a multi-machine deployment runs on each party (client key pairs on the
-    nodes, the dealer key and the deal on the dealer), then copies each file to where its owner
-    keeps it; only public keys and sealed packages move between parties.
-    """
-    import shutil
-
-    from ..cli import main as fedrlhf
-
-    pubs = dealer_dir / "client-pubs"
-    for clients, node_dir in zip(node_clients, node_dirs):
-        for c in clients:
-            _ok(fedrlhf(["keys", "client", "--id", str(c), "--out", str(node_dir)]))
-            pubs.mkdir(parents=True, exist_ok=True)
-            shutil.copy(node_dir / f"client-{c}.pub", pubs / f"client-{c}.pub")
-    _ok(fedrlhf(["keys", "dealer", "--out", str(dealer_dir)]))
-    deal_dir = dealer_dir / "deal"
-    _ok(fedrlhf(["keys", "deal", "--dealer-key", str(dealer_dir / "dealer.key"), "--clients", str(pubs), "--out", str(deal_dir), "--config", str(config_path)]))
-    server_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copy(deal_dir / "public-context.frame", server_dir / "public-context.frame")
-    shutil.copy(dealer_dir / "dealer.pub", server_dir / "dealer.pub")
-    for clients, node_dir in zip(node_clients, node_dirs):
-        shutil.copy(dealer_dir / "dealer.pub", node_dir / "dealer.pub")
-        for c in clients:
-            shutil.copy(deal_dir / f"package-client-{c}.frame", node_dir / f"package-client-{c}.frame")
-
-
-def _ok(code: int) -> None:
-    if code != 0:
-        raise RuntimeError(f"fedrlhf keys exited with code {code}")
+def deal_keys(
+    config_path: Path, node_clients: Sequence[Sequence[int]], server_dir: Path, node_dirs: Sequence[Path], dealer_dir: Path
+) -> None:
+    """The whole ``fedrlhf keys`` ceremony on one machine (for ``fedrlhf deploy local`` and tests):
+    :func:`fedrlhf_secure.keys.deal_run_keys`, the library function the ``keys`` command also calls."""
+    deal_run_keys(config_path, node_clients, server_dir, node_dirs, dealer_dir)

@@ -20,14 +20,22 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from ..errors import InputError, RunFailed
+
+
+class CredentialExists(RunFailed, FileExistsError):
+    """A CA or node key already exists; it is never overwritten (re-issuing would silently
+    invalidate what the other parties pinned). Exit status 1: the step refused to run."""
+
 
 CERT_DAYS = 365
 NODE_KEY_CURVE = ec.SECP384R1
@@ -63,7 +71,7 @@ def _subject_alt_names(hosts: Sequence[str]) -> list[x509.GeneralName]:
     for host in hosts:
         host = host.strip()
         if not host:
-            raise ValueError("empty hostname in the certificate's host list")
+            raise InputError("empty hostname in the certificate's host list")
         try:
             names.append(x509.IPAddress(ipaddress.ip_address(host)))
         except ValueError:
@@ -78,11 +86,11 @@ def create_certificates(out_dir: Path, hosts: Sequence[str], *, days: int = CERT
     SuperNode's pinned root certificate.
     """
     if not hosts:
-        raise ValueError("at least one SuperLink hostname or IP address is needed for the certificate")
+        raise InputError("at least one SuperLink hostname or IP address is needed for the certificate")
     out_dir = Path(out_dir)
     paths = CertificatePaths(out_dir / "ca.crt", out_dir / "ca.key", out_dir / "server.pem", out_dir / "server.key")
     if paths.ca_key.exists():
-        raise FileExistsError(f"{paths.ca_key} already exists; remove it (and re-distribute ca.crt) to issue a new CA")
+        raise CredentialExists(f"{paths.ca_key} already exists; remove it (and re-distribute ca.crt) to issue a new CA")
     now = dt.datetime.now(dt.timezone.utc)
 
     ca_key = ec.generate_private_key(ec.SECP384R1())
@@ -98,8 +106,15 @@ def create_certificates(out_dir: Path, hosts: Sequence[str], *, days: int = CERT
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=False, content_commitment=False, key_encipherment=False, data_encipherment=False,
-                key_agreement=False, key_cert_sign=True, crl_sign=True, encipher_only=False, decipher_only=False,
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -119,9 +134,7 @@ def create_certificates(out_dir: Path, hosts: Sequence[str], *, days: int = CERT
         .add_extension(x509.SubjectAlternativeName(_subject_alt_names(hosts)), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
 
@@ -141,14 +154,12 @@ def create_node_keys(out_dir: Path, names: Sequence[str]) -> list[NodeKeyPaths]:
     out: list[NodeKeyPaths] = []
     for name in names:
         if not name or "/" in name or name.startswith("."):
-            raise ValueError(f"invalid node key name {name!r}: use a plain file name")
+            raise InputError(f"invalid node key name {name!r}: use a plain file name")
         paths = NodeKeyPaths(out_dir / name, out_dir / f"{name}.pub")
         if paths.private_key.exists():
-            raise FileExistsError(f"{paths.private_key} already exists; refusing to overwrite a node key")
+            raise CredentialExists(f"{paths.private_key} already exists; refusing to overwrite a node key")
         key = ec.generate_private_key(NODE_KEY_CURVE())
-        priv = key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-        )
+        priv = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
         pub = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
         _write(paths.private_key, priv, private=True)
         _write(paths.public_key, pub + f" fedrlhf-{name}\n".encode(), private=False)

@@ -22,17 +22,18 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
+from ..errors import InputError, RunFailed
 from .credentials import CertificatePaths, NodeKeyPaths, create_certificates, create_node_keys
 
 APP_DIR = Path(__file__).resolve().parent / "flower-app"
 LOOPBACK = "127.0.0.1"
 
 
-class DeploymentError(RuntimeError):
+class DeploymentError(RunFailed):
     """A process of the deployment failed to start or exited; the message names its log file."""
 
 
@@ -84,7 +85,7 @@ class LocalDeployment:
         task_modules: Sequence[str] = (),
     ) -> None:
         if len(node_clients) < 1 or any(len(c) == 0 for c in node_clients):
-            raise ValueError("every SuperNode needs at least one client id")
+            raise InputError("every SuperNode needs at least one client id")
         self.workdir = Path(workdir).resolve()
         self.node_clients = [list(map(int, c)) for c in node_clients]
         self.data_dir = Path(data_dir).resolve() if data_dir else None
@@ -166,7 +167,7 @@ class LocalDeployment:
                 signal.signal(signal.SIGTERM, self._previous_sigterm if self._previous_sigterm is not None else previous_term)
                 self._previous_sigterm = None
 
-    def __enter__(self) -> "LocalDeployment":
+    def __enter__(self) -> LocalDeployment:
         try:
             self.start()
         except BaseException:
@@ -202,21 +203,26 @@ class LocalDeployment:
             "superlink",
             [
                 "flower-superlink",
-                "--ssl-ca-certfile", str(self.certs.ca_cert),
-                "--ssl-certfile", str(self.certs.server_cert),
-                "--ssl-keyfile", str(self.certs.server_key),
+                "--ssl-ca-certfile",
+                str(self.certs.ca_cert),
+                "--ssl-certfile",
+                str(self.certs.server_cert),
+                "--ssl-keyfile",
+                str(self.certs.server_key),
                 "--enable-supernode-auth",
                 "--disable-runtime-dependency-installation",
-                "--host", LOOPBACK,
-                "--port", str(self.port),
+                "--host",
+                LOOPBACK,
+                "--port",
+                str(self.port),
             ],
             self.workdir / "flwr-superlink",
         )
         _wait_port(self.port, link.popen, link.log, self.start_timeout)
         (self.cli_home).mkdir(parents=True, exist_ok=True)
         (self.cli_home / "config.toml").write_text(
-            "[superlink]\ndefault = \"local\"\n\n[superlink.local]\n"
-            f"address = \"{LOOPBACK}:{self.port}\"\nroot-certificates = \"{self.certs.ca_cert}\"\n",
+            '[superlink]\ndefault = "local"\n\n[superlink.local]\n'
+            f'address = "{LOOPBACK}:{self.port}"\nroot-certificates = "{self.certs.ca_cert}"\n',
             encoding="utf-8",
         )
         for i, cids in enumerate(self.node_clients):
@@ -242,11 +248,19 @@ class LocalDeployment:
         if ready.exists():
             ready.unlink()
         cmd = [
-            sys.executable, "-m", "fedrlhf_secure.cli", "deploy", "client-host",
-            "--client-ids", ",".join(map(str, node.client_ids)),
-            "--socket", str(node.socket),
-            "--ready-file", str(ready),
-            "--keys-dir", str(self.node_keys_dir(i)),
+            sys.executable,
+            "-m",
+            "fedrlhf_secure.cli",
+            "deploy",
+            "client-host",
+            "--client-ids",
+            ",".join(map(str, node.client_ids)),
+            "--socket",
+            str(node.socket),
+            "--ready-file",
+            str(ready),
+            "--keys-dir",
+            str(self.node_keys_dir(i)),
         ]
         if self.data_dir:
             cmd += ["--data-dir", str(self.data_dir)]
@@ -258,7 +272,7 @@ class LocalDeployment:
         """Client hosts first (all at once: each loads the task), then one SuperNode per host."""
         hosts = [self._start_client_host(node) for node in self.nodes]
         deadline = time.monotonic() + self.start_timeout
-        for (host, ready), node in zip(hosts, self.nodes):
+        for (host, ready), node in zip(hosts, self.nodes, strict=True):
             while not ready.exists():
                 if host.popen.poll() is not None:
                     raise DeploymentError(f"client host {node.index} exited with code {host.popen.returncode}; see {host.log}")
@@ -266,17 +280,23 @@ class LocalDeployment:
                     raise DeploymentError(f"client host {node.index} not ready after {self.start_timeout:.0f} s; see {host.log}")
                 time.sleep(0.1)
         assert self.certs is not None
-        for (host, _), node in zip(hosts, self.nodes):
+        for (host, _), node in zip(hosts, self.nodes, strict=True):
             supernode = self._spawn(
                 f"supernode-{node.index}",
                 [
                     "flower-supernode",
-                    "--superlink", f"{LOOPBACK}:{self.port}",
-                    "--root-certificates", str(self.certs.ca_cert),
-                    "--auth-supernode-private-key", str(node.keys.private_key),
-                    "--node-config", f'client-host="{node.socket}"',
-                    "--host", LOOPBACK,
-                    "--port", str(free_port()),
+                    "--superlink",
+                    f"{LOOPBACK}:{self.port}",
+                    "--root-certificates",
+                    str(self.certs.ca_cert),
+                    "--auth-supernode-private-key",
+                    str(node.keys.private_key),
+                    "--node-config",
+                    f'client-host="{node.socket}"',
+                    "--host",
+                    LOOPBACK,
+                    "--port",
+                    str(free_port()),
                 ],
                 self.workdir / f"flwr-node-{node.index}",
             )
@@ -305,7 +325,9 @@ class LocalDeployment:
             self._stop(proc, grace=0.1)
 
     # ------------------------------------------------------------------ run
-    def submit(self, config: Path, out: Path, *, stage_timeout: float = 60.0, fit_timeout: float = 600.0, extra: dict | None = None) -> subprocess.Popen:
+    def submit(
+        self, config: Path, out: Path, *, stage_timeout: float = 60.0, fit_timeout: float = 600.0, extra: dict | None = None
+    ) -> subprocess.Popen:
         """``flwr run`` the app against this deployment (streams the ServerApp's log); returns the process."""
         keys_dir = self.prepare_keys(Path(config))
         settings = {
@@ -326,7 +348,11 @@ class LocalDeployment:
         fh = open(log, "ab")
         popen = subprocess.Popen(
             ["flwr", "run", str(APP_DIR), "local", "--stream", "--run-config", overrides],
-            stdout=fh, stderr=subprocess.STDOUT, env=self._env(self.cli_home), cwd=self.workdir, start_new_session=True,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=self._env(self.cli_home),
+            cwd=self.workdir,
+            start_new_session=True,
         )
         fh.close()
         self.procs.append(_Proc("flwr-run", popen, log))
@@ -385,8 +411,8 @@ def _toml(value) -> str:
 def partition(client_ids: Sequence[int], nodes: int) -> list[list[int]]:
     """Round-robin ``client_ids`` over ``nodes`` SuperNodes (node ``i`` gets ids ``i, i+n, ...``)."""
     if nodes < 1:
-        raise ValueError(f"need at least one SuperNode, got {nodes}")
+        raise InputError(f"need at least one SuperNode, got {nodes}")
     if len(client_ids) < nodes:
-        raise ValueError(f"{len(client_ids)} clients cannot fill {nodes} SuperNodes")
+        raise InputError(f"{len(client_ids)} clients cannot fill {nodes} SuperNodes")
     ids = sorted(client_ids)
     return [ids[i::nodes] for i in range(nodes)]

@@ -67,8 +67,18 @@ class MovieLensConfig:
             raise ValueError(f"task.holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
         if self.num_clients is not None and self.num_clients < 1:
             raise ValueError(f"task.num_clients must be >= 1, got {self.num_clients}")
-        for name in ("users_per_client", "user_dim", "item_dim", "genre_dim", "hidden_dim", "batch_size",
-                     "baseline_rounds", "baseline_local_epochs", "torch_threads", "personal_epochs"):
+        for name in (
+            "users_per_client",
+            "user_dim",
+            "item_dim",
+            "genre_dim",
+            "hidden_dim",
+            "batch_size",
+            "baseline_rounds",
+            "baseline_local_epochs",
+            "torch_threads",
+            "personal_epochs",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"task.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lr", "user_lr", "item_lr", "temperature", "embedding_scale", "dp_item_scale"):

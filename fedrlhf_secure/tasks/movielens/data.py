@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...configtypes import InputError
+from ...errors import InputError
 
 DATA_DIR_ENV = "FEDRLHF_DATA_DIR"
 ML100K_DIR = "ml-100k"
@@ -24,14 +24,30 @@ LATEST_SMALL_DIR = "ml-latest-small"
 OFFICIAL_SPLITS = ("u1", "u2", "u3", "u4", "u5", "ua", "ub")
 
 ML100K_GENRES = (
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
-    "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
 )
 
 _RATINGS_FORMAT = "4 tab-separated integers: user_id<TAB>item_id<TAB>rating (1-5)<TAB>unix_timestamp"
 _ITEM_FORMAT = (
-    "24 '|'-separated fields (latin-1): item_id|title|release_date|video_release_date|imdb_url|"
-    "then 19 genre flags (0/1) in u.genre order"
+    "24 '|'-separated fields (latin-1): item_id|title|release_date|video_release_date|imdb_url|then 19 genre flags (0/1) in u.genre order"
 )
 _USER_FORMAT = "5 '|'-separated fields: user_id|age|gender|occupation|zip_code"
 _CSV_RATINGS_FORMAT = "CSV with header userId,movieId,rating,timestamp; rating in 0.5..5 by half stars"
@@ -48,7 +64,7 @@ class MovieLensFormatError(InputError):
         self.line = line
 
 
-class MovieLensMissingError(FileNotFoundError):
+class MovieLensMissingError(InputError, FileNotFoundError):
     """MovieLens files are absent: the message says exactly where to put which files."""
 
 
@@ -75,9 +91,7 @@ def resolve_data_dir(data_dir: Path | str | None) -> Path:
     if data_dir is None:
         env = os.environ.get(DATA_DIR_ENV)
         if not env:
-            raise MovieLensMissingError(
-                missing_data_message([], f"no --data-dir given and ${DATA_DIR_ENV} is not set")
-            )
+            raise MovieLensMissingError(missing_data_message([], f"no --data-dir given and ${DATA_DIR_ENV} is not set"))
         data_dir = env
     base = Path(data_dir)
     for candidate in (base, base / ML100K_DIR, base / LATEST_SMALL_DIR):
@@ -128,7 +142,7 @@ class Ratings:
     def __len__(self) -> int:
         return len(self.user)
 
-    def subset(self, mask_or_index: np.ndarray) -> "Ratings":
+    def subset(self, mask_or_index: np.ndarray) -> Ratings:
         return Ratings(self.user[mask_or_index], self.item[mask_or_index], self.rating[mask_or_index])
 
 
@@ -151,8 +165,9 @@ def _read_lines(path: Path, encoding: str) -> list[str]:
     try:
         return path.read_text(encoding=encoding).splitlines()
     except UnicodeDecodeError as exc:
-        raise MovieLensFormatError(path, None, f"not decodable as {encoding} ({exc.reason} at byte {exc.start})",
-                                   f"a {encoding} text file") from exc
+        raise MovieLensFormatError(
+            path, None, f"not decodable as {encoding} ({exc.reason} at byte {exc.start})", f"a {encoding} text file"
+        ) from exc
 
 
 def _int(text: str, path: Path, line: int, field: str, expected: str) -> int:
@@ -231,9 +246,7 @@ def read_ratings_100k(path: Path, catalogue: Catalogue) -> Ratings:
         users.append(user_pos[u])
         items.append(item_pos[m])
         ratings.append(r)
-    return Ratings(
-        np.asarray(users, dtype=np.int64), np.asarray(items, dtype=np.int64), np.asarray(ratings, dtype=np.float32)
-    )
+    return Ratings(np.asarray(users, dtype=np.int64), np.asarray(items, dtype=np.int64), np.asarray(ratings, dtype=np.float32))
 
 
 def _csv_rows(path: Path, header: list[str], expected: str):

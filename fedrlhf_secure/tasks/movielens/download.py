@@ -1,4 +1,5 @@
-"""``fedrlhf data --dest DIR``: download the official GroupLens MovieLens 100K archive and verify it.
+"""Download the official GroupLens MovieLens 100K archive and verify it (``fedrlhf data --dest DIR``,
+:mod:`fedrlhf_secure.commands.data`).
 
 The archive is fetched over HTTPS from GroupLens, extracted member by member (paths are checked to
 stay inside ``DIR/ml-100k``), and the extracted ``u.data`` is checked against its known SHA-256
@@ -10,17 +11,18 @@ download leaves nothing behind. Runs never touch the network; they read ``--data
 
 from __future__ import annotations
 
-import argparse
 import hashlib
+import logging
 import shutil
-import sys
 import tempfile
 import urllib.request
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from ...configtypes import InputError
+from ...errors import InputError
 from .data import ML100K_DIR
+
+logger = logging.getLogger(__name__)
 
 ML100K_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
 ML100K_U_DATA_SHA256 = "06416e597f82b7342361e41163890c81036900f418ad91315590814211dca490"
@@ -30,6 +32,10 @@ REQUIRED_FILES = ("u.data", "u.item", "u.user", "u1.base", "u1.test")
 
 class VerificationError(InputError):
     """The downloaded data is not the official MovieLens 100K."""
+
+
+class DownloadFailed(InputError):
+    """The archive could not be downloaded (offline?): the message says how to install it by hand."""
 
 
 def sha256_file(path: Path) -> str:
@@ -47,9 +53,7 @@ def verify_ml100k(directory: Path, expected_sha256: str = ML100K_U_DATA_SHA256) 
         raise VerificationError(f"{directory} lacks {', '.join(missing)}: not an ml-100k directory")
     digest = sha256_file(directory / "u.data")
     if digest != expected_sha256:
-        raise VerificationError(
-            f"{directory / 'u.data'} has SHA-256 {digest}, the official MovieLens 100K u.data has {expected_sha256}"
-        )
+        raise VerificationError(f"{directory / 'u.data'} has SHA-256 {digest}, the official MovieLens 100K u.data has {expected_sha256}")
 
 
 def extract_ml100k(archive: Path, into: Path) -> Path:
@@ -88,46 +92,39 @@ def install_archive(archive: Path, dest: Path, expected_sha256: str = ML100K_U_D
 
 def download(url: str, to: Path, timeout: float = 60.0) -> None:
     if not url.startswith("https://"):
-        raise ValueError(f"refusing a non-HTTPS download URL: {url}")
+        raise InputError(f"refusing a non-HTTPS download URL: {url}")
     with urllib.request.urlopen(url, timeout=timeout) as resp, to.open("wb") as out:  # noqa: S310 (https only)
         shutil.copyfileobj(resp, out)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dest", required=True, type=Path, help="directory to put ml-100k/ in (use it as --data-dir)")
-    p.add_argument("--url", default=ML100K_URL, help="archive URL (default: the official GroupLens ml-100k.zip)")
-    p.add_argument("--archive", type=Path, default=None,
-                   help="an already downloaded ml-100k.zip to verify and install instead of downloading")
+def fetch_ml100k(dest: Path, url: str = ML100K_URL, archive: Path | None = None) -> Path:
+    """``dest/ml-100k``, verified: installed from ``archive`` when given, else kept when already
+    there (checked, nothing downloaded), else downloaded from ``url`` (HTTPS) and verified.
 
-
-def run(args: argparse.Namespace) -> int:
-    dest: Path = args.dest
-    try:
-        if args.archive is not None:
-            final = install_archive(args.archive, dest)
-        else:
-            final = dest / ML100K_DIR
-            if final.exists():
-                verify_ml100k(final)  # already there: check it, download nothing
-            else:
-                dest.mkdir(parents=True, exist_ok=True)
-                with tempfile.TemporaryDirectory(dir=dest, prefix=".download-") as tmp:
-                    archive = Path(tmp) / "ml-100k.zip"
-                    print(f"downloading {args.url} ...", file=sys.stderr)
-                    try:
-                        download(args.url, archive)
-                    except OSError as exc:
-                        print(
-                            f"fedrlhf data: error: could not download {args.url} ({exc}). Offline? Download "
-                            f"ml-100k.zip elsewhere and run `fedrlhf data --dest {dest} --archive ml-100k.zip`, or "
-                            f"unzip it so that {dest / ML100K_DIR}/u.data exists.",
-                            file=sys.stderr,
-                        )
-                        return 2
-                    final = install_archive(archive, dest)
-    except (VerificationError, zipfile.BadZipFile) as exc:
-        print(f"fedrlhf data: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"MovieLens 100K verified (u.data SHA-256 {ML100K_U_DATA_SHA256[:16]}...) in {final}")
-    print(f"use it with: --data-dir {dest}   (or export FEDRLHF_DATA_DIR={dest})")
-    return 0
+    Raises :class:`VerificationError` for data that is not the official archive and
+    :class:`DownloadFailed` when the download itself fails (its message says how to proceed offline).
+    """
+    if archive is not None:
+        try:
+            return install_archive(archive, dest)
+        except zipfile.BadZipFile as exc:
+            raise VerificationError(f"{archive}: not a zip archive ({exc})") from exc
+    final = dest / ML100K_DIR
+    if final.exists():
+        verify_ml100k(final)  # already there: check it, download nothing
+        return final
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest, prefix=".download-") as tmp:
+        path = Path(tmp) / "ml-100k.zip"
+        logger.info("downloading %s ...", url)
+        try:
+            download(url, path)
+        except OSError as exc:
+            raise DownloadFailed(
+                f"could not download {url} ({exc}). Offline? Download ml-100k.zip elsewhere and run "
+                f"`fedrlhf data --dest {dest} --archive ml-100k.zip`, or unzip it so that {final}/u.data exists."
+            ) from exc
+        try:
+            return install_archive(path, dest)
+        except zipfile.BadZipFile as exc:
+            raise VerificationError(f"{url}: the download is not a zip archive ({exc})") from exc

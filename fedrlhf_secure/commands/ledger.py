@@ -6,7 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from .ledger import read_ledger
+from ..errors import InputError
+from ..privacy.ledger import read_ledger
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -19,7 +20,7 @@ def _ledger_dir(run_dir: Path) -> Path:
     for candidate in (run_dir / "ledger", run_dir.with_name(run_dir.name + ".partial") / "ledger"):
         if candidate.is_dir():
             return candidate
-    raise FileNotFoundError(f"no privacy ledger in {run_dir} (the run had privacy.mode: none, or this is not a run directory)")
+    raise InputError(f"no privacy ledger in {run_dir} (the run had privacy.mode: none, or this is not a run directory)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,8 +30,17 @@ def run(args: argparse.Namespace) -> int:
     budget = header.get("epsilon_budget")
     total = max(spent.values(), default=0.0)
     if args.json:
-        print(json.dumps({"plan": header, "epsilon_per_client": {str(c): v for c, v in spent.items()},
-                          "epsilon_total": total, "releases": sum(len(es) for es in entries.values())}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "plan": header,
+                    "epsilon_per_client": {str(c): v for c, v in spent.items()},
+                    "epsilon_total": total,
+                    "releases": sum(len(es) for es in entries.values()),
+                },
+                indent=2,
+            )
+        )
         return 0
     print(f"ledger: {ledger_dir}")
     print(f"mode: {header.get('mode')}  accountant: {header.get('accountant')}  budget ε={budget}  δ={header.get('delta')}")
@@ -44,9 +54,14 @@ def run(args: argparse.Namespace) -> int:
         print("|---|---|---|---|---|---|---|")
         for c in sorted(entries):
             for e in entries[c]:
-                print(f"| {c} | {e.round} | {e.mechanism} | {e.noise_multiplier:.4f} | {e.sample_rate:.4g} | {e.steps} | {e.epsilon_after:.4f} |")
-    print(f"total: ε = {total:.4f} (max over clients: each client's data is disjoint, so the run's guarantee is the worst client's), "
-          f"{sum(len(es) for es in entries.values())} releases by {len(entries)} clients")
+                print(
+                    f"| {c} | {e.round} | {e.mechanism} | {e.noise_multiplier:.4f} | {e.sample_rate:.4g} | {e.steps} "
+                    f"| {e.epsilon_after:.4f} |"
+                )
+    print(
+        f"total: ε = {total:.4f} (max over clients: each client's data is disjoint, so the run's guarantee is the worst client's), "
+        f"{sum(len(es) for es in entries.values())} releases by {len(entries)} clients"
+    )
     if budget is not None and total > budget + 1e-9:
         print(f"WARNING: spend exceeds the budget ε={budget}")
         return 1

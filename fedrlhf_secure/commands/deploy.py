@@ -15,9 +15,13 @@ one client host and one SuperNode per node on free loopback ports, runs the conf
 from __future__ import annotations
 
 import argparse
-import sys
+import logging
 import tempfile
 from pathlib import Path
+
+from ..errors import InputError
+
+logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,9 +42,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--client-ids", required=True, help="comma-separated client ids hosted by this node, e.g. 0,3,6")
     p.add_argument("--socket", type=Path, required=True, help="Unix socket path (the SuperNode's node config client-host)")
     p.add_argument("--data-dir", type=Path, default=None, help="dataset directory (default: $FEDRLHF_DATA_DIR)")
-    p.add_argument("--keys-dir", type=Path, default=None, help="this node's key directory (CKKS: dealer.pub, client-<id>.key, package-client-<id>.frame)")
     p.add_argument(
-        "--state-dir", type=Path, default=None,
+        "--keys-dir",
+        type=Path,
+        default=None,
+        help="this node's key directory (CKKS: dealer.pub, client-<id>.key, package-client-<id>.frame)",
+    )
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
         help="this node's DP ledgers, one folder per run (default: SOCKET.state beside the socket); ε is accounted here, not on the server",
     )
     p.add_argument("--task-module", action="append", default=[], help="import this module first (a task plug-in that registers its kind)")
@@ -59,27 +70,17 @@ def _client_ids(text: str) -> list[int]:
     try:
         ids = [int(x) for x in text.split(",") if x.strip()]
     except ValueError as exc:
-        raise SystemExit(f"fedrlhf deploy client-host: --client-ids must be comma-separated integers, got {text!r}") from exc
+        raise InputError(f"--client-ids must be comma-separated integers, got {text!r}") from exc
     if not ids or any(i < 0 for i in ids) or len(set(ids)) != len(ids):
-        raise SystemExit(f"fedrlhf deploy client-host: --client-ids must be distinct non-negative integers, got {text!r}")
+        raise InputError(f"--client-ids must be distinct non-negative integers, got {text!r}")
     return ids
 
 
 def run(args: argparse.Namespace) -> int:
-    """Exit 0 on success; 1 with a one-line reason when a file exists, a value is wrong or a process failed."""
-    from .local_deployment import DeploymentError
-
-    try:
-        return _run(args)
-    except (FileExistsError, ValueError, DeploymentError) as exc:
-        print(f"fedrlhf deploy {args.deploy_command}: error: {exc}", file=sys.stderr)
-        return 1
-
-
-def _run(args: argparse.Namespace) -> int:
+    """Exit 0; a file that exists, a bad value or a failed process raises (the CLI maps it to 1 or 2)."""
     cmd = args.deploy_command
     if cmd == "certs":
-        from .credentials import create_certificates
+        from ..transport.credentials import create_certificates
 
         paths = create_certificates(args.out, args.host, days=args.days)
         print(f"CA certificate (give to every SuperNode and flwr CLI user): {paths.ca_cert}")
@@ -87,10 +88,10 @@ def _run(args: argparse.Namespace) -> int:
         print(f"SuperLink certificate and key:                               {paths.server_cert}, {paths.server_key}")
         return 0
     if cmd == "node-keys":
-        from .credentials import create_node_keys
+        from ..transport.credentials import create_node_keys
 
         if args.count is not None and args.count < 1:
-            raise ValueError(f"--count must be at least 1, got {args.count}")
+            raise InputError(f"--count must be at least 1, got {args.count}")
         names = args.names or [f"node-{i}" for i in range(args.count)]
         for p in create_node_keys(args.out, names):
             print(f"{p.private_key} (stays on the node)  {p.public_key} (register: flwr supernode register {p.public_key})")
@@ -98,12 +99,12 @@ def _run(args: argparse.Namespace) -> int:
     if cmd == "client-host":
         import importlib
 
-        from .client_host import ClientHost, serve
+        from ..transport.client_host import ParticipantHost, serve
 
         for module in args.task_module:
             importlib.import_module(module)
         state_dir = args.state_dir or args.socket.with_name(args.socket.name + ".state")
-        host = ClientHost(_client_ids(args.client_ids), args.data_dir, args.keys_dir, state_dir)
+        host = ParticipantHost(_client_ids(args.client_ids), args.data_dir, args.keys_dir, state_dir)
         try:
             serve(host, args.socket, ready_file=args.ready_file)
         except KeyboardInterrupt:
@@ -117,16 +118,16 @@ def _run(args: argparse.Namespace) -> int:
 def _run_local(args: argparse.Namespace) -> int:
     from ..config import load_config
     from ..federation.engine import build_task, resolve_data_dir
-    from .local_deployment import LocalDeployment, partition
+    from ..transport.local_deployment import LocalDeployment, partition
 
     config = load_config(args.config)
     data_dir = resolve_data_dir(args.data_dir)
     client_ids = list(build_task(config, data_dir).client_ids())
     groups = partition(client_ids, args.nodes)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="fedrlhf-deploy-"))
-    print(f"deployment files and logs: {workdir}", file=sys.stderr)
+    logger.info("deployment files and logs: %s", workdir)
     with LocalDeployment(workdir, groups, data_dir=data_dir) as dep:
-        print(f"SuperLink on 127.0.0.1:{dep.port} (TLS, SuperNode authentication); {len(groups)} SuperNodes", file=sys.stderr)
+        logger.info("SuperLink on 127.0.0.1:%d (TLS, SuperNode authentication); %d SuperNodes", dep.port, len(groups))
         path = dep.run(args.config, args.out, stage_timeout=args.stage_timeout)
     print(f"run directory: {path}")
     return 0

@@ -1,0 +1,129 @@
+"""``fedrlhf audit RUN_DIR``: membership-inference audit and ε lower bound of a run; a CI gate.
+
+Exit status: 0 when the audit passes (or the run claims no DP), 1 when the empirical lower bound
+ε̂ exceeds the ε the run's ledger claims (the claim is then refuted at the stated confidence),
+2 for bad input (missing run directory, files or data): settings errors and
+:class:`~attacks.shadows.AuditUnsupported` are :class:`~fedrlhf_secure.errors.InputError`,
+which ``fedrlhf_secure.cli.main`` reports and turns into exit status 2 like every other command's.
+
+The CLI is the front door to :mod:`attacks`: only modules under ``fedrlhf_secure/commands`` import
+it, the runtime library never does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from attacks.audit import AuditSettings, audit_run, progress_steps
+
+from ..errors import ClaimRefuted, InputError
+
+EXIT_CLAIM_REFUTED = ClaimRefuted.exit_status
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a completed run directory (from `fedrlhf run`)")
+    parser.add_argument("--data-dir", type=Path, default=None, help="dataset directory (default: $FEDRLHF_DATA_DIR)")
+    d = AuditSettings()
+    parser.add_argument(
+        "--shadows",
+        type=int,
+        default=d.num_shadows,
+        help=f"shadow runs for LiRA/RMIA/reference attacks (0: LOSS only; default {d.num_shadows})",
+    )
+    parser.add_argument(
+        "--canaries", type=int, default=d.num_canaries, help=f"canaries in each ε-audit run (0: no ε audit; default {d.num_canaries})"
+    )
+    parser.add_argument(
+        "--canary-runs",
+        type=int,
+        default=d.canary_runs,
+        help="canary runs; >= 2 adds the multi-run Clopper-Pearson bound with a held-out threshold",
+    )
+    parser.add_argument("--confidence", type=float, default=d.confidence, help="confidence of ε̂ (default 0.95)")
+    parser.add_argument(
+        "--server-view", action="store_true", help="also attack what the server sees: one client's plain update vs a secure aggregate"
+    )
+    parser.add_argument(
+        "--server-view-clients",
+        type=int,
+        default=d.server_view_clients,
+        help=f"clients in the aggregate (>= 50; default {d.server_view_clients})",
+    )
+    parser.add_argument(
+        "--server-view-kind", default=d.server_view_kind, help=f"secure aggregator for the server view (default {d.server_view_kind})"
+    )
+    parser.add_argument("--seed", type=int, default=d.seed, help="the audit's own randomness (canary coins, halves)")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="worker processes for the audit's training runs (default: the run's federation.workers)"
+    )
+    parser.add_argument("--no-plots", action="store_true", help="skip the ROC plots")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    run_dir: Path = args.run_dir
+    if not run_dir.is_dir():
+        raise InputError(f"run directory not found: {run_dir}")
+    report = audit_with_progress(
+        run_dir,
+        args.data_dir,
+        show_progress=not args.no_progress,
+        num_shadows=args.shadows,
+        num_canaries=args.canaries,
+        canary_runs=args.canary_runs,
+        confidence=args.confidence,
+        seed=args.seed,
+        server_view=args.server_view,
+        server_view_clients=args.server_view_clients,
+        server_view_kind=args.server_view_kind,
+        plots=not args.no_plots,
+        workers=args.workers,
+    )
+    print(format_report(report))
+    print(f"wrote {run_dir / 'audit.json'}")
+    return EXIT_CLAIM_REFUTED if report["verdict"] == "fail" else 0
+
+
+def audit_with_progress(run_dir: Path, data_dir: Path | None, *, show_progress: bool = True, **settings) -> dict:
+    """:func:`attacks.audit.audit_run` with :class:`~attacks.audit.AuditSettings` ``settings`` and a
+    progress bar on stderr; the one way the runtime reaches the attacks (``fedrlhf bench audit`` too)."""
+    from tqdm.auto import tqdm
+
+    resolved = AuditSettings(**settings)
+    bar = tqdm(total=progress_steps(resolved), desc="audit", unit="run", disable=not show_progress, file=sys.stderr)
+    try:
+        return audit_run(run_dir, data_dir, resolved, progress=bar.set_postfix_str, step=lambda: bar.update(1))
+    finally:
+        bar.close()
+
+
+def format_report(report: dict) -> str:
+    lines = [f"audit of {report['run']} ({report['privacy_mode']} privacy, {report['aggregation']} aggregation)"]
+    rp = report["released_parameters"]
+    lines.append(
+        f"released parameters: {rp['members']} members / {rp['candidates'] - rp['members']} non-members, {rp['shadow_runs']} shadow runs"
+    )
+    lines.append("| attack | AUC | balanced acc. | TPR@0.1%FPR | TPR@1%FPR |")
+    lines.append("|---|---|---|---|---|")
+    for name, m in rp["attacks"].items():
+        lines.append(
+            f"| {name} | {m['auc']:.4f} | {m['balanced_accuracy']:.4f} | {m['tpr_at_0_1pct_fpr']:.4f} | {m['tpr_at_1pct_fpr']:.4f} |"
+        )
+    if "server_view" in report:
+        sv = report["server_view"]
+        lines.append(
+            f"server view ({sv['clients']} clients): AUC plain update {sv['plain_update']['auc']:.4f} "
+            f"vs {sv['secure_kind']} aggregate {sv['secure_aggregate']['auc']:.4f}"
+        )
+    claim = report["claimed"]["epsilon"]
+    if "epsilon" in report:
+        e = report["epsilon"]
+        lines.append(
+            f"ε̂ = {e['estimate']:.3f} ({e['confidence']:.0%} confidence, one-run, {e['one_run']['canaries']} canaries); "
+            f"multi-run Clopper-Pearson {e['multi_run_clopper_pearson']['epsilon_lower_bound']:.3f}"
+        )
+    lines.append(f"claimed ε = {'none (no DP)' if claim is None else f'{claim:.3f}'}; verdict: {report['verdict'].upper()}")
+    return "\n".join(lines)
