@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
 
 import numpy as np
 
-from .base import AggregateResult, Aggregator, AggregationAborted, ClientHalf, RoundContext
+from .base import AggregateResult, AggregationAborted, Aggregator, ClientHalf, RoundContext
 
 TranscriptHook = Callable[[int, int, bytes], None]
 """``hook(src, dst, data)``; the server is -1."""

@@ -6,8 +6,8 @@ which is exactly what the audits' server-view attack exploits.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 

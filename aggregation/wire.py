@@ -25,14 +25,15 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
-
-from .errors import AggregationError
+from typing import Any
 
 import numpy as np
 from safetensors.numpy import load as _st_load
 from safetensors.numpy import save as _st_save
+
+from .errors import AggregationError
 
 MAGIC = b"FRLH"
 WIRE_VERSION = 1
@@ -62,9 +63,7 @@ class Frame:
         if isinstance(value, bool) and bool not in types:
             raise WireError(f"{self.kind}: header field {name!r} must be {_names(types)}, got bool")
         if not isinstance(value, types):
-            raise WireError(
-                f"{self.kind}: header field {name!r} must be {_names(types)}, got {type(value).__name__}"
-            )
+            raise WireError(f"{self.kind}: header field {name!r} must be {_names(types)}, got {type(value).__name__}")
         return value
 
     def tensor(
@@ -80,9 +79,7 @@ class Frame:
         if arr.dtype != np.dtype(dtype):
             raise WireError(f"{self.kind}: tensor {name!r} must be {np.dtype(dtype)}, got {arr.dtype}")
         if shape is not None:
-            if arr.ndim != len(shape) or any(
-                want is not None and got != want for got, want in zip(arr.shape, shape)
-            ):
+            if arr.ndim != len(shape) or any(want is not None and got != want for got, want in zip(arr.shape, shape, strict=False)):
                 raise WireError(f"{self.kind}: tensor {name!r} must have shape {shape}, got {arr.shape}")
         return arr
 

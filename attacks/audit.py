@@ -171,8 +171,12 @@ def audit_run(
     *,
     progress: Callable[[str], None] | None = None,
     step: Callable[[], None] | None = None,
+    noise=None,
 ) -> dict[str, Any]:
-    """Audit ``run_dir``; write ``audit.json`` and ROC plots into it; return the report."""
+    """Audit ``run_dir``; write ``audit.json`` and ROC plots into it; return the report.
+
+    ``noise``: the DP noise source of the audit's own shadow and canary runs (None: the secret
+    one); tests pass the deliberately broken source the audited run was trained with."""
     run_dir = Path(run_dir)
     t_start = time.perf_counter()
     say = progress or (lambda _msg: None)
@@ -200,7 +204,7 @@ def audit_run(
             say(f"shadow runs ({k + 1}/{settings.num_shadows})")
             tick()
 
-        shadows = train_shadows(pool, inclusions, on_done=done)
+        shadows = train_shadows(pool, inclusions, on_done=done, noise=noise)
     shadow_seconds = time.perf_counter() - t0
     scores = attack_scores(target, shadows, inclusions, settings.seed)
     labels = pool.member.astype(int)
@@ -228,7 +232,7 @@ def audit_run(
         runs = []
         for i in range(settings.canary_runs):
             say(f"canary run {i + 1}/{settings.canary_runs} ({settings.num_canaries} canaries)")
-            runs.append(run_canaries(config, data_dir, settings.num_canaries, settings.seed + i))
+            runs.append(run_canaries(config, data_dir, settings.num_canaries, settings.seed + i, noise=noise))
             tick()
         report["epsilon"] = epsilon_audit(runs, claim.delta, settings.confidence, settings.seed)
         estimate = report["epsilon"]["estimate"]
@@ -248,12 +252,28 @@ def audit_run(
     if settings.plots:
         from .plots import plot_roc
 
-        plots = [str(plot_roc({k: (v, labels) for k, v in scores.items()}, run_dir / "plots" / "audit_roc.png",
-                              "membership inference on released parameters"))]
+        plots = [
+            str(
+                plot_roc(
+                    {k: (v, labels) for k, v in scores.items()},
+                    run_dir / "plots" / "audit_roc.png",
+                    "membership inference on released parameters",
+                )
+            )
+        ]
         if sv is not None:
-            plots.append(str(plot_roc({"plain update (one client)": (sv.plain_scores, sv.labels.astype(int)),
-                                       f"{sv.secure_kind} aggregate": (sv.secure_scores, sv.labels.astype(int))},
-                                      run_dir / "plots" / "audit_server_view_roc.png", "what the server sees")))
+            plots.append(
+                str(
+                    plot_roc(
+                        {
+                            "plain update (one client)": (sv.plain_scores, sv.labels.astype(int)),
+                            f"{sv.secure_kind} aggregate": (sv.secure_scores, sv.labels.astype(int)),
+                        },
+                        run_dir / "plots" / "audit_server_view_roc.png",
+                        "what the server sees",
+                    )
+                )
+            )
         report["plots"] = plots
     atomic_write_json(run_dir / "audit.json", report)
     return report

@@ -30,8 +30,8 @@ on separate *evaluation* scores.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 import numpy as np
 from scipy import stats
@@ -132,9 +132,15 @@ def one_run_audit(
             best = row
     assert best is not None
     return OneRunResult(
-        epsilon_lower_bound=float(best["epsilon"]), confidence=confidence, delta=delta, canaries=m,
-        included=int(inc.sum()), guesses=int(best["guesses"]), correct=int(best["correct"]),
-        guess_fractions=tuple(float(f) for f in fractions), per_fraction=tuple(rows),
+        epsilon_lower_bound=float(best["epsilon"]),
+        confidence=confidence,
+        delta=delta,
+        canaries=m,
+        included=int(inc.sum()),
+        guesses=int(best["guesses"]),
+        correct=int(best["correct"]),
+        guess_fractions=tuple(float(f) for f in fractions),
+        per_fraction=tuple(rows),
     )
 
 

@@ -68,7 +68,9 @@ def lira_online(target_logits: np.ndarray, shadow_logits: np.ndarray, shadow_in:
     return stats.norm.logpdf(z, mu_in, s_in) - stats.norm.logpdf(z, mu_out, s_out)
 
 
-def lira_offline(target_logits: np.ndarray, shadow_logits: np.ndarray, shadow_in: np.ndarray, *, fixed_variance: bool = False) -> np.ndarray:
+def lira_offline(
+    target_logits: np.ndarray, shadow_logits: np.ndarray, shadow_in: np.ndarray, *, fixed_variance: bool = False
+) -> np.ndarray:
     """``log P[Z ≤ φ_target]`` under the record's OUT Gaussian (records with no OUT shadow use the
     pooled OUT mean and variance)."""
     z, sh, inc = _validate(target_logits, shadow_logits, shadow_in)

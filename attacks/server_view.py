@@ -160,7 +160,12 @@ def server_view_audit(
         theta1 = load_tensors(run / "model.safetensors")
     secure = pool.scores(theta1, records) - base
     return ServerViewResult(
-        plain_update=summarize(plain, labels, seed), secure_aggregate=summarize(secure, labels, seed),
-        secure_kind=secure_kind, clients=len(updates), records=len(records),
-        plain_scores=plain, secure_scores=secure, labels=labels,
+        plain_update=summarize(plain, labels, seed),
+        secure_aggregate=summarize(secure, labels, seed),
+        secure_kind=secure_kind,
+        clients=len(updates),
+        records=len(records),
+        plain_scores=plain,
+        secure_scores=secure,
+        labels=labels,
     )

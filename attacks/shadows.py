@@ -34,8 +34,19 @@ from fedrlhf_secure.rundir import load_tensors
 from fedrlhf_secure.tasks.auditable import AuditableTask, AuditUnsupported, check_auditable_kind, require_auditable
 
 __all__ = [
-    "AuditUnsupported", "CandidatePool", "CanaryRun", "audited_task", "candidate_pool", "canary_scores", "canary_task",
-    "ensure_supported", "load_run_config", "run_canaries", "shadow_inclusions", "train_released", "train_shadows",
+    "AuditUnsupported",
+    "CandidatePool",
+    "CanaryRun",
+    "audited_task",
+    "candidate_pool",
+    "canary_scores",
+    "canary_task",
+    "ensure_supported",
+    "load_run_config",
+    "run_canaries",
+    "shadow_inclusions",
+    "train_released",
+    "train_shadows",
 ]
 
 logger = logging.getLogger(__name__)
@@ -94,20 +105,21 @@ def candidate_pool(config: RunConfig, data_dir: Path | None, *, task: AuditableT
     records = candidates.task.training_records()
     member = np.asarray(candidates.member, dtype=bool)
     if member.shape != (len(records),) or not np.array_equal(records[member], members):
-        raise RuntimeError(
-            f"{type(audited).__name__}.membership_candidates(): the member rows are not the audited run's training records"
-        )
+        raise RuntimeError(f"{type(audited).__name__}.membership_candidates(): the member rows are not the audited run's training records")
     return CandidatePool(config, records, member, candidates.task)
 
 
-def train_released(config: RunConfig, task, *, name: str) -> dict[str, np.ndarray]:
-    """Run the federation of ``config`` on ``task`` in a scratch directory; return the released params."""
+def train_released(config: RunConfig, task, *, name: str, noise=None) -> dict[str, np.ndarray]:
+    """Run the federation of ``config`` on ``task`` in a scratch directory; return the released params.
+
+    ``noise`` is the run's DP noise source (None: the secret one). Only tests pass one: the audit's
+    positive control trains its canary run with the same deliberately broken mechanism as the run."""
     from fedrlhf_secure.federation.engine import RunOptions, run_federation
 
     config = replace(config, baselines=())  # a shadow needs only its released parameters
     logger.debug("training %s on %s", name, type(task).__name__)
     with tempfile.TemporaryDirectory(prefix="fedrlhf-audit-") as tmp:
-        run = run_federation(config, RunOptions(out=Path(tmp), progress=False, task=task, name=name))
+        run = run_federation(config, RunOptions(out=Path(tmp), progress=False, task=task, name=name, noise=noise))
         return load_tensors(run / "model.safetensors")
 
 
@@ -117,13 +129,11 @@ def shadow_inclusions(num_shadows: int, num_candidates: int, seed: int) -> np.nd
     return rng.random((num_shadows, num_candidates)) < 0.5
 
 
-def train_shadows(
-    pool: CandidatePool, inclusions: np.ndarray, *, on_done: Callable[[int], None] | None = None
-) -> np.ndarray:
+def train_shadows(pool: CandidatePool, inclusions: np.ndarray, *, on_done: Callable[[int], None] | None = None, noise=None) -> np.ndarray:
     """(K, N) true-label logits of every candidate under each shadow run's released params."""
     out = np.empty(inclusions.shape, dtype=np.float64)
     for k, keep in enumerate(inclusions):
-        released = train_released(pool.config, pool.subset_task(keep), name=f"shadow-{k}")
+        released = train_released(pool.config, pool.subset_task(keep), name=f"shadow-{k}", noise=noise)
         out[k] = pool.scores(released)
         if on_done:
             on_done(k)
@@ -163,7 +173,7 @@ def canary_scores(task: AuditableTask, released: dict[str, np.ndarray], canary_r
     return np.asarray(task.canary_scores(released, canary_records), dtype=np.float64)
 
 
-def run_canaries(config: RunConfig, data_dir: Path | None, num_canaries: int, seed: int) -> CanaryRun:
+def run_canaries(config: RunConfig, data_dir: Path | None, num_canaries: int, seed: int, *, noise=None) -> CanaryRun:
     task, records, included = canary_task(config, data_dir, num_canaries, seed)
-    released = train_released(config, task, name="canary")
+    released = train_released(config, task, name="canary", noise=noise)
     return CanaryRun(records, included, canary_scores(task, released, records))

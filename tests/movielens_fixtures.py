@@ -18,8 +18,25 @@ from pathlib import Path
 import numpy as np
 
 GENRES = (
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
-    "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
 )
 LATIN1_TITLE = "Café Society (1995)"
 
@@ -56,8 +73,7 @@ def write_ml100k(root: Path, *, n_users: int = 12, n_items: int = 40, per_user: 
     items = []
     for i in range(n_items):
         title = LATIN1_TITLE if i == 0 else f"Movie {i + 1} (199{i % 10})"
-        items.append("|".join([str(i + 1), title, "01-Jan-1995", "", f"http://us.imdb.com/M/title-exact?m{i + 1}",
-                               *map(str, flags[i])]))
+        items.append("|".join([str(i + 1), title, "01-Jan-1995", "", f"http://us.imdb.com/M/title-exact?m{i + 1}", *map(str, flags[i])]))
     (d / "u.item").write_bytes(("\n".join(items) + "\n").encode("latin-1"))
     occupations = ["technician", "writer", "student", "other"]
     users = [f"{u + 1}|{20 + u}|{'MF'[u % 2]}|{occupations[u % 4]}|{10000 + u:05d}" for u in range(n_users)]
@@ -66,8 +82,8 @@ def write_ml100k(root: Path, *, n_users: int = 12, n_items: int = 40, per_user: 
     rng = np.random.default_rng(seed + 1)
     for split in ("u1", "u2", "u3", "u4", "u5", "ua", "ub"):
         test = rng.random(len(rows)) < 0.2
-        dump(f"{split}.base", [r for r, t in zip(rows, test) if not t])
-        dump(f"{split}.test", [r for r, t in zip(rows, test) if t])
+        dump(f"{split}.base", [r for r, t in zip(rows, test, strict=False) if not t])
+        dump(f"{split}.test", [r for r, t in zip(rows, test, strict=False) if t])
     return d
 
 
@@ -81,7 +97,7 @@ def write_latest_small(root: Path, *, n_users: int = 10, n_items: int = 30, per_
         w = csv.writer(fh)
         w.writerow(["movieId", "title", "genres"])
         for i in range(n_items):
-            names = [g for g, f in zip(GENRES[1:], flags[i][1:]) if f]
+            names = [g for g, f in zip(GENRES[1:], flags[i][1:], strict=False) if f]
             title = "Good, the Bad and the Ugly, The (1966)" if i == 1 else f"Film {i} (2001)"
             w.writerow([movie_ids[i], title, "|".join(names) if names else "(no genres listed)"])
     with (d / "ratings.csv").open("w", newline="", encoding="utf-8") as fh:

@@ -55,7 +55,11 @@ def test_estimate_sits_exactly_on_the_rejection_boundary(rv, delta):
 
 
 def test_delta_only_weakens_the_bound():
-    assert bounds.one_run_epsilon(1000, 200, 190, 1e-3) < bounds.one_run_epsilon(1000, 200, 190, 1e-5) < bounds.one_run_epsilon(1000, 200, 190, 0.0)
+    assert (
+        bounds.one_run_epsilon(1000, 200, 190, 1e-3)
+        < bounds.one_run_epsilon(1000, 200, 190, 1e-5)
+        < bounds.one_run_epsilon(1000, 200, 190, 0.0)
+    )
 
 
 def test_chance_guessing_never_certifies_leakage():

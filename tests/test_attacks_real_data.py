@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 from pathlib import Path
 
 import pytest
+from broken_noise import SilentNoise
 
 from attacks.audit import AuditSettings, audit_run
 from attacks.server_view import server_view_audit
 from fedrlhf_secure.cli import main
 from fedrlhf_secure.config import load_config
 from fedrlhf_secure.federation.engine import RunOptions, run_federation
-from fedrlhf_secure.privacy.testing import noise_disabled
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -30,17 +28,19 @@ def test_lira_finds_members_of_the_overfit_run(shared_datasets, tmp_path):
 
 @pytest.mark.parametrize("broken", [True, False], ids=["noise-forced-to-zero", "correct"])
 def test_dp_gate_on_real_data(shared_datasets, tmp_path, broken):
-    config = load_config(REPO / "configs" / "movielens-tiny.yaml",
-                         ["privacy.mode=record", "privacy.epsilon=1.0", "federation.local_epochs=2", "federation.weighting=uniform"])
+    config = load_config(
+        REPO / "configs" / "movielens-tiny.yaml",
+        ["privacy.mode=record", "privacy.epsilon=1.0", "federation.local_epochs=2", "federation.weighting=uniform"],
+    )
     # a broken mechanism is broken for the run and for the audit's canary run alike
-    with noise_disabled() if broken else contextlib.nullcontext():
-        run = run_federation(config, RunOptions(data_dir=shared_datasets, out=tmp_path, progress=False))
-        code = main(["audit", str(run), "--data-dir", str(shared_datasets), "--shadows", "0", "--canaries", "1000", "--no-progress"])
-    report = json.loads((run / "audit.json").read_text())
+    noise = SilentNoise() if broken else None
+    run = run_federation(config, RunOptions(data_dir=shared_datasets, out=tmp_path, progress=False, noise=noise))
+    report = audit_run(run, shared_datasets, AuditSettings(num_shadows=0, num_canaries=1000), noise=noise)
     if broken:
-        assert report["epsilon"]["estimate"] > 1.0 and code == 1
+        assert report["epsilon"]["estimate"] > 1.0 and report["verdict"] == "fail"
     else:
-        assert report["epsilon"]["estimate"] <= 1.0 and code == 0
+        assert report["epsilon"]["estimate"] <= 1.0 and report["verdict"] == "pass"
+        assert main(["audit", str(run), "--data-dir", str(shared_datasets), "--shadows", "0", "--canaries", "1000", "--no-progress"]) == 0
 
 
 def test_server_view_plain_update_vs_secure_aggregate_of_50(shared_datasets):

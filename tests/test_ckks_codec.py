@@ -15,8 +15,7 @@ from hypothesis import strategies as st
 
 from aggregation import wire
 from aggregation.base import ProtocolError, RoundContext
-from aggregation.ckks import CKKSConfig, factory
-from aggregation.ckks import codec
+from aggregation.ckks import CKKSConfig, codec, factory
 from aggregation.ckks.params import new_secret_context
 
 CLIENTS = (0, 1, 2)

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
+from toy_task import toy_config
 
 from aggregation import wire
 from fedrlhf_secure.config import config_from_dict
 from fedrlhf_secure.federation.engine import RunOptions, run_federation
 from fedrlhf_secure.rundir import load_tensors
-
-from toy_task import toy_config
 
 
 def _model(tmp_path, kind: str, hook=None):

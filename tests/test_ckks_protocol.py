@@ -9,8 +9,7 @@ import pytest
 
 from aggregation import wire
 from aggregation.base import AggregationAborted, ProtocolError, RoundContext, spec_for
-from aggregation.ckks import CKKSConfig, CKKSServer, factory
-from aggregation.ckks import codec
+from aggregation.ckks import CKKSConfig, CKKSServer, codec, factory
 from aggregation.driver import run_round
 from aggregation.plain import PlainAggregator
 

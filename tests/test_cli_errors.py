@@ -66,14 +66,6 @@ def test_an_unknown_set_key_is_bad_input(capsys):
     assert proc.returncode == 2 and "no_such_key" in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "fedrlhf_secure/tasks/movielens/task.py (MovieLensTask.__init__) raises a plain ValueError for "
-        "task.num_clients above the users in the data; it must raise ConfigError(..., key='task.num_clients') "
-        "or InputError. Remove this marker when it does."
-    ),
-)
 def test_more_clients_than_users_is_bad_input_without_a_traceback(tmp_path, fixture_data, capsys):
     args = [
         "run",

@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import toy_task  # noqa: F401  (registers the toy task)
 
 from fedrlhf_secure.config import load_config
 from fedrlhf_secure.configtypes import ConfigError
-
-import toy_task  # noqa: F401  (registers the toy task)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

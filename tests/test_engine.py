@@ -8,15 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from crash_points import SimulatedCrash, crash_after
+from toy_task import toy_config
 
 from aggregation import wire
 from fedrlhf_secure.config import config_from_dict
 from fedrlhf_secure.configtypes import ConfigError
 from fedrlhf_secure.federation.engine import RunOptions, run_federation
-from crash_points import SimulatedCrash, crash_after
 from fedrlhf_secure.rundir import load_tensors
-
-from toy_task import ROWS, toy_config
 
 
 def _run(tmp_path: Path, **fed) -> Path:
@@ -146,7 +145,7 @@ def test_a_round_whose_aggregation_aborts_leaves_the_model_unchanged_and_the_run
     raw = toy_config(rounds=2, dropout_rate=0.99)
     raw["aggregation"] = {"kind": "secagg", "threshold": 3}
     run = run_federation(config_from_dict(raw), RunOptions(out=tmp_path, progress=False))
-    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2
     assert all(r["aggregation_aborted"] and r["clients_aggregated"] == 0 for r in rows)
     w = load_tensors(run / "model.safetensors")["w"]

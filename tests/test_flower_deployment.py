@@ -19,17 +19,16 @@ import yaml
 
 pytest.importorskip("flwr")
 
-from fedrlhf_secure.config import load_config
-from fedrlhf_secure.federation.engine import RunOptions, build_task, run_federation
-from fedrlhf_secure.rundir import load_tensors
-from fedrlhf_secure.federation.participant import ParticipantHost
-from fedrlhf_secure.transport.local_deployment import LocalDeployment, finished_run, partition
-from fedrlhf_secure.federation.links import InProcessLink
-from fedrlhf_secure.federation.engine import run_remote_federation
-
 from conftest import SHARED_DATASETS
 from movielens_fixtures import write_ml100k
 from test_flower_transport import _live_members, _live_processes_mentioning
+
+from fedrlhf_secure.config import load_config
+from fedrlhf_secure.federation.engine import RunOptions, build_task, run_federation, run_remote_federation
+from fedrlhf_secure.federation.links import InProcessLink
+from fedrlhf_secure.federation.participant import ParticipantHost
+from fedrlhf_secure.rundir import load_tensors
+from fedrlhf_secure.transport.local_deployment import LocalDeployment, finished_run, partition
 
 pytestmark = pytest.mark.slow
 
@@ -56,7 +55,7 @@ def _rows(run: Path) -> list[dict]:
 def _assert_same_run(flower: Path, local: Path, atol: float, data: Path) -> None:
     a, b = _rows(flower), _rows(local)
     assert [r["round"] for r in a] == [r["round"] for r in b] == [0, 1]
-    for ra, rb in zip(a, b):
+    for ra, rb in zip(a, b, strict=False):
         assert ra["clients_aggregated"] == rb["clients_aggregated"] == 6
         assert ra["heldout_accuracy"] == pytest.approx(rb["heldout_accuracy"], abs=1e-9)
         shared = [k for k in rb if k in ra and not k.startswith(("seconds", "bytes", "privacy"))]
@@ -177,8 +176,11 @@ def test_a_supernode_stopped_mid_round_drops_out_and_the_round_still_completes(d
             link.down.add(victim)
 
     ref = run_remote_federation(
-        load_config(config), link, {n.index: n.client_ids for n in dep.nodes},
-        RunOptions(out=tmp / "local-dropout", progress=False, data_dir=shared_datasets), on_stage=drop,
+        load_config(config),
+        link,
+        {n.index: n.client_ids for n in dep.nodes},
+        RunOptions(out=tmp / "local-dropout", progress=False, data_dir=shared_datasets),
+        on_stage=drop,
     )
     (ref_row,) = _rows(ref)
     assert ref_row["clients_aggregated"] == 4

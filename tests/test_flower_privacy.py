@@ -16,23 +16,18 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from toy_task import toy_config  # also registers the "toy-dp" task
 
 from fedrlhf_secure.config import config_from_dict
-from fedrlhf_secure.federation.engine import RunOptions, run_federation
-from fedrlhf_secure.privacy.ledger import read_ledger
-from fedrlhf_secure.federation.participant import ParticipantHost
+from fedrlhf_secure.federation.engine import RunOptions, run_federation, run_remote_federation
 from fedrlhf_secure.federation.links import InProcessLink
 from fedrlhf_secure.federation.node_protocol import REQUEST, RESPONSE, NodeMessage
-from fedrlhf_secure.federation.engine import run_remote_federation
-
-from toy_task import toy_config  # also registers the "toy-dp" task
+from fedrlhf_secure.federation.participant import ParticipantHost
+from fedrlhf_secure.privacy.ledger import read_ledger
 
 NODES = {0: [0, 2], 1: [1, 3]}
 RECORD = {"mode": "record", "epsilon": 4.0, "delta": 1e-2, "max_grad_norm": 1.0, "batch_size": 1, "accountant": "rdp"}
 CLIENT = {"mode": "client", "epsilon": 4.0, "delta": 1e-3, "clip_norm": 1.0, "noise": "distributed"}
-
-
-
 
 
 def _raw(privacy: dict, aggregation: str = "plain", **fed) -> dict:
@@ -126,7 +121,7 @@ class _RecordingAggregator:
 
 
 def test_distributed_noise_shares_on_nodes_are_sized_for_the_federations_survivors(tmp_path, monkeypatch):
-    from fedrlhf_secure.transport import aggregator_keys
+    from fedrlhf_secure.federation import aggregators as aggregator_keys
 
     seen: list = []
     real = aggregator_keys.node_aggregator

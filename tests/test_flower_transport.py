@@ -22,22 +22,20 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_ssh_private_key, load_ssh_public_key
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from toy_task import toy_config
 
 from aggregation import wire
 from fedrlhf_secure.config import config_from_dict, load_config
-from fedrlhf_secure.federation.engine import RunOptions, run_federation
-from fedrlhf_secure.rundir import load_tensors
-from fedrlhf_secure.transport.aggregator_keys import KeyFileError, ServerFileKeys, deal_keys
+from fedrlhf_secure.federation.aggregators import KeyFileError, ServerFileKeys, deal_keys
+from fedrlhf_secure.federation.engine import RunOptions, run_federation, run_remote_federation
+from fedrlhf_secure.federation.links import InProcessLink
+from fedrlhf_secure.federation.node_protocol import REQUEST, RESPONSE, NodeMessage
 from fedrlhf_secure.federation.participant import ParticipantHost
+from fedrlhf_secure.federation.round_core import TransportError
+from fedrlhf_secure.rundir import load_tensors
 from fedrlhf_secure.transport.client_host import serve
 from fedrlhf_secure.transport.credentials import create_certificates, create_node_keys
 from fedrlhf_secure.transport.local_socket import relay
-from fedrlhf_secure.federation.links import InProcessLink
-from fedrlhf_secure.federation.node_protocol import REQUEST, RESPONSE, NodeMessage
-from fedrlhf_secure.federation.engine import run_remote_federation
-from fedrlhf_secure.federation.round_core import TransportError
-
-from toy_task import toy_config
 
 NODES = {0: [0, 2], 1: [1, 3]}
 
@@ -84,7 +82,7 @@ def test_plain_rounds_over_nodes_equal_the_in_process_engine_exactly(tmp_path):
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
     assert float(np.abs(b["w"]).max()) > 0.5
-    for ra, rb in zip(_rows(local), _rows(remote)):
+    for ra, rb in zip(_rows(local), _rows(remote), strict=False):
         assert ra["heldout_accuracy"] == rb["heldout_accuracy"]
         assert ra["err_mean"] == rb["err_mean"]
         assert ra["bytes_up_per_client"] == rb["bytes_up_per_client"]
@@ -113,7 +111,10 @@ def test_ckks_over_nodes_reads_keys_from_the_dealer_files_and_the_server_has_no_
     seen: list[bytes] = []
     hosts = {n: ParticipantHost(c, None, node_dirs[n]) for n, c in NODES.items()}
     remote = run_remote_federation(
-        load_config(cfg_path), InProcessLink(hosts), NODES, RunOptions(out=tmp_path / "b", progress=False, hook=lambda s, d, b: seen.append(b)),
+        load_config(cfg_path),
+        InProcessLink(hosts),
+        NODES,
+        RunOptions(out=tmp_path / "b", progress=False, hook=lambda s, d, b: seen.append(b)),
         keys_dir=tmp_path / "keys-server",
     )
     a, b = load_tensors(local / "model.safetensors"), load_tensors(remote / "model.safetensors")
@@ -183,7 +184,9 @@ def test_a_round_that_cannot_aggregate_releases_nothing_and_says_why(tmp_path, k
         if nodes_go_down(rnd, stage):
             link.down.update(NODES)
 
-    run = run_remote_federation(config_from_dict(_raw(kind, rounds=3)), link, NODES, RunOptions(out=tmp_path, progress=False), on_stage=hook)
+    run = run_remote_federation(
+        config_from_dict(_raw(kind, rounds=3)), link, NODES, RunOptions(out=tmp_path, progress=False), on_stage=hook
+    )
     rows = _rows(run)
     assert [r["round"] for r in rows if r["aggregation_aborted"]] == aborted_rounds
     assert reason in rows[aborted_rounds[0]]["aggregation_aborted"]
@@ -219,14 +222,19 @@ def test_a_malformed_fit_summary_loses_that_nodes_metrics_but_not_its_updates(tm
 def test_the_server_refuses_a_run_whose_nodes_do_not_host_every_client(tmp_path):
     with pytest.raises(TransportError, match=r"no node hosts clients \[3\]"):
         run_remote_federation(
-            config_from_dict(_raw()), InProcessLink({0: ParticipantHost([0, 1, 2], None)}), {0: None}, RunOptions(out=tmp_path, progress=False)
+            config_from_dict(_raw()),
+            InProcessLink({0: ParticipantHost([0, 1, 2], None)}),
+            {0: None},
+            RunOptions(out=tmp_path, progress=False),
         )
     assert not any(tmp_path.iterdir())  # the half-made run directory was discarded
 
 
 def test_client_host_refuses_out_of_order_and_foreign_requests():
     host = ParticipantHost([0, 2], None)
-    fit = NodeMessage("fit", {"round": 0, "session": "00" * 16, "participants": [0, 2], "dim": 16, "clients": [0]}, blobs={"instruction": b""})
+    fit = NodeMessage(
+        "fit", {"round": 0, "session": "00" * 16, "participants": [0, 2], "dim": 16, "clients": [0]}, blobs={"instruction": b""}
+    )
     resp = NodeMessage.decode(host.handle(fit.encode(REQUEST)), RESPONSE)
     assert "not been set up" in resp.header["error"]
     setup = NodeMessage("setup", {"client_ids": [0, 1, 2, 3]}, blobs={"config": yaml.safe_dump(_raw()).encode()})

@@ -11,13 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from imdb_fixtures import tiny_task_mapping, write_imdb_parquet
 
 from fedrlhf_secure.cli import main
 from fedrlhf_secure.config import config_from_dict
 from fedrlhf_secure.federation.engine import RunOptions, run_federation
 from fedrlhf_secure.rundir import load_tensors
-
-from imdb_fixtures import tiny_task_mapping, write_imdb_parquet
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,7 +32,17 @@ def _rows(run: Path) -> list[dict]:
 
 
 def test_tiny_config_runs_end_to_end_on_the_real_imdb_data(shared_datasets, cache_dir, tmp_path, capsys):
-    rc = main(["run", str(REPO / "configs" / "imdb-tiny.yaml"), "--data-dir", str(shared_datasets), "--out", str(tmp_path / "runs"), "--no-progress"])
+    rc = main(
+        [
+            "run",
+            str(REPO / "configs" / "imdb-tiny.yaml"),
+            "--data-dir",
+            str(shared_datasets),
+            "--out",
+            str(tmp_path / "runs"),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     run = next(p for p in (tmp_path / "runs").iterdir() if p.name.startswith("imdb") and p.is_dir() and not p.is_symlink())
     rows = _rows(run)
@@ -66,8 +75,13 @@ def test_tiny_config_runs_end_to_end_on_the_real_imdb_data(shared_datasets, cach
 )
 def test_the_lora_vector_goes_through_every_aggregation_and_privacy_mode(tmp_path, cache_dir, aggregation, privacy):
     data = write_imdb_parquet(tmp_path / "data")
-    raw = {"seed": 1, "task": tiny_task_mapping(), "federation": {"rounds": 1, "local_epochs": 1, "min_clients": 2, "weighting": "uniform"},
-           "aggregation": aggregation, "privacy": privacy}
+    raw = {
+        "seed": 1,
+        "task": tiny_task_mapping(),
+        "federation": {"rounds": 1, "local_epochs": 1, "min_clients": 2, "weighting": "uniform"},
+        "aggregation": aggregation,
+        "privacy": privacy,
+    }
     run = run_federation(config_from_dict(raw), RunOptions(data_dir=data, out=tmp_path / "runs", progress=False))
     (row,) = _rows(run)
     assert row["clients_aggregated"] == 2
@@ -82,7 +96,9 @@ def test_the_lora_vector_goes_through_every_aggregation_and_privacy_mode(tmp_pat
 def test_default_config_raises_the_positive_rate_and_higher_lambda_scores_higher_on_its_own_reward(shared_datasets, cache_dir, tmp_path):
     """The CPU default (configs/imdb.yaml, pretraining included): the judge's positive rate on held-out
     prompts ends above the initial policy's, and client k's own shaped reward grows with λ_k."""
-    rc = main(["run", str(REPO / "configs" / "imdb.yaml"), "--data-dir", str(shared_datasets), "--out", str(tmp_path / "runs"), "--no-progress"])
+    rc = main(
+        ["run", str(REPO / "configs" / "imdb.yaml"), "--data-dir", str(shared_datasets), "--out", str(tmp_path / "runs"), "--no-progress"]
+    )
     assert rc == 0
     run = next(p for p in (tmp_path / "runs").iterdir() if p.name.startswith("imdb") and p.is_dir() and not p.is_symlink())
     rows = _rows(run)

@@ -9,6 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import pytest
 import torch
+from imdb_fixtures import tiny_task_mapping, write_imdb_parquet
 
 from fedrlhf_secure.configtypes import ConfigError, from_mapping
 from fedrlhf_secure.privacy.dpsgd import DPSGDReport, DPSGDSettings
@@ -17,8 +18,6 @@ from fedrlhf_secure.tasks.imdb import IMDbConfig, IMDbTask
 from fedrlhf_secure.tasks.imdb.data import clean, load_reviews, split_reviews
 from fedrlhf_secure.tasks.imdb.reward import length_preference, topic_preference
 from fedrlhf_secure.tasks.imdb.task import sample_and_judge
-
-from imdb_fixtures import tiny_task_mapping, write_imdb_parquet
 
 
 def _config(**overrides) -> IMDbConfig:
@@ -81,7 +80,7 @@ def test_a_round_of_aggregation_puts_the_aggregate_into_every_clients_live_polic
     results = [c.fit(shared, FitConfig(0, 1, 100 + c.client_id)) for c in clients]
     assert all(any(np.abs(d).max() > 0 for d in r.delta.values()) for r in results)
     agg = _aggregate(shared, results)
-    for c, r in zip(clients, results):  # after its own fit, each client's policy is its local one, not the aggregate
+    for c, _r in zip(clients, results, strict=False):  # after its own fit, each client's policy is its local one, not the aggregate
         assert any(not np.array_equal(_live(c)[k], agg[k]) for k in agg)
 
     seen: dict[int, dict[str, np.ndarray]] = {}
@@ -108,7 +107,8 @@ def test_a_round_of_aggregation_puts_the_aggregate_into_every_clients_live_polic
         for k, v in _live(c).items():
             np.testing.assert_array_equal(v, agg[k])
         expected = sample_and_judge(task, fresh, c.client_id)
-        assert metrics["samples"] == [f"{p}▸{q}" for p, q in zip(expected["prompts"], expected["completions"])][: len(metrics["samples"])]
+        pairs = zip(expected["prompts"], expected["completions"], strict=False)
+        assert metrics["samples"] == [f"{p}▸{q}" for p, q in pairs][: len(metrics["samples"])]
 
 
 def test_fit_returns_the_trained_policy_minus_the_given_parameters(task):
@@ -197,7 +197,9 @@ def test_personal_state_round_trips_and_holds_only_the_reward_classifier(task):
     state = a.personal_state()
     assert sorted(state) == ["reward/embedding.weight", "reward/head.bias", "reward/head.weight"]
     b.load_personal_state(state)
-    np.testing.assert_array_equal(b.classifier.prob_positive(b.review_ids, b.review_mask), a.classifier.prob_positive(a.review_ids, a.review_mask))
+    np.testing.assert_array_equal(
+        b.classifier.prob_positive(b.review_ids, b.review_mask), a.classifier.prob_positive(a.review_ids, a.review_mask)
+    )
     with pytest.raises(KeyError, match="reward/head.bias"):
         b.load_personal_state({k: v for k, v in state.items() if k != "reward/head.bias"})
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from movielens_fixtures import LATIN1_TITLE, write_latest_small, write_ml100k
 
 from fedrlhf_secure.tasks.movielens.data import (
     MovieLensFormatError,
@@ -14,7 +15,6 @@ from fedrlhf_secure.tasks.movielens.data import (
     resolve_data_dir,
 )
 from fedrlhf_secure.tasks.movielens.feedback import labels
-from movielens_fixtures import LATIN1_TITLE, write_latest_small, write_ml100k
 
 
 def test_ml100k_split_loads_with_latin1_titles_and_genre_flags(tmp_path):

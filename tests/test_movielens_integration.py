@@ -34,7 +34,7 @@ def test_real_u1_split_loads_and_fifty_clients_train_one_round(ml100k):
     shared = task.initial_shared()
     clients = [task.make_client(c) for c in task.client_ids()]
     results = [c.fit(shared, FitConfig(0, 1, 0)) for c in clients]
-    for c, r in zip(clients, results):
+    for c, r in zip(clients, results, strict=False):
         assert r.num_examples == c.num_examples() > 0
         assert np.count_nonzero(r.delta[ITEM_EMBEDDING][~r.touched_rows[ITEM_EMBEDDING]]) == 0
     metrics = [c.evaluate(shared) for c in clients]

@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from movielens_fixtures import write_ml100k
 
 from fedrlhf_secure.config import config_from_dict
 from fedrlhf_secure.configtypes import ConfigError
@@ -23,7 +24,6 @@ from fedrlhf_secure.tasks.movielens.feedback import (
 )
 from fedrlhf_secure.tasks.movielens.model import ITEM_EMBEDDING, build_policy, numpy_logits
 from fedrlhf_secure.tasks.movielens.task import spearman
-from movielens_fixtures import write_ml100k
 
 SMALL = dict(user_dim=8, item_dim=8, genre_dim=4, hidden_dim=16, batch_size=8)
 
@@ -58,7 +58,7 @@ def test_num_clients_picks_a_seeded_sample(data_dir):
 
 
 def test_more_clients_than_users_is_an_error_naming_both_numbers(data_dir):
-    with pytest.raises(ValueError, match=r"num_clients = 13 but .* has only 12 users"):
+    with pytest.raises(ConfigError, match=r"task.num_clients: must be at most 12: the data .* has only 12 users, got 13"):
         task_of(data_dir, num_clients=13)
 
 
@@ -211,6 +211,7 @@ def test_dp_fit_runs_opacus_noises_every_item_row_and_reports_its_parameters(dat
     assert np.all(np.abs(result.delta[ITEM_EMBEDDING][unrated]).sum(axis=1) > 0)  # noise covers every row
     assert set(result.delta) == set(task.shared_spec().names())
 
+
 def test_dp_noise_is_fresh_even_with_the_same_seed(data_dir):
     """Noise regenerable from the run seed (written to config.yaml) could be subtracted: it must not repeat."""
     task = task_of(data_dir)
@@ -318,11 +319,20 @@ def test_ghost_clipping_gives_the_same_update_as_per_sample_gradients(data_dir):
     deltas = {}
     for mode in ("ghost", "hooks"):
         policy = build_policy(shared, client._dp_user_rows, None)
-        steps, _ = train_epochs_dp(policy, client._dp_data, client.feedback_profiles, task.settings, 3, _deterministic_dp(0.05),
-                                   rng=np.random.default_rng(0), grad_sample_mode=mode)
+        steps, _ = train_epochs_dp(
+            policy,
+            client._dp_data,
+            client.feedback_profiles,
+            task.settings,
+            3,
+            _deterministic_dp(0.05),
+            rng=np.random.default_rng(0),
+            grad_sample_mode=mode,
+        )
         assert steps == 3
-        deltas[mode] = {k: v.detach().numpy() - shared_value for k, v, shared_value in
-                        [("item", policy.item_embedding.weight, shared[ITEM_EMBEDDING])]}
+        deltas[mode] = {
+            k: v.detach().numpy() - shared_value for k, v, shared_value in [("item", policy.item_embedding.weight, shared[ITEM_EMBEDDING])]
+        }
     moved = np.abs(deltas["hooks"]["item"]).max()
     assert moved > 1e-3  # clipped at 0.05, the records still moved the table
     np.testing.assert_allclose(deltas["ghost"]["item"], deltas["hooks"]["item"], atol=1e-6 + 1e-4 * moved)

@@ -6,9 +6,11 @@ import json
 
 import numpy as np
 import pytest
+from broken_noise import SilentNoise
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from toy_task import toy_config
 
 from aggregation.base import AggregateResult, AggregationAborted
 from fedrlhf_secure.config import config_from_dict
@@ -19,9 +21,6 @@ from fedrlhf_secure.privacy.clipping import clip_l2
 from fedrlhf_secure.privacy.factory import build_client_privacy
 from fedrlhf_secure.privacy.server import ServerPrivacy
 from fedrlhf_secure.rundir import load_tensors
-
-from broken_noise import SilentNoise
-from toy_task import toy_config
 
 RNG = np.random.default_rng(0)
 
@@ -60,7 +59,9 @@ def test_clipping_bounds_the_norm_and_keeps_the_direction(v, c):
     if norm <= c:
         np.testing.assert_array_equal(out, v)
     else:
-        np.testing.assert_allclose(out.astype(np.float64) * norm, v.astype(np.float64) * np.linalg.norm(out.astype(np.float64)), rtol=1e-4, atol=1e-3 * c)
+        np.testing.assert_allclose(
+            out.astype(np.float64) * norm, v.astype(np.float64) * np.linalg.norm(out.astype(np.float64)), rtol=1e-4, atol=1e-3 * c
+        )
 
 
 def test_one_clients_influence_on_the_released_mean_is_at_most_c_over_n(tmp_path):
@@ -128,16 +129,27 @@ def test_central_noise_is_added_by_the_server_after_aggregation(tmp_path):
 
 
 def test_integer_noise_for_masking_is_skellam_in_the_quantised_domain(tmp_path):
-    cfg = _config({"noise": "distributed"})
+    _config({"noise": "distributed"})
     from fedrlhf_secure.privacy.client_level import ClientLevelPlan
     from fedrlhf_secure.privacy.ledger import PrivacyLedger
     from fedrlhf_secure.privacy.noise import NoiseSource
     from fedrlhf_secure.privacy.replay import ReleaseStore
 
-    plan = ClientLevelPlan(rounds=2, clip_norm=1.0, noise="distributed", budget=4.0, delta=1e-3, accountant="rdp",
-                           noise_multiplier=None, survivor_fraction=1.0, min_clients=2, integer=IntegerDomain(2.0**12),
-                           ledger=PrivacyLedger(tmp_path / "l", {"m": 1}, resume=False), releases=ReleaseStore(tmp_path / "r"),
-                           noise_source=NoiseSource())
+    plan = ClientLevelPlan(
+        rounds=2,
+        clip_norm=1.0,
+        noise="distributed",
+        budget=4.0,
+        delta=1e-3,
+        accountant="rdp",
+        noise_multiplier=None,
+        survivor_fraction=1.0,
+        min_clients=2,
+        integer=IntegerDomain(2.0**12),
+        ledger=PrivacyLedger(tmp_path / "l", {"m": 1}, resume=False),
+        releases=ReleaseStore(tmp_path / "r"),
+        noise_source=NoiseSource(),
+    )
     n, dim = 4, 30_000
     for cid in range(n):
         plan.admit(cid, 0)
@@ -182,8 +194,9 @@ def test_record_level_delta_must_be_below_one_over_the_records_of_the_largest_cl
 def test_noise_cannot_be_switched_off_from_a_config_or_by_anything_the_package_ships():
     with pytest.raises(ConfigError, match="unknown key"):
         _config({"noise_disabled": True})
-    import fedrlhf_secure.privacy as privacy_pkg
     import pkgutil
+
+    import fedrlhf_secure.privacy as privacy_pkg
 
     modules = [m.name for m in pkgutil.iter_modules(privacy_pkg.__path__)]
     assert "testing" not in modules  # the old process-wide switch is gone
@@ -221,7 +234,9 @@ def test_masking_without_headroom_for_the_noise_is_refused_naming_noise_bound(tm
 def test_under_masking_the_skellam_noise_is_added_by_clients_and_accounted(tmp_path):
     silent = SilentNoise()
     clean = run_federation(_secagg_config(1_000_000), RunOptions(out=tmp_path / "a", progress=False, noise=silent))
-    plain = run_federation(_config({"noise": "distributed", "accountant": "rdp"}), RunOptions(out=tmp_path / "b", progress=False, noise=silent))
+    plain = run_federation(
+        _config({"noise": "distributed", "accountant": "rdp"}), RunOptions(out=tmp_path / "b", progress=False, noise=silent)
+    )
     noisy = run_federation(_secagg_config(1_000_000), RunOptions(out=tmp_path / "c", progress=False))
     w = {name: load_tensors(r / "model.safetensors")["w"] for name, r in (("clean", clean), ("plain", plain), ("noisy", noisy))}
     np.testing.assert_allclose(w["clean"], w["plain"], atol=1e-3)  # masking without noise = the plain clipped mean

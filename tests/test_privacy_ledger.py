@@ -8,21 +8,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from crash_points import SimulatedCrash, crash_after
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from toy_task import toy_config  # also registers the "toy-dp" task
 
+from fedrlhf_secure.commands import ledger as ledger_cli
 from fedrlhf_secure.config import config_from_dict
 from fedrlhf_secure.federation.engine import RunOptions, build_aggregator, resume_federation, run_federation
-from crash_points import SimulatedCrash, crash_after
-from fedrlhf_secure.commands import ledger as ledger_cli
 from fedrlhf_secure.privacy.budget import BudgetExceeded
 from fedrlhf_secure.privacy.factory import build_client_privacy
 from fedrlhf_secure.privacy.ledger import LedgerConflict, LedgerEntry, LedgerError, PrivacyLedger, read_ledger
-
-from toy_task import toy_config  # also registers the "toy-dp" task
-
-
-
 
 CLIENT = {"mode": "client", "epsilon": 4.0, "delta": 1e-3, "clip_norm": 1.0, "noise": "distributed"}
 RECORD = {"mode": "record", "epsilon": 4.0, "delta": 1e-2, "max_grad_norm": 1.0, "batch_size": 1, "accountant": "rdp"}
@@ -95,9 +91,7 @@ def test_a_run_killed_mid_round_and_resumed_ends_with_the_same_ledger_as_an_unin
     resumed = resume_federation(partial, RunOptions(progress=False))
 
     after, reference = _ledger_spend(resumed), _ledger_spend(whole)
-    assert {c: [(r, e) for r, e, _ in v] for c, v in after.items()} == {
-        c: [(r, e) for r, e, _ in v] for c, v in reference.items()
-    }
+    assert {c: [(r, e) for r, e, _ in v] for c, v in after.items()} == {c: [(r, e) for r, e, _ in v] for c, v in reference.items()}
     assert sum(len(v) for v in after.values()) == 4 * 3
     for c, rows in before.items():  # entries written before the crash are untouched (same release replayed)
         assert after[c][: len(rows)] == rows
@@ -118,9 +112,9 @@ def test_resuming_twice_after_a_crash_never_adds_to_the_spend(tmp_path):
     assert _ledger_spend(partial) == spent
 
 
-
 def _client_privacy(cfg, sizes, ledger_dir, resume):
     return build_client_privacy(cfg, sizes, ledger_dir, resume, build_aggregator(cfg, list(sizes)))
+
 
 # ------------------------------------------------------------------------------ the budget
 

@@ -6,14 +6,21 @@ import json
 from pathlib import Path
 
 import pytest
+from crash_points import SimulatedCrash, crash_after
 
 from fedrlhf_secure.config import load_config
 from fedrlhf_secure.federation.engine import RunOptions, resume_federation, run_federation
-from crash_points import SimulatedCrash, crash_after
 from fedrlhf_secure.privacy.ledger import read_ledger
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "movielens-tiny.yaml"
-OVERRIDES = ["task.num_clients=6", "federation.rounds=2", "privacy.mode=record", "privacy.epsilon=4", "privacy.delta=1e-5", "privacy.accountant=rdp"]
+OVERRIDES = [
+    "task.num_clients=6",
+    "federation.rounds=2",
+    "privacy.mode=record",
+    "privacy.epsilon=4",
+    "privacy.delta=1e-5",
+    "privacy.accountant=rdp",
+]
 
 
 def _spend(run: Path) -> dict[int, list[tuple[int, float, int, str]]]:

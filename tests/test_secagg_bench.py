@@ -27,8 +27,24 @@ def test_flower_secaggplus_driven_in_process_returns_the_weighted_average():
 def test_bench_writes_json_table_and_plot(tmp_path):
     p = argparse.ArgumentParser()
     bench.add_arguments(p)
-    args = p.parse_args(["--n", "5", "--d", "40", "--dropout", "0", "0.2", "--no-targets", "--no-ckks", "--no-flower",
-                         "--json", str(tmp_path / "agg.json"), "--doc", str(tmp_path / "B.md")])
+    args = p.parse_args(
+        [
+            "--n",
+            "5",
+            "--d",
+            "40",
+            "--dropout",
+            "0",
+            "0.2",
+            "--no-targets",
+            "--no-ckks",
+            "--no-flower",
+            "--json",
+            str(tmp_path / "agg.json"),
+            "--doc",
+            str(tmp_path / "B.md"),
+        ]
+    )
     assert bench.run(args) == 0
     payload = json.loads((tmp_path / "agg.json").read_text())
     kinds = [(r["kind"], r["dropped"]) for r in payload["results"]]

@@ -6,12 +6,11 @@ import json
 
 import numpy as np
 import pytest
+from toy_task import toy_config
 
 from fedrlhf_secure.config import config_from_dict
 from fedrlhf_secure.federation.engine import RunOptions, run_federation
 from fedrlhf_secure.rundir import load_tensors
-
-from toy_task import toy_config
 
 
 def _run(tmp_path, aggregation: dict, clients: int = 10, **fed):

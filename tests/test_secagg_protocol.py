@@ -148,8 +148,9 @@ def test_distributed_dp_integer_noise_enters_the_sum_exactly():
 def test_registry_and_config_section_build_secagg():
     from fedrlhf_secure.config import _plugin
 
-    section = _plugin("aggregation", {"kind": "secagg", "neighbours": 6, "threshold": "auto", "clip_range": 2.0, "bits": "auto"},
-                      spec_for, "test.yaml")
+    section = _plugin(
+        "aggregation", {"kind": "secagg", "neighbours": 6, "threshold": "auto", "clip_range": 2.0, "bits": "auto"}, spec_for, "test.yaml"
+    )
     assert section.params == SecAggConfig(neighbours=6, clip_range=2.0)
     agg = spec_for("secagg").factory(section.params, list(range(20)), 0)
     assert agg.kind == "secagg" and agg.quantizer.clip == 2.0

@@ -87,7 +87,12 @@ def test_bad_inputs_are_refused_clearly():
         q.encode(np.array([np.nan]), 1.0)
     with pytest.raises(ValueError, match="non-negative"):
         q.encode(np.zeros(2), -1.0)
-    for bad, msg in [({"bits": 16}, "bits must be"), ({"clip_range": 0.0}, "clip_range"), ({"neighbours": 3, "threshold": 4}, "exceeds neighbours"),
-                     ({"identity_dir": "/x"}, "signatures is false"), ({"weight_resolution": 0.0}, "weight_resolution")]:
+    for bad, msg in [
+        ({"bits": 16}, "bits must be"),
+        ({"clip_range": 0.0}, "clip_range"),
+        ({"neighbours": 3, "threshold": 4}, "exceeds neighbours"),
+        ({"identity_dir": "/x"}, "signatures is false"),
+        ({"weight_resolution": 0.0}, "weight_resolution"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             SecAggConfig(**bad)

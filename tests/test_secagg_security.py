@@ -57,8 +57,9 @@ class Round:
 
 
 def _forge_unmask(r: Round, cid: int, survivors, dropped, total=None) -> bytes:
-    return UnmaskRequest(np.array(sorted(survivors), np.int64), np.array(sorted(dropped), np.int64),
-                         total if total is not None else r.n).encode(r.ctx, cid)
+    return UnmaskRequest(
+        np.array(sorted(survivors), np.int64), np.array(sorted(dropped), np.int64), total if total is not None else r.n
+    ).encode(r.ctx, cid)
 
 
 def test_server_cannot_unmask_a_surviving_client():
@@ -203,9 +204,7 @@ def test_identity_keys_load_from_a_directory(tmp_path):
     assert (tmp_path / "2.key").stat().st_mode & 0o777 == 0o600
     cfg = SecAggConfig(signatures=True, identity_dir=str(tmp_path))
     agg = build(cfg, list(range(4)), 0)
-    assert {k: crypto.public_raw(v) for k, v in agg.identities.public.items()} == {
-        k: crypto.public_raw(v) for k, v in ids.public.items()
-    }
+    assert {k: crypto.public_raw(v) for k, v in agg.identities.public.items()} == {k: crypto.public_raw(v) for k, v in ids.public.items()}
     (tmp_path / "3.pub").unlink()
     with pytest.raises(FileNotFoundError, match=r"3.pub: identity public key of client 3 is missing"):
         build(cfg, list(range(4)), 0)

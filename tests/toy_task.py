@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 
@@ -42,7 +42,12 @@ class ToyClient(TaskClient):
             table[r] = 1.0 + self.client_id
             touched[r] = True
         self.personal += 1.0
-        return FitResult({"w": delta_w.astype(np.float32), "table": table}, self.num_examples(), {"table": touched}, {"loss": float(np.abs(delta_w).mean())})
+        return FitResult(
+            {"w": delta_w.astype(np.float32), "table": table},
+            self.num_examples(),
+            {"table": touched},
+            {"loss": float(np.abs(delta_w).mean())},
+        )
 
     def evaluate(self, shared: Mapping[str, np.ndarray]) -> dict[str, float]:
         err = float(np.abs(shared["w"] - self.client_id).mean())
@@ -104,4 +109,9 @@ register_task("toy-dp", ToyConfig, lambda cfg, data_dir, seed: DPToyTask(cfg))
 
 
 def toy_config(**fed) -> dict:
-    return {"seed": 3, "task": {"kind": "toy", "clients": 4}, "federation": {"rounds": 2, "local_epochs": 1, "min_clients": 2, **fed}, "aggregation": {"kind": "plain"}}
+    return {
+        "seed": 3,
+        "task": {"kind": "toy", "clients": 4},
+        "federation": {"rounds": 2, "local_epochs": 1, "min_clients": 2, **fed},
+        "aggregation": {"kind": "plain"},
+    }

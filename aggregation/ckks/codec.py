@@ -35,7 +35,7 @@ CIPHERTEXT_METADATA_BYTES = 256
 
 def _varint(data: bytes, pos: int) -> tuple[int, int]:
     value = shift = 0
-    for i in range(10):
+    for _i in range(10):
         if pos >= len(data):
             raise ValueError("truncated varint in ciphertext vector")
         byte = data[pos]
@@ -183,7 +183,7 @@ def load_chunks(blobs: list[bytes], ctx: ts.Context, config: CKKSConfig, length:
     want = chunk_lengths(config, length)
     if len(blobs) != len(want):
         raise ValueError(f"{len(blobs)} ciphertexts, expected {len(want)} for {length} values")
-    return [load_vector(b, ctx, config, n) for b, n in zip(blobs, want)]
+    return [load_vector(b, ctx, config, n) for b, n in zip(blobs, want, strict=False)]
 
 
 def load_vector(data: bytes, ctx: ts.Context, config: CKKSConfig, length: int) -> ts.CKKSVector:

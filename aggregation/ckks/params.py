@@ -61,9 +61,7 @@ class CKKSConfig:
     def __post_init__(self) -> None:
         n = self.poly_modulus_degree
         if n not in MAX_LOG_Q_128:
-            raise ValueError(
-                f"aggregation.poly_modulus_degree must be one of {sorted(MAX_LOG_Q_128)}, got {n}"
-            )
+            raise ValueError(f"aggregation.poly_modulus_degree must be one of {sorted(MAX_LOG_Q_128)}, got {n}")
         bits = tuple(self.coeff_mod_bit_sizes)
         if len(bits) < 2:
             raise ValueError(
@@ -164,7 +162,7 @@ MAX_PUBLIC_CONTEXT_BYTES = 4096
 MAX_SECRET_CONTEXT_BYTES = 8 << 20
 
 
-_LOADED: "OrderedDict[tuple[bytes, int, int], ts.Context]" = OrderedDict()
+_LOADED: OrderedDict[tuple[bytes, int, int], ts.Context] = OrderedDict()
 _LOADED_MAX = 4
 
 
@@ -197,8 +195,6 @@ def load_context(data: bytes, config: CKKSConfig, *, secret: bool) -> ts.Context
         raise ValueError(f"CKKS context must hold {want}")
     parms = ctx.seal_context().data.first_context_data().parms()
     if parms.poly_modulus_degree() != config.poly_modulus_degree:
-        raise ValueError(
-            f"CKKS context has poly_modulus_degree {parms.poly_modulus_degree()}, config says {config.poly_modulus_degree}"
-        )
+        raise ValueError(f"CKKS context has poly_modulus_degree {parms.poly_modulus_degree()}, config says {config.poly_modulus_degree}")
     ctx.global_scale = config.scale
     return ctx

@@ -20,8 +20,9 @@ that drops before sending contributes nothing; at the deadline the driver calls
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -108,7 +109,7 @@ class CKKSServer(ServerHalf):
         if self._sum is None:
             self._sum = chunks
         else:
-            for acc, c in zip(self._sum, chunks):
+            for acc, c in zip(self._sum, chunks, strict=False):
                 acc.add_(c)
         self._got.append(sender)
         if len(self._got) == len(self.ctx.participants):
@@ -140,9 +141,7 @@ class CKKSServer(ServerHalf):
 class CKKSClient(ClientHalf):
     """Encrypts ``[w x, w]`` under the epoch's secret key; decrypts the returned aggregate."""
 
-    def __init__(
-        self, ctx: RoundContext, config: CKKSConfig, key: ClientKey, client_id: int, vector: np.ndarray, weight: float
-    ) -> None:
+    def __init__(self, ctx: RoundContext, config: CKKSConfig, key: ClientKey, client_id: int, vector: np.ndarray, weight: float) -> None:
         vec = np.asarray(vector, dtype=np.float64)
         if vec.shape != (ctx.dim,):
             raise ValueError(f"client {client_id}: vector has shape {vec.shape}, the round expects ({ctx.dim},)")

@@ -13,8 +13,8 @@ unmasked; the headroom check covers it (``noise_bound`` reserves room for it in 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -65,15 +65,12 @@ class SecAggAggregator(Aggregator):
         """A client half holding ``[q, u]`` = the quantised ``w * x`` (+ ``integer_noise``) and weight units."""
         self._check_size(ctx)
         ids = self.identities.for_client(client_id) if self.identities else None
-        return SecAggClient(
-            ctx, client_id, vector, weight, self.quantizer, self.degree(ctx), self.threshold(ctx), ids, integer_noise
-        )
+        return SecAggClient(ctx, client_id, vector, weight, self.quantizer, self.degree(ctx), self.threshold(ctx), ids, integer_noise)
 
     def _check_size(self, ctx: RoundContext) -> None:
         if len(ctx.participants) > self.quantizer.max_clients:
             raise HeadroomError(
-                f"round {ctx.round} has {len(ctx.participants)} participants but the headroom was planned for "
-                f"{self.quantizer.max_clients}"
+                f"round {ctx.round} has {len(ctx.participants)} participants but the headroom was planned for {self.quantizer.max_clients}"
             )
 
 

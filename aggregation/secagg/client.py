@@ -30,8 +30,8 @@ from .messages import (
     SECRET_ELEMENTS,
     SHARE_CIPHERTEXT_BYTES,
     AdvertiseRequest,
-    Keys,
     KeyDirectory,
+    Keys,
     MaskedInput,
     ShareBundle,
     Shares,
@@ -148,16 +148,24 @@ class SecAggClient(ClientHalf):
             return self._sit_out(f"only {len(ids)} live neighbours, threshold {self.t}")
         # Derive every share key first: a bad public key rejects the frame before any state changes.
         share_keys = {
-            peer: crypto.derive(crypto.agree(self._c_sk, d.c_pks[row].tobytes(), peer=peer), crypto.SHARE_LABEL,
-                                self.ctx.session_id, self.ctx.round, self.id, peer)
+            peer: crypto.derive(
+                crypto.agree(self._c_sk, d.c_pks[row].tobytes(), peer=peer),
+                crypto.SHARE_LABEL,
+                self.ctx.session_id,
+                self.ctx.round,
+                self.id,
+                peer,
+            )
             for row, peer in enumerate(ids)
         }
         peer_s_pks = {peer: d.s_pks[row].tobytes() for row, peer in enumerate(ids)}
         self._seed = os.urandom(prg.SEED_BYTES)
-        secrets = np.concatenate([
-            shamir.bytes_to_elements(crypto.private_bytes(self._s_sk)),
-            shamir.bytes_to_elements(self._seed),
-        ])
+        secrets = np.concatenate(
+            [
+                shamir.bytes_to_elements(crypto.private_bytes(self._s_sk)),
+                shamir.bytes_to_elements(self._seed),
+            ]
+        )
         points = np.array([share_point(p) for p in ids], dtype=np.uint64)
         shares = shamir.split(secrets, points, self.t)  # (m, 2 * SECRET_ELEMENTS)
         cts = np.empty((len(ids), SHARE_CIPHERTEXT_BYTES), dtype=np.uint8)
@@ -228,4 +236,3 @@ class SecAggClient(ClientHalf):
         self._vector = self._noise = None
         self._stage = _Stage.DONE
         return []
-

@@ -58,8 +58,7 @@ class SecAggConfig:
                 raise ValueError(f"threshold must be >= 1 or 'auto', got {self.threshold}")
             if self.neighbours != "auto" and self.threshold > self.neighbours:
                 raise ValueError(
-                    f"threshold {self.threshold} exceeds neighbours {self.neighbours}: shares go to the k "
-                    "neighbours, so t must be <= k"
+                    f"threshold {self.threshold} exceeds neighbours {self.neighbours}: shares go to the k neighbours, so t must be <= k"
                 )
         if not (math.isfinite(self.clip_range) and self.clip_range > 0):
             raise ValueError(f"clip_range must be a positive number, got {self.clip_range}")

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
@@ -108,7 +108,7 @@ class Identities:
     private: dict[int, Ed25519PrivateKey] = field(default_factory=dict)
 
     @classmethod
-    def generate(cls, client_ids: Iterable[int]) -> "Identities":
+    def generate(cls, client_ids: Iterable[int]) -> Identities:
         """Fresh keys for a simulation in one process (the test and the operator can read ``public``)."""
         ids = cls()
         for cid in client_ids:
@@ -118,7 +118,7 @@ class Identities:
         return ids
 
     @classmethod
-    def load(cls, directory: Path, client_ids: Iterable[int]) -> "Identities":
+    def load(cls, directory: Path, client_ids: Iterable[int]) -> Identities:
         """``<dir>/<cid>.pub`` (raw 32 bytes or PEM) for every client; ``<cid>.key`` (PEM PKCS#8 or raw) where present."""
         ids = cls()
         for cid in client_ids:
@@ -140,9 +140,7 @@ class Identities:
             (directory / f"{cid}.pub").write_bytes(public_raw(pk))
         for cid, sk in self.private.items():
             path = directory / f"{cid}.key"
-            path.write_bytes(
-                sk.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-            )
+            path.write_bytes(sk.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
             path.chmod(0o600)
 
     def sign(self, client_id: int, payload: bytes) -> bytes:
@@ -158,12 +156,12 @@ class Identities:
         except InvalidSignature as exc:
             raise ProtocolError(f"signature of client {client_id} on its advertised keys is invalid") from exc
 
-    def for_client(self, client_id: int) -> "Identities":
+    def for_client(self, client_id: int) -> Identities:
         """The view one client gets: everybody's public keys and only its own private key."""
         own = {client_id: self.private[client_id]} if client_id in self.private else {}
         return Identities(dict(self.public), own)
 
-    def public_only(self) -> "Identities":
+    def public_only(self) -> Identities:
         return Identities(dict(self.public), {})
 
 

@@ -95,7 +95,7 @@ class AdvertiseRequest(_Message):
 
     @classmethod
     @_checked
-    def decode(cls, data: bytes, ctx: RoundContext, receiver: int) -> "AdvertiseRequest":
+    def decode(cls, data: bytes, ctx: RoundContext, receiver: int) -> AdvertiseRequest:
         cls._open(data, ctx, receiver, 1 << 12)
         return cls()
 
@@ -116,7 +116,7 @@ class Keys(_Message):
 
     @classmethod
     @_checked
-    def decode(cls, data: bytes, ctx: RoundContext, sender: int) -> "Keys":
+    def decode(cls, data: bytes, ctx: RoundContext, sender: int) -> Keys:
         f = cls._open(data, ctx, sender, 1 << 12)
         sig = f.blob("signature", exact=SIG_BYTES) if "signature" in f.tensors else None
         return cls(f.blob("c_pk", exact=KEY_BYTES), f.blob("s_pk", exact=KEY_BYTES), sig)
@@ -141,7 +141,7 @@ class KeyDirectory(_Message):
 
     @classmethod
     @_checked
-    def decode(cls, data: bytes, ctx: RoundContext, receiver: int) -> "KeyDirectory":
+    def decode(cls, data: bytes, ctx: RoundContext, receiver: int) -> KeyDirectory:
         n = len(ctx.participants)
         f = cls._open(data, ctx, receiver, 1 << 26)
         ids = _ids(f, "ids", max_len=n)
@@ -164,7 +164,7 @@ class Shares(_Message):
 
     @classmethod
     @_checked
-    def decode(cls, data: bytes, ctx: RoundContext, sender: int) -> "Shares":
+    def decode(cls, data: bytes, ctx: RoundContext, sender: int) -> Shares:
         f = cls._open(data, ctx, sender, 1 << 26)
         ids = _ids(f, "ids", max_len=len(ctx.participants))
         return cls(ids, f.tensor("ciphertexts", np.uint8, (ids.size, SHARE_CIPHERTEXT_BYTES)))
@@ -184,7 +184,7 @@ class ShareBundle(_Message):
 
     @classmethod
     @_checked
-    def decode(cls, data: bytes, ctx: RoundContext, receiver: int) -> "ShareBundle":
+    def decode(cls, data: bytes, ctx: RoundContext, receiver: int) -> ShareBundle:
         f = cls._open(data, ctx, receiver, 1 << 26)
         ids = _ids(f, "ids", max_len=len(ctx.participants))
         return cls(ids, f.tensor("ciphertexts", np.uint8, (ids.size, SHARE_CIPHERTEXT_BYTES)))
@@ -201,7 +201,7 @@ class MaskedInput(_Message):
 
     @classmethod
     @_checked
-    def decode(cls, data: bytes, ctx: RoundContext, sender: int, dtype: np.dtype) -> "MaskedInput":
+    def decode(cls, data: bytes, ctx: RoundContext, sender: int, dtype: np.dtype) -> MaskedInput:
         f = cls._open(data, ctx, sender, 64 + 4096 + (ctx.dim + 1) * np.dtype(dtype).itemsize)
         return cls(f.tensor("masked", dtype, (ctx.dim + 1,)))
 
@@ -218,13 +218,15 @@ class UnmaskRequest(_Message):
 
     def encode(self, ctx: RoundContext, receiver: int) -> bytes:
         return self._frame(
-            ctx, receiver, {"survivors_total": self.survivors_total},
+            ctx,
+            receiver,
+            {"survivors_total": self.survivors_total},
             {"survivors": self.survivors.astype(np.int64), "dropped": self.dropped.astype(np.int64)},
         )
 
     @classmethod
     @_checked
-    def decode(cls, data: bytes, ctx: RoundContext, receiver: int) -> "UnmaskRequest":
+    def decode(cls, data: bytes, ctx: RoundContext, receiver: int) -> UnmaskRequest:
         n = len(ctx.participants)
         f = cls._open(data, ctx, receiver, 1 << 26)
         total = f.field("survivors_total", int)
@@ -245,18 +247,27 @@ class Unmask(_Message):
     key_shares: np.ndarray  # (b, SECRET_ELEMENTS) uint64
 
     def encode(self, ctx: RoundContext, sender: int) -> bytes:
-        return self._frame(ctx, sender, {}, {
-            "seed_ids": self.seed_ids.astype(np.int64), "seed_shares": self.seed_shares,
-            "key_ids": self.key_ids.astype(np.int64), "key_shares": self.key_shares,
-        })
+        return self._frame(
+            ctx,
+            sender,
+            {},
+            {
+                "seed_ids": self.seed_ids.astype(np.int64),
+                "seed_shares": self.seed_shares,
+                "key_ids": self.key_ids.astype(np.int64),
+                "key_shares": self.key_shares,
+            },
+        )
 
     @classmethod
     @_checked
-    def decode(cls, data: bytes, ctx: RoundContext, sender: int) -> "Unmask":
+    def decode(cls, data: bytes, ctx: RoundContext, sender: int) -> Unmask:
         n = len(ctx.participants)
         f = cls._open(data, ctx, sender, 1 << 26)
         seed_ids, key_ids = _ids(f, "seed_ids", max_len=n), _ids(f, "key_ids", max_len=n)
         return cls(
-            seed_ids, f.tensor("seed_shares", np.uint64, (seed_ids.size, SECRET_ELEMENTS)),
-            key_ids, f.tensor("key_shares", np.uint64, (key_ids.size, SECRET_ELEMENTS)),
+            seed_ids,
+            f.tensor("seed_shares", np.uint64, (seed_ids.size, SECRET_ELEMENTS)),
+            key_ids,
+            f.tensor("key_shares", np.uint64, (key_ids.size, SECRET_ELEMENTS)),
         )

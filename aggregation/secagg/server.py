@@ -157,8 +157,9 @@ class SecAggServer(ServerHalf):
         if self.identities is not None:
             if msg.signature is None:
                 raise ProtocolError(f"keys of client {sender} are unsigned but identities are configured")
-            self.identities.verify(sender, msg.signature, crypto.advertise_payload(
-                self.ctx.session_id, self.ctx.round, sender, msg.c_pk, msg.s_pk))
+            self.identities.verify(
+                sender, msg.signature, crypto.advertise_payload(self.ctx.session_id, self.ctx.round, sender, msg.c_pk, msg.s_pk)
+            )
         if msg.c_pk == msg.s_pk:
             raise ProtocolError(f"client {sender} advertised the same key twice")
         self._keys[sender] = msg

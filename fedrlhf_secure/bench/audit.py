@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..commands.options import add_overrides
 from .report import markdown_table, update_section, write_json
 
 TARGET_SECONDS = 15 * 60
@@ -30,14 +31,7 @@ def _cpu_seconds() -> float:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="configs/movielens.yaml", help="run config the benchmark measures (default configs/movielens.yaml)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set federation.rounds=3 (repeatable)",
-    )
+    add_overrides(p)
     p.add_argument("--data-dir", type=Path, default=None, help="datasets directory (default: $FEDRLHF_DATA_DIR)")
     p.add_argument("--shadows", type=int, default=16, help="shadow runs of the LiRA audit (default 16)")
     p.add_argument("--canaries", type=int, default=0, help="also run the one-run ε audit with this many canaries")

@@ -28,19 +28,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..commands.options import add_overrides
 from .report import markdown_table, update_section, write_json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="configs/movielens.yaml", help="run config the benchmark measures (default configs/movielens.yaml)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set federation.rounds=3 (repeatable)",
-    )
+    add_overrides(p)
     p.add_argument("--data-dir", type=Path, default=None, help="datasets directory (default: $FEDRLHF_DATA_DIR)")
     p.add_argument("--utility", action="store_true", help="run the privacy-utility grid instead of the overhead benchmark")
     p.add_argument("--clients", type=int, default=None, help="utility: seeded subset of this many clients (default: all)")

@@ -13,19 +13,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..commands.options import add_overrides
 from .report import markdown_table, update_section, write_json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="configs/movielens.yaml", help="run config the benchmark measures (default configs/movielens.yaml)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set federation.rounds=3 (repeatable)",
-    )
+    add_overrides(p)
     p.add_argument("--data-dir", type=Path, default=None, help="datasets directory (default: $FEDRLHF_DATA_DIR)")
     p.add_argument("--aggregations", nargs="+", default=["plain"], help="aggregation kinds to time side by side")
     p.add_argument("--json", type=Path, default=Path("bench/round.json"), help="where the JSON results go (default bench/round.json)")

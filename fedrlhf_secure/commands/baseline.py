@@ -8,19 +8,13 @@ from pathlib import Path
 
 from ..config import load_config
 from ..rundir import RunDirectory, atomic_write_json
+from .options import add_overrides
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML config whose task, split and model the baselines use")
     p.add_argument("--which", nargs="+", default=None, help="baselines to run (default: all the task offers)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set federation.rounds=3 (repeatable)",
-    )
+    add_overrides(p)
     p.add_argument("--out", type=Path, default=None, help="parent directory of run directories (default: ./runs)")
     p.add_argument("--data-dir", type=Path, default=None, help="datasets directory (default: $FEDRLHF_DATA_DIR)")
 

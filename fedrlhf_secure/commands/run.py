@@ -9,18 +9,12 @@ from pathlib import Path
 
 from ..config import load_config
 from ..configtypes import ConfigError
+from .options import add_overrides
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="YAML config (e.g. configs/movielens.yaml); omit with --resume")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set federation.rounds=3 (repeatable)",
-    )
+    add_overrides(p)
     p.add_argument("--out", type=Path, default=None, help="parent directory of run directories (default: ./runs)")
     p.add_argument("--name", default=None, help="run directory name prefix (default: TASK-AGGREGATION)")
     p.add_argument("--data-dir", type=Path, default=None, help="datasets directory (default: $FEDRLHF_DATA_DIR)")

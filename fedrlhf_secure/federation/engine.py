@@ -21,14 +21,15 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import yaml
 
-from aggregation.base import Aggregator, spec_for
+from aggregation.base import Aggregator
 from aggregation.driver import TranscriptHook
 
 from ..config import RunConfig, build_config
@@ -38,13 +39,23 @@ from ..privacy.noise import NoiseSource
 from ..privacy.server import ServerPrivacy
 from ..rundir import RunDirectory, atomic_save_tensors, atomic_write_json, load_tensors
 from ..tasks.base import Task
+from .aggregators import build_aggregator, server_aggregator
 from .links import InProcessLink, SimulatedDropouts, WorkerLink
 from .node_driver import NodeLink
 from .participant import CommitHook, ParticipantHost, build_task
 from .round_core import RoundCore, RoundLog, RoundStopped
 from .update import UpdateCodec
 
-__all__ = ["Federation", "RunOptions", "build_aggregator", "build_task", "resolve_data_dir", "resume_federation", "run_federation", "run_remote_federation"]
+__all__ = [
+    "Federation",
+    "RunOptions",
+    "build_aggregator",
+    "build_task",
+    "resolve_data_dir",
+    "resume_federation",
+    "run_federation",
+    "run_remote_federation",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -77,12 +88,6 @@ def resolve_data_dir(data_dir: Path | str | None) -> Path | None:
     return Path(env) if env else None
 
 
-def build_aggregator(config: RunConfig, client_ids: list[int]) -> Aggregator:
-    """The simulation's aggregator (keys generated in process: CKKS's dealer, SecAgg identities)."""
-    spec = spec_for(config.aggregation.kind)
-    return spec.factory(config.aggregation.params, client_ids, config.seed)
-
-
 class Federation:
     """Runs the rounds of one config into one run directory."""
 
@@ -111,7 +116,8 @@ class Federation:
         if len(self.client_ids) < self.fed.min_clients:
             raise ConfigError(
                 f"must be at most the task's {len(self.client_ids)} clients, got {self.fed.min_clients}",
-                source=config.source, key="federation.min_clients",
+                source=config.source,
+                key="federation.min_clients",
             )
         self.embedded = link is None
         if self.embedded:
@@ -123,8 +129,18 @@ class Federation:
         self.link = link
         self.privacy = ServerPrivacy(config, options.noise, aggregator)
         self.core = RoundCore(
-            config, self.codec, self.client_ids, self.task.initial_shared(), link, nodes, aggregator, self.privacy,
-            hook=options.hook, on_stage=on_stage, fit_timeout=fit_timeout, stage_timeout=stage_timeout,
+            config,
+            self.codec,
+            self.client_ids,
+            self.task.initial_shared(),
+            link,
+            nodes,
+            aggregator,
+            self.privacy,
+            hook=options.hook,
+            on_stage=on_stage,
+            fit_timeout=fit_timeout,
+            stage_timeout=stage_timeout,
         )
         self.start_round = 0
         self.history: list[dict[str, Any]] = []
@@ -136,8 +152,14 @@ class Federation:
     def _embedded_participants(self, aggregator: Aggregator, resume: bool) -> tuple[NodeLink, dict[int, list[int]]]:
         """Participant hosts on this machine: one in this process, or one per worker process."""
         host_options = dict(
-            task=self.task, aggregator=aggregator, ledger_dir=self.run.path / "ledger", artifacts_dir=self.run.path, resume=resume,
-            noise=self.options.noise, on_commit=self.options.on_commit, embedded=True,
+            task=self.task,
+            aggregator=aggregator,
+            ledger_dir=self.run.path / "ledger",
+            artifacts_dir=self.run.path,
+            resume=resume,
+            noise=self.options.noise,
+            on_commit=self.options.on_commit,
+            embedded=True,
         )
         workers = max(1, int(self.fed.workers))
         groups = [self.client_ids[w::workers] for w in range(workers)]
@@ -280,8 +302,6 @@ def run_remote_federation(
     seeded initial model, the client ids); it never creates a client, so no client's private data,
     personal parameters or individual update is ever in this process.
     """
-    from ..transport.aggregator_keys import server_aggregator
-
     options = options or RunOptions()
     options = replace(options, data_dir=resolve_data_dir(options.data_dir))
     run = RunDirectory.create(options.out, options.name or f"{config.task.kind}-{config.aggregation.kind}-flower")
@@ -291,8 +311,15 @@ def run_remote_federation(
         # fail on missing keys before any node is contacted
         aggregator = server_aggregator(config, list(task.client_ids()), keys_dir)
         fed = Federation(
-            config, run, replace(options, task=task), link=link, nodes=nodes, aggregator=aggregator,
-            fit_timeout=fit_timeout, stage_timeout=stage_timeout, on_stage=on_stage,
+            config,
+            run,
+            replace(options, task=task),
+            link=link,
+            nodes=nodes,
+            aggregator=aggregator,
+            fit_timeout=fit_timeout,
+            stage_timeout=stage_timeout,
+            on_stage=on_stage,
         )
     except BaseException:
         run.discard()
@@ -313,6 +340,10 @@ def _complete(fed: Federation, run: RunDirectory, options: RunOptions) -> Path:
         if fed.config.privacy.mode == "none" and not (run.path / "checkpoint" / "state.json").exists():
             run.discard()
         else:
-            logger.error("run interrupted; its state and privacy ledger are kept in %s\ncontinue it with: fedrlhf run --resume %s", run.path, run.path)
+            logger.error(
+                "run interrupted; its state and privacy ledger are kept in %s\ncontinue it with: fedrlhf run --resume %s",
+                run.path,
+                run.path,
+            )
         raise
     return run.path if options.keep_checkpoint else run.finalize()

@@ -16,7 +16,8 @@ Only wire frames cross a link, never pickles, so the simulation exercises the by
 from __future__ import annotations
 
 import multiprocessing as mp
-from typing import Callable, Mapping, Protocol, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -100,8 +101,11 @@ class SimulatedDropouts:
             resp = NodeMessage.decode(data, RESPONSE)
         except wire.WireError:
             return data
-        gone = {c for c in resp.messages if c in self.drop_after and self.received.get(c, 0) >= self.drop_after[c]
-                and not request.messages.get(c)}
+        gone = {
+            c
+            for c in resp.messages
+            if c in self.drop_after and self.received.get(c, 0) >= self.drop_after[c] and not request.messages.get(c)
+        }
         if not gone:
             return data
         kept = {c: m for c, m in resp.messages.items() if c not in gone}

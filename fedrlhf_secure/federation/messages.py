@@ -15,8 +15,8 @@ process or over Flower — goes through the one versioned wire format:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import numpy as np
 
@@ -41,7 +41,7 @@ class FitInstruction:
         return wire.encode(wire.Frame(FIT, header, tensors))
 
     @classmethod
-    def decode(cls, data: bytes, expected_names: list[str]) -> "FitInstruction":
+    def decode(cls, data: bytes, expected_names: list[str]) -> FitInstruction:
         frame = wire.decode(data, expect=FIT)
         client_held = bool(frame.header.get("client_held", False))
         if client_held:
@@ -79,10 +79,14 @@ class Report:
         return wire.encode(wire.Frame(REPORT, {"client": self.client_id, "round": self.round, "metrics": clean}))
 
     @classmethod
-    def decode(cls, data: bytes) -> "Report":
+    def decode(cls, data: bytes) -> Report:
         frame = wire.decode(data, expect=REPORT, max_bytes=1 << 20)
         metrics = frame.field("metrics", dict)
         for k, v in metrics.items():
             if not isinstance(k, str) or (v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)))):
                 raise wire.WireError(f"{REPORT}: metric {k!r} must be a number or null")
-        return cls(frame.field("client", int), frame.field("round", int), {k: (float("nan") if v is None else float(v)) for k, v in metrics.items()})
+        return cls(
+            frame.field("client", int),
+            frame.field("round", int),
+            {k: (float("nan") if v is None else float(v)) for k, v in metrics.items()},
+        )

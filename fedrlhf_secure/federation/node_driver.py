@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Protocol, Sequence
-
-import numpy as np
+from typing import Any, Protocol
 
 from aggregation import wire
 from aggregation.base import AggregateResult, AggregationAborted, ProtocolError, RoundContext, ServerHalf
@@ -89,7 +88,7 @@ class NodeRoundDriver:
     ) -> dict[int, NodeMessage]:
         t0 = time.perf_counter()
         requests = {n: m.encode(REQUEST) for n, m in per_node.items() if n not in out.dropped_nodes}
-        for n, m in per_node.items():
+        for m in per_node.values():
             for cid, msgs in m.messages.items():
                 out.bytes_down[cid] = out.bytes_down.get(cid, 0) + sum(len(x) for x in msgs)
                 if self.hook:

@@ -21,8 +21,9 @@ Operations (``op`` in the request header):
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -58,7 +59,7 @@ class NodeMessage:
         return wire.encode(wire.Frame(kind, {"op": self.op, **self.header}, tensors))
 
     @classmethod
-    def decode(cls, data: bytes, kind: str) -> "NodeMessage":
+    def decode(cls, data: bytes, kind: str) -> NodeMessage:
         frame = wire.decode(data, expect=kind)
         op = frame.field("op", str)
         if op not in OPS:

@@ -23,9 +23,10 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import yaml
@@ -39,6 +40,7 @@ from ..privacy.factory import build_client_privacy
 from ..privacy.noise import NoiseSource
 from ..privacy.plan import ClientPrivacy, NoClientPrivacy
 from ..tasks.base import FitConfig, Task, TaskClient, task_spec
+from . import aggregators
 from .messages import FitInstruction, Report
 from .node_protocol import REQUEST, RESPONSE, NodeMessage
 from .update import UpdateCodec
@@ -117,7 +119,9 @@ class Participant:
         update leaves a client."""
         cid, r = self.client_id, fit.round
         # 1. local RLHF with the client's own shaped reward R_k = R0_k + λ_k·H_k (DP-SGD inside when record-level)
-        config = FitConfig(round=r, local_epochs=fit.local_epochs, seed=client_seed(fit.seed, r, cid), dp_sgd=self.privacy.dpsgd_settings(cid, r))
+        config = FitConfig(
+            round=r, local_epochs=fit.local_epochs, seed=client_seed(fit.seed, r, cid), dp_sgd=self.privacy.dpsgd_settings(cid, r)
+        )
         result = self.task_client.fit(shared, config)
         update = self.codec.encode(result)
         weight = float(result.num_examples) if self.weighting == "examples" else 1.0
@@ -241,9 +245,7 @@ class ParticipantHost:
         if self._aggregator is not None:
             self.aggregator = self._aggregator
         else:
-            from ..transport.aggregator_keys import node_aggregator
-
-            self.aggregator = node_aggregator(config, everyone, self.client_ids, self.keys_dir)
+            self.aggregator = aggregators.node_aggregator(config, everyone, self.client_ids, self.keys_dir)
         task_clients = {c: task.make_client(c) for c in self.client_ids}
         self.privacy = self._build_privacy(config, {c: tc.num_examples() for c, tc in task_clients.items()}, len(everyone))
         self.participants = {
@@ -266,9 +268,7 @@ class ParticipantHost:
             assert self.state_dir is not None
             stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
             self.ledger_dir = self.state_dir / "privacy" / f"run-{stamp}-{os.urandom(4).hex()}" / "ledger"
-        return build_client_privacy(
-            config, sizes, self.ledger_dir, self.resume, self.aggregator, num_clients=num_clients, noise=self.noise
-        )
+        return build_client_privacy(config, sizes, self.ledger_dir, self.resume, self.aggregator, num_clients=num_clients, noise=self.noise)
 
     def _require_setup(self) -> RunConfig:
         if self.config is None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib.metadata
 import platform
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from ..rundir import RunDirectory, atomic_write_json
 

@@ -28,8 +28,9 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -100,7 +101,9 @@ class RoundCore:
         unhosted = sorted(set(self.client_ids) - set(self.node_of))
         if unhosted:
             raise TransportError(f"no node hosts clients {unhosted[:10]}{'...' if len(unhosted) > 10 else ''} of the task")
-        self.driver = NodeRoundDriver(link, self.node_of, fit_timeout=fit_timeout, stage_timeout=stage_timeout, hook=hook, on_stage=on_stage)
+        self.driver = NodeRoundDriver(
+            link, self.node_of, fit_timeout=fit_timeout, stage_timeout=stage_timeout, hook=hook, on_stage=on_stage
+        )
         self.rng = np.random.default_rng(np.random.SeedSequence([config.seed, 0xFED]))
         self.session_id = os.urandom(16)
         self.global_params = {k: np.asarray(v, dtype=np.float32).copy() for k, v in initial_shared.items()}
@@ -260,7 +263,9 @@ class RoundCore:
     def collect_reports(self, r: int, dropped: set[int]) -> dict[int, dict[str, float]]:
         shared_msg = FitInstruction(r, 0, self.config.seed, self.global_params, self.client_held).encode()
         reqs = {
-            n: NodeMessage("evaluate", {"round": r, "clients": cids, "model_round": self.model_round}, blobs={"shared": shared_msg}).encode(REQUEST)
+            n: NodeMessage("evaluate", {"round": r, "clients": cids, "model_round": self.model_round}, blobs={"shared": shared_msg}).encode(
+                REQUEST
+            )
             for n, cids in self.nodes.items()
             if n not in dropped
         }

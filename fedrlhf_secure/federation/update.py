@@ -17,7 +17,8 @@ more than the weighted sum of the deltas already reveals; individual touch sets 
 
 from __future__ import annotations
 
-from typing import Literal, Mapping
+from collections.abc import Mapping
+from typing import Literal
 
 import numpy as np
 

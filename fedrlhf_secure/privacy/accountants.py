@@ -20,9 +20,9 @@ from __future__ import annotations
 import math
 import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Iterable, Sequence
 
 ACCOUNTANTS = ("prv", "rdp")
 
@@ -119,7 +119,7 @@ def skellam_rdp(order: int, variance: float, l1: float, l2: float) -> float:
 def rdp_to_epsilon(orders: Sequence[int], rdp: Sequence[float], delta: float) -> float:
     """(ε, δ) from RDP curves (Canonne, Kamath & Steinke 2020, Prop. 12; as in Opacus)."""
     best = math.inf
-    for a, r in zip(orders, rdp):
+    for a, r in zip(orders, rdp, strict=False):
         eps = r + math.log1p(-1 / a) - (math.log(delta) + math.log(a)) / (a - 1)
         best = min(best, eps)
     return max(best, 0.0)

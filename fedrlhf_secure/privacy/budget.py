@@ -17,7 +17,8 @@ from __future__ import annotations
 import logging
 import math
 from abc import abstractmethod
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -81,7 +82,12 @@ class BudgetedPlan(ClientPrivacy):
             self.refusals.setdefault(client_id, []).append(round)
             logger.warning(
                 "privacy: client %d sits out round %d: its ε would reach %.3f > budget %g (spent %.3f, δ=%g)",
-                client_id, round, eps_next, self.budget, self.ledger.spent(client_id), self.delta,
+                client_id,
+                round,
+                eps_next,
+                self.budget,
+                self.ledger.spent(client_id),
+                self.delta,
             )
             return False
         self.admitted.setdefault(round, set()).add(client_id)

@@ -28,8 +28,9 @@ This module is the client's half; the server's half (:mod:`.server`) adds the ``
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -37,7 +38,7 @@ from .accountants import GaussianAccountant, GaussianRelease, SkellamAccountant,
 from .budget import BudgetedPlan, PrivacyViolation
 from .calibration import gaussian_noise_multiplier, skellam_variance
 from .clipping import clip_l2
-from .discrete import integer_sensitivities, skellam_share
+from .discrete import integer_sensitivities
 from .dpsgd import DPSGDReport, DPSGDSettings
 from .ledger import LedgerEntry, PrivacyLedger
 from .noise import NoiseSource
@@ -178,12 +179,32 @@ class ClientLevelPlan(BudgetedPlan):
             variance, l1, l2 = self._skellam_params
             params.update(variance=variance, l1=l1, l2=l2, scale=self.integer.scale)
             return LedgerEntry(
-                client=client_id, round=round, mechanism="skellam", noise_multiplier=math.sqrt(variance) / l2, sample_rate=1.0,
-                steps=1, sensitivity=l2, epsilon_after=math.nan, delta=self.delta, digest=digest, noise=self.placement, params=params,
+                client=client_id,
+                round=round,
+                mechanism="skellam",
+                noise_multiplier=math.sqrt(variance) / l2,
+                sample_rate=1.0,
+                steps=1,
+                sensitivity=l2,
+                epsilon_after=math.nan,
+                delta=self.delta,
+                digest=digest,
+                noise=self.placement,
+                params=params,
             )
         return LedgerEntry(
-            client=client_id, round=round, mechanism="gaussian", noise_multiplier=self.z, sample_rate=1.0, steps=1,
-            sensitivity=self.clip_norm, epsilon_after=math.nan, delta=self.delta, digest=digest, noise=self.placement, params=params,
+            client=client_id,
+            round=round,
+            mechanism="gaussian",
+            noise_multiplier=self.z,
+            sample_rate=1.0,
+            steps=1,
+            sensitivity=self.clip_norm,
+            epsilon_after=math.nan,
+            delta=self.delta,
+            digest=digest,
+            noise=self.placement,
+            params=params,
         )
 
     def _replayed_dim(self, client_id: int, round: int) -> int:

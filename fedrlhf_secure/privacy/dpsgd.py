@@ -34,8 +34,13 @@ class DPSGDReport:
     max_grad_norm: float
 
     @classmethod
-    def of(cls, settings: DPSGDSettings, steps: int) -> "DPSGDReport":
+    def of(cls, settings: DPSGDSettings, steps: int) -> DPSGDReport:
         return cls(int(steps), float(settings.sample_rate), float(settings.noise_multiplier), float(settings.max_grad_norm))
 
     def as_dict(self) -> dict[str, float]:
-        return {"steps": self.steps, "sample_rate": self.sample_rate, "noise_multiplier": self.noise_multiplier, "max_grad_norm": self.max_grad_norm}
+        return {
+            "steps": self.steps,
+            "sample_rate": self.sample_rate,
+            "noise_multiplier": self.noise_multiplier,
+            "max_grad_norm": self.max_grad_norm,
+        }

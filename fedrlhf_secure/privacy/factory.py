@@ -12,8 +12,9 @@ data); the integer masking mode needs the aggregator's quantisation scale and en
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from aggregation.base import Aggregator
 
@@ -53,14 +54,18 @@ def check_noise_headroom(config: Any, integer: IntegerDomain | None) -> None:
             f"noise_bound={bound} is too small for the distributed Skellam noise: a client's share may have std "
             f"{share_std:.3g} quantised units (noise multiplier {z:.3f} x scale {integer.scale:g} x clip "
             f"{p.clip_norm:g} / sqrt({m}) survivors at least); set aggregation.noise_bound >= {need}",
-            source=config.source, key="aggregation.noise_bound",
+            source=config.source,
+            key="aggregation.noise_bound",
         )
 
 
 def ledger_header(config: Any) -> dict[str, Any]:
     p = config.privacy
     return {
-        "mode": p.mode, "epsilon_budget": p.epsilon, "delta": p.delta, "accountant": p.accountant,
+        "mode": p.mode,
+        "epsilon_budget": p.epsilon,
+        "delta": p.delta,
+        "accountant": p.accountant,
         "noise_multiplier": p.noise_multiplier,
         "max_grad_norm": p.max_grad_norm if p.mode == "record" else None,
         "batch_size": p.batch_size if p.mode == "record" else None,
@@ -87,7 +92,8 @@ def check_inputs(config: Any, client_sizes: Mapping[int, int], num_clients: int 
         if largest[1] > 0 and p.delta >= 1.0 / largest[1]:
             raise ConfigError(
                 f"δ={p.delta:g} must be < 1/n = {1 / largest[1]:.3g} (client {largest[0]} has n={largest[1]} records)",
-                source=src, key="privacy.delta",
+                source=src,
+                key="privacy.delta",
             )
     elif p.mode == "client":
         if not p.clip_norm > 0:
@@ -101,13 +107,15 @@ def check_inputs(config: Any, client_sizes: Mapping[int, int], num_clients: int 
                 f"survivor_fraction={p.survivor_fraction:g} with federation.dropout_rate={drop:g}: the noise shares are sized "
                 f"for more survivors than a typical round keeps, so rounds would be discarded; set privacy.survivor_fraction "
                 f"<= {1 - drop:g} (a smaller value adds more noise per client)",
-                source=src, key="privacy.survivor_fraction",
+                source=src,
+                key="privacy.survivor_fraction",
             )
         if config.federation.weighting != "uniform":
             raise ConfigError(
                 "client-level DP needs federation.weighting: uniform (noise is calibrated for a plain mean; example "
                 "weights would let one client's influence grow with its data)",
-                source=src, key="federation.weighting",
+                source=src,
+                key="federation.weighting",
             )
 
 
@@ -139,16 +147,35 @@ def build_client_privacy(
     if p.mode == "record":
         ledger = PrivacyLedger(ledger_dir, ledger_header(config), resume=resume)
         return RecordLevelPlan(
-            client_sizes=client_sizes, rounds=config.federation.rounds, local_epochs=config.federation.local_epochs,
-            batch_size=p.batch_size, max_grad_norm=p.max_grad_norm, budget=p.epsilon, delta=p.delta,
-            accountant=p.accountant, noise_multiplier=p.noise_multiplier, ledger=ledger, releases=releases, noise=noise,
+            client_sizes=client_sizes,
+            rounds=config.federation.rounds,
+            local_epochs=config.federation.local_epochs,
+            batch_size=p.batch_size,
+            max_grad_norm=p.max_grad_norm,
+            budget=p.epsilon,
+            delta=p.delta,
+            accountant=p.accountant,
+            noise_multiplier=p.noise_multiplier,
+            ledger=ledger,
+            releases=releases,
+            noise=noise,
         )
     integer = integer_domain(aggregator) if p.noise == "distributed" else None
     check_noise_headroom(config, integer)
     ledger = PrivacyLedger(ledger_dir, ledger_header(config), resume=resume)
     plan = ClientLevelPlan(
-        rounds=config.federation.rounds, clip_norm=p.clip_norm, noise=p.noise, budget=p.epsilon, delta=p.delta,
-        accountant=p.accountant, noise_multiplier=p.noise_multiplier, survivor_fraction=p.survivor_fraction,
-        min_clients=config.federation.min_clients, integer=integer, ledger=ledger, releases=releases, noise_source=noise,
+        rounds=config.federation.rounds,
+        clip_norm=p.clip_norm,
+        noise=p.noise,
+        budget=p.epsilon,
+        delta=p.delta,
+        accountant=p.accountant,
+        noise_multiplier=p.noise_multiplier,
+        survivor_fraction=p.survivor_fraction,
+        min_clients=config.federation.min_clients,
+        integer=integer,
+        ledger=ledger,
+        releases=releases,
+        noise_source=noise,
     )
     return plan

@@ -43,7 +43,7 @@ class Release:
 class ClientPrivacy(ABC):
     mode: str = "none"
 
-    def begin_round(self, round: int, participants: int) -> None:
+    def begin_round(self, round: int, participants: int) -> None:  # noqa: B027  (an optional hook: most plans need no per-round facts)
         """The round's public facts before any release: how many clients take part federation-wide
         (the distributed noise is sized for the survivors that count implies)."""
 

@@ -14,7 +14,8 @@ selected, so each client's ε is the composition of the rounds it actually took 
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from .accountants import GaussianAccountant, GaussianRelease
 from .budget import BudgetedPlan, PrivacyViolation
@@ -54,7 +55,13 @@ class RecordLevelPlan(BudgetedPlan):
         buckets = sorted(set(self.batches.values()))
         from tqdm.auto import tqdm
 
-        for b in tqdm(buckets, desc="calibrating DP-SGD noise", unit="sample rate", disable=noise_multiplier is not None or len(buckets) < 4, leave=False):
+        for b in tqdm(
+            buckets,
+            desc="calibrating DP-SGD noise",
+            unit="sample rate",
+            disable=noise_multiplier is not None or len(buckets) < 4,
+            leave=False,
+        ):
             if noise_multiplier is not None:
                 self._sigma[b] = float(noise_multiplier)
             else:
@@ -98,17 +105,30 @@ class RecordLevelPlan(BudgetedPlan):
         sigma, q, steps = self.noise_multiplier(client_id), self.sample_rate(client_id), int(report.steps)
         handed_out = self.noise.dpsgd_noise_multiplier(sigma)
         if report.noise_multiplier < handed_out:
-            raise PrivacyViolation(f"client {client_id} round {round}: trained with noise multiplier {report.noise_multiplier} < planned {sigma}")
+            raise PrivacyViolation(
+                f"client {client_id} round {round}: trained with noise multiplier {report.noise_multiplier} < planned {sigma}"
+            )
         if abs(report.sample_rate - q) > 1e-12 or report.max_grad_norm > self.max_grad_norm:
             raise PrivacyViolation(
                 f"client {client_id} round {round}: trained with sample rate {report.sample_rate} / clip {report.max_grad_norm}, "
                 f"planned {q} / {self.max_grad_norm}"
             )
         if steps > self.steps_per_round(client_id):
-            raise PrivacyViolation(f"client {client_id} round {round}: took {steps} DP-SGD steps, planned at most {self.steps_per_round(client_id)}")
+            raise PrivacyViolation(
+                f"client {client_id} round {round}: took {steps} DP-SGD steps, planned at most {self.steps_per_round(client_id)}"
+            )
         return LedgerEntry(
-            client=client_id, round=round, mechanism="dp-sgd", noise_multiplier=sigma, sample_rate=q, steps=steps,
-            sensitivity=self.max_grad_norm, epsilon_after=math.nan, delta=self.delta, digest=digest, noise="local",
+            client=client_id,
+            round=round,
+            mechanism="dp-sgd",
+            noise_multiplier=sigma,
+            sample_rate=q,
+            steps=steps,
+            sensitivity=self.max_grad_norm,
+            epsilon_after=math.nan,
+            delta=self.delta,
+            digest=digest,
+            noise="local",
         )
 
     def summary(self) -> dict[str, Any]:

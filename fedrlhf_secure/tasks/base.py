@@ -17,8 +17,9 @@ instead of diluting it by all clients (see :mod:`fedrlhf_secure.federation.updat
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 

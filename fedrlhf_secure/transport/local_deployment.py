@@ -308,7 +308,7 @@ class LocalDeployment:
     def prepare_keys(self, config: Path) -> Path | None:
         """For a CKKS config, run the dealer ceremony; return the server's key directory."""
         from ..config import load_config
-        from .aggregator_keys import deal_keys
+        from ..federation.aggregators import deal_keys
 
         if load_config(config).aggregation.kind != "ckks":
             return None

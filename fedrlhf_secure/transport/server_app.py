@@ -26,20 +26,30 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Mapping
 
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from ..config import load_config
-from ..federation.engine import RunOptions
+from ..federation.engine import RunOptions, run_remote_federation
 from .client_app import MESSAGE_ACTION, pack, unpack
-from ..federation.engine import run_remote_federation
 
 app = ServerApp()
 
-DEFAULTS = {"task-modules": "", "keys-dir": "", "data-dir": "", "out": "runs", "min-nodes": 1, "node-wait": 120.0, "fit-timeout": 600.0, "stage-timeout": 60.0, "fault-dir": "", "fault-stop": ""}
+DEFAULTS = {
+    "task-modules": "",
+    "keys-dir": "",
+    "data-dir": "",
+    "out": "runs",
+    "min-nodes": 1,
+    "node-wait": 120.0,
+    "fit-timeout": 600.0,
+    "stage-timeout": 60.0,
+    "fault-dir": "",
+    "fault-stop": "",
+}
 
 
 class GridLink:

@@ -82,7 +82,23 @@ class IMDbConfig:
     lora_alpha: float = 16.0
     lambdas: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
     preferences: tuple[str, ...] = ("length", "topic", "fluency", "length", "topic")
-    topic_words: tuple[str, ...] = ("acting", "actor", "actors", "actress", "cast", "performance", "role", "character", "characters", "played", "plays", "director", "story", "plot", "script")
+    topic_words: tuple[str, ...] = (
+        "acting",
+        "actor",
+        "actors",
+        "actress",
+        "cast",
+        "performance",
+        "role",
+        "character",
+        "characters",
+        "played",
+        "plays",
+        "director",
+        "story",
+        "plot",
+        "script",
+    )
     length_target: int = 8
     reward_lr: float = 0.05
     reward_batch: int = 64
@@ -101,9 +117,24 @@ class IMDbConfig:
     device: Literal["cpu", "cuda", "auto"] = "cpu"
 
     def __post_init__(self) -> None:
-        for name in ("clients", "reviews_per_client", "public_reviews", "prompt_tokens", "vocab_size", "lora_rank",
-                     "length_target", "reward_batch", "reward_window", "rl_steps", "prompts_per_step", "num_generations",
-                     "max_new_tokens", "eval_prompts", "eval_classifier_reviews", "torch_threads"):
+        for name in (
+            "clients",
+            "reviews_per_client",
+            "public_reviews",
+            "prompt_tokens",
+            "vocab_size",
+            "lora_rank",
+            "length_target",
+            "reward_batch",
+            "reward_window",
+            "rl_steps",
+            "prompts_per_step",
+            "num_generations",
+            "max_new_tokens",
+            "eval_prompts",
+            "eval_classifier_reviews",
+            "torch_threads",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"task.{name} must be >= 1, got {getattr(self, name)}")
         if self.num_generations < 2:

@@ -54,8 +54,12 @@ class Reviews:
 
     @staticmethod
     def concat(parts: list[Reviews]) -> Reviews:
-        return Reviews([t for p in parts for t in p.text], np.concatenate([p.label for p in parts]).astype(np.int64),
-                       np.concatenate([p.rating for p in parts]).astype(np.int64), np.concatenate([p.ids for p in parts]).astype(np.int64))
+        return Reviews(
+            [t for p in parts for t in p.text],
+            np.concatenate([p.label for p in parts]).astype(np.int64),
+            np.concatenate([p.rating for p in parts]).astype(np.int64),
+            np.concatenate([p.ids for p in parts]).astype(np.int64),
+        )
 
 
 @dataclass(frozen=True)
@@ -101,9 +105,7 @@ def split_reviews(train: Reviews, test: Reviews, config: IMDbConfig, seed: int) 
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x1DB]))
     need = config.clients * config.reviews_per_client + config.public_reviews
     if need > len(train):
-        raise ValueError(
-            f"task: clients × reviews_per_client + public_reviews = {need} training reviews needed, the data has {len(train)}"
-        )
+        raise ValueError(f"task: clients × reviews_per_client + public_reviews = {need} training reviews needed, the data has {len(train)}")
     order = rng.permutation(len(train))
     client_part, public_idx = order[: need - config.public_reviews], order[need - config.public_reviews : need]
     if config.partition == "by_rating":

@@ -8,8 +8,8 @@ that no client's reward has seen; its accuracy on further held-out reviews is re
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -20,7 +20,9 @@ class EvaluationClassifier:
     heldout_accuracy: float
 
     @classmethod
-    def train(cls, texts: Sequence[str], labels: np.ndarray, check_texts: Sequence[str], check_labels: np.ndarray, seed: int) -> "EvaluationClassifier":
+    def train(
+        cls, texts: Sequence[str], labels: np.ndarray, check_texts: Sequence[str], check_labels: np.ndarray, seed: int
+    ) -> EvaluationClassifier:
         from sklearn.feature_extraction.text import TfidfVectorizer
         from sklearn.linear_model import LogisticRegression
         from sklearn.pipeline import make_pipeline

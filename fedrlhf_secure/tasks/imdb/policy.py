@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -30,8 +30,14 @@ class Policy:
         if share == "lora":
             from peft import LoraConfig, get_peft_model
 
-            config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=LORA_TARGETS,
-                                fan_in_fan_out=True, task_type="CAUSAL_LM")
+            config = LoraConfig(
+                r=lora_rank,
+                lora_alpha=lora_alpha,
+                lora_dropout=0.0,
+                target_modules=LORA_TARGETS,
+                fan_in_fan_out=True,
+                task_type="CAUSAL_LM",
+            )
             self.model = get_peft_model(base_model, config)
             self._reference = None
         elif share == "full":
@@ -87,8 +93,17 @@ class Policy:
         torch.manual_seed(seed)
         was_training = self.model.training
         self.model.eval()
-        out = self.model.generate(input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=max_new_tokens,
-                                  temperature=temperature, top_k=0, top_p=1.0, pad_token_id=eos, eos_token_id=eos)
+        out = self.model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=True,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=0,
+            top_p=1.0,
+            pad_token_id=eos,
+            eos_token_id=eos,
+        )
         self.model.train(was_training)
         completions = []
         for row in out[:, ids.shape[1] :].tolist():
@@ -134,7 +149,7 @@ class Policy:
         mine = self.completion_logprobs(self.model, prompt_ids, completion_ids)
         with self.reference() as ref:
             base = self.completion_logprobs(ref, prompt_ids, completion_ids)
-        return np.asarray([float((a - b).sum()) for a, b in zip(mine, base)], dtype=np.float64)
+        return np.asarray([float((a - b).sum()) for a, b in zip(mine, base, strict=False)], dtype=np.float64)
 
 
 def _left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -40,8 +40,13 @@ def build_small_gpt2(cfg: PolicyModelConfig, tokenizer):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(
-        vocab_size=len(tokenizer), n_positions=max(cfg.block_size, 256), n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-        n_head=cfg.n_head, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        n_positions=max(cfg.block_size, 256),
+        n_embd=cfg.n_embd,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.eos_token_id,
     )
     return GPT2LMHeadModel(config)
@@ -94,16 +99,30 @@ def pretrain(model, blocks: torch.Tensor, cfg: PolicyModelConfig, seed: int, pro
     return losses
 
 
-def pretrained_small_gpt2(cfg: PolicyModelConfig, tokenizer, train_texts: list[str], heldout_texts: list[str], seed: int,
-                          progress: bool = True, device: str = "cpu") -> tuple[Path, dict]:
+def pretrained_small_gpt2(
+    cfg: PolicyModelConfig,
+    tokenizer,
+    train_texts: list[str],
+    heldout_texts: list[str],
+    seed: int,
+    progress: bool = True,
+    device: str = "cpu",
+) -> tuple[Path, dict]:
     """Path of the cached pretrained policy (built on first use) and its report (time, perplexity)."""
     import transformers
 
-    key = fingerprint({
-        "policy": asdict(cfg), "vocab": len(tokenizer), "tokenizer": tokenizer.name_or_path and Path(tokenizer.name_or_path).name,
-        "train": texts_fingerprint(train_texts), "heldout": texts_fingerprint(heldout_texts), "seed": seed,
-        "torch": torch.__version__, "transformers": transformers.__version__,
-    })
+    key = fingerprint(
+        {
+            "policy": asdict(cfg),
+            "vocab": len(tokenizer),
+            "tokenizer": tokenizer.name_or_path and Path(tokenizer.name_or_path).name,
+            "train": texts_fingerprint(train_texts),
+            "heldout": texts_fingerprint(heldout_texts),
+            "seed": seed,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        }
+    )
 
     def build(out: Path) -> None:
         torch.manual_seed(seed)
@@ -115,10 +134,16 @@ def pretrained_small_gpt2(cfg: PolicyModelConfig, tokenizer, train_texts: list[s
         losses = pretrain(model, blocks, cfg, seed, progress)
         seconds = time.perf_counter() - t0
         report = {
-            "seconds": seconds, "steps": cfg.pretrain_steps, "tokens": cfg.pretrain_steps * cfg.pretrain_batch * cfg.block_size,
-            "parameters": int(sum(p.numel() for p in model.parameters())), "heldout_perplexity_before": ppl_before,
-            "heldout_perplexity": perplexity(model, held), "final_loss": float(np.mean(losses[-20:])),
-            "train_blocks": int(len(blocks)), "heldout_blocks": int(len(held)), "device": device,
+            "seconds": seconds,
+            "steps": cfg.pretrain_steps,
+            "tokens": cfg.pretrain_steps * cfg.pretrain_batch * cfg.block_size,
+            "parameters": int(sum(p.numel() for p in model.parameters())),
+            "heldout_perplexity_before": ppl_before,
+            "heldout_perplexity": perplexity(model, held),
+            "final_loss": float(np.mean(losses[-20:])),
+            "train_blocks": int(len(blocks)),
+            "heldout_blocks": int(len(held)),
+            "device": device,
         }
         model.cpu().save_pretrained(str(out / "model"))
         tokenizer.save_pretrained(str(out / "model"))

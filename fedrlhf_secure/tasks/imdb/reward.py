@@ -20,8 +20,9 @@ from __future__ import annotations
 import re
 import warnings
 import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -92,7 +93,18 @@ def _bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return nn.functional.binary_cross_entropy_with_logits(logits, labels.float())
 
 
-def train_classifier(model: SentimentClassifier, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, *, epochs: int, lr: float, batch: int, seed: int, window: int) -> int:
+def train_classifier(
+    model: SentimentClassifier,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    epochs: int,
+    lr: float,
+    batch: int,
+    seed: int,
+    window: int,
+) -> int:
     """Plain mini-batch Adam on random ``window``-word windows of the client's labelled reviews; returns the steps taken."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -110,7 +122,18 @@ def train_classifier(model: SentimentClassifier, ids: torch.Tensor, mask: torch.
     return steps
 
 
-def train_classifier_dp(model: SentimentClassifier, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, *, epochs: int, lr: float, dp: Any, seed: int, window: int) -> int:
+def train_classifier_dp(
+    model: SentimentClassifier,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    epochs: int,
+    lr: float,
+    dp: Any,
+    seed: int,
+    window: int,
+) -> int:
     """Record-level DP-SGD (Opacus): each labelled review is one record.
 
     Poisson batches at the plan's ``sample_rate`` through an Opacus ``DPDataLoader`` (passed with
@@ -130,8 +153,13 @@ def train_classifier_dp(model: SentimentClassifier, ids: torch.Tensor, mask: tor
         warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
         warnings.filterwarnings("ignore", message=".*Optimal order.*")
         module, dp_optimizer, loader = PrivacyEngine().make_private(
-            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=dp.noise_multiplier,
-            max_grad_norm=dp.max_grad_norm, poisson_sampling=False, noise_generator=secret_torch_generator(),
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=dp.noise_multiplier,
+            max_grad_norm=dp.max_grad_norm,
+            poisson_sampling=False,
+            noise_generator=secret_torch_generator(),
         )
     dp_optimizer.expected_batch_size = max(1, int(round(dp.sample_rate * len(ids))))
     module.train()
@@ -169,7 +197,9 @@ def topic_preference(completions: Sequence[str], words: Sequence[str]) -> np.nda
 
 
 @torch.no_grad()
-def fluency_preference(completion_ids: Sequence[Sequence[int]], token_logprobs: Callable[[list[list[int]]], list[np.ndarray]]) -> np.ndarray:
+def fluency_preference(
+    completion_ids: Sequence[Sequence[int]], token_logprobs: Callable[[list[list[int]]], list[np.ndarray]]
+) -> np.ndarray:
     """Mean per-token probability under the initial policy (0 for an empty completion)."""
     lps = token_logprobs([list(c) for c in completion_ids])
     return np.asarray([float(np.exp(lp).mean()) if len(lp) else 0.0 for lp in lps], dtype=np.float64)

@@ -112,9 +112,15 @@ class IMDbTask(Task, AuditableTask):
             return self.config.model, {}
         from .pretrain import pretrained_small_gpt2
 
-        path, report = pretrained_small_gpt2(self.config.policy, self.tokenizer, self.split.public.text,
-                                             self.split.eval_classifier.text[:500], self.seed, progress,
-                                             self.config.torch_device())
+        path, report = pretrained_small_gpt2(
+            self.config.policy,
+            self.tokenizer,
+            self.split.public.text,
+            self.split.eval_classifier.text[:500],
+            self.seed,
+            progress,
+            self.config.torch_device(),
+        )
         return str(path), report
 
     def new_policy(self) -> Policy:
@@ -122,8 +128,14 @@ class IMDbTask(Task, AuditableTask):
 
         base = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32).to(self.config.torch_device())
         base.generation_config.pad_token_id = self.tokenizer.eos_token_id
-        return Policy(base, self.tokenizer, share=self.config.share, lora_rank=self.config.lora_rank,
-                      lora_alpha=self.config.lora_alpha, seed=self.seed)
+        return Policy(
+            base,
+            self.tokenizer,
+            share=self.config.share,
+            lora_rank=self.config.lora_rank,
+            lora_alpha=self.config.lora_alpha,
+            seed=self.seed,
+        )
 
     # ------------------------------------------------------------------ Task interface
     def client_ids(self) -> list[int]:
@@ -155,15 +167,22 @@ class IMDbTask(Task, AuditableTask):
             positive += int(gen["judge"].__gt__(0.5).sum())
             n += len(gen["judge"])
             scores.append(gen["judge"])
-        return {"positive_rate": positive / n, "sentiment_score": float(np.concatenate(scores).mean()), "generations": n,
-                "kl_to_initial": 0.0, **{f"pretrain_{k}": v for k, v in self.pretrain_report.items()}}
+        return {
+            "positive_rate": positive / n,
+            "sentiment_score": float(np.concatenate(scores).mean()),
+            "generations": n,
+            "kl_to_initial": 0.0,
+            **{f"pretrain_{k}": v for k, v in self.pretrain_report.items()},
+        }
 
     # ------------------------------------------------------------------ AuditableTask (attacks/)
     def training_records(self) -> np.ndarray:
         """(N, 3) int64 ``(client_id, review_id, label)`` of every review in the clients' shards,
         client by client in shard order. Reviews left out by :meth:`with_records` are still listed."""
-        rows = [np.stack([np.full(len(r), k, dtype=np.int64), r.ids, r.label.astype(np.int64)], axis=1)
-                for k, r in enumerate(self._record_shards)]
+        rows = [
+            np.stack([np.full(len(r), k, dtype=np.int64), r.ids, r.label.astype(np.int64)], axis=1)
+            for k, r in enumerate(self._record_shards)
+        ]
         return np.concatenate(rows).astype(np.int64) if rows else np.zeros((0, 3), dtype=np.int64)
 
     def with_records(self, keep: np.ndarray) -> IMDbTask:
@@ -303,8 +322,13 @@ def sample_and_judge(task: IMDbTask, policy: Policy, client_id: int) -> dict[str
         prompt_ids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=task.eval_seed(client_id)
     )
     completions = policy.decode(completion_ids)
-    return {"prompts": prompts, "prompt_ids": prompt_ids, "completion_ids": completion_ids, "completions": completions,
-            "judge": task.evaluator.prob_positive(completions)}
+    return {
+        "prompts": prompts,
+        "prompt_ids": prompt_ids,
+        "completion_ids": completion_ids,
+        "completions": completions,
+        "judge": task.evaluator.prob_positive(completions),
+    }
 
 
 class IMDbClient(TaskClient):
@@ -322,8 +346,9 @@ class IMDbClient(TaskClient):
         torch.manual_seed(task.seed * 1000 + client_id)
         self.classifier = SentimentClassifier()
         self.policy = task.new_policy()
-        self.reward = ShapedReward(self.classifier, self.lam, self.preference, cfg.length_target,
-                                   tuple(cfg.topic_words), self.policy.reference_logprobs)
+        self.reward = ShapedReward(
+            self.classifier, self.lam, self.preference, cfg.length_target, tuple(cfg.topic_words), self.policy.reference_logprobs
+        )
         self._workdir = tempfile.TemporaryDirectory(prefix=f"fedrlhf-imdb-{client_id}-")
         self.trainer = self._build_trainer()
 
@@ -334,18 +359,36 @@ class IMDbClient(TaskClient):
 
         cfg = self.task.config
         args = GRPOConfig(
-            output_dir=self._workdir.name, use_cpu=cfg.torch_device() == "cpu", report_to=[], save_strategy="no", logging_strategy="steps",
-            logging_steps=1, disable_tqdm=True, max_steps=cfg.rl_steps, learning_rate=cfg.rl_lr, lr_scheduler_type="constant",
-            warmup_steps=0, per_device_train_batch_size=cfg.prompts_per_step * cfg.num_generations,
-            gradient_accumulation_steps=1, num_generations=cfg.num_generations, max_completion_length=cfg.max_new_tokens,
-            temperature=cfg.temperature, beta=cfg.rl_beta, disable_dropout=True, seed=self.task.seed,
-            dataloader_num_workers=0, bf16=False, fp16=False, log_completions=False,
+            output_dir=self._workdir.name,
+            use_cpu=cfg.torch_device() == "cpu",
+            report_to=[],
+            save_strategy="no",
+            logging_strategy="steps",
+            logging_steps=1,
+            disable_tqdm=True,
+            max_steps=cfg.rl_steps,
+            learning_rate=cfg.rl_lr,
+            lr_scheduler_type="constant",
+            warmup_steps=0,
+            per_device_train_batch_size=cfg.prompts_per_step * cfg.num_generations,
+            gradient_accumulation_steps=1,
+            num_generations=cfg.num_generations,
+            max_completion_length=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            beta=cfg.rl_beta,
+            disable_dropout=True,
+            seed=self.task.seed,
+            dataloader_num_workers=0,
+            bf16=False,
+            fp16=False,
+            log_completions=False,
         )
         dataset = Dataset.from_dict({"prompt": self.task.train_prompts[self.client_id]})
         with warnings.catch_warnings(), _quiet_transformers():
             warnings.simplefilter("ignore")
-            trainer = GRPOTrainer(model=self.policy.model, reward_funcs=[self.reward], args=args, train_dataset=dataset,
-                                  processing_class=self.task.tokenizer)
+            trainer = GRPOTrainer(
+                model=self.policy.model, reward_funcs=[self.reward], args=args, train_dataset=dataset, processing_class=self.task.tokenizer
+            )
         trainer.remove_callback(PrinterCallback)  # per-step logs stay in trainer.state.log_history
         return trainer
 
@@ -356,12 +399,28 @@ class IMDbClient(TaskClient):
     def _train_reward(self, config: FitConfig) -> int:
         cfg = self.task.config
         if config.dp_sgd is None:
-            return train_classifier(self.classifier, self.review_ids, self.review_mask, self.review_labels,
-                                    epochs=config.local_epochs, lr=cfg.reward_lr, batch=cfg.reward_batch, seed=config.seed,
-                                    window=cfg.reward_window)
-        return train_classifier_dp(self.classifier, self.review_ids, self.review_mask, self.review_labels,
-                                   epochs=config.local_epochs, lr=cfg.reward_lr, dp=config.dp_sgd, seed=config.seed,
-                                   window=cfg.reward_window)
+            return train_classifier(
+                self.classifier,
+                self.review_ids,
+                self.review_mask,
+                self.review_labels,
+                epochs=config.local_epochs,
+                lr=cfg.reward_lr,
+                batch=cfg.reward_batch,
+                seed=config.seed,
+                window=cfg.reward_window,
+            )
+        return train_classifier_dp(
+            self.classifier,
+            self.review_ids,
+            self.review_mask,
+            self.review_labels,
+            epochs=config.local_epochs,
+            lr=cfg.reward_lr,
+            dp=config.dp_sgd,
+            seed=config.seed,
+            window=cfg.reward_window,
+        )
 
     def fit(self, shared: Mapping[str, np.ndarray], config: FitConfig) -> FitResult:
         t0 = time.perf_counter()
@@ -381,9 +440,12 @@ class IMDbClient(TaskClient):
         new = self.policy.shared_state()
         delta = {k: (new[k] - np.asarray(shared[k], dtype=np.float32)).astype(np.float32) for k in new}
         metrics = {
-            "loss": float(out.training_loss), "rl_reward": float(np.mean([h["reward"] for h in logs])) if logs else float("nan"),
-            "reward_steps": float(reward_steps), "rl_steps": float(trainer.state.global_step),
-            "seconds_reward": t_reward, "seconds_rl": t_rl,
+            "loss": float(out.training_loss),
+            "rl_reward": float(np.mean([h["reward"] for h in logs])) if logs else float("nan"),
+            "reward_steps": float(reward_steps),
+            "rl_steps": float(trainer.state.global_step),
+            "seconds_reward": t_reward,
+            "seconds_rl": t_rl,
         }
         privacy = None if config.dp_sgd is None else DPSGDReport.of(config.dp_sgd, reward_steps)
         return FitResult(delta, self.num_examples(), metrics=metrics, dp_sgd=privacy)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .feedback import labels
+from .metrics import evaluate_scores
 from .model import ITEM_EMBEDDING, build_policy, numpy_logits
 from .train import LocalData, ProfileTable, train_epochs
 
@@ -44,10 +45,8 @@ def _pool(per_client: list[dict[str, float]]) -> dict[str, float]:
     }
 
 
-def centralized(task: "MovieLensTask", rounds: int | None = None, local_epochs: int | None = None) -> dict[str, Any]:
+def centralized(task: MovieLensTask, rounds: int | None = None, local_epochs: int | None = None) -> dict[str, Any]:
     """One policy on all training records for ``rounds × local_epochs`` epochs (joint schedule)."""
-    from .task import evaluate_scores
-
     start = time.perf_counter()
     epochs = (rounds or task.config.baseline_rounds) * (local_epochs or task.config.baseline_local_epochs)
     clients = [task.make_client(cid) for cid in task.client_ids()]
@@ -85,10 +84,8 @@ def centralized(task: "MovieLensTask", rounds: int | None = None, local_epochs: 
     return {**_pool(per_client), "epochs": epochs, "seconds": time.perf_counter() - start}
 
 
-def local_only(task: "MovieLensTask", rounds: int | None = None, local_epochs: int | None = None) -> dict[str, Any]:
+def local_only(task: MovieLensTask, rounds: int | None = None, local_epochs: int | None = None) -> dict[str, Any]:
     """Each client runs its federated local schedule ``rounds`` times with no aggregation in between."""
-    from .task import evaluate_scores
-
     start = time.perf_counter()
     rounds = rounds or task.config.baseline_rounds
     local_epochs = local_epochs or task.config.baseline_local_epochs

@@ -78,9 +78,7 @@ def direct_feedback(ratings: np.ndarray, noise_std: np.ndarray | float, rng: np.
     return (signal + noise).astype(np.float32)
 
 
-def pairwise_feedback(
-    ratings: np.ndarray, groups: np.ndarray, flip_prob: np.ndarray | float, rng: np.random.Generator
-) -> np.ndarray:
+def pairwise_feedback(ratings: np.ndarray, groups: np.ndarray, flip_prob: np.ndarray | float, rng: np.random.Generator) -> np.ndarray:
     """Random pairs of records *of the same user* (``groups``) within the batch; ``+1`` to the
     preferred item, ``-1`` to the other, ``0`` on ties and for a user's odd record out; each answer
     flipped with probability ``flip_prob`` (that user's)."""

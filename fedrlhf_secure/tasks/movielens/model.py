@@ -15,8 +15,8 @@ only add overhead; a test checks they agree.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import numpy as np
 import torch
@@ -74,8 +74,13 @@ class PolicyDims:
         hw, hb = linear(self.hidden_dim, cat)
         ow, ob = linear(1, self.hidden_dim)
         return {
-            ITEM_EMBEDDING: emb, GENRE_WEIGHT: gw, GENRE_BIAS: gb,
-            HIDDEN_WEIGHT: hw, HIDDEN_BIAS: hb, OUT_WEIGHT: ow, OUT_BIAS: ob,
+            ITEM_EMBEDDING: emb,
+            GENRE_WEIGHT: gw,
+            GENRE_BIAS: gb,
+            HIDDEN_WEIGHT: hw,
+            HIDDEN_BIAS: hb,
+            OUT_WEIGHT: ow,
+            OUT_BIAS: ob,
         }
 
     def init_user(self, seed: int, user_index: int, embedding_scale: float) -> np.ndarray:
@@ -122,9 +127,12 @@ class PreferencePolicy(nn.Module):
 
     def dense_state(self) -> dict[str, np.ndarray]:
         tensors = {
-            GENRE_WEIGHT: self.genre_projection.weight, GENRE_BIAS: self.genre_projection.bias,
-            HIDDEN_WEIGHT: self.hidden.weight, HIDDEN_BIAS: self.hidden.bias,
-            OUT_WEIGHT: self.out.weight, OUT_BIAS: self.out.bias,
+            GENRE_WEIGHT: self.genre_projection.weight,
+            GENRE_BIAS: self.genre_projection.bias,
+            HIDDEN_WEIGHT: self.hidden.weight,
+            HIDDEN_BIAS: self.hidden.bias,
+            OUT_WEIGHT: self.out.weight,
+            OUT_BIAS: self.out.bias,
         }
         return {k: v.detach().numpy().copy() for k, v in tensors.items()}
 
@@ -144,14 +152,14 @@ def build_policy(
     items = shared[ITEM_EMBEDDING] if item_index is None else shared[ITEM_EMBEDDING][item_index]
     dense = {k: torch.tensor(np.asarray(shared[k], dtype=np.float32)) for k in DENSE_NAMES}
     return PreferencePolicy(
-        torch.tensor(np.asarray(user_rows, dtype=np.float32)), torch.tensor(np.asarray(items, dtype=np.float32)), dense,
+        torch.tensor(np.asarray(user_rows, dtype=np.float32)),
+        torch.tensor(np.asarray(items, dtype=np.float32)),
+        dense,
         item_scale=item_scale,
     )
 
 
-def numpy_logits(
-    shared: Mapping[str, np.ndarray], user_vectors: np.ndarray, items: np.ndarray, genres: np.ndarray
-) -> np.ndarray:
+def numpy_logits(shared: Mapping[str, np.ndarray], user_vectors: np.ndarray, items: np.ndarray, genres: np.ndarray) -> np.ndarray:
     """``z`` for each row: ``user_vectors`` (N, d_u), ``items`` item indices (N,), ``genres`` (N, G)."""
     g = genres @ shared[GENRE_WEIGHT].T + shared[GENRE_BIAS]
     x = np.concatenate([user_vectors, shared[ITEM_EMBEDDING][items], g], axis=1)

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ...configtypes import ConfigError
 from ...errors import InputError
 from ...privacy.dpsgd import DPSGDReport
 from ..auditable import AuditableTask, CanarySet, Candidates
@@ -30,32 +31,9 @@ from ..base import FitConfig, FitResult, ParamSpec, Task, TaskClient
 from .config import MovieLensConfig
 from .data import MovieLensSplit, Ratings, load_split
 from .feedback import FeedbackProfile, draw_profiles, labels
+from .metrics import evaluate_scores, spearman  # noqa: F401  (spearman: re-exported for callers of task.spearman)
 from .model import ITEM_EMBEDDING, PolicyDims, build_policy, numpy_logits
 from .train import LocalData, ProfileTable, TrainSettings, fit_personal, train_epochs, train_epochs_dp
-
-
-def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    """Spearman rank correlation (average ranks for ties); NaN when either side is constant or n < 2."""
-    if len(x) < 2:
-        return float("nan")
-    rx, ry = _average_ranks(np.asarray(x, dtype=np.float64)), _average_ranks(np.asarray(y, dtype=np.float64))
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    denom = np.sqrt((rx * rx).sum() * (ry * ry).sum())
-    if denom == 0:
-        return float("nan")
-    return float((rx * ry).sum() / denom)
-
-
-def _average_ranks(a: np.ndarray) -> np.ndarray:
-    order = np.argsort(a, kind="stable")
-    sorted_a = a[order]
-    ranks = np.empty(len(a), dtype=np.float64)
-    starts = np.flatnonzero(np.r_[True, sorted_a[1:] != sorted_a[:-1]])
-    ends = np.r_[starts[1:], len(a)]
-    for s, e in zip(starts, ends, strict=False):
-        ranks[order[s:e]] = (s + e - 1) / 2.0
-    return ranks
-
 
 CANARY_RATINGS = (1.0, 5.0)
 """Canary ratings are drawn from the extremes so the label ("high" = rating >= 4) is unambiguous."""
@@ -80,25 +58,26 @@ class MovieLensTask(Task, AuditableTask):
 
     name = "movielens"
 
-    def __init__(
-        self, config: MovieLensConfig, split: MovieLensSplit, seed: int, *, train_keep: np.ndarray | None = None
-    ) -> None:
+    def __init__(self, config: MovieLensConfig, split: MovieLensSplit, seed: int, *, train_keep: np.ndarray | None = None) -> None:
         self.config = config
         self.split = split
         self.seed = seed
         cat = split.catalogue
         self.dims = PolicyDims(
-            num_items=cat.num_items, num_genres=len(cat.genre_names), user_dim=config.user_dim,
-            item_dim=config.item_dim, genre_dim=config.genre_dim, hidden_dim=config.hidden_dim,
+            num_items=cat.num_items,
+            num_genres=len(cat.genre_names),
+            user_dim=config.user_dim,
+            item_dim=config.item_dim,
+            genre_dim=config.genre_dim,
+            hidden_dim=config.hidden_dim,
         )
-        groups = [np.arange(s, min(s + config.users_per_client, cat.num_users))
-                  for s in range(0, cat.num_users, config.users_per_client)]
+        groups = [np.arange(s, min(s + config.users_per_client, cat.num_users)) for s in range(0, cat.num_users, config.users_per_client)]
         if config.num_clients is not None:
             if config.num_clients > len(groups):
                 unit = "users" if config.users_per_client == 1 else f"clients of {config.users_per_client} users"
-                raise ValueError(
-                    f"task.num_clients = {config.num_clients} but the data ({split.source}) has only "
-                    f"{len(groups)} {unit}"
+                raise ConfigError(
+                    f"must be at most {len(groups)}: the data ({split.source}) has only {len(groups)} {unit}, got {config.num_clients}",
+                    key="task.num_clients",
                 )
             chosen = np.sort(np.random.default_rng([seed, 0xC11E]).choice(len(groups), config.num_clients, replace=False))
         else:
@@ -117,8 +96,16 @@ class MovieLensTask(Task, AuditableTask):
         self.profiles: dict[int, FeedbackProfile] = draw_profiles(
             list(self._client_users), seed, tuple(config.feedback_lambda), tuple(config.feedback_noise), config.pairwise_flip
         )
-        self.settings = TrainSettings(config.lr, config.weight_decay, config.batch_size, config.objective,
-                                      config.temperature, config.user_lr, config.item_lr, config.personal_epochs)
+        self.settings = TrainSettings(
+            config.lr,
+            config.weight_decay,
+            config.batch_size,
+            config.objective,
+            config.temperature,
+            config.user_lr,
+            config.item_lr,
+            config.personal_epochs,
+        )
         self._initial = self.dims.init_shared(seed, config.embedding_scale)
         torch.set_num_threads(config.torch_threads)
 
@@ -153,8 +140,10 @@ class MovieLensTask(Task, AuditableTask):
         federation's own so the comparison is at equal training)."""
         from .baselines import centralized, local_only
 
-        return {"centralized": lambda rounds=None, local_epochs=None: centralized(self, rounds, local_epochs),
-                "local": lambda rounds=None, local_epochs=None: local_only(self, rounds, local_epochs)}
+        return {
+            "centralized": lambda rounds=None, local_epochs=None: centralized(self, rounds, local_epochs),
+            "local": lambda rounds=None, local_epochs=None: local_only(self, rounds, local_epochs),
+        }
 
     # --- AuditableTask (membership-inference audits, :mod:`attacks`) --------------------------
     def training_records(self) -> np.ndarray:
@@ -165,9 +154,9 @@ class MovieLensTask(Task, AuditableTask):
         tr = self.split.train
         cat = self.split.catalogue
         pos = self._train_index
-        return np.stack(
-            [cat.user_ids[tr.user[pos]], cat.item_ids[tr.item[pos]], np.floor(tr.rating[pos]).astype(np.int64)], axis=1
-        ).astype(np.int64)
+        return np.stack([cat.user_ids[tr.user[pos]], cat.item_ids[tr.item[pos]], np.floor(tr.rating[pos]).astype(np.int64)], axis=1).astype(
+            np.int64
+        )
 
     def with_records(self, keep: np.ndarray) -> MovieLensTask:
         """The same task (same clients, held-out set, feedback profiles and initial parameters)
@@ -358,7 +347,12 @@ class MovieLensClient(TaskClient):
             self._user_rows = self._fit_prediction_embedding(shared, rng)
             policy = build_policy(shared, self._dp_user_rows, None, item_scale=self.task.config.dp_item_scale)
             steps, loss = train_epochs_dp(
-                policy, self._dp_data, self.feedback_profiles, self.task.settings, config.local_epochs, config.dp_sgd,
+                policy,
+                self._dp_data,
+                self.feedback_profiles,
+                self.task.settings,
+                config.local_epochs,
+                config.dp_sgd,
                 rng=rng,
             )
             item_delta = policy.item_rows() - shared[ITEM_EMBEDDING]
@@ -399,21 +393,11 @@ class MovieLensClient(TaskClient):
         predicted scores and the true held-out ratings (NaN when undefined: fewer than 2 held-out
         records or constant ratings/scores; pool it with ``nanmean``)."""
         return evaluate_scores(
-            self.scores(shared, self.test, self._test_genres), self.test.rating,
-            self.scores(shared, self.train, self._train_genres), self.train.rating,
+            self.scores(shared, self.test, self._test_genres),
+            self.test.rating,
+            self.scores(shared, self.train, self._train_genres),
+            self.train.rating,
         )
-
-
-def evaluate_scores(test_z: np.ndarray, test_r: np.ndarray, train_z: np.ndarray, train_r: np.ndarray) -> dict[str, float]:
-    correct = int(((test_z > 0) == (labels(test_r) == 1.0)).sum())
-    train_correct = int(((train_z > 0) == (labels(train_r) == 1.0)).sum())
-    n, train_n = len(test_r), len(train_r)
-    return {
-        "correct": float(correct), "n": float(n), "accuracy": correct / n if n else float("nan"),
-        "train_correct": float(train_correct), "train_n": float(train_n),
-        "train_accuracy": train_correct / train_n if train_n else float("nan"),
-        "spearman": spearman(test_z, test_r),
-    }
 
 
 def make_task(config: MovieLensConfig, data_dir: Path | None, seed: int) -> MovieLensTask:

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ...privacy.randomness import secret_torch_generator
-from .feedback import FeedbackProfile, human_signal, labels, reward_table
+from .feedback import FeedbackProfile, human_signal, reward_table
 from .model import PreferencePolicy
 
 if TYPE_CHECKING:
@@ -82,7 +82,7 @@ def policy_loss(logits: torch.Tensor, rewards: torch.Tensor, objective: Objectiv
     return F.binary_cross_entropy_with_logits(logits, target, reduction="none")
 
 
-def shaped_rewards(data: "LocalData", idx: np.ndarray, profiles: "ProfileTable", rng: np.random.Generator, *, dp: bool) -> np.ndarray:
+def shaped_rewards(data: LocalData, idx: np.ndarray, profiles: ProfileTable, rng: np.random.Generator, *, dp: bool) -> np.ndarray:
     """``R_k(s, a)`` for the batch ``idx`` of ``data``, each record shaped by its own user's
     simulated human and ``λ_k`` (vectorised: one numpy pass per batch)."""
     k = data.profile_index[idx]
@@ -100,7 +100,7 @@ class ProfileTable:
     flip_prob: np.ndarray
 
     @classmethod
-    def of(cls, profiles: list[FeedbackProfile]) -> "ProfileTable":
+    def of(cls, profiles: list[FeedbackProfile]) -> ProfileTable:
         return cls(
             np.array([p.lam for p in profiles], dtype=np.float32),
             np.array([p.noise_std for p in profiles], dtype=np.float64),
@@ -172,25 +172,27 @@ def train_epochs(
 
     Returns (optimiser steps, mean loss of the last epoch)."""
     if schedule == "joint":
-        steps, loss = _run_epochs(policy, _adam(policy, settings, personal=True, shared=True), data, profiles, settings,
-                                  epochs, rng)
+        steps, loss = _run_epochs(policy, _adam(policy, settings, personal=True, shared=True), data, profiles, settings, epochs, rng)
     else:
         steps = fit_personal(policy, data, profiles, settings, rng)
-        shared_steps, loss = _run_epochs(policy, _adam(policy, settings, personal=False, shared=True), data, profiles,
-                                         settings, epochs, rng)
+        shared_steps, loss = _run_epochs(
+            policy, _adam(policy, settings, personal=False, shared=True), data, profiles, settings, epochs, rng
+        )
         steps += shared_steps
     for p in policy.parameters():
         p.requires_grad_(True)
     return steps, loss
 
 
-def fit_personal(policy: PreferencePolicy, data: LocalData, profiles: ProfileTable, settings: TrainSettings,
-                 rng: np.random.Generator) -> int:
+def fit_personal(
+    policy: PreferencePolicy, data: LocalData, profiles: ProfileTable, settings: TrainSettings, rng: np.random.Generator
+) -> int:
     """``settings.personal_epochs`` of Adam on the personal user embedding alone, the shared
     parameters frozen at the received global model (the first phase of FedRep); returns the steps.
     The shared parameters come out unchanged."""
-    steps, _ = _run_epochs(policy, _adam(policy, settings, personal=True, shared=False), data, profiles, settings,
-                           settings.personal_epochs, rng)
+    steps, _ = _run_epochs(
+        policy, _adam(policy, settings, personal=True, shared=False), data, profiles, settings, settings.personal_epochs, rng
+    )
     for p in policy.parameters():
         p.requires_grad_(True)
     return steps
@@ -215,7 +217,7 @@ def train_epochs_dp(
     profiles: ProfileTable,
     settings: TrainSettings,
     epochs: int,
-    dp: "DPSGDSettings",
+    dp: DPSGDSettings,
     *,
     rng: np.random.Generator,
     grad_sample_mode: Literal["ghost", "hooks"] = "ghost",
@@ -259,9 +261,15 @@ def train_epochs_dp(
         warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
         engine = PrivacyEngine()
         wrapped = engine.make_private(
-            module=policy, optimizer=optimizer, data_loader=loader, noise_multiplier=dp.noise_multiplier,
-            max_grad_norm=dp.max_grad_norm, poisson_sampling=False, noise_generator=secret_torch_generator(),
-            grad_sample_mode=grad_sample_mode, **({"criterion": criterion} if grad_sample_mode == "ghost" else {}),
+            module=policy,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=dp.noise_multiplier,
+            max_grad_norm=dp.max_grad_norm,
+            poisson_sampling=False,
+            noise_generator=secret_torch_generator(),
+            grad_sample_mode=grad_sample_mode,
+            **({"criterion": criterion} if grad_sample_mode == "ghost" else {}),
         )
     if grad_sample_mode == "ghost":
         module, dp_optimizer, criterion, loader = wrapped
