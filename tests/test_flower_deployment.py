@@ -58,10 +58,14 @@ def _assert_same_run(flower: Path, local: Path, atol: float, data: Path) -> None
     for ra, rb in zip(a, b, strict=False):
         assert ra["clients_aggregated"] == rb["clients_aggregated"] == 6
         assert ra["heldout_accuracy"] == pytest.approx(rb["heldout_accuracy"], abs=1e-9)
-        shared = [k for k in rb if k in ra and not k.startswith(("seconds", "bytes", "privacy"))]
+        # timings, byte counts and the transport's own envelope (one in-process host vs 3 SuperNodes) differ by design
+        shared = [k for k in rb if k in ra and not k.startswith(("seconds", "bytes", "privacy", "transport"))]
         assert len(shared) >= 8
         for k in shared:
-            assert ra[k] == pytest.approx(rb[k], rel=1e-3, abs=1e-6, nan_ok=True), k
+            if ra[k] is None or rb[k] is None:  # e.g. aggregation_aborted: null in both when the round aggregated
+                assert ra[k] == rb[k], k
+            else:
+                assert ra[k] == pytest.approx(rb[k], rel=1e-3, abs=1e-6, nan_ok=True), k
     ma, mb = load_tensors(flower / "model.safetensors"), load_tensors(local / "model.safetensors")
     assert sorted(ma) == sorted(mb)
     init = build_task(load_config(flower / "config.yaml"), data).initial_shared()
