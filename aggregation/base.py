@@ -134,13 +134,11 @@ class Capabilities:
 
     ``server_reads_result``: the server can read the aggregate (plain, masking); False when only the
     clients can (CKKS: the server never holds the global model in the clear).
-    ``hides_individual_updates``: the server learns only the sum, never one client's update.
     ``integer_scale``: the aggregator sums integers, a float x entering as round(scale · x), and
     takes an ``integer_noise`` share per client (distributed discrete DP); None for float sums.
     """
 
     server_reads_result: bool = True
-    hides_individual_updates: bool = False
     integer_scale: float | None = None
 
 

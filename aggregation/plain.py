@@ -107,7 +107,7 @@ class PlainClient(ClientHalf):
 
 class PlainAggregator(Aggregator):
     kind = "plain"
-    capabilities = Capabilities(server_reads_result=True, hides_individual_updates=False)
+    capabilities = Capabilities(server_reads_result=True)
 
     def server(self, ctx: RoundContext) -> ServerHalf:
         return PlainServer(ctx)

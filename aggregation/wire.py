@@ -24,6 +24,7 @@ bounds. Raw byte strings (ciphertexts, keys) travel as uint8 tensors.
 from __future__ import annotations
 
 import json
+import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -39,6 +40,13 @@ MAGIC = b"FRLH"
 WIRE_VERSION = 1
 MAX_KIND_BYTES = 64
 MAX_HEADER_BYTES = 1 << 20
+MAX_HEADER_DEPTH = 32
+"""Deepest nesting of JSON arrays/objects a header may have (ours use at most 4). Checked before
+parsing: an unbounded depth makes ``json.loads`` fail with RecursionError, not a decoding error."""
+MAX_INT_DIGITS = 64
+"""Longest integer literal a header may hold (field elements of GF(2^61 − 1) have 19 digits). Beyond
+4,300 digits ``int()`` raises ValueError; long ones also cost quadratic time to parse."""
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
 DEFAULT_MAX_FRAME_BYTES = 1 << 31
 
 
@@ -102,6 +110,23 @@ def as_blob(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8)
 
 
+def _check_depth(raw: bytes, kind: str) -> None:
+    """Refuse a header nested deeper than :data:`MAX_HEADER_DEPTH` (brackets inside strings do not count)."""
+    bare = np.frombuffer(_JSON_STRING.sub(b'""', raw), dtype=np.uint8)
+    if not bare.size:
+        return
+    step = np.isin(bare, (ord("["), ord("{"))).astype(np.int32) - np.isin(bare, (ord("]"), ord("}")))
+    depth = int(np.cumsum(step).max())
+    if depth > MAX_HEADER_DEPTH:
+        raise WireError(f"{kind}: header nests {depth} levels deep, limit {MAX_HEADER_DEPTH}")
+
+
+def _bounded_int(digits: str, kind: str) -> int:
+    if len(digits.lstrip("-")) > MAX_INT_DIGITS:
+        raise WireError(f"{kind}: header holds an integer of {len(digits.lstrip('-'))} digits, limit {MAX_INT_DIGITS}")
+    return int(digits)
+
+
 def encode(frame: Frame) -> bytes:
     kind = frame.kind.encode("ascii")
     if not 1 <= len(kind) <= MAX_KIND_BYTES:
@@ -156,8 +181,10 @@ def decode(
     pos += 4
     if hlen > MAX_HEADER_BYTES or pos + hlen + 4 > len(data):
         raise WireError(f"{kind}: header length {hlen} exceeds the frame or the limit")
+    raw_header = data[pos : pos + hlen]
+    _check_depth(raw_header, kind)
     try:
-        header = json.loads(data[pos : pos + hlen].decode("utf-8"))
+        header = json.loads(raw_header.decode("utf-8"), parse_int=lambda digits: _bounded_int(digits, kind))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise WireError(f"{kind}: header is not UTF-8 JSON ({exc})") from exc
     if not isinstance(header, dict):

@@ -17,27 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-GENRES = (
-    "unknown",
-    "Action",
-    "Adventure",
-    "Animation",
-    "Children's",
-    "Comedy",
-    "Crime",
-    "Documentary",
-    "Drama",
-    "Fantasy",
-    "Film-Noir",
-    "Horror",
-    "Musical",
-    "Mystery",
-    "Romance",
-    "Sci-Fi",
-    "Thriller",
-    "War",
-    "Western",
-)
+from fedrlhf_secure.tasks.movielens.data import ML100K_GENRES
+
+GENRES = ML100K_GENRES  # the package's own list of u.genre names, in file order
 LATIN1_TITLE = "Café Society (1995)"
 
 

@@ -107,32 +107,32 @@ def test_public_context_is_authenticated_and_holds_no_key(setup):
         PublicContext.decode(encoded, CKKSConfig(scale_bits=36), dealer.verify_bytes)
 
 
-def test_keys_cli_round_trip_and_rejection(tmp_path, capsys):
-    for cid in (4, 9):
-        assert cli(["keys", "client", "--id", str(cid), "--out", str(tmp_path / f"c{cid}")]) == 0
+def _key_ceremony(tmp_path, cids, *deal_args: str) -> None:
+    """``fedrlhf keys`` as a deployment runs it: each client makes its key, the dealer deals to their
+    public keys; leaves c<id>/, dealer/ and deal/ under ``tmp_path``."""
     pubs = tmp_path / "pubs"
     pubs.mkdir()
-    for cid in (4, 9):
+    for cid in cids:
+        assert cli(["keys", "client", "--id", str(cid), "--out", str(tmp_path / f"c{cid}")]) == 0
         (pubs / f"client-{cid}.pub").write_text((tmp_path / f"c{cid}" / f"client-{cid}.pub").read_text())
-    assert (tmp_path / "c4" / "client-4.key").stat().st_mode & 0o077 == 0
     assert cli(["keys", "dealer", "--out", str(tmp_path / "dealer")]) == 0
-    assert (
-        cli(
-            [
-                "keys",
-                "deal",
-                "--dealer-key",
-                str(tmp_path / "dealer" / "dealer.key"),
-                "--clients",
-                str(pubs),
-                "--out",
-                str(tmp_path / "deal"),
-                "--set",
-                "aggregation.scale_bits=36",
-            ]
-        )
-        == 0
-    )
+    deal = [
+        "keys",
+        "deal",
+        "--dealer-key",
+        str(tmp_path / "dealer" / "dealer.key"),
+        "--clients",
+        str(pubs),
+        "--out",
+        str(tmp_path / "deal"),
+    ]
+    assert cli([*deal, *deal_args]) == 0
+
+
+def test_keys_cli_round_trip_and_rejection(tmp_path, capsys):
+    _key_ceremony(tmp_path, (4, 9), "--set", "aggregation.scale_bits=36")
+    pubs = tmp_path / "pubs"
+    assert (tmp_path / "c4" / "client-4.key").stat().st_mode & 0o077 == 0
     out = capsys.readouterr().out
     key_id = out.split("CKKS key ")[1].split()[0]
     ok = cli(
@@ -189,27 +189,7 @@ def test_dealt_key_files_drive_a_round_where_the_server_reads_only_the_public_co
     from aggregation.ckks import CKKSAggregator
     from fedrlhf_secure.keys import DealtKeyFiles
 
-    pubs = tmp_path / "pubs"
-    for cid in (0, 1):
-        assert cli(["keys", "client", "--id", str(cid), "--out", str(tmp_path / f"c{cid}")]) == 0
-        pubs.mkdir(exist_ok=True)
-        (pubs / f"client-{cid}.pub").write_text((tmp_path / f"c{cid}" / f"client-{cid}.pub").read_text())
-    assert cli(["keys", "dealer", "--out", str(tmp_path / "dealer")]) == 0
-    assert (
-        cli(
-            [
-                "keys",
-                "deal",
-                "--dealer-key",
-                str(tmp_path / "dealer" / "dealer.key"),
-                "--clients",
-                str(pubs),
-                "--out",
-                str(tmp_path / "deal"),
-            ]
-        )
-        == 0
-    )
+    _key_ceremony(tmp_path, (0, 1))
     dealer_pub = tmp_path / "dealer" / "dealer.pub"
     server_side = CKKSAggregator(CFG, DealtKeyFiles(CFG, tmp_path / "deal", dealer_pub))
     client_side = {

@@ -66,38 +66,19 @@ def test_an_unknown_set_key_is_bad_input(capsys):
     assert proc.returncode == 2 and "no_such_key" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_more_clients_than_users_is_bad_input_without_a_traceback(tmp_path, fixture_data, capsys):
-    args = [
-        "run",
-        str(small_config(tmp_path)),
-        "--data-dir",
-        str(fixture_data),
-        "--out",
-        str(tmp_path / "runs"),
-        "--no-progress",
-        "--set",
-        "task.num_clients=2000",
-    ]
+@pytest.mark.parametrize(
+    "override, key",
+    [("task.num_clients=2000", "task.num_clients"), ("federation.min_clients=100", "federation.min_clients")],
+    ids=["more-clients-than-users", "quorum-above-the-clients"],
+)
+def test_a_config_the_data_cannot_satisfy_is_bad_input_without_a_traceback(tmp_path, fixture_data, capsys, override, key):
+    args = ["run", str(small_config(tmp_path)), "--data-dir", str(fixture_data), "--out", str(tmp_path / "runs"), "--no-progress"]
+    args += ["--set", override]
     proc = cli_process(*args)
     assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr and "task.num_clients" in proc.stderr
-    assert main(args) == 2 and "task.num_clients" in capsys.readouterr().err
-
-
-def test_a_quorum_above_the_clients_is_bad_input_without_a_traceback(tmp_path, fixture_data):
-    proc = cli_process(
-        "run",
-        str(small_config(tmp_path)),
-        "--data-dir",
-        str(fixture_data),
-        "--out",
-        str(tmp_path / "runs"),
-        "--no-progress",
-        "--set",
-        "federation.min_clients=100",
-    )
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr and "federation.min_clients" in proc.stderr
+    assert "Traceback" not in proc.stderr and key in proc.stderr
+    assert main(args) == 2 and key in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # no half-written run directory
 
 
 def test_sigterm_stops_a_run_like_ctrl_c_keeping_its_resumable_directory(tmp_path, fixture_data):

@@ -22,8 +22,8 @@ from fedrlhf_secure.tasks.movielens.feedback import (
     pairwise_feedback,
     reward_table,
 )
+from fedrlhf_secure.tasks.movielens.metrics import spearman
 from fedrlhf_secure.tasks.movielens.model import ITEM_EMBEDDING, build_policy, numpy_logits
-from fedrlhf_secure.tasks.movielens.task import spearman
 
 SMALL = dict(user_dim=8, item_dim=8, genre_dim=4, hidden_dim=16, batch_size=8)
 

@@ -58,3 +58,21 @@ def test_replayed_wrong_round_and_wrong_size_updates_are_rejected():
 def test_registry_builds_plain_from_its_kind():
     agg = spec_for("plain").factory(spec_for("plain").config_cls(), [0, 1], 0)
     assert agg.kind == "plain" and agg.server_can_read_result
+
+
+def test_aggregators_declare_capabilities_and_float_sums_refuse_an_integer_noise_share():
+    """The runtime knows aggregators only by their Capabilities; a float aggregator handed a Skellam
+    share must refuse it rather than silently drop the noise."""
+    from aggregation.secagg import SecAggConfig
+
+    ctx = RoundContext(os.urandom(16), 0, (0, 1), 4)
+    plain = spec_for("plain").factory(spec_for("plain").config_cls(), [0, 1], 0)
+    assert plain.capabilities.server_reads_result and plain.capabilities.integer_scale is None
+    with pytest.raises(ProtocolError, match="takes no integer noise"):
+        plain.client(ctx, 0, np.zeros(4, np.float32), 1.0, integer_noise=np.zeros(4, np.int64))
+    secagg = spec_for("secagg").factory(SecAggConfig(), [0, 1], 0)
+    assert secagg.capabilities.integer_scale == secagg.quantizer.scale > 0
+    ckks = spec_for("ckks").factory(spec_for("ckks").config_cls(), [0, 1], 0)
+    assert not ckks.capabilities.server_reads_result and ckks.capabilities.integer_scale is None
+    with pytest.raises(ProtocolError, match="takes no integer noise"):
+        ckks.client(ctx, 0, np.zeros(4, np.float32), 1.0, integer_noise=np.zeros(4, np.int64))

@@ -7,6 +7,9 @@ server half, how it applies the aggregate, and what it does with a host that mis
 
 from __future__ import annotations
 
+import json
+import struct
+
 import numpy as np
 import pytest
 from toy_task import toy_config
@@ -104,16 +107,52 @@ def test_fewer_clients_than_min_clients_stop_the_run_before_any_message():
     assert hosts[0].seen_ops == []
 
 
-def test_a_host_whose_answer_is_garbage_drops_only_its_own_clients():
-    class Garbage(FakeHost):
+def _raw_response(header_json: str) -> bytes:
+    """A node/response frame with a header written by hand (what a hostile node can send)."""
+    kind, header = RESPONSE.encode(), header_json.encode()
+    return b"FRLH" + struct.pack(">BB", 1, len(kind)) + kind + struct.pack(">I", len(header)) + header + struct.pack(">I", 0)
+
+
+HOSTILE = {
+    "not-a-frame": b"FRLH" + b"\xff" * 40,
+    # json.loads gives up with RecursionError, not a ValueError
+    "deep-nesting": _raw_response('{"op":"fit","x":' + "[" * 50_000 + "]" * 50_000 + "}"),
+    # int() of more than 4300 digits raises ValueError
+    "huge-integer": _raw_response('{"op":"fit","round":' + "9" * 5000 + "}"),
+}
+
+
+@pytest.mark.parametrize("op", ["fit", "evaluate"])
+@pytest.mark.parametrize("frame", sorted(HOSTILE))
+def test_one_hostile_frame_from_a_host_drops_only_that_hosts_clients(frame, op):
+    class Hostile(FakeHost):
         def handle(self, data):
-            if NodeMessage.decode(data, REQUEST).op == "fit":
-                return b"FRLH" + b"\xff" * 40  # not a frame
+            if NodeMessage.decode(data, REQUEST).op == op:
+                return HOSTILE[frame]
             return super().handle(data)
 
     weights = {0: 1.0, 1: 1.0}
-    hosts = {0: FakeHost({0: np.ones(3, np.float32)}, weights), 1: Garbage({1: np.full(3, 9.0, np.float32)}, weights)}
+    hosts = {0: FakeHost({0: np.ones(3, np.float32)}, weights), 1: Hostile({1: np.full(3, 9.0, np.float32)}, weights)}
     core = _core(hosts, {0: [0], 1: [1]}, min_clients=1)
     log = core.run_round(0)
-    np.testing.assert_allclose(core.global_params["w"], [1.0, 1.0, 1.0])
-    assert log.row["clients_aggregated"] == 1 and log.row["nodes_dropped"] == 1
+    if op == "fit":  # its client's update never reached the aggregate
+        np.testing.assert_allclose(core.global_params["w"], [1.0, 1.0, 1.0])
+        assert log.row["clients_aggregated"] == 1 and log.row["nodes_dropped"] == 1
+    else:  # aggregated normally; only its report is lost
+        np.testing.assert_allclose(core.global_params["w"], [5.0, 5.0, 5.0])
+        assert log.per_client.keys() == {0}
+
+
+@pytest.mark.parametrize("frame, escapes", [("deep-nesting", RecursionError), ("huge-integer", ValueError)])
+def test_the_hostile_frames_are_refused_by_the_decoders_bounds_not_by_luck(frame, escapes):
+    """The positive control: parsed without the decoder's depth and integer bounds (plain json.loads,
+    as the decoder did before), these headers raise RecursionError / ValueError, which are not
+    WireErrors, and the server loop that skipped only WireError ended the whole run on them. With the
+    bounds they are WireErrors like any other malformed frame."""
+    from aggregation.wire import WireError
+
+    header = HOSTILE[frame][4 + 2 + len(RESPONSE) + 4 : -4].decode()
+    with pytest.raises(escapes):
+        json.loads(header)
+    with pytest.raises(WireError, match="levels deep|digits"):
+        NodeMessage.decode(HOSTILE[frame], RESPONSE)

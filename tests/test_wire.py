@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 
 import numpy as np
@@ -92,3 +93,32 @@ def test_nothing_on_the_wire_is_unpickled():
     evil = pickle.dumps({"a": 1})
     with pytest.raises(wire.WireError):
         wire.decode(evil)
+
+
+def _raw(header: str) -> bytes:
+    kind, head = b"k", header.encode()
+    return wire.MAGIC + struct.pack(">BB", wire.WIRE_VERSION, 1) + kind + struct.pack(">I", len(head)) + head + struct.pack(">I", 0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 3 * wire.MAX_HEADER_DEPTH), st.sampled_from("[{"), st.text(alphabet='[]{}"\\', max_size=8))
+def test_header_depth_is_bounded_before_parsing_and_brackets_in_strings_do_not_count(depth, bracket, noise):
+    value = "1"
+    for _ in range(depth - 1):
+        value = f"[{value}]" if bracket == "[" else f'{{"a":{value}}}'
+    header = json.dumps({"s": noise})[:-1] + f',"v":{value}}}'
+    if depth <= wire.MAX_HEADER_DEPTH:
+        assert wire.decode(_raw(header)).header["s"] == noise
+    else:
+        with pytest.raises(wire.WireError, match="levels deep"):
+            wire.decode(_raw(header))
+
+
+@pytest.mark.parametrize("digits, ok", [(wire.MAX_INT_DIGITS, True), (wire.MAX_INT_DIGITS + 1, False), (5000, False)])
+def test_header_integers_are_bounded_in_length(digits, ok):
+    header = '{"n":-' + "9" * digits + "}"
+    if ok:
+        assert wire.decode(_raw(header)).header["n"] == -int("9" * digits)
+    else:
+        with pytest.raises(wire.WireError, match="digits"):
+            wire.decode(_raw(header))

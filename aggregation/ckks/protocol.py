@@ -253,7 +253,7 @@ class CKKSAggregator(Aggregator):
     """CKKS-encrypted FedAvg: the server adds ciphertexts it cannot decrypt (NVFlare's HE model)."""
 
     kind = "ckks"
-    capabilities = Capabilities(server_reads_result=False, hides_individual_updates=True)
+    capabilities = Capabilities(server_reads_result=False)
 
     def __init__(self, config: CKKSConfig, keys: KeySource) -> None:
         self.config = config

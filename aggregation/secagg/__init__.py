@@ -40,7 +40,7 @@ class SecAggAggregator(Aggregator):
         if config.signatures and identities is None:
             raise ValueError("signatures: true needs identity keys (identity_dir, or Identities.generate for a simulation)")
         self.identities = identities if config.signatures else None
-        self.capabilities = Capabilities(server_reads_result=True, hides_individual_updates=True, integer_scale=float(self.quantizer.scale))
+        self.capabilities = Capabilities(server_reads_result=True, integer_scale=float(self.quantizer.scale))
 
     def degree(self, ctx: RoundContext) -> int:
         return self.config.degree(len(ctx.participants))

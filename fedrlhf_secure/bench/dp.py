@@ -216,7 +216,6 @@ def _run_overrides(mode: str, eps: float, aggregation: str, delta: float) -> lis
 def _utility(args: argparse.Namespace) -> int:
     from ..config import load_config
     from ..federation.engine import RunOptions, run_federation
-    from ..privacy.factory import check_noise_headroom, integer_domain
 
     base = list(args.overrides) + ([f"task.num_clients={args.clients}"] if args.clients else [])
     results: list[dict[str, Any]] = []
@@ -229,7 +228,7 @@ def _utility(args: argparse.Namespace) -> int:
         overrides = base + _run_overrides(mode, eps, aggregation, args.delta)
         config = load_config(args.config, overrides)
         if mode == "client" and aggregation != "plain":
-            overrides += _headroom(config, integer_domain, check_noise_headroom)
+            overrides += _headroom(config)
             config = load_config(args.config, overrides)
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
@@ -281,20 +280,22 @@ def _utility(args: argparse.Namespace) -> int:
     return 0
 
 
-def _headroom(config, integer_domain, check_noise_headroom) -> list[str]:
+def _headroom(config) -> list[str]:
     """Reserve enough masking headroom for the Skellam shares: 64-bit arithmetic and the check's own
     recommended ``noise_bound`` (iterated, since the bound changes the auto-chosen levels)."""
     import re
     from dataclasses import replace
 
     from ..configtypes import ConfigError
+    from ..federation.aggregators import build_aggregator
+    from ..privacy.factory import check_noise_headroom, integer_domain
 
     n = config.task.params.num_clients or 943
     params = replace(config.aggregation.params, bits=64)
     for _ in range(5):
         cfg = replace(config, aggregation=replace(config.aggregation, params=params))
         try:
-            check_noise_headroom(cfg, integer_domain(cfg, n))
+            check_noise_headroom(cfg, integer_domain(build_aggregator(cfg, list(range(n)))))
             return ["aggregation.bits=64", f"aggregation.noise_bound={params.noise_bound}"]
         except ConfigError as exc:
             params = replace(params, noise_bound=int(re.search(r"noise_bound >= (\d+)", str(exc)).group(1)))

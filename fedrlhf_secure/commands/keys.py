@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .options import add_overrides
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
@@ -33,14 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, default=None, help="run config whose aggregation section (kind: ckks) sets the parameters")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. aggregation.scale_bits=36",
-    )
+    add_overrides(p, example="aggregation.scale_bits=36")
 
 
 def run(args: argparse.Namespace) -> int:

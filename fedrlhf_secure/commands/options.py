@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 
-def add_overrides(p: argparse.ArgumentParser) -> None:
+def add_overrides(p: argparse.ArgumentParser, example: str = "federation.rounds=3") -> None:
     """``--set KEY=VALUE`` (repeatable): override one config key, validated like the YAML file."""
     p.add_argument(
         "--set",
@@ -14,7 +14,7 @@ def add_overrides(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config key, e.g. --set federation.rounds=3 (repeatable)",
+        help=f"override a config key, e.g. --set {example} (repeatable)",
     )
 
 

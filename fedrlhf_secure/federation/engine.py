@@ -43,7 +43,7 @@ from .aggregators import build_aggregator, server_aggregator
 from .links import InProcessLink, SimulatedDropouts, WorkerLink
 from .node_driver import NodeLink
 from .participant import CommitHook, ParticipantHost, build_task
-from .round_core import RoundCore, RoundLog, RoundStopped
+from .round_core import RoundCore, RoundStopped
 from .update import UpdateCodec
 
 __all__ = [
@@ -214,9 +214,6 @@ class Federation:
         self.run.rewrite_jsonl("metrics.jsonl", self.history)
 
     # ------------------------------------------------------------------ the run
-    def run_round(self, r: int, progress: Callable[[str], None] = lambda _: None) -> RoundLog:
-        return self.core.run_round(r, progress)
-
     def run_all(self) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
@@ -262,22 +259,12 @@ class Federation:
 
 def run_federation(config: RunConfig, options: RunOptions | None = None) -> Path:
     """Run ``config`` with every participant on this machine into a fresh run directory; return its path."""
-    options = options or RunOptions()
-    options = replace(options, data_dir=resolve_data_dir(options.data_dir))
-    run = RunDirectory.create(options.out, options.name or f"{config.task.kind}-{config.aggregation.kind}")
-    try:
-        (run.path / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
-        fed = Federation(config, run, options)
-    except BaseException:
-        run.discard()
-        raise
-    return _complete(fed, run, options)
+    return _run_new(config, options, "", lambda run, opts: Federation(config, run, opts))
 
 
 def resume_federation(run_dir: Path, options: RunOptions | None = None) -> Path:
     """Continue an interrupted run from its last completed round with the ε it already spent."""
-    options = options or RunOptions()
-    options = replace(options, data_dir=resolve_data_dir(options.data_dir))
+    options = _resolved(options)
     run = RunDirectory.for_resume(run_dir)
     raw = yaml.safe_load((run.path / "config.yaml").read_text(encoding="utf-8"))
     config = build_config(raw, source=str(run.path / "config.yaml"))
@@ -302,18 +289,14 @@ def run_remote_federation(
     seeded initial model, the client ids); it never creates a client, so no client's private data,
     personal parameters or individual update is ever in this process.
     """
-    options = options or RunOptions()
-    options = replace(options, data_dir=resolve_data_dir(options.data_dir))
-    run = RunDirectory.create(options.out, options.name or f"{config.task.kind}-{config.aggregation.kind}-flower")
-    try:
-        (run.path / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
-        task = options.task if options.task is not None else build_task(config, options.data_dir)
-        # fail on missing keys before any node is contacted
-        aggregator = server_aggregator(config, list(task.client_ids()), keys_dir)
-        fed = Federation(
+
+    def federation(run: RunDirectory, opts: RunOptions) -> Federation:
+        task = opts.task if opts.task is not None else build_task(config, opts.data_dir)
+        aggregator = server_aggregator(config, list(task.client_ids()), keys_dir)  # missing keys fail before any node is contacted
+        return Federation(
             config,
             run,
-            replace(options, task=task),
+            replace(opts, task=task),
             link=link,
             nodes=nodes,
             aggregator=aggregator,
@@ -321,6 +304,25 @@ def run_remote_federation(
             stage_timeout=stage_timeout,
             on_stage=on_stage,
         )
+
+    return _run_new(config, options, "-flower", federation)
+
+
+def _resolved(options: RunOptions | None) -> RunOptions:
+    options = options or RunOptions()
+    return replace(options, data_dir=resolve_data_dir(options.data_dir))
+
+
+def _run_new(
+    config: RunConfig, options: RunOptions | None, suffix: str, federation: Callable[[RunDirectory, RunOptions], Federation]
+) -> Path:
+    """A fresh run directory with its config.yaml, the federation built into it, then the run; a
+    failure before the first round (bad input) leaves no directory behind."""
+    options = _resolved(options)
+    run = RunDirectory.create(options.out, options.name or f"{config.task.kind}-{config.aggregation.kind}{suffix}")
+    try:
+        (run.path / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
+        fed = federation(run, options)
     except BaseException:
         run.discard()
         raise

@@ -24,7 +24,7 @@ import numpy as np
 from aggregation import wire
 
 from ..errors import RunFailed
-from .node_protocol import REQUEST, RESPONSE, NodeMessage
+from .node_protocol import REQUEST, NodeMessage
 
 
 class Host(Protocol):
@@ -75,7 +75,11 @@ class SimulatedDropouts:
         self.received: dict[int, int] = {}
         self.round: int | None = None
 
-    def _limit(self, msg: NodeMessage) -> NodeMessage:
+    def _limit(self, msg: NodeMessage) -> NodeMessage | None:
+        """The request as the network delivers it, or None when it loses nothing (sent unchanged).
+
+        A client past its limit gets none of its messages, so it sends nothing more either: a
+        participant host only ever answers messages it was given."""
         if msg.op == "fit" and msg.header.get("round") != self.round:
             self.round = msg.header.get("round")
             self.drop_after, self.received = {}, {}
@@ -83,41 +87,24 @@ class SimulatedDropouts:
                 if self.rng.random() < self.rate:
                     self.drop_after[int(c)] = int(self.rng.integers(0, 4))
         if msg.op not in ("fit", "agg", "finish"):
-            return msg
+            return None
         kept: dict[int, list[bytes]] = {}
+        lost = False
         for c, msgs in msg.messages.items():
             if c in self.drop_after:
                 room = max(0, self.drop_after[c] - self.received.get(c, 0))
+                lost |= room < len(msgs)
                 msgs = msgs[:room]
             self.received[c] = self.received.get(c, 0) + len(msgs)
             kept[c] = msgs
-        return NodeMessage(msg.op, msg.header, kept, msg.blobs, msg.arrays)
-
-    def _silence(self, request: NodeMessage, data: bytes) -> bytes:
-        """A client that went offline sends nothing: drop its replies once it reached its limit."""
-        if request.op not in ("fit", "agg", "finish"):
-            return data
-        try:
-            resp = NodeMessage.decode(data, RESPONSE)
-        except wire.WireError:
-            return data
-        gone = {
-            c
-            for c in resp.messages
-            if c in self.drop_after and self.received.get(c, 0) >= self.drop_after[c] and not request.messages.get(c)
-        }
-        if not gone:
-            return data
-        kept = {c: m for c, m in resp.messages.items() if c not in gone}
-        return NodeMessage(resp.op, resp.header, kept, resp.blobs, resp.arrays).encode(RESPONSE)
+        return NodeMessage(msg.op, msg.header, kept, msg.blobs, msg.arrays) if lost else None
 
     def exchange(self, requests: Mapping[int, bytes], timeout: float) -> dict[int, bytes]:
-        limited: dict[int, tuple[NodeMessage, bytes]] = {}
+        delivered = {}
         for n, data in requests.items():
-            msg = self._limit(NodeMessage.decode(data, REQUEST))
-            limited[n] = (msg, msg.encode(REQUEST))
-        raw = self.inner.exchange({n: b for n, (_, b) in limited.items()}, timeout)
-        return {n: self._silence(limited[n][0], data) for n, data in raw.items()}
+            limited = self._limit(NodeMessage.decode(data, REQUEST))
+            delivered[n] = data if limited is None else limited.encode(REQUEST)
+        return self.inner.exchange(delivered, timeout)
 
     def __getattr__(self, name: str):
         return getattr(self.inner, name)

@@ -53,6 +53,8 @@ class NodeRoundOutcome:
     stages: list[StageLog] = field(default_factory=list)
     server_seconds: float = 0.0
     dropped_nodes: set[int] = field(default_factory=set)
+    aborted: str | None = None
+    """Why the aggregation could not complete (nothing was released), or None."""
 
 
 logger = logging.getLogger(__name__)
@@ -106,8 +108,8 @@ class NodeRoundDriver:
             out.envelope_bytes += len(data)
             try:
                 msg = NodeMessage.decode(data, RESPONSE)
-            except (wire.WireError, ValueError, TypeError, RecursionError) as exc:  # one node's bad frame is that node's failure
-                _log(f"round {rnd}: node {n} sent a malformed {op} response ({type(exc).__name__}: {exc}); its clients drop out")
+            except wire.WireError as exc:  # one node's bad frame is that node's failure (the decoder bounds size, depth, integers)
+                _log(f"round {rnd}: node {n} sent a malformed {op} response ({exc}); its clients drop out")
                 out.dropped_nodes.add(n)
                 continue
             if "error" in msg.header:
@@ -149,7 +151,6 @@ class NodeRoundDriver:
     ) -> NodeRoundOutcome:
         rnd = ctx.round
         out = NodeRoundOutcome(None, None, {}, {c: 0 for c in ctx.participants}, {c: 0 for c in ctx.participants}, 0)
-        self.last_outcome = out  # what the round got to before an abort (the core still reports its stages)
         t0 = time.perf_counter()
         opening = server.start()
         out.server_seconds += time.perf_counter() - t0
@@ -179,22 +180,28 @@ class NodeRoundDriver:
         if self.on_stage:
             self.on_stage(rnd, "fit", stage)
 
-        while not server.done:
-            if pending:
-                stage += 1
-                grouped = group_by_node(pending, self.node_of)
-                reqs = {n: NodeMessage("agg", {"round": rnd}, msgs) for n, msgs in grouped.items()}
-                replies = self._exchange(out, "agg", rnd, reqs, self.stage_timeout)
-                pending = self._feed(out, server, replies, rnd)
-                if self.on_stage:
-                    self.on_stage(rnd, "agg", stage)
-                continue
-            t0 = time.perf_counter()
-            pending = server.close_stage()
-            out.server_seconds += time.perf_counter() - t0
-            if not pending and not server.done:
-                raise AggregationAborted("protocol stalled: no message in flight and the server is not done")
+        try:
+            while not server.done:
+                if pending:
+                    stage += 1
+                    grouped = group_by_node(pending, self.node_of)
+                    reqs = {n: NodeMessage("agg", {"round": rnd}, msgs) for n, msgs in grouped.items()}
+                    replies = self._exchange(out, "agg", rnd, reqs, self.stage_timeout)
+                    pending = self._feed(out, server, replies, rnd)
+                    if self.on_stage:
+                        self.on_stage(rnd, "agg", stage)
+                    continue
+                t0 = time.perf_counter()
+                pending = server.close_stage()
+                out.server_seconds += time.perf_counter() - t0
+                if not pending and not server.done:
+                    raise AggregationAborted("protocol stalled: no message in flight and the server is not done")
 
+        except AggregationAborted as exc:
+            # too few clients left to finish (below the masking threshold, or no update at all): the
+            # round releases nothing; the outcome still reports what the stages cost
+            out.aborted = str(exc)
+            return out
         out.server_result = server.result()
         # Deliver the server's last messages (e.g. the CKKS aggregate). When only clients can read the
         # result, every node still up is told the round is over: the ones whose clients decrypted it

@@ -111,9 +111,6 @@ class Participant:
         self.weighting = weighting
         self.on_commit = on_commit
 
-    def num_examples(self) -> int:
-        return self.task_client.num_examples()
-
     def release(self, shared: Mapping[str, np.ndarray], fit: FitInstruction, ctx: RoundContext, aggregator: Aggregator) -> FitOutcome:
         """Local RLHF, then the privacy layer, then the aggregator's client half: the only way an
         update leaves a client."""

@@ -124,7 +124,7 @@ class RoundCore:
                 raise TransportError(f"node {n} did not answer the setup request")
             try:
                 msg = NodeMessage.decode(raw[n], RESPONSE)
-            except (wire.WireError, ValueError, TypeError, RecursionError) as exc:
+            except wire.WireError as exc:
                 raise TransportError(f"node {n} sent a malformed setup response: {exc}") from exc
             if "error" in msg.header:
                 raise TransportError(f"node {n} refused the run: {msg.header['error']}")
@@ -194,19 +194,20 @@ class RoundCore:
 
         progress(f"round {r}: local RLHF and {self.aggregator.kind} aggregation on {len(admitted)} clients")
         ctx = RoundContext(self.session_id, r, tuple(admitted), self.codec.dim)
-        aborted: str | None = None
-        try:
-            outcome = self.driver.run(
-                self.aggregator.server(ctx), ctx, instruction, server_can_read_result=not self.client_held, model_round=self.model_round
-            )
-            contributors = self._release(r, outcome, len(admitted))
-        except AggregationAborted as exc:
+        outcome = self.driver.run(
+            self.aggregator.server(ctx), ctx, instruction, server_can_read_result=not self.client_held, model_round=self.model_round
+        )
+        aborted, contributors = outcome.aborted, ()
+        if aborted is None:
+            try:
+                contributors = self._release(r, outcome, len(admitted))
+            except AggregationAborted as exc:
+                aborted = str(exc)
+        if aborted is not None:
             # Too few survivors (below the masking threshold, or below the noise the DP shares were
             # sized for): the round releases nothing and the model stays as it was. The ledgers keep
             # what the clients already spent: their updates did leave them.
-            aborted = str(exc)
             logger.warning("round %d: aggregation aborted, the global model is unchanged: %s", r, aborted)
-            outcome, contributors = self.driver.last_outcome, ()
         fit_seconds = outcome.stages[0].seconds if outcome.stages else 0.0
         aggregation_seconds = sum(s.seconds for s in outcome.stages[1:])
 
@@ -277,7 +278,7 @@ class RoundCore:
                     continue
                 try:
                     rep = Report.decode(frames[0])
-                except (wire.WireError, ValueError, TypeError, RecursionError) as exc:
+                except wire.WireError as exc:
                     logger.warning("round %d: client %d sent a malformed report (%s); ignored", r, c, exc)
                     continue
                 if rep.client_id == c and rep.round == r:
@@ -316,7 +317,7 @@ def usable_responses(raw: Mapping[int, bytes], what: str, where: str, consequenc
     for n, data in raw.items():
         try:
             msg = NodeMessage.decode(data, RESPONSE)
-        except (wire.WireError, ValueError, TypeError, RecursionError) as exc:
+        except wire.WireError as exc:
             logger.warning("%snode %d sent a malformed %s (%s); %s", where, n, what, exc, consequence)
             continue
         if "error" in msg.header:

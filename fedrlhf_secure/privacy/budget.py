@@ -1,4 +1,4 @@
-"""What every DP plan shares: budget checks, ledger commits, crash replay and the summary.
+"""What every DP plan shares: budget checks, ledger commits and crash replay.
 
 A concrete plan (record level :mod:`.record_level`, client level :mod:`.client_level`) says what
 one round of a client costs and how an update is privatized; this base class turns that into the
@@ -19,8 +19,6 @@ import math
 from abc import abstractmethod
 from collections.abc import Sequence
 from typing import Any
-
-import numpy as np
 
 from ..errors import PrivacyError
 from .dpsgd import DPSGDReport
@@ -44,16 +42,12 @@ class PrivacyViolation(PrivacyError):
 class BudgetedPlan(ClientPrivacy):
     mode: str
 
-    def __init__(
-        self, *, budget: float | None, delta: float, ledger: PrivacyLedger, releases: ReleaseStore, accountant_name: str, noise: NoiseSource
-    ) -> None:
+    def __init__(self, *, budget: float | None, delta: float, ledger: PrivacyLedger, releases: ReleaseStore, noise: NoiseSource) -> None:
         self.budget = math.inf if budget is None else float(budget)
         self.delta = float(delta)
         self.ledger = ledger
         self.releases = releases
-        self.accountant_name = accountant_name
         self.noise = noise
-        self.refusals: dict[int, list[int]] = {}
         self.admitted: dict[int, set[int]] = {}
 
     # ------------------------------------------------------------------ what a concrete plan says
@@ -79,7 +73,6 @@ class BudgetedPlan(ClientPrivacy):
             return True  # already paid for; re-running the round replays the same release
         eps_next = self.history_epsilon(self.next_history(client_id))
         if eps_next > self.budget + EPS_SLACK:
-            self.refusals.setdefault(client_id, []).append(round)
             logger.warning(
                 "privacy: client %d sits out round %d: its ε would reach %.3f > budget %g (spent %.3f, δ=%g)",
                 client_id,
@@ -115,28 +108,3 @@ class BudgetedPlan(ClientPrivacy):
 
     def spent(self, client_id: int) -> float | None:
         return self.ledger.spent(client_id)
-
-    # ------------------------------------------------------------------ reporting
-    def summary(self) -> dict[str, Any]:
-        spent = {c: self.ledger.spent(c) for c in self.ledger.clients()}
-        values = list(spent.values())
-        last_round = max((e.round for e in self.ledger), default=None)
-        increments = []
-        for c in spent:
-            es = self.ledger.entries(c)
-            if es and es[-1].round == last_round:
-                increments.append(es[-1].epsilon_after - (es[-2].epsilon_after if len(es) > 1 else 0.0))
-        return {
-            "mode": self.mode,
-            "accountant": self.accountant_name,
-            "epsilon_budget": None if math.isinf(self.budget) else self.budget,
-            "delta": self.delta,
-            "epsilon_spent_max": max(values) if values else 0.0,
-            "epsilon_spent_mean": float(np.mean(values)) if values else 0.0,
-            "epsilon_last_round_max": max(increments, default=0.0),
-            "clients_with_releases": len(values),
-            "releases": sum(len(self.ledger.entries(c)) for c in spent),
-            "last_round": last_round,
-            "clients_refused": len(self.refusals),
-            "epsilon_per_client": {str(c): v for c, v in sorted(spent.items())},
-        }

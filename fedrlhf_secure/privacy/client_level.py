@@ -46,6 +46,21 @@ from .plan import Release
 from .replay import ReleaseStore
 
 
+def dp_fedavg_noise_multiplier(accountant: str, epsilon: float | None, delta: float, rounds: int, explicit: float | None) -> float:
+    """DP-FedAvg's z: ``privacy.noise_multiplier`` when given, else calibrated so that ``rounds``
+    releases at q = 1 cost at most ε. The clients' half, the server's half (central noise) and the
+    masking headroom check all size the noise with this one function."""
+    if explicit is not None:
+        return float(explicit)
+    assert epsilon is not None
+    return gaussian_noise_multiplier(GaussianAccountant(accountant), epsilon, delta, 1.0, rounds)
+
+
+def accountant_name(accountant: str, integer: bool) -> str:
+    """Distributed shares in an integer (masking) aggregator are Skellam noise, accounted as such."""
+    return SkellamAccountant.name if integer else accountant
+
+
 def survivors_required(admitted: int, min_clients: int, survivor_fraction: float) -> int:
     """How many contributors a round's distributed noise is sized for: ``max(min_clients,
     ceil(survivor_fraction × admitted))``, at most ``admitted``. Both halves use this one rule: the
@@ -81,8 +96,7 @@ class ClientLevelPlan(BudgetedPlan):
         releases: ReleaseStore,
         noise_source: NoiseSource,
     ) -> None:
-        name = "skellam-rdp" if integer is not None else accountant
-        super().__init__(budget=budget, delta=delta, ledger=ledger, releases=releases, accountant_name=name, noise=noise_source)
+        super().__init__(budget=budget, delta=delta, ledger=ledger, releases=releases, noise=noise_source)
         if noise not in ("central", "distributed"):
             raise ValueError(f"privacy.noise must be central or distributed, got {noise!r}")
         if integer is not None and noise != "distributed":
@@ -96,11 +110,7 @@ class ClientLevelPlan(BudgetedPlan):
         self.gaussian = GaussianAccountant(accountant)
         self.skellam = SkellamAccountant()
         self._explicit = noise_multiplier
-        if noise_multiplier is not None:
-            self.z = float(noise_multiplier)
-        else:
-            assert budget is not None
-            self.z = gaussian_noise_multiplier(self.gaussian, budget, delta, 1.0, self.rounds)
+        self.z = dp_fedavg_noise_multiplier(accountant, budget, delta, self.rounds, noise_multiplier)
         self._skellam_params: tuple[float, float, float] | None = None  # (variance, l1, l2), set once the dim is known
         self._survivors: dict[int, int] = {}
 
@@ -212,10 +222,3 @@ class ClientLevelPlan(BudgetedPlan):
         if release is None:
             raise PrivacyViolation(f"client {client_id} round {round}: commit of an integer release that was never sized")
         return int(np.size(release.vector))
-
-    def summary(self) -> dict[str, Any]:
-        out = super().summary()
-        out.update(noise=self.placement, clip_norm=self.clip_norm, noise_multiplier=self.z)
-        if self._skellam_params is not None:
-            out["skellam_variance"] = self._skellam_params[0]
-        return out

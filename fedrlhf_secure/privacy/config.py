@@ -18,7 +18,7 @@ class PrivacyConfig:
 
     ``epsilon``/``delta`` is the budget for the whole run (all rounds), per client; ``delta`` must
     also be below 1/n (n = records of the largest client for ``record``, clients for ``client``),
-    which :func:`fedrlhf_secure.privacy.factory.build_plan` checks once n is known.
+    which :func:`fedrlhf_secure.privacy.factory.build_client_privacy` checks once n is known.
 
     ``accountant``: ``prv`` (tighter) or ``rdp`` for the Gaussian mechanisms; the integer masking
     mode always uses the Skellam RDP accountant. ``noise_multiplier`` overrides calibration (the

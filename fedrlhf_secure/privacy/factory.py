@@ -19,9 +19,7 @@ from typing import Any
 from aggregation.base import Aggregator
 
 from ..configtypes import ConfigError
-from .accountants import GaussianAccountant
-from .calibration import gaussian_noise_multiplier
-from .client_level import ClientLevelPlan, IntegerDomain
+from .client_level import ClientLevelPlan, IntegerDomain, dp_fedavg_noise_multiplier
 from .ledger import PrivacyLedger
 from .noise import NoiseSource
 from .plan import ClientPrivacy, NoClientPrivacy
@@ -41,10 +39,7 @@ def check_noise_headroom(config: Any, integer: IntegerDomain | None) -> None:
     if integer is None:
         return
     p = config.privacy
-    if p.noise_multiplier is not None:
-        z = p.noise_multiplier
-    else:
-        z = gaussian_noise_multiplier(GaussianAccountant(p.accountant), p.epsilon, p.delta, 1.0, config.federation.rounds)
+    z = dp_fedavg_noise_multiplier(p.accountant, p.epsilon, p.delta, config.federation.rounds, p.noise_multiplier)
     m = max(1, config.federation.min_clients)
     share_std = z * integer.scale * p.clip_norm / math.sqrt(m) * 1.01
     need = math.ceil(10 * share_std)

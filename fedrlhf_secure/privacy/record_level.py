@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 from .accountants import GaussianAccountant, GaussianRelease
 from .budget import BudgetedPlan, PrivacyViolation
@@ -46,7 +45,7 @@ class RecordLevelPlan(BudgetedPlan):
         releases: ReleaseStore,
         noise: NoiseSource,
     ) -> None:
-        super().__init__(budget=budget, delta=delta, ledger=ledger, releases=releases, accountant_name=accountant, noise=noise)
+        super().__init__(budget=budget, delta=delta, ledger=ledger, releases=releases, noise=noise)
         self.accountant = GaussianAccountant(accountant)
         self.max_grad_norm = float(max_grad_norm)
         self.local_epochs = int(local_epochs)
@@ -130,11 +129,3 @@ class RecordLevelPlan(BudgetedPlan):
             digest=digest,
             noise="local",
         )
-
-    def summary(self) -> dict[str, Any]:
-        out = super().summary()
-        sigmas = [self.noise_multiplier(c) for c in self.batches]
-        out["noise_multiplier_min"] = min(sigmas) if sigmas else None
-        out["noise_multiplier_max"] = max(sigmas) if sigmas else None
-        out["max_grad_norm"] = self.max_grad_norm
-        return out

@@ -20,9 +20,7 @@ import numpy as np
 
 from aggregation.base import AggregateResult, AggregationAborted, Aggregator
 
-from .accountants import GaussianAccountant
-from .calibration import gaussian_noise_multiplier
-from .client_level import survivors_required
+from .client_level import accountant_name, dp_fedavg_noise_multiplier, survivors_required
 from .noise import NoiseSource
 
 
@@ -38,13 +36,10 @@ class ServerPrivacy:
         self.public: dict[str, Any] = {}
         if p.mode != "none":
             integer = aggregator is not None and aggregator.capabilities.integer_scale is not None
-            # the clients account distributed shares in an integer aggregator with the Skellam accountant
-            accountant = "skellam-rdp" if self.distributed and integer else p.accountant
+            accountant = accountant_name(p.accountant, self.distributed and integer)
             self.public = {"accountant": accountant, "epsilon_budget": p.epsilon, "delta": p.delta}
         if p.mode == "client":
-            z = p.noise_multiplier
-            if z is None:
-                z = gaussian_noise_multiplier(GaussianAccountant(p.accountant), p.epsilon, p.delta, 1.0, config.federation.rounds)
+            z = dp_fedavg_noise_multiplier(p.accountant, p.epsilon, p.delta, config.federation.rounds, p.noise_multiplier)
             self.public.update(noise=p.noise, clip_norm=p.clip_norm, noise_multiplier=float(z))
             if p.noise == "central":
                 self.central_std = float(z) * float(p.clip_norm)

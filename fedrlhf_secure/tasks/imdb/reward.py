@@ -18,7 +18,6 @@ FedRLHF (arXiv 2412.15538 §4, eq. 3) gives client k the reward
 from __future__ import annotations
 
 import re
-import warnings
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...privacy.randomness import secret_torch_generator
+from ...privacy.dpsgd import make_private
 
 _WORD = re.compile(r"[a-z']+")
 WORD_BUCKETS = 1 << 15
@@ -143,25 +142,8 @@ def train_classifier_dp(
     The noise and the Poisson batches come from secret generators (:mod:`fedrlhf_secure.privacy.randomness`),
     never from ``seed``, which only picks the review windows.
     """
-    from opacus import PrivacyEngine
-    from opacus.data_loader import DPDataLoader
-    from torch.utils.data import TensorDataset
-
-    loader = DPDataLoader(TensorDataset(torch.arange(len(ids))), sample_rate=dp.sample_rate, generator=secret_torch_generator())
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
-        warnings.filterwarnings("ignore", message=".*Optimal order.*")
-        module, dp_optimizer, loader = PrivacyEngine().make_private(
-            module=model,
-            optimizer=optimizer,
-            data_loader=loader,
-            noise_multiplier=dp.noise_multiplier,
-            max_grad_norm=dp.max_grad_norm,
-            poisson_sampling=False,
-            noise_generator=secret_torch_generator(),
-        )
-    dp_optimizer.expected_batch_size = max(1, int(round(dp.sample_rate * len(ids))))
+    module, dp_optimizer, loader, _ = make_private(model, optimizer, len(ids), dp)
     module.train()
     gen = torch.Generator().manual_seed(seed + 2)
     steps = 0

@@ -31,7 +31,7 @@ from ..base import FitConfig, FitResult, ParamSpec, Task, TaskClient
 from .config import MovieLensConfig
 from .data import MovieLensSplit, Ratings, load_split
 from .feedback import FeedbackProfile, draw_profiles, labels
-from .metrics import evaluate_scores, spearman  # noqa: F401  (spearman: re-exported for callers of task.spearman)
+from .metrics import evaluate_scores
 from .model import ITEM_EMBEDDING, PolicyDims, build_policy, numpy_logits
 from .train import LocalData, ProfileTable, TrainSettings, fit_personal, train_epochs, train_epochs_dp
 

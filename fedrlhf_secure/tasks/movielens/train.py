@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ...privacy.randomness import secret_torch_generator
+from ...privacy.dpsgd import make_private
 from .feedback import FeedbackProfile, human_signal, reward_table
 from .model import PreferencePolicy
 
@@ -249,33 +249,10 @@ def train_epochs_dp(
     """
     import warnings
 
-    from opacus import PrivacyEngine
-    from opacus.data_loader import DPDataLoader
-    from torch.utils.data import TensorDataset
-
     n = len(data)
-    loader = DPDataLoader(TensorDataset(torch.arange(n)), sample_rate=dp.sample_rate, generator=secret_torch_generator())
     optimizer = _adam(policy, settings, personal=True, shared=True)
     criterion = ShapedRewardCriterion(settings.objective, settings.temperature)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
-        engine = PrivacyEngine()
-        wrapped = engine.make_private(
-            module=policy,
-            optimizer=optimizer,
-            data_loader=loader,
-            noise_multiplier=dp.noise_multiplier,
-            max_grad_norm=dp.max_grad_norm,
-            poisson_sampling=False,
-            noise_generator=secret_torch_generator(),
-            grad_sample_mode=grad_sample_mode,
-            **({"criterion": criterion} if grad_sample_mode == "ghost" else {}),
-        )
-    if grad_sample_mode == "ghost":
-        module, dp_optimizer, criterion, loader = wrapped
-    else:
-        module, dp_optimizer, loader = wrapped
-    dp_optimizer.expected_batch_size = max(1, int(round(dp.sample_rate * n)))
+    module, dp_optimizer, loader, criterion = make_private(policy, optimizer, n, dp, grad_sample_mode=grad_sample_mode, criterion=criterion)
     steps, last = 0, float("nan")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Full backward hook is firing")  # inputs are indices
