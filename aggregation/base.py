@@ -149,6 +149,10 @@ class Aggregator(ABC):
     capabilities: Capabilities = Capabilities()
     """Each aggregator states its own (a class or instance attribute)."""
 
+    def prepare(self, rounds: int) -> None:  # noqa: B027  (an optional hook: most aggregators have nothing to make)
+        """Make now any key material the run will need, before the caller forks processes that must
+        share it (the embedded simulation's worker processes). Default: nothing to make."""
+
     @property
     def server_can_read_result(self) -> bool:
         return self.capabilities.server_reads_result

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Literal
@@ -164,6 +165,18 @@ MAX_SECRET_CONTEXT_BYTES = 8 << 20
 
 _LOADED: OrderedDict[tuple[bytes, int, int], ts.Context] = OrderedDict()
 _LOADED_MAX = 4
+_INHERITED: list[ts.Context] = []
+
+
+def _forget_inherited_contexts() -> None:
+    """In a forked child, never destroy a context the parent made. A TenSEAL context owns a thread
+    pool whose threads did not survive the fork; destroying it in the child (when the memo cache
+    evicts it) waits on them for ever. The child keeps the objects alive and builds its own."""
+    _INHERITED.extend(_LOADED.values())
+    _LOADED.clear()
+
+
+os.register_at_fork(after_in_child=_forget_inherited_contexts)
 
 
 def load_context(data: bytes, config: CKKSConfig, *, secret: bool) -> ts.Context:

@@ -223,6 +223,7 @@ class SimulatedDealer:
     _identities: dict[int, ClientKeyPair] = field(default_factory=dict, init=False)
     _dealer: DealerKey = field(default_factory=DealerKey.generate, init=False)
     _deals: dict[int, object] = field(default_factory=dict, init=False)
+    _ahead: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         self._identities = {cid: ClientKeyPair.generate(cid) for cid in self.client_ids}
@@ -231,9 +232,19 @@ class SimulatedDealer:
     def dealer_verify_key(self) -> bytes:
         return self._dealer.verify_bytes
 
+    def deal_ahead(self, epochs: Sequence[int]) -> None:
+        """Deal these epochs now and keep them all (the embedded run forks its workers after this, so
+        every process holds the same keys; a lazily dealt epoch would differ per process)."""
+        recipients = {cid: kp.public_bytes for cid, kp in self._identities.items()}
+        for epoch in epochs:
+            if epoch not in self._deals:
+                self._deals[epoch] = deal(self.config, recipients, self._dealer, epoch)
+        self._ahead = True
+
     def _deal(self, epoch: int):
         if epoch not in self._deals:
-            self._deals.clear()  # an old epoch's packages are never needed again
+            if not self._ahead:
+                self._deals.clear()  # an old epoch's packages are never needed again
             recipients = {cid: kp.public_bytes for cid, kp in self._identities.items()}
             self._deals[epoch] = deal(self.config, recipients, self._dealer, epoch)
         return self._deals[epoch]
@@ -261,6 +272,11 @@ class CKKSAggregator(Aggregator):
 
     def epoch(self, round: int) -> int:
         return 0 if self.config.rotate_keys == "run" else round
+
+    def prepare(self, rounds: int) -> None:
+        deal_ahead = getattr(self.keys, "deal_ahead", None)  # key files need no dealing
+        if deal_ahead is not None:
+            deal_ahead(sorted({self.epoch(r) for r in range(rounds)}))
 
     def server(self, ctx: RoundContext) -> ServerHalf:
         return CKKSServer(ctx, self.config, self.keys.public(self.epoch(ctx.round)))

@@ -35,6 +35,8 @@ from aggregation.driver import TranscriptHook
 from ..config import RunConfig, build_config
 from ..configtypes import ConfigError
 from ..errors import InputError
+from ..privacy.factory import ledger_header
+from ..privacy.ledger import PrivacyLedger
 from ..privacy.noise import NoiseSource
 from ..privacy.server import ServerPrivacy
 from ..rundir import RunDirectory, atomic_save_tensors, atomic_write_json, load_tensors
@@ -122,26 +124,32 @@ class Federation:
         self.embedded = link is None
         if self.embedded:
             aggregator = build_aggregator(config, self.client_ids)
-            link, nodes = self._embedded_participants(aggregator, resume)
         elif config.federation.dropout_rate > 0:
             raise InputError("federation.dropout_rate simulates dropouts in process; over a network dropouts are real: set it to 0")
-        assert link is not None and nodes is not None and aggregator is not None
+        assert aggregator is not None
+        self.privacy = ServerPrivacy(config, options.noise, aggregator)  # refuses a config the aggregator cannot serve first
+        if self.embedded:
+            link, nodes = self._embedded_participants(aggregator, resume)
+        assert link is not None and nodes is not None
         self.link = link
-        self.privacy = ServerPrivacy(config, options.noise, aggregator)
-        self.core = RoundCore(
-            config,
-            self.codec,
-            self.client_ids,
-            self.task.initial_shared(),
-            link,
-            nodes,
-            aggregator,
-            self.privacy,
-            hook=options.hook,
-            on_stage=on_stage,
-            fit_timeout=fit_timeout,
-            stage_timeout=stage_timeout,
-        )
+        try:
+            self.core = RoundCore(
+                config,
+                self.codec,
+                self.client_ids,
+                self.task.initial_shared(),
+                link,
+                nodes,
+                aggregator,
+                self.privacy,
+                hook=options.hook,
+                on_stage=on_stage,
+                fit_timeout=fit_timeout,
+                stage_timeout=stage_timeout,
+            )
+        except BaseException:
+            self.close()  # worker processes the embedded run forked must not outlive a refused run
+            raise
         self.start_round = 0
         self.history: list[dict[str, Any]] = []
         self.final_clients: dict[int, dict[str, float]] = {}
@@ -165,12 +173,23 @@ class Federation:
         groups = [self.client_ids[w::workers] for w in range(workers)]
         groups = [g for g in groups if g]
         if len(groups) > 1:
+            # state every worker must share is made before they fork: the ledger's plan (each worker
+            # then opens it, instead of racing to create it) and in-memory keys (CKKS's simulated dealer)
+            if self.config.privacy.mode != "none" and not resume:
+                PrivacyLedger(self.run.path / "ledger", ledger_header(self.config), resume=False)
+                host_options["resume"] = True
+            aggregator.prepare(self.fed.rounds)
             link: Any = WorkerLink(lambda w: ParticipantHost(groups[w], self.options.data_dir, **host_options), len(groups))
         else:
             link = InProcessLink({0: ParticipantHost(self.client_ids, self.options.data_dir, **host_options)})
         if self.fed.dropout_rate > 0:
             link = SimulatedDropouts(link, self.fed.dropout_rate, self.config.seed)
         return link, dict(enumerate(groups))
+
+    def close(self) -> None:
+        close = getattr(getattr(self, "link", None), "close", None)
+        if close is not None:
+            close()
 
     @property
     def global_params(self) -> dict[str, np.ndarray]:
@@ -205,13 +224,26 @@ class Federation:
             return  # crashed during round 0: start over (the ledger keeps what was spent)
         state = json.loads(state_path.read_text())
         self.core.global_params = load_tensors(ck / "global.safetensors")
-        self.link.restore_client_state({k: v for k, v in load_tensors(ck / "clients.safetensors").items() if k != "_empty"})
+        self.link.restore_client_state(self._checkpointed_client_state(ck, int(state["completed_round"])))
         self.core.rng.bit_generator.state = state["rng"]
         self.core.session_id = bytes.fromhex(state["session_id"])
         self.core.model_round = int(state.get("model_round", state["completed_round"]))
         self.start_round = int(state["completed_round"]) + 1
         self.history = [r for r in self.run.read_jsonl("metrics.jsonl") if r["round"] < self.start_round]
         self.run.rewrite_jsonl("metrics.jsonl", self.history)
+
+    def _checkpointed_client_state(self, ck: Path, completed_round: int) -> dict[str, np.ndarray]:
+        """The participants' checkpoint; a run interrupted before the participant rewrite (bc717c7 and
+        earlier) kept it as ``personal.safetensors`` (keys ``client/name``), and its engine held the
+        CKKS model itself in ``global.safetensors``: read that layout too, so no interrupted run, and
+        no privacy budget it spent, is stranded by an upgrade."""
+        if (ck / "clients.safetensors").exists():
+            return {k: v for k, v in load_tensors(ck / "clients.safetensors").items() if k != "_empty"}
+        legacy = {f"personal/{k}": v for k, v in load_tensors(ck / "personal.safetensors").items() if k != "_empty"}
+        if not self.core.aggregator.capabilities.server_reads_result:
+            legacy.update({f"held/{k}": v for k, v in self.core.global_params.items()})
+            legacy["held_round"] = np.asarray([completed_round], dtype=np.int64)
+        return legacy
 
     # ------------------------------------------------------------------ the run
     def run_all(self) -> dict[str, Any]:
@@ -246,9 +278,7 @@ class Federation:
                 self.core.global_params = self.core.release_model(self.core.model_round)
         finally:
             bar.close()
-            close = getattr(self.link, "close", None)
-            if close is not None:
-                close()
+            self.close()
         return {"seconds_total": time.perf_counter() - t_start}
 
 

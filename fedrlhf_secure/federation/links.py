@@ -23,7 +23,7 @@ import numpy as np
 
 from aggregation import wire
 
-from ..errors import RunFailed
+from ..errors import InputError, PrivacyError, RunFailed, exit_status
 from .node_protocol import REQUEST, NodeMessage
 
 
@@ -64,13 +64,14 @@ class SimulatedDropouts:
     uniformly drawn number (0-3) of the aggregator's messages: from then on its messages are lost
     and it answers nothing more. Its fit still ran and its ledger commit still stands (the update
     did leave it for the aggregator's client half), exactly as a real dropout. The draws come from
-    a generator seeded with the run seed: dropouts are part of the simulated scenario, not secrets.
+    a generator seeded with (run seed, round): dropouts are part of the simulated scenario, not
+    secrets, and a resumed run repeats them.
     """
 
     def __init__(self, inner, rate: float, seed: int) -> None:
         self.inner = inner
         self.rate = float(rate)
-        self.rng = np.random.default_rng(np.random.SeedSequence([seed, 0xD0D0]))
+        self.seed = int(seed)
         self.drop_after: dict[int, int] = {}
         self.received: dict[int, int] = {}
         self.round: int | None = None
@@ -83,9 +84,11 @@ class SimulatedDropouts:
         if msg.op == "fit" and msg.header.get("round") != self.round:
             self.round = msg.header.get("round")
             self.drop_after, self.received = {}, {}
+            # one generator per round, keyed by (run seed, round): a resumed run draws the same dropouts
+            rng = np.random.default_rng(np.random.SeedSequence([self.seed, 0xD0D0, int(self.round)]))
             for c in msg.header.get("participants", []):
-                if self.rng.random() < self.rate:
-                    self.drop_after[int(c)] = int(self.rng.integers(0, 4))
+                if rng.random() < self.rate:
+                    self.drop_after[int(c)] = int(rng.integers(0, 4))
         if msg.op not in ("fit", "agg", "finish"):
             return None
         kept: dict[int, list[bytes]] = {}
@@ -140,8 +143,10 @@ def _worker_main(conn, make_host: Callable[[], Host]) -> None:
             elif op == "restore":
                 host.restore_client_state(frame.tensors)
                 conn.send_bytes(wire.encode(wire.Frame(_RESP, {})))
-        except Exception as exc:  # report to the parent instead of hanging it
-            conn.send_bytes(wire.encode(wire.Frame(_RESP, {"error": f"{type(exc).__name__}: {exc}"})))
+        except Exception as exc:  # report to the parent instead of hanging it, keeping the error's family
+            status = exit_status(exc) or 1
+            family = "input" if status == 2 else "privacy" if isinstance(exc, PrivacyError) else "run"
+            conn.send_bytes(wire.encode(wire.Frame(_RESP, {"error": f"{type(exc).__name__}: {exc}", "family": family})))
 
 
 class WorkerLink:
@@ -170,7 +175,8 @@ class WorkerLink:
             except EOFError as exc:
                 raise RunFailed(f"worker process {w} ended unexpectedly") from exc
             if "error" in resp.header:
-                raise RunFailed(f"worker {w}: {resp.header['error']}")
+                family = {"input": InputError, "privacy": PrivacyError}.get(resp.header.get("family"), RunFailed)
+                raise family(f"worker {w}: {resp.header['error']}")
             out[w] = resp
         return out
 

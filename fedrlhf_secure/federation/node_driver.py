@@ -24,7 +24,7 @@ from aggregation import wire
 from aggregation.base import AggregateResult, AggregationAborted, ProtocolError, RoundContext, ServerHalf
 from aggregation.driver import SERVER_ID, TranscriptHook
 
-from .node_protocol import REQUEST, RESPONSE, NodeMessage, group_by_node
+from .node_protocol import REQUEST, NodeMessage, NodeUnusable, group_by_node, read_response
 
 
 class NodeLink(Protocol):
@@ -55,6 +55,9 @@ class NodeRoundOutcome:
     dropped_nodes: set[int] = field(default_factory=set)
     aborted: str | None = None
     """Why the aggregation could not complete (nothing was released), or None."""
+    client_discarded: str | None = None
+    """When only clients can read the aggregate: why the reader did not use it (too few contributors
+    for its noise share), or None."""
 
 
 logger = logging.getLogger(__name__)
@@ -107,13 +110,9 @@ class NodeRoundDriver:
                 continue
             out.envelope_bytes += len(data)
             try:
-                msg = NodeMessage.decode(data, RESPONSE)
-            except wire.WireError as exc:  # one node's bad frame is that node's failure (the decoder bounds size, depth, integers)
-                _log(f"round {rnd}: node {n} sent a malformed {op} response ({exc}); its clients drop out")
-                out.dropped_nodes.add(n)
-                continue
-            if "error" in msg.header:
-                _log(f"round {rnd}: node {n} refused the {op} stage: {msg.header['error']}; its clients drop out")
+                msg = read_response(data, f"{op} stage")
+            except NodeUnusable as exc:  # one node's bad or refused answer is that node's failure
+                _log(f"round {rnd}: node {n} {exc}; its clients drop out")
                 out.dropped_nodes.add(n)
                 continue
             foreign = [c for c in msg.messages if self.node_of.get(c) != n]
@@ -218,6 +217,8 @@ class NodeRoundDriver:
                 if "contributors" in replies[n].header:
                     try:
                         out.client_contributors = tuple(replies[n].int_list("contributors"))
+                        discarded = replies[n].header.get("discarded")
+                        out.client_discarded = str(discarded) if discarded is not None else None
                     except wire.WireError as exc:
                         _log(f"round {rnd}: node {n} sent malformed contributors ({exc}); ignored")
                         continue

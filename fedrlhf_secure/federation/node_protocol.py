@@ -98,6 +98,26 @@ class NodeMessage:
         return wire.Frame(f"node/{self.op}", self.header).field(name, typ)
 
 
+class NodeUnusable(Exception):
+    """A host's response the round core cannot use: a malformed frame, or the host's own refusal.
+    The message says which ("sent a malformed …" / "refused …"); the caller decides what it costs."""
+
+
+def read_response(data: bytes, what: str) -> NodeMessage:
+    """A host's response to the ``what`` request, decoded and checked for the host's ``error`` report.
+
+    The one reader of responses for the round core and the stage driver: a malformed frame (the
+    decoder bounds size, header depth and integer lengths first) or a refusal raises
+    :class:`NodeUnusable` and never anything else."""
+    try:
+        msg = NodeMessage.decode(data, RESPONSE)
+    except wire.WireError as exc:
+        raise NodeUnusable(f"sent a malformed {what} response ({exc})") from exc
+    if "error" in msg.header:
+        raise NodeUnusable(f"refused the {what}: {msg.header['error']}")
+    return msg
+
+
 def group_by_node(outgoing: Iterable[tuple[int, bytes]], node_of: Mapping[int, int]) -> dict[int, dict[int, list[bytes]]]:
     """``[(client, bytes)]`` -> ``{node: {client: [bytes, ...]}}``, keeping each client's order."""
     out: dict[int, dict[int, list[bytes]]] = {}

@@ -364,10 +364,16 @@ class ParticipantHost:
             res = half.result() if half.done else None
             if res is None:
                 continue
-            if self.held is not None and self.held_round < rnd:
+            header: dict[str, Any] = {"round": rnd, "contributors": [int(x) for x in res.contributors], "reader": c}
+            need = self.privacy.minimum_contributors(rnd)
+            if len(res.contributors) < need:
+                # the clients' distributed noise was sized for `need` survivors: fewer carry too little
+                # noise, so the aggregate is not used (the server's half discards it likewise)
+                header["discarded"] = f"{len(res.contributors)} contributors but the noise shares were sized for {need}"
+            elif self.held is not None and self.held_round < rnd:
                 self.held = apply_aggregate(self.held, self.codec.decode(res), config.federation.server_lr)
                 self.held_round = rnd
-            return NodeMessage("finish", {"round": rnd, "contributors": [int(x) for x in res.contributors], "reader": c})
+            return NodeMessage("finish", header)
         return NodeMessage("finish", {"round": rnd})
 
     def _release(self, req: NodeMessage) -> NodeMessage:

@@ -43,7 +43,7 @@ from ..errors import RunFailed
 from ..privacy.server import ServerPrivacy
 from .messages import FitInstruction, Report
 from .node_driver import NodeLink, NodeRoundDriver, NodeRoundOutcome
-from .node_protocol import REQUEST, RESPONSE, NodeMessage
+from .node_protocol import REQUEST, NodeMessage, NodeUnusable, read_response
 from .participant import apply_aggregate
 from .update import UpdateCodec
 
@@ -123,11 +123,9 @@ class RoundCore:
             if n not in raw:
                 raise TransportError(f"node {n} did not answer the setup request")
             try:
-                msg = NodeMessage.decode(raw[n], RESPONSE)
-            except wire.WireError as exc:
-                raise TransportError(f"node {n} sent a malformed setup response: {exc}") from exc
-            if "error" in msg.header:
-                raise TransportError(f"node {n} refused the run: {msg.header['error']}")
+                msg = read_response(raw[n], "run")
+            except NodeUnusable as exc:
+                raise TransportError(f"node {n} {exc}") from exc
             if msg.field("dim", int) != self.codec.dim:
                 raise TransportError(f"node {n} computes update vectors of {msg.header['dim']} values, the server {self.codec.dim}")
             got = sorted(msg.int_list("clients"))
@@ -251,6 +249,9 @@ class RoundCore:
         if self.client_held:
             if outcome.client_contributors is None:
                 raise AggregationAborted(f"round {r}: no client could read the aggregate")
+            if outcome.client_discarded is not None:
+                raise AggregationAborted(f"round {r}: the clients discarded the aggregate: {outcome.client_discarded}")
+            self.privacy.check_contributors(r, outcome.client_contributors, admitted)
             self.model_round = r
             return outcome.client_contributors
         result: AggregateResult | None = outcome.server_result
@@ -316,14 +317,9 @@ def usable_responses(raw: Mapping[int, bytes], what: str, where: str, consequenc
     """
     for n, data in raw.items():
         try:
-            msg = NodeMessage.decode(data, RESPONSE)
-        except wire.WireError as exc:
-            logger.warning("%snode %d sent a malformed %s (%s); %s", where, n, what, exc, consequence)
-            continue
-        if "error" in msg.header:
-            logger.warning("%snode %d refused the %s: %s; %s", where, n, what, msg.header["error"], consequence)
-            continue
-        yield n, msg
+            yield n, read_response(data, what)
+        except NodeUnusable as exc:
+            logger.warning("%snode %d %s; %s", where, n, exc, consequence)
 
 
 def _number(v: Any) -> float:

@@ -17,7 +17,6 @@ more than the weighted sum of the deltas already reveals; individual touch sets 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Literal
 
 import numpy as np
@@ -74,11 +73,3 @@ class UpdateCodec:
             out[ok] = summed[ok] / touch[ok].reshape((-1,) + (1,) * (summed.ndim - 1))
             params[e.name] = out.astype(np.float32)
         return params
-
-    def touch_counts(self, result: AggregateResult) -> Mapping[str, np.ndarray]:
-        s = np.asarray(result.weighted_sum, dtype=np.float64)
-        out, pos = {}, self.spec.size
-        for e in self.sparse:
-            out[e.name] = s[pos : pos + e.shape[0]]
-            pos += e.shape[0]
-        return out

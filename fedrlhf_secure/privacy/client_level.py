@@ -131,16 +131,21 @@ class ClientLevelPlan(BudgetedPlan):
             v, l1, l2 = self._skellam_params
             return SkellamRelease(v, l1, l2, 1)
         l2 = self.integer.scale * self.clip_norm  # type: ignore[union-attr]
-        variance = (self.z * l2) ** 2 if self._explicit is None else (self._explicit * l2) ** 2
+        variance = (self.z * l2) ** 2  # z is the explicit multiplier when one was given
         return SkellamRelease(variance, l2, l2, 1)
 
     def begin_round(self, round: int, participants: int) -> None:
         self._survivors[round] = survivors_required(participants, self.min_clients, self.survivor_fraction)
 
     def survivors_required(self, round: int) -> int:
+        """Set by :meth:`begin_round` from the round's federation-wide participant count (never from
+        the clients this host happens to hold)."""
         if round not in self._survivors:
-            self._survivors[round] = survivors_required(len(self.admitted.get(round, ())), self.min_clients, self.survivor_fraction)
+            raise PrivacyViolation(f"round {round}: the noise share was asked for before the round's participants were known")
         return self._survivors[round]
+
+    def minimum_contributors(self, round: int) -> int:
+        return self.survivors_required(round) if self.placement == "distributed" else 0
 
     # ------------------------------------------------------------------ BudgetedPlan
     def history_of(self, entries: Sequence[LedgerEntry]) -> list[Any]:

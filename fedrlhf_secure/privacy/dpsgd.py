@@ -37,14 +37,6 @@ class DPSGDReport:
     def of(cls, settings: DPSGDSettings, steps: int) -> DPSGDReport:
         return cls(int(steps), float(settings.sample_rate), float(settings.noise_multiplier), float(settings.max_grad_norm))
 
-    def as_dict(self) -> dict[str, float]:
-        return {
-            "steps": self.steps,
-            "sample_rate": self.sample_rate,
-            "noise_multiplier": self.noise_multiplier,
-            "max_grad_norm": self.max_grad_norm,
-        }
-
 
 def make_private(module, optimizer, num_records: int, dp: DPSGDSettings, *, grad_sample_mode: str = "hooks", criterion=None):
     """Opacus DP-SGD wired the one way every task uses it; returns ``(module, optimizer, loader, criterion)``.

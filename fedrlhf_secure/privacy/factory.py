@@ -155,6 +155,10 @@ def build_client_privacy(
             releases=releases,
             noise=noise,
         )
+    if p.noise == "central" and not aggregator.capabilities.server_reads_result:
+        from .server import central_noise_unreadable
+
+        raise central_noise_unreadable(config, aggregator)
     integer = integer_domain(aggregator) if p.noise == "distributed" else None
     check_noise_headroom(config, integer)
     ledger = PrivacyLedger(ledger_dir, ledger_header(config), resume=resume)

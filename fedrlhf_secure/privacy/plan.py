@@ -68,6 +68,12 @@ class ClientPrivacy(ABC):
     @abstractmethod
     def commit(self, client_id: int, round: int, release: Release, report: DPSGDReport | None) -> float | None: ...
 
+    def minimum_contributors(self, round: int) -> int:
+        """The fewest contributors an aggregate of this round may combine before this client may use it
+        (the survivors its distributed noise share was sized for; 0 when nothing depends on it). A
+        host that decrypts the aggregate itself (CKKS) checks it before applying."""
+        return 0
+
     def spent(self, client_id: int) -> float | None:
         """ε this client has spent so far (None without DP)."""
         return None

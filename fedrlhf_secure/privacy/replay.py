@@ -74,4 +74,5 @@ class ReleaseStore:
         t = load_file(str(path))
         if int(t["round"][0]) != round:
             return None
-        return Release(t["vector"], float(t["weight"][0]), t.get("integer_noise"))
+        # "kw/integer_noise": the name runs interrupted before the participant rewrite stored it under
+        return Release(t["vector"], float(t["weight"][0]), t.get("integer_noise", t.get("kw/integer_noise")))

@@ -20,8 +20,20 @@ import numpy as np
 
 from aggregation.base import AggregateResult, AggregationAborted, Aggregator
 
+from ..configtypes import ConfigError
 from .client_level import accountant_name, dp_fedavg_noise_multiplier, survivors_required
 from .noise import NoiseSource
+
+
+def central_noise_unreadable(config: Any, aggregator: Aggregator) -> ConfigError:
+    """``noise: central`` is added by whoever reads the aggregate; under an aggregator only the clients
+    can read (CKKS) nobody would add it while the ledger charged for it."""
+    return ConfigError(
+        f"'central' noise is added to the aggregate by the server, but the {aggregator.kind} aggregator keeps the aggregate "
+        "from the server; use privacy.noise: distributed (each client adds its share before encrypting)",
+        source=config.source,
+        key="privacy.noise",
+    )
 
 
 class ServerPrivacy:
@@ -42,6 +54,8 @@ class ServerPrivacy:
             z = dp_fedavg_noise_multiplier(p.accountant, p.epsilon, p.delta, config.federation.rounds, p.noise_multiplier)
             self.public.update(noise=p.noise, clip_norm=p.clip_norm, noise_multiplier=float(z))
             if p.noise == "central":
+                if aggregator is not None and not aggregator.capabilities.server_reads_result:
+                    raise central_noise_unreadable(config, aggregator)
                 self.central_std = float(z) * float(p.clip_norm)
         elif p.mode == "record":
             self.public.update(max_grad_norm=p.max_grad_norm)
@@ -52,14 +66,19 @@ class ServerPrivacy:
         """Contributors the clients' distributed noise was sized for (0 without distributed noise)."""
         return survivors_required(admitted, self.min_clients, self.survivor_fraction) if self.distributed else 0
 
-    def finalize(self, round: int, result: AggregateResult, admitted: int) -> AggregateResult:
-        """The aggregate the round may apply: central noise added, or discarded below the survivors."""
+    def check_contributors(self, round: int, contributors: tuple[int, ...], admitted: int) -> None:
+        """Discard an aggregate of fewer contributors than the distributed noise was sized for. Under
+        CKKS the hosts that decrypt it check the same rule before they apply it."""
         need = self.survivors_required(admitted)
-        if len(result.contributors) < need:
+        if len(contributors) < need:
             raise AggregationAborted(
-                f"round {round}: {len(result.contributors)} contributors survived but the distributed noise shares were sized "
+                f"round {round}: {len(contributors)} contributors survived but the distributed noise shares were sized "
                 f"for {need} (privacy.survivor_fraction); the aggregate is discarded"
             )
+
+    def finalize(self, round: int, result: AggregateResult, admitted: int) -> AggregateResult:
+        """The aggregate the round may apply: central noise added, or discarded below the survivors."""
+        self.check_contributors(round, result.contributors, admitted)
         if self.central_std:
             noisy = np.asarray(result.weighted_sum, dtype=np.float64) + self.noise.gaussian(self.central_std, np.shape(result.weighted_sum))
             return AggregateResult(noisy, result.total_weight, result.contributors)
