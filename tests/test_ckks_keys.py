@@ -129,41 +129,22 @@ def _key_ceremony(tmp_path, cids, *deal_args: str) -> None:
     assert cli([*deal, *deal_args]) == 0
 
 
+def _open_as_client_4(tmp_path, package_of: int) -> int:
+    """``fedrlhf keys open`` of client ``package_of``'s package with client 4's key."""
+    package = str(tmp_path / "deal" / f"package-client-{package_of}.frame")
+    key, dealer = str(tmp_path / "c4" / "client-4.key"), str(tmp_path / "dealer" / "dealer.pub")
+    return cli(["keys", "open", "--package", package, "--client-key", key, "--dealer-pub", dealer, "--set", "aggregation.scale_bits=36"])
+
+
 def test_keys_cli_round_trip_and_rejection(tmp_path, capsys):
     _key_ceremony(tmp_path, (4, 9), "--set", "aggregation.scale_bits=36")
     pubs = tmp_path / "pubs"
     assert (tmp_path / "c4" / "client-4.key").stat().st_mode & 0o077 == 0
     out = capsys.readouterr().out
     key_id = out.split("CKKS key ")[1].split()[0]
-    ok = cli(
-        [
-            "keys",
-            "open",
-            "--package",
-            str(tmp_path / "deal" / "package-client-4.frame"),
-            "--client-key",
-            str(tmp_path / "c4" / "client-4.key"),
-            "--dealer-pub",
-            str(tmp_path / "dealer" / "dealer.pub"),
-            "--set",
-            "aggregation.scale_bits=36",
-        ]
-    )
+    ok = _open_as_client_4(tmp_path, package_of=4)
     assert ok == 0 and key_id in capsys.readouterr().out
-    swapped = cli(
-        [
-            "keys",
-            "open",
-            "--package",
-            str(tmp_path / "deal" / "package-client-9.frame"),
-            "--client-key",
-            str(tmp_path / "c4" / "client-4.key"),
-            "--dealer-pub",
-            str(tmp_path / "dealer" / "dealer.pub"),
-            "--set",
-            "aggregation.scale_bits=36",
-        ]
-    )
+    swapped = _open_as_client_4(tmp_path, package_of=9)
     assert swapped == 1 and "addressed to client 9" in capsys.readouterr().err
     insecure = cli(
         [
