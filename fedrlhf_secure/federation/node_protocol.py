@@ -29,6 +29,8 @@ import numpy as np
 
 from aggregation import wire
 
+from ..errors import RunFailed
+
 REQUEST = "node/request"
 RESPONSE = "node/response"
 OPS = ("setup", "admit", "fit", "agg", "finish", "evaluate", "release")
@@ -98,7 +100,7 @@ class NodeMessage:
         return wire.Frame(f"node/{self.op}", self.header).field(name, typ)
 
 
-class NodeUnusable(Exception):
+class NodeUnusable(RunFailed):
     """A host's response the round core cannot use: a malformed frame, or the host's own refusal.
     The message says which ("sent a malformed …" / "refused …"); the caller decides what it costs."""
 
