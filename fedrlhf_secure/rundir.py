@@ -66,8 +66,29 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def strict_json(obj: Any, **kw: Any) -> str:
+    """``obj`` as strict JSON (RFC 8259): a missing or non-finite number is ``null``, never ``NaN``.
+
+    Python's json writes ``NaN``/``Infinity`` by default, which JavaScript's ``JSON.parse`` and strict
+    parsers reject; a client with no held-out ratings has no accuracy, and ``null`` says so.
+    """
+    return json.dumps(_finite(obj), default=_json_default, allow_nan=False, **kw)
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if np.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _finite(obj.tolist())
+    return obj
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=_json_default, allow_nan=True) + "\n").encode())
+    atomic_write_bytes(path, (strict_json(obj, indent=2) + "\n").encode())
 
 
 def atomic_save_tensors(path: Path, tensors: Mapping[str, np.ndarray]) -> None:
@@ -117,8 +138,10 @@ class RunDirectory:
         else:
             rd = cls(given)
         if not rd.path.is_dir():
-            if rd.final.is_dir():
+            if (rd.final / "summary.json").is_file():
                 raise RunDirectoryNotFound(f"{rd.final} is a completed run; nothing to resume")
+            if rd.final.is_dir():
+                raise RunDirectoryNotFound(f"{rd.final} is not a run directory (no summary.json, no {rd.path.name}); nothing to resume")
             raise RunDirectoryNotFound(f"no interrupted run at {given} (looked for {rd.path})")
         return rd
 
@@ -129,7 +152,7 @@ class RunDirectory:
 
     def append_jsonl(self, name: str, obj: Mapping[str, Any]) -> None:
         with open(self.file(name), "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(obj, default=_json_default) + "\n")
+            fh.write(strict_json(obj) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
 
@@ -140,7 +163,7 @@ class RunDirectory:
         return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
 
     def rewrite_jsonl(self, name: str, rows: list[Mapping[str, Any]]) -> None:
-        atomic_write_bytes(self.file(name), "".join(json.dumps(r, default=_json_default) + "\n" for r in rows).encode())
+        atomic_write_bytes(self.file(name), "".join(strict_json(r) + "\n" for r in rows).encode())
 
     def finalize(self) -> Path:
         shutil.rmtree(self.path / "checkpoint", ignore_errors=True)
@@ -150,3 +173,15 @@ class RunDirectory:
 
     def discard(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def point_latest(path: Path) -> None:
+    """Make ``<runs>/latest`` name ``path``: every command that makes a run directory calls this, so
+    ``runs/latest`` is always the last run of any command (a failure to link is not an error)."""
+    latest = Path(path).parent / "latest"
+    try:
+        if latest.is_symlink() or latest.exists():
+            latest.unlink()
+        os.symlink(Path(path).name, latest)
+    except OSError:
+        pass

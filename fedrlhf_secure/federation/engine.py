@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -247,15 +246,15 @@ class Federation:
 
     # ------------------------------------------------------------------ the run
     def run_all(self) -> dict[str, Any]:
-        from tqdm.auto import tqdm
+        from .. import progress
 
-        bar = tqdm(
-            total=self.fed.rounds,
+        privacy = self.config.privacy.mode
+        bar = progress.bar(
+            self.fed.rounds,
+            f"{self.config.task.kind} · {self.config.aggregation.kind}" + (f" · DP {privacy} level" if privacy != "none" else ""),
+            "round",
             initial=self.start_round,
-            desc=f"{self.config.task.kind} · {self.config.aggregation.kind}",
-            unit="round",
-            disable=not self.options.progress,
-            file=sys.stderr,
+            show=self.options.progress,
         )
         t_start = time.perf_counter()
         try:
@@ -270,9 +269,9 @@ class Federation:
                 self.final_clients = log.per_client
                 self.run.append_jsonl("metrics.jsonl", log.row)
                 self._save_checkpoint(r)
-                bar.update(1)
                 acc = log.row.get("heldout_accuracy")
-                bar.set_postfix_str(f"held-out acc {acc:.4f}" if isinstance(acc, float) else "")
+                bar.set_postfix_str(f"round {r}: held-out acc {acc:.4f}" if isinstance(acc, float) else f"round {r} done")
+                bar.update(1)
             if self.history and not self.core.aggregator.capabilities.server_reads_result:
                 # CKKS: the server never held the model; the hosts release the one they decrypted
                 self.core.global_params = self.core.release_model(self.core.model_round)
@@ -366,8 +365,16 @@ def _complete(fed: Federation, run: RunDirectory, options: RunOptions) -> Path:
     try:
         timing = fed.run_all()
         atomic_save_tensors(run.path / "model.safetensors", fed.global_params)
-        write_summary(fed, run, timing)
-        plots.plot_run(run.path, fed.history, fed.final_clients, type(fed.task).plot_metrics)
+        summary = write_summary(fed, run, timing)
+        plots.plot_run(
+            run.path,
+            fed.history,
+            fed.final_clients,
+            type(fed.task).metrics,
+            baselines=summary["baselines"],
+            epsilon_budget=fed.config.privacy.epsilon if fed.config.privacy.mode != "none" else None,
+            num_clients=len(fed.client_ids),
+        )
     except BaseException:
         if fed.config.privacy.mode == "none" and not (run.path / "checkpoint" / "state.json").exists():
             run.discard()
