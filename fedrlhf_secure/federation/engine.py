@@ -36,7 +36,7 @@ from ..config import RunConfig, build_config
 from ..configtypes import ConfigError
 from ..errors import InputError
 from ..privacy.factory import ledger_header
-from ..privacy.ledger import PrivacyLedger
+from ..privacy.ledger import LedgerRefused, PrivacyLedger, check_ledger
 from ..privacy.noise import NoiseSource
 from ..privacy.server import ServerPrivacy
 from ..rundir import RunDirectory, atomic_save_tensors, atomic_write_json, load_tensors
@@ -53,6 +53,7 @@ __all__ = [
     "RunOptions",
     "build_aggregator",
     "build_task",
+    "check_resumable_ledger",
     "resolve_data_dir",
     "resume_federation",
     "run_federation",
@@ -298,8 +299,31 @@ def resume_federation(run_dir: Path, options: RunOptions | None = None) -> Path:
     run = RunDirectory.for_resume(run_dir)
     raw = yaml.safe_load((run.path / "config.yaml").read_text(encoding="utf-8"))
     config = build_config(raw, source=str(run.path / "config.yaml"))
+    check_resumable_ledger(run, config)
     fed = Federation(config, run, options, resume=True)
     return _complete(fed, run, options)
+
+
+def check_resumable_ledger(run: RunDirectory, config: RunConfig) -> None:
+    """Refuse to resume a run whose privacy ledger is not whole, before anything is built or trained.
+
+    A DP run creates its ledger (plan and manifest) before its first round, so an interrupted DP run
+    always has one; a missing ``ledger/`` directory, plan or manifest, or a client file deleted,
+    renamed, emptied or altered since (:func:`~fedrlhf_secure.privacy.ledger.check_ledger`), would
+    otherwise resume as zero spend. The participant hosts check again when they reopen the ledger;
+    this check names the problem before the task's data is even loaded. A ledger beside a config
+    that now says ``privacy.mode: none`` is refused too: the resumed rounds would silently stop
+    accounting a run that has spent ε.
+    """
+    ledger = run.path / "ledger"
+    if config.privacy.mode == "none":
+        if ledger.exists():
+            raise LedgerRefused(
+                f"{ledger}: this run has a privacy ledger, but {run.path / 'config.yaml'} says privacy.mode: none; "
+                "a resumed run must keep its privacy plan"
+            )
+        return
+    check_ledger(ledger).raise_if_broken()
 
 
 def run_remote_federation(
