@@ -321,3 +321,27 @@ def test_a_node_resuming_with_its_ledger_whole_keeps_the_spend(tmp_path):
     resp = NodeMessage.decode(host.handle(req.encode(REQUEST)), RESPONSE)
     assert "error" not in resp.header
     assert host.privacy.spent(2) == 0.7 and host.privacy.spent(0) == 0.0
+
+
+# ------------------------------------------------------------------------------ several writers of one ledger
+
+
+def test_two_processes_sharing_a_ledger_never_drop_each_others_manifest_records(tmp_path):
+    """Worker processes of one run each hold their own PrivacyLedger over the same directory: every
+    commit re-reads the manifest under the lock, so interleaved commits keep every client's record."""
+    PrivacyLedger(tmp_path / "ledger", {"mode": "record"}, resume=False)
+    a = PrivacyLedger(tmp_path / "ledger", {"mode": "record"}, resume=True)
+    b = PrivacyLedger(tmp_path / "ledger", {"mode": "record"}, resume=True)
+    for r in range(3):
+        a.record(LedgerEntry(0, r, "dp-sgd", 1.0, 0.5, 2, 1.0, 0.1 * (r + 1), 1e-5, f"a{r}".ljust(64, "0")))
+        b.record(LedgerEntry(1, r, "dp-sgd", 1.0, 0.5, 2, 1.0, 0.1 * (r + 1), 1e-5, f"b{r}".ljust(64, "0")))
+    check = check_ledger(tmp_path / "ledger")
+    assert check.ok and check.pending == {}
+    assert {c: rec["count"] for c, rec in check.manifest["clients"].items()} == {"0": 3, "1": 3}
+
+
+def test_a_two_worker_dp_run_leaves_a_manifest_that_counts_every_release(tmp_path):
+    run = run_federation(_toy(workers=2), RunOptions(out=tmp_path, progress=False))
+    check = check_ledger(run / "ledger")
+    assert check.ok and check.pending == {}
+    assert {c: rec["count"] for c, rec in check.manifest["clients"].items()} == {str(c): 3 for c in range(4)}
