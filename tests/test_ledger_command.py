@@ -134,3 +134,13 @@ def test_the_ledger_of_a_run_without_dp_is_bad_input(tmp_path, capsys):
     run = run_federation(config_from_dict(raw), RunOptions(out=tmp_path, progress=False))
     assert cli(["ledger", str(run)]) == 2
     assert "no privacy ledger" in capsys.readouterr().err
+
+
+def test_a_deleted_client_file_is_shown_as_missing_and_the_total_as_a_lower_bound(record_run, tmp_path, capsys):
+    run = _copy(record_run, tmp_path)
+    (run / "ledger" / client_file(3)).unlink()
+    assert cli(["ledger", str(run)]) == 1
+    out = capsys.readouterr().out
+    assert "| 3 | 3 in the manifest, file missing | ? | ? | ? |" in out
+    assert "total: ε ≥ " in out and "9 releases by 3 clients (3 more releases of 1 clients are missing)" in out
+    assert f"MISMATCH: {run / 'ledger' / 'client-3.json'}: missing (deleted or renamed)" in out

@@ -116,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
                 )
             if e.delta != header.get("delta"):
                 problems.append(f"{ledger_dir / f'client-{c}.json'}: round {e.round} has δ = {e.delta:g}, the plan {header.get('delta')}")
+    listed = {int(c): int(rec.get("count", 0)) for c, rec in check.manifest.get("clients", {}).items() if isinstance(rec, dict)}
+    lost = {c: n for c, n in listed.items() if c not in entries and n > 0}
     budget = header.get("epsilon_budget")
     total = max(recomputed.values(), default=0.0)
     releases = sum(len(es) for es in entries.values())
@@ -130,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
                     "epsilon_total": total,
                     "releases": releases,
                     "chain_verified": check.ok,
+                    "clients_missing": {str(c): n for c, n in lost.items()},
                     "problems": problems,
                 },
                 indent=2,
@@ -137,10 +140,14 @@ def run(args: argparse.Namespace) -> int:
         )
     else:
         _print_table(ledger_dir, header, entries, stored, recomputed, per_entry, args.rounds)
+        for c, n in sorted(lost.items()):
+            print(f"| {c} | {n} in the manifest, file missing | ? | ? | ? |")
         print(
-            f"total: ε = {total:.4f} (recomputed; max over clients: each client's data is disjoint, so the run's guarantee is "
-            f"the worst client's), {releases} releases by {len(entries)} clients; hash chains "
-            f"{'verified against the manifest' if check.ok else 'NOT verified'}"
+            f"total: ε {'≥' if lost else '='} {total:.4f} (recomputed; max over clients: each client's data is disjoint, so the "
+            f"run's guarantee is the worst client's), {releases} releases by {len(entries)} clients"
+            + (f" ({sum(lost.values())} more releases of {len(lost)} clients are missing)" if lost else "")
+            + "; hash chains "
+            + f"{'verified against the manifest' if check.ok else 'NOT verified'}"
         )
         for p in problems:
             print(f"MISMATCH: {p}")
