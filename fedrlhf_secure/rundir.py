@@ -4,10 +4,14 @@ A run is written into ``<name>.partial/`` beside its final place and renamed to 
 when it completes, so a finished-looking directory is always complete. A run that fails before
 anything privacy-relevant happened removes its ``.partial`` directory; once a DP release has been
 recorded in the ledger the ``.partial`` directory is kept (the budget it spent must never be
-forgotten) and ``fedrlhf run --resume`` continues it.
+forgotten) and ``fedrlhf run --resume`` continues it. A DP run's ledger is created (plan and
+manifest) before its first round, so ``--resume`` of a DP run refuses a ``.partial`` directory
+whose ``ledger/`` is missing, or whose ledger lost or altered entries
+(:func:`fedrlhf_secure.federation.engine.check_resumable_ledger`, :mod:`fedrlhf_secure.privacy.ledger`):
+resuming it would count the lost releases as zero spend.
 
 Contents: ``config.yaml`` (resolved) · ``metrics.jsonl`` (one object per round) · ``summary.json`` ·
-``model.safetensors`` (released global shared parameters) · ``ledger/`` · ``plots/*.png`` ·
+``model.safetensors`` (released global shared parameters) · ``ledger/`` (plan, manifest, one file per client) · ``plots/*.png`` ·
 ``checkpoint/`` (resume state; removed when the run completes) · ``audit.json`` (after an audit).
 """
 
