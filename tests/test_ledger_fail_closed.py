@@ -184,6 +184,7 @@ DAMAGE = {
 }
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("damage", list(DAMAGE), ids=list(DAMAGE))
 def test_resuming_a_dp_run_whose_ledger_lost_or_altered_entries_is_refused_naming_the_file(interrupted, tmp_path, damage):
     partial = _copy(interrupted, tmp_path)
@@ -202,6 +203,7 @@ def test_resuming_a_dp_run_whose_ledger_lost_or_altered_entries_is_refused_namin
         assert json.loads((ledger / MANIFEST).read_text()) == before
 
 
+@pytest.mark.integration
 def test_rm_rf_ledger_of_a_partial_run_then_fedrlhf_run_resume_exits_1_naming_the_directory(interrupted, tmp_path, capsys):
     partial = _copy(interrupted, tmp_path)
     shutil.rmtree(partial / "ledger")
@@ -212,6 +214,7 @@ def test_rm_rf_ledger_of_a_partial_run_then_fedrlhf_run_resume_exits_1_naming_th
     assert not (partial / "ledger").exists()  # nothing was re-created
 
 
+@pytest.mark.integration
 def test_the_weakened_ledger_accepts_the_deleted_ledger_and_under_reports_epsilon(interrupted, tmp_path, monkeypatch, shared_datasets):
     """Not vacuous: the same `rm -rf ledger/` resumed without the manifest check completes and
     reports a smaller ε from fewer releases than the honest resume of the same interrupted run."""

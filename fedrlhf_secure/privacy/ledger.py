@@ -80,7 +80,7 @@ MANIFEST_VERSION = 1
 PLAN = "plan.json"
 MANIFEST = "manifest.json"
 LOCK = ".lock"
-_CLIENT_FILE = re.compile(r"^client-(\d+)\.json$")
+_CLIENT_FILE = re.compile(r"^client-(0|[1-9][0-9]*)\.json$")
 logger = logging.getLogger(__name__)
 
 
@@ -286,9 +286,8 @@ def check_ledger(directory: Path) -> LedgerCheck:
             problems.append(f"{manifest_path}: client {c} is listed with file {rec['file']!r}, expected {path.name!r}")
             continue
         if c not in on_disk:
-            problems.append(
-                f"{path}: missing (deleted or renamed); the manifest records {rec['count']} release(s) of client {c}"  # type: ignore[index]
-            )
+            assert rec is not None  # c is listed, or it would not be here
+            problems.append(f"{path}: missing (deleted or renamed); the manifest records {rec['count']} release(s) of client {c}")
             continue
         rows = _load_client_file(path)
         foreign = sorted({e.client for e in rows} - {c})
