@@ -348,3 +348,47 @@ def test_a_two_worker_dp_run_leaves_a_manifest_that_counts_every_release(tmp_pat
     check = check_ledger(run / "ledger")
     assert check.ok and check.pending == {}
     assert {c: rec["count"] for c, rec in check.manifest["clients"].items()} == {str(c): 3 for c in range(4)}
+
+
+# ------------------------------------------------------------------------------ a ledger rolled back as a whole
+
+
+def _interrupted_with_backup(tmp_path: Path) -> tuple[Path, Path]:
+    """A toy record-level run (4 clients, 3 rounds) killed after 10 commits (rounds 0 and 1 checkpointed),
+    and a copy of its ledger taken after round 0 (4 commits): consistent with itself, but older."""
+    out, backup = tmp_path / "run", tmp_path / "ledger-after-round-0"
+    count = 0
+
+    def on_commit(client: int, round: int) -> None:
+        nonlocal count
+        count += 1
+        if count == 4:
+            [partial] = list(out.glob("*.partial"))
+            shutil.copytree(partial / "ledger", backup)
+        if count == 10:
+            raise SimulatedCrash("killed after 10 commits")
+
+    with pytest.raises(SimulatedCrash):
+        run_federation(_toy(), RunOptions(out=out, progress=False, on_commit=on_commit))
+    [partial] = list(out.glob("*.partial"))
+    assert json.loads((partial / "checkpoint" / "state.json").read_text())["completed_round"] == 1
+    return partial, backup
+
+
+def test_resuming_with_an_older_copy_of_the_ledger_is_refused_as_a_rollback(tmp_path):
+    partial, backup = _interrupted_with_backup(tmp_path)
+    assert check_ledger(backup).ok  # the older copy passes its own manifest check
+    shutil.rmtree(partial / "ledger")
+    shutil.copytree(backup, partial / "ledger")
+    with pytest.raises(LedgerIncomplete, match=r"client-0\.json: holds 1 entries, but .*state\.json was taken when client 0 had 2"):
+        resume_federation(partial, RunOptions(progress=False))
+
+
+def test_resuming_with_a_fresh_empty_ledger_in_place_is_refused_as_a_rollback(tmp_path):
+    partial, _ = _interrupted_with_backup(tmp_path)
+    shutil.rmtree(partial / "ledger")
+    PrivacyLedger(partial / "ledger", factory.ledger_header(_toy()), resume=False)  # a valid, empty ledger for the same plan
+    with pytest.raises(LedgerIncomplete, match=r"client-3\.json: holds 0 entries, but .*when client 3 had 2.*rolled back"):
+        resume_federation(partial, RunOptions(progress=False))
+    # the same ledger without the checkpoint's record of it is what the weakened check accepts
+    assert check_ledger(partial / "ledger").ok

@@ -322,6 +322,40 @@ def check_ledger(directory: Path) -> LedgerCheck:
     return LedgerCheck(directory, header, entries, problems, manifest, pending)
 
 
+def ledger_commitment(directory: Path) -> dict[str, list[Any]] | None:
+    """Each client's ``[count, chain head]`` as the manifest records it now (None without a manifest).
+
+    A run's checkpoint stores it (:meth:`fedrlhf_secure.federation.engine.Federation._save_checkpoint`)
+    so that a resume can tell a ledger that was *rolled back* as a whole (an older backup restored,
+    or a fresh empty ledger put in place: each is consistent with its own manifest) from the one the
+    checkpoint was taken with: see :func:`check_extends`.
+    """
+    path = Path(directory) / MANIFEST
+    if not path.exists():
+        return None
+    manifest = _read_json(path)
+    return {str(c): [int(rec["count"]), str(rec["head"])] for c, rec in dict(manifest.get("clients", {})).items()}
+
+
+def check_extends(check: LedgerCheck, commitment: Mapping[str, Any], source: Path) -> list[str]:
+    """The problems (each naming its file) where the ledger holds less than ``commitment`` (a checkpoint's
+    :func:`ledger_commitment`): fewer entries for a client, or a first ``count`` entries that do not
+    reproduce the committed chain head. A ledger only ever grows, so either is a rollback."""
+    problems: list[str] = []
+    for key, (count, head) in sorted(commitment.items(), key=lambda kv: int(kv[0])):
+        c = int(key)
+        rows = check.entries.get(c, [])
+        path = check.directory / client_file(c)
+        if len(rows) < int(count):
+            problems.append(
+                f"{path}: holds {len(rows)} entries, but {source} was taken when client {c} had {count}: the ledger was rolled "
+                "back (an older copy restored, or a new ledger put in place)"
+            )
+        elif chain_head(c, rows[: int(count)]) != head:
+            problems.append(f"{path}: its first {count} entries are not the ones {source} recorded for client {c} (hash chain differs)")
+    return problems
+
+
 # ---------------------------------------------------------------------------------------------
 # The ledger, open for writing
 # ---------------------------------------------------------------------------------------------
