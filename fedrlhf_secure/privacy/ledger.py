@@ -36,6 +36,9 @@ Reopening a ledger (:meth:`PrivacyLedger.__init__` with ``resume=True``, :func:`
 file) a missing ledger directory, plan or manifest, a client file the manifest lists but the
 directory lacks (deleted or renamed), one holding fewer entries than the manifest counts (emptied,
 truncated), or one whose chain does not reach the manifest's head (an entry altered or swapped).
+A ledger replaced as a whole by an older, self-consistent copy (or a fresh empty one) passes that
+check; the run's checkpoint therefore records each client's count and chain head
+(:func:`ledger_commitment`) and a resume refuses a ledger holding less (:func:`check_extends`).
 A plain file system cannot stop someone who rewrites the entries *and* the manifest consistently;
 ``fedrlhf ledger`` then still recomputes every ε from the mechanism parameters with the accountant
 instead of trusting the stored figure. What the manifest guarantees is that no *loss* of entries
