@@ -4,10 +4,14 @@ A run is written into ``<name>.partial/`` beside its final place and renamed to 
 when it completes, so a finished-looking directory is always complete. A run that fails before
 anything privacy-relevant happened removes its ``.partial`` directory; once a DP release has been
 recorded in the ledger the ``.partial`` directory is kept (the budget it spent must never be
-forgotten) and ``fedrlhf run --resume`` continues it.
+forgotten) and ``fedrlhf run --resume`` continues it. A DP run's ledger is created (plan and
+manifest) before its first round, so ``--resume`` of a DP run refuses a ``.partial`` directory
+whose ``ledger/`` is missing, or whose ledger lost or altered entries
+(:func:`fedrlhf_secure.federation.engine.check_resumable_ledger`, :mod:`fedrlhf_secure.privacy.ledger`):
+resuming it would count the lost releases as zero spend.
 
 Contents: ``config.yaml`` (resolved) · ``metrics.jsonl`` (one object per round) · ``summary.json`` ·
-``model.safetensors`` (released global shared parameters) · ``ledger/`` · ``plots/*.png`` ·
+``model.safetensors`` (released global shared parameters) · ``ledger/`` (plan, manifest, one file per client) · ``plots/*.png`` ·
 ``checkpoint/`` (resume state; removed when the run completes) · ``audit.json`` (after an audit).
 """
 
@@ -36,9 +40,25 @@ class RunDirectoryNotFound(InputError, FileNotFoundError):
 PARTIAL_SUFFIX = ".partial"
 
 
+def mkdir_durable(directory: Path) -> None:
+    """``mkdir -p`` whose new directories survive a power loss: each one created is fsync'd into its parent."""
+    directory = Path(directory)
+    missing: list[Path] = []
+    d = directory
+    while not d.exists():
+        missing.append(d)
+        if d.parent == d:
+            break
+        d = d.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    for created in reversed(missing):
+        fsync_dir(created.parent)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so a crash leaves either the old or the new file, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``data`` to ``path`` so a crash leaves either the old or the new file, never half: write
+    aside, fsync the file, rename over, fsync the directory (the rename itself must be durable)."""
+    mkdir_durable(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -50,10 +70,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """fsync a directory, so a rename or a new entry in it survives a power loss (not only the file's
+    bytes). File systems that cannot fsync a directory (EINVAL) are skipped silently."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:
@@ -127,7 +149,9 @@ class RunDirectory:
             n += 1
             final = parent / f"{name}-{stamp}-{n}"
         rd = cls(final)
-        rd.path.mkdir(parents=True)
+        parent.mkdir(parents=True, exist_ok=True)
+        rd.path.mkdir()
+        fsync_dir(parent)
         return rd
 
     @classmethod
@@ -168,7 +192,7 @@ class RunDirectory:
     def finalize(self) -> Path:
         shutil.rmtree(self.path / "checkpoint", ignore_errors=True)
         os.replace(self.path, self.final)
-        _fsync_dir(self.final.parent)
+        fsync_dir(self.final.parent)
         return self.final
 
     def discard(self) -> None:

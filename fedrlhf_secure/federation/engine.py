@@ -35,7 +35,7 @@ from ..config import RunConfig, build_config
 from ..configtypes import ConfigError
 from ..errors import InputError
 from ..privacy.factory import ledger_header
-from ..privacy.ledger import PrivacyLedger
+from ..privacy.ledger import LedgerIncomplete, LedgerRefused, PrivacyLedger, check_extends, check_ledger, ledger_commitment
 from ..privacy.noise import NoiseSource
 from ..privacy.server import ServerPrivacy
 from ..rundir import RunDirectory, atomic_save_tensors, atomic_write_json, load_tensors
@@ -52,6 +52,7 @@ __all__ = [
     "RunOptions",
     "build_aggregator",
     "build_task",
+    "check_resumable_ledger",
     "resolve_data_dir",
     "resume_federation",
     "run_federation",
@@ -205,15 +206,16 @@ class Federation:
         atomic_save_tensors(ck / "global.safetensors", self.core.global_params)
         clients = self.link.client_state()
         atomic_save_tensors(ck / "clients.safetensors", clients or {"_empty": np.zeros(1, np.float32)})
-        atomic_write_json(
-            ck / "state.json",
-            {
-                "completed_round": completed_round,
-                "model_round": self.core.model_round,
-                "rng": self.core.rng.bit_generator.state,
-                "session_id": self.core.session_id.hex(),
-            },
-        )
+        state = {
+            "completed_round": completed_round,
+            "model_round": self.core.model_round,
+            "rng": self.core.rng.bit_generator.state,
+            "session_id": self.core.session_id.hex(),
+        }
+        if self.config.privacy.mode != "none":
+            # the ledger as of this checkpoint (every commit of the round is done): a resume refuses a ledger holding less
+            state["ledger"] = ledger_commitment(self.run.path / "ledger")
+        atomic_write_json(ck / "state.json", state)
 
     def _load_checkpoint(self) -> None:
         ck = self.run.path / "checkpoint"
@@ -297,8 +299,47 @@ def resume_federation(run_dir: Path, options: RunOptions | None = None) -> Path:
     run = RunDirectory.for_resume(run_dir)
     raw = yaml.safe_load((run.path / "config.yaml").read_text(encoding="utf-8"))
     config = build_config(raw, source=str(run.path / "config.yaml"))
+    check_resumable_ledger(run, config)
     fed = Federation(config, run, options, resume=True)
     return _complete(fed, run, options)
+
+
+def check_resumable_ledger(run: RunDirectory, config: RunConfig) -> None:
+    """Refuse to resume a run whose privacy ledger is not whole, or older than its checkpoint, before
+    anything is built or trained.
+
+    A DP run creates its ledger (plan and manifest) before its first round, so an interrupted DP run
+    always has one; a missing ``ledger/`` directory, plan or manifest, or a client file deleted,
+    renamed, emptied or altered since (:func:`~fedrlhf_secure.privacy.ledger.check_ledger`), would
+    otherwise resume as zero spend. The participant hosts check again when they reopen the ledger;
+    this check names the problem before the task's data is even loaded. A ledger beside a config
+    that now says ``privacy.mode: none`` is refused too: the resumed rounds would silently stop
+    accounting a run that has spent ε. A ledger consistent with its own manifest but holding less than
+    the checkpoint recorded (an older backup restored, a fresh ledger put in place) is refused too.
+    """
+    ledger = run.path / "ledger"
+    if config.privacy.mode == "none":
+        if ledger.exists():
+            raise LedgerRefused(
+                f"{ledger}: this run has a privacy ledger, but {run.path / 'config.yaml'} says privacy.mode: none; "
+                "a resumed run must keep its privacy plan"
+            )
+        return
+    check = check_ledger(ledger)
+    check.raise_if_broken()
+    state_path = run.path / "checkpoint" / "state.json"
+    if state_path.exists():
+        try:
+            commitment = json.loads(state_path.read_text(encoding="utf-8")).get("ledger")
+        except (OSError, json.JSONDecodeError) as exc:
+            raise InputError(f"{state_path}: unreadable checkpoint ({exc})") from exc
+        if commitment is not None:  # checkpoints written before the manifest have none
+            problems = check_extends(check, commitment, state_path)
+            if problems:
+                raise LedgerIncomplete(
+                    f"{ledger}: the privacy ledger holds less than when the run's last checkpoint was taken, so the ε already "
+                    "spent is unknown; refusing to continue (restore the ledger the run wrote):\n  " + "\n  ".join(problems)
+                )
 
 
 def run_remote_federation(
