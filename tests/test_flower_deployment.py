@@ -172,7 +172,7 @@ def test_a_supernode_stopped_mid_round_drops_out_and_the_round_still_completes(d
     assert set(summary["clients_final"]) == {str(c) for n in dep.nodes[:victim] for c in n.client_ids}
     # the same drop at the same protocol point, with the nodes in process, gives the same model:
     # the survivors' aggregate was recovered exactly (up to SecAgg's stochastic rounding)
-    hosts = {n.index: ParticipantHost(n.client_ids, shared_datasets) for n in dep.nodes}
+    hosts = {n.index: ParticipantHost(n.client_ids, shared_datasets, policy=dep.policies[n.index]) for n in dep.nodes}
     link = InProcessLink(hosts)
 
     def drop(rnd: int, op: str, stage: int) -> None:

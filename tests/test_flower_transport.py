@@ -31,6 +31,7 @@ from fedrlhf_secure.federation.engine import RunOptions, run_federation, run_rem
 from fedrlhf_secure.federation.links import InProcessLink
 from fedrlhf_secure.federation.node_protocol import REQUEST, RESPONSE, NodeMessage
 from fedrlhf_secure.federation.participant import ParticipantHost
+from fedrlhf_secure.federation.policy import NodePolicy
 from fedrlhf_secure.federation.round_core import TransportError
 from fedrlhf_secure.rundir import load_tensors
 from fedrlhf_secure.transport.client_host import serve
@@ -40,6 +41,11 @@ from fedrlhf_secure.transport.local_socket import relay
 NODES = {0: [0, 2], 1: [1, 3]}
 
 
+def _own(raw: dict) -> NodePolicy:
+    """The nodes' policy when their operator runs ``raw`` themselves: no less than it asks."""
+    return NodePolicy.from_config(config_from_dict(raw))
+
+
 def _raw(kind: str = "plain", **fed) -> dict:
     raw = toy_config(**fed)
     raw["aggregation"] = {"kind": kind}
@@ -47,7 +53,7 @@ def _raw(kind: str = "plain", **fed) -> dict:
 
 
 def _remote(tmp: Path, raw: dict, *, keys: tuple[Path, dict[int, Path]] | None = None, on_stage=None, down_after=None, nodes=NODES):
-    hosts = {n: ParticipantHost(c, None, keys[1][n] if keys else None) for n, c in nodes.items()}
+    hosts = {n: ParticipantHost(c, None, keys[1][n] if keys else None, policy=_own(raw)) for n, c in nodes.items()}
     link = InProcessLink(hosts)
     hook = on_stage
     if down_after is not None:
@@ -109,7 +115,7 @@ def test_ckks_over_nodes_reads_keys_from_the_dealer_files_and_the_server_has_no_
         server_keys.client_key(0, 0)
     local = run_federation(load_config(cfg_path), RunOptions(out=tmp_path / "a", progress=False))
     seen: list[bytes] = []
-    hosts = {n: ParticipantHost(c, None, node_dirs[n]) for n, c in NODES.items()}
+    hosts = {n: ParticipantHost(c, None, node_dirs[n], policy=_own(raw)) for n, c in NODES.items()}
     remote = run_remote_federation(
         load_config(cfg_path),
         InProcessLink(hosts),
@@ -177,7 +183,7 @@ def test_a_node_that_goes_silent_after_key_sharing_is_recovered_by_secagg(tmp_pa
 def test_a_round_that_cannot_aggregate_releases_nothing_and_says_why(tmp_path, kind, nodes_go_down, aborted_rounds, reason):
     """The one round core treats an aborted aggregation alike in process and over nodes: the round
     releases nothing, the model stays as it was, the row says why, and the run goes on."""
-    hosts = {n: ParticipantHost(c, None) for n, c in NODES.items()}
+    hosts = {n: ParticipantHost(c, None, policy=_own(_raw(kind))) for n, c in NODES.items()}
     link = InProcessLink(hosts)
 
     def hook(rnd, op, stage):
@@ -208,7 +214,7 @@ class _GarbledFitSummary:
 
 def test_a_malformed_fit_summary_loses_that_nodes_metrics_but_not_its_updates(tmp_path, caplog):
     raw = _raw("plain")
-    hosts = {n: ParticipantHost(c, None) for n, c in NODES.items()}
+    hosts = {n: ParticipantHost(c, None, policy=_own(raw)) for n, c in NODES.items()}
     link = InProcessLink({0: _GarbledFitSummary(hosts[0]), 1: hosts[1]})
     run = run_remote_federation(config_from_dict(raw), link, NODES, RunOptions(out=tmp_path / "b", progress=False))
     local = run_federation(config_from_dict(raw), RunOptions(out=tmp_path / "a", progress=False))
@@ -223,7 +229,7 @@ def test_the_server_refuses_a_run_whose_nodes_do_not_host_every_client(tmp_path)
     with pytest.raises(TransportError, match=r"no node hosts clients \[3\]"):
         run_remote_federation(
             config_from_dict(_raw()),
-            InProcessLink({0: ParticipantHost([0, 1, 2], None)}),
+            InProcessLink({0: ParticipantHost([0, 1, 2], None, policy=_own(_raw()))}),
             {0: None},
             RunOptions(out=tmp_path, progress=False),
         )
@@ -231,7 +237,7 @@ def test_the_server_refuses_a_run_whose_nodes_do_not_host_every_client(tmp_path)
 
 
 def test_client_host_refuses_out_of_order_and_foreign_requests():
-    host = ParticipantHost([0, 2], None)
+    host = ParticipantHost([0, 2], None, policy=_own(_raw()))
     fit = NodeMessage(
         "fit", {"round": 0, "session": "00" * 16, "participants": [0, 2], "dim": 16, "clients": [0]}, blobs={"instruction": b""}
     )
@@ -249,9 +255,9 @@ def test_client_host_refuses_out_of_order_and_foreign_requests():
 
 
 def test_client_host_refuses_central_dp_noise_which_would_put_the_plan_on_the_server(tmp_path):
-    host = ParticipantHost([0], None, state_dir=tmp_path)
     raw = _raw(weighting="uniform")
     raw["privacy"] = {"mode": "client", "epsilon": 1.0, "delta": 1e-3, "noise": "central"}
+    host = ParticipantHost([0], None, state_dir=tmp_path, policy=_own(raw))
     setup = NodeMessage("setup", {"client_ids": [0, 1, 2, 3]}, blobs={"config": yaml.safe_dump(raw).encode()})
     err = NodeMessage.decode(host.handle(setup.encode(REQUEST)), RESPONSE).header["error"]
     assert "privacy.noise 'central'" in err
@@ -289,7 +295,7 @@ def test_node_message_decoder_rejects_malformed_frames(tensors, problem):
 
 def test_client_host_answers_over_its_unix_socket_only_to_its_user(tmp_path):
     sock = tmp_path / "node.sock"
-    host = ParticipantHost([0, 1], None)
+    host = ParticipantHost([0, 1], None, policy=_own(_raw()))
     t = threading.Thread(target=serve, args=(host, sock), kwargs={"ready_file": tmp_path / "ready", "max_requests": 1}, daemon=True)
     t.start()
     for _ in range(200):

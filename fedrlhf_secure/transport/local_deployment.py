@@ -4,7 +4,10 @@ Used by ``fedrlhf deploy local``, the loopback test and the transport benchmark.
 same processes, with the same flags, as a multi-machine deployment (docs/deployment.md):
 TLS with a fresh deployment CA, SuperNode authentication with registered EC keys
 (``--enable-supernode-auth`` + ``flwr supernode register``), runtime dependency installation off
-(nothing is downloaded), each process on a free loopback port.
+(nothing is downloaded), each process on a free loopback port. Each node's client host is
+started with its own policy file (``workdir/policies/node-<i>.yaml``,
+:mod:`fedrlhf_secure.federation.policy`), written before any node starts: the server's setup frame
+cannot change it.
 
 Every process is started in its own session (process group), so stopping it also stops the
 children Flower spawns (SuperExec, ``flwr-serverapp``, ``flwr-clientapp``); :meth:`close` runs
@@ -27,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputError, RunFailed
+from ..federation.policy import NodePolicy, write_policy
 from .credentials import CertificatePaths, NodeKeyPaths, create_certificates, create_node_keys
 
 APP_DIR = Path(__file__).resolve().parent / "flower-app"
@@ -83,6 +87,7 @@ class LocalDeployment:
         data_dir: Path | None = None,
         start_timeout: float = 120.0,
         task_modules: Sequence[str] = (),
+        policy: NodePolicy | Sequence[NodePolicy] | None = None,
     ) -> None:
         if len(node_clients) < 1 or any(len(c) == 0 for c in node_clients):
             raise InputError("every SuperNode needs at least one client id")
@@ -91,6 +96,11 @@ class LocalDeployment:
         self.data_dir = Path(data_dir).resolve() if data_dir else None
         self.start_timeout = start_timeout
         self.task_modules = list(task_modules)
+        if policy is None:
+            policy = NodePolicy()  # the hardened default: masking or CKKS, never plain
+        self.policies = list(policy) if not isinstance(policy, NodePolicy) else [policy] * len(self.node_clients)
+        if len(self.policies) != len(self.node_clients):
+            raise InputError(f"{len(self.policies)} node policies for {len(self.node_clients)} SuperNodes")
         self.procs: list[_Proc] = []
         self.nodes: list[NodeHandle] = []
         self.port = 0
@@ -261,6 +271,8 @@ class LocalDeployment:
             str(ready),
             "--keys-dir",
             str(self.node_keys_dir(i)),
+            "--policy",
+            str(write_policy(self.policies[i], self.policy_path(i))),
         ]
         if self.data_dir:
             cmd += ["--data-dir", str(self.data_dir)]
@@ -301,6 +313,9 @@ class LocalDeployment:
                 self.workdir / f"flwr-node-{node.index}",
             )
             node.procs = [host, supernode]
+
+    def policy_path(self, index: int) -> Path:
+        return self.workdir / "policies" / f"node-{index}.yaml"
 
     def node_keys_dir(self, index: int) -> Path:
         return self.workdir / "aggregation-keys" / f"node-{index}"
