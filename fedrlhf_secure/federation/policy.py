@@ -17,8 +17,8 @@ participants with masking-graph degree ``k`` and Shamir threshold ``t``:
 
 * ``k >= min_neighbours`` (capped at ``n - 1``: a complete graph is the most a round can have);
 * ``t >= min_threshold``; ``auto`` means a strict majority of the neighbourhood, ``t > k / 2``;
-* with at most ``c = max_colluders`` clients colluding with the server, ``t > c`` (the colluders'
-  own shares do not reach the threshold) and ``2t - k > c``: a server that tells ``t - c`` honest
+* with at most ``c = max_colluders`` clients colluding with the server, ``2t - k > c`` (which
+  implies ``t > c``, as ``t <= k``: the colluders' own shares never reach the threshold): a server that tells ``t - c`` honest
   holders of a victim's shares "it survived" and another ``t - c`` "it dropped" needs ``c >= 2t - k``
   colluders to assemble both the mask key and the self-mask seed (the split view of issue 12,
   reproduced at n=10/k=9/t=5 with one colluder). This is the bound without a consistency round;
@@ -64,7 +64,7 @@ class SecAggPolicy:
     min_threshold: int | Literal["auto"] = "auto"
     """Least Shamir threshold t; ``auto`` = a strict majority of the round's neighbourhood (t > k/2)."""
     max_colluders: int = 0
-    """Clients that may collude with the server: requires t > c and 2t - k > c."""
+    """Clients that may collude with the server: requires 2t - k > c (hence t > c)."""
     require_signatures: bool = False
     """Refuse a config without ``signatures: true`` (advertised keys signed under the identity registry)."""
 
@@ -243,8 +243,6 @@ class NodePolicy:
         if t < t_min:
             raise self._refuse("aggregation.threshold", t, "secagg.min_threshold", sp.min_threshold, f"at n={n}, k={k}: at least {t_min}")
         c = sp.max_colluders
-        if t <= c:
-            raise self._refuse("aggregation.threshold", t, "secagg.max_colluders", c, f"t must exceed the colluders: at least {c + 1}")
         if 2 * t - k <= c:
             raise self._refuse(
                 "aggregation.threshold",
