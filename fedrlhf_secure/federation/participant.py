@@ -318,13 +318,11 @@ class ParticipantHost:
         config = self._require_setup()
         cids = req.int_list("clients")
         self._own(cids, "fit")
-        ctx = RoundContext(
-            bytes.fromhex(req.field("session", str)), req.field("round", int), tuple(req.int_list("participants")), req.field("dim", int)
-        )
+        ctx = _round_context(req)
         if ctx.dim != self.codec.dim:
             raise NodeError(f"round {ctx.round}: the server's vector dimension {ctx.dim} differs from this node's {self.codec.dim}")
         self._policy_admits_round(config, ctx)
-        fit = FitInstruction.decode(req.blobs["instruction"], self.names)
+        fit = FitInstruction.decode(req.blob("instruction"), self.names)
         if fit.round != ctx.round:
             raise NodeError(f"fit instruction is for round {fit.round}, the round context for {ctx.round}")
         shared = self._shared(fit)
@@ -422,7 +420,7 @@ class ParticipantHost:
         cids = req.int_list("clients")
         self._own(cids, "evaluation")
         rnd = req.field("round", int)
-        fit = FitInstruction.decode(req.blobs["shared"], self.names)
+        fit = FitInstruction.decode(req.blob("shared"), self.names)
         model_round = req.header.get("model_round", rnd)
         if self.held is not None and self.held_round != model_round:
             raise NodeError(f"round {rnd}: evaluation needs this node's model of round {model_round}, it holds round {self.held_round}")
@@ -471,6 +469,19 @@ class ParticipantHost:
         if held and self.held is not None:
             self.held = {k: np.asarray(v, dtype=np.float32) for k, v in held.items()}
             self.held_round = int(tensors["held_round"][0])
+
+
+def _round_context(req: NodeMessage) -> RoundContext:
+    """The round context a fit request states, checked field by field (a request is a peer's bytes)."""
+    session = req.field("session", str)
+    if len(session) != 32 or not all(ch in "0123456789abcdef" for ch in session):
+        raise NodeError(f"fit: session must be 32 lowercase hex digits, got {session[:40]!r}")
+    try:
+        return RoundContext(bytes.fromhex(session), req.field("round", int), tuple(req.int_list("participants")), req.field("dim", int))
+    except ValueError as exc:  # RoundContext's own checks: distinct, non-empty participants, a positive dim
+        if isinstance(exc, wire.WireError):
+            raise
+        raise NodeError(f"fit: {exc}") from exc
 
 
 def apply_aggregate(params: Mapping[str, np.ndarray], avg: Mapping[str, np.ndarray], server_lr: float) -> dict[str, np.ndarray]:
