@@ -401,3 +401,75 @@ def test_deploy_command_writes_credentials_and_refuses_to_overwrite_them(tmp_pat
     assert "ca.key already exists" in capsys.readouterr().err
     assert main(["deploy", "node-keys", "--out", str(tmp_path / "keys"), "--names", "node-1"]) == 1
     assert "refusing to overwrite" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ signed app bundles
+
+
+def _signing(tmp_path: Path):
+    from fedrlhf_secure.transport.app_signing import build_fab, create_signing_key, write_trusted_entities
+    from fedrlhf_secure.transport.local_deployment import APP_DIR
+
+    key = create_signing_key(tmp_path / "op", "operator")
+    signers = write_trusted_entities(tmp_path / "signers.yaml", {"operator": key.public_key})
+    return build_fab(APP_DIR), key, signers
+
+
+def test_an_app_bundle_runs_only_with_a_valid_signature_by_a_trusted_key(tmp_path):
+    import hashlib
+
+    from fedrlhf_secure.transport.app_signing import AppRefused, create_signing_key, sign_fab
+    from fedrlhf_secure.transport.verified_clientapp import check_app
+
+    fab, key, signers = _signing(tmp_path)
+    h = hashlib.sha256(fab).hexdigest()
+    node = {"app-signers": str(signers)}
+    good = sign_fab(fab, key.private_key, "operator")
+    assert check_app(fab, h, {"app-signature": good}, node) == "operator"
+    other = create_signing_key(tmp_path / "attacker", "attacker")
+    refusals = {
+        "no signature": ({"app-signature": ""}, node, fab, h, "carries no signature"),
+        "no run config key": ({}, node, fab, h, "carries no signature"),
+        "signed by another key under the trusted id": (
+            {"app-signature": sign_fab(fab, other.private_key, "operator")}, node, fab, h, "does not verify"),
+        "an unknown signer": ({"app-signature": sign_fab(fab, other.private_key, "attacker")}, node, fab, h, "not one of this node"),
+        "a different bundle": ({"app-signature": good}, node, fab + b" ", hashlib.sha256(fab + b" ").hexdigest(), "does not verify"),
+        "content not matching its hash": ({"app-signature": good}, node, fab + b" ", h, "does not match its announced hash"),
+        "malformed": ({"app-signature": "operator:x:y"}, node, fab, h, "malformed"),
+        "a node without trusted signers": ({"app-signature": good}, {}, fab, h, "refusing every app"),
+        "an unreadable signers file": ({"app-signature": good}, {"app-signers": str(tmp_path / "nope.yaml")}, fab, h, "cannot be read"),
+    }  # fmt: skip
+    for name, (run_cfg, node_cfg, content, digest, why) in refusals.items():
+        with pytest.raises(AppRefused, match=why):
+            check_app(content, digest, run_cfg, node_cfg)
+        assert name
+
+
+def test_app_signatures_are_in_flowers_own_format_and_verify_with_flowers_trusted_entities_check(tmp_path):
+    """The same key file and signature serve ``flower-supernode --trusted-entities`` for Hub apps:
+    flwr 1.42's own verifier accepts them (and refuses a tampered bundle)."""
+    import hashlib
+
+    from flwr.supercore.fab import Fab
+    from flwr.supernode.start_client_internal import _verify_fab
+
+    from fedrlhf_secure.transport.app_signing import sign_fab
+
+    fab, key, signers = _signing(tmp_path)
+    key_id, at, sig = sign_fab(fab, key.private_key, "operator").split(":")
+    trusted = yaml.safe_load(signers.read_text())
+    verifications = {key_id: json.dumps({"signature": sig, "signed_at": int(at)}), "valid_license": "Valid"}
+    assert _verify_fab(Fab(hashlib.sha256(fab).hexdigest(), fab, verifications), trusted)
+    assert not _verify_fab(Fab("x", fab + b" ", verifications), trusted)
+
+
+def test_the_verifying_runner_is_installed_under_flowers_command_name(tmp_path):
+    import shutil
+
+    from fedrlhf_secure.transport.verified_clientapp import runner_path_env, write_runner
+
+    path = write_runner(tmp_path / "bin")
+    assert path.name == "flwr-clientapp" and os.access(path, os.X_OK)
+    assert "fedrlhf_secure.transport.verified_clientapp import main" in path.read_text()
+    env = runner_path_env(tmp_path / "bin", {"PATH": "/usr/bin"})
+    assert shutil.which("flwr-clientapp", path=env["PATH"]) == str(path.resolve())
