@@ -11,6 +11,7 @@ host without its policy), so no refusal is vacuous.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -260,3 +261,11 @@ def test_a_participant_host_cannot_be_built_without_a_policy():
         ParticipantHost([0], None)  # type: ignore[call-arg]
     with pytest.raises(Exception, match="NodePolicy"):
         ParticipantHost([0], None, policy=None)  # type: ignore[arg-type]
+
+
+def test_the_policy_example_in_the_deployment_docs_is_a_valid_policy(tmp_path):
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "deployment.md").read_text(encoding="utf-8")
+    block = docs.split("```yaml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "p.yaml").write_text(block)
+    policy = load_policy(tmp_path / "p.yaml")
+    assert policy.aggregation == ("secagg", "ckks") and policy.secagg.max_colluders == 1 and policy.privacy.max_epsilon == 8.0

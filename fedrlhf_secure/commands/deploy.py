@@ -6,6 +6,9 @@ Subcommands::
     fedrlhf deploy node-keys --out keys --count 3            # node-0, node-0.pub, ...
     fedrlhf deploy client-host --client-ids 0,3,6 --socket /run/fedrlhf/node.sock --policy node-policy.yaml --data-dir DATA
     fedrlhf deploy policy --config configs/movielens.yaml --out node-policy.yaml   # a policy that accepts no less
+    fedrlhf deploy app-key --out keys --name operator                 # operator: Ed25519 app-signing key
+    fedrlhf deploy sign-app --key keys/operator --key-id operator      # -> app-signature for flwr run
+    fedrlhf deploy app-runner --out /opt/fedrlhf/bin --signer operator=operator.pub   # each SuperNode
     fedrlhf deploy local --config configs/movielens-tiny.yaml --nodes 3 --data-dir DATA --out runs
 
 ``client-host`` checks every setup the server sends against the node's own policy file
@@ -71,6 +74,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, required=True, help="the fedrlhf YAML config the node's operator accepts")
     p.add_argument("--out", type=Path, required=True, help="the policy file to write (give it to client-host --policy)")
     p.add_argument("--identity-dir", type=Path, default=None, help="this node's identity registry (SecAgg signatures)")
+
+    p = sub.add_parser("app-key", help="create the operator's Ed25519 app-signing key (OpenSSH format)")
+    p.add_argument("--out", type=Path, required=True, help="directory for NAME (private, stays with the operator) and NAME.pub")
+    p.add_argument("--name", default="operator", help="key name, also its key id (default operator)")
+
+    p = sub.add_parser("sign-app", help="sign the Flower app bundle: prints the run-config value app-signature")
+    p.add_argument("--key", type=Path, required=True, help="the app-signing private key (fedrlhf deploy app-key)")
+    p.add_argument("--key-id", required=True, help="the key id the nodes trust it under")
+    p.add_argument("--app", type=Path, default=None, help="the Flower app directory (default: the one shipped with fedrlhf)")
+
+    p = sub.add_parser("app-runner", help="install a SuperNode's verifying flwr-clientapp and its trusted app signers")
+    p.add_argument("--out", type=Path, required=True, help="directory for flwr-clientapp and app-signers.yaml (put it first on PATH)")
+    p.add_argument("--signer", action="append", required=True, metavar="ID=PUBKEY", help="a trusted app signer (repeatable)")
 
     p = sub.add_parser("local", help="run a config on a SuperLink + N SuperNodes on this machine (TLS, node auth)")
     p.add_argument("--config", type=Path, required=True, help="fedrlhf YAML config")
@@ -144,9 +160,36 @@ def run(args: argparse.Namespace) -> int:
             policy = dataclasses.replace(policy, identity_dir=str(args.identity_dir.resolve()))
         print(f"node policy: {write_policy(policy, args.out)}")
         return 0
+    if cmd in ("app-key", "sign-app", "app-runner"):
+        return _app_signing(args)
     if cmd == "local":
         return _run_local(args)
     raise AssertionError(cmd)
+
+
+def _app_signing(args: argparse.Namespace) -> int:
+    from ..transport import app_signing
+    from ..transport.verified_clientapp import write_runner
+
+    if args.deploy_command == "app-key":
+        paths = app_signing.create_signing_key(args.out, args.name)
+        print(f"{paths.private_key} (stays with the operator)  {paths.public_key} (to every SuperNode: deploy app-runner --signer)")
+        return 0
+    if args.deploy_command == "sign-app":
+        from ..transport.local_deployment import APP_DIR
+
+        print(app_signing.sign_fab(app_signing.build_fab(args.app or APP_DIR), args.key, args.key_id))
+        return 0
+    signers = {}
+    for item in args.signer:
+        key_id, sep, pub = item.partition("=")
+        if not sep or not key_id or not pub:
+            raise InputError(f"--signer expects ID=PUBKEY_FILE, got {item!r}")
+        signers[key_id] = Path(pub)
+    trusted = app_signing.write_trusted_entities(args.out / "app-signers.yaml", signers)
+    runner = write_runner(args.out)
+    print(f'{runner} (first on the SuperNode\'s PATH)  {trusted} (node config {app_signing.SIGNERS_FIELD}="{trusted.resolve()}")')
+    return 0
 
 
 def _run_local(args: argparse.Namespace) -> int:

@@ -97,7 +97,7 @@ def write_trusted_entities(path: Path, keys: Mapping[str, Path]) -> Path:
         entries[str(key_id)] = text
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(entries, sort_keys=True), encoding="utf-8")
+    path.write_text(yaml.safe_dump(entries, sort_keys=True, width=4096), encoding="utf-8")
     return path
 
 
