@@ -473,3 +473,41 @@ def test_the_verifying_runner_is_installed_under_flowers_command_name(tmp_path):
     assert "fedrlhf_secure.transport.verified_clientapp import main" in path.read_text()
     env = runner_path_env(tmp_path / "bin", {"PATH": "/usr/bin"})
     assert shutil.which("flwr-clientapp", path=env["PATH"]) == str(path.resolve())
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_the_runner_refuses_at_installation_so_flower_still_answers_the_message(tmp_path, monkeypatch, signed):
+    """The check is made on the pulled bundle and raised where Flower would install it: Flower then
+    holds the message and replies with an error (raising inside the pull left it with nothing to
+    answer, and the server waited out its deadline). A signed bundle is installed unchanged."""
+    import hashlib
+    import importlib
+    from types import SimpleNamespace
+
+    cli = importlib.import_module("flwr.supernode.cli.flwr_clientapp")  # the package re-exports a function of that name
+    runtime = importlib.import_module("flwr.supernode.runtime.run_clientapp")
+
+    from fedrlhf_secure.transport import verified_clientapp
+    from fedrlhf_secure.transport.app_signing import AppRefused, sign_fab
+
+    fab, key, signers = _signing(tmp_path)
+    signature = sign_fab(fab, key.private_key, "operator") if signed else ""
+    pulled = SimpleNamespace(content=fab, hash_str=hashlib.sha256(fab).hexdigest())
+    context = SimpleNamespace(run_config={"app-signature": signature}, node_config={"app-signers": str(signers)})
+    installed: list[bytes] = []
+    monkeypatch.setattr(runtime, "pull_task_input", lambda client: ("message", context, "run", pulled))
+    monkeypatch.setattr(runtime, "install_from_fab", lambda content, **kw: installed.append(content))
+
+    def flower_runner():  # what run_clientapp does first: pull, then install
+        message, _, _, got = runtime.pull_task_input(None)
+        assert message == "message"
+        runtime.install_from_fab(got.content, skip_prompt=True)
+
+    monkeypatch.setattr(cli, "flwr_clientapp", flower_runner)
+    if signed:
+        verified_clientapp.main()
+        assert installed == [fab]
+    else:
+        with pytest.raises(AppRefused, match="carries no signature"):
+            verified_clientapp.main()
+        assert installed == []

@@ -41,19 +41,35 @@ def check_app(fab_content: bytes, fab_hash: str, run_config, node_config) -> str
 
 
 def main() -> None:
-    """``flwr-clientapp`` with the FAB check in front of installation."""
+    """``flwr-clientapp`` with the FAB check in front of installation.
+
+    The check runs on what ``pull_task_input`` returns (the FAB, the run config, the node config),
+    and a refusal is raised where Flower would install the bundle: by then Flower holds the message
+    it answers, so the server gets an error reply at once instead of waiting out its deadline."""
     from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
     from flwr.supernode.runtime import run_clientapp as runtime
 
-    pull = runtime.pull_task_input
+    pull, install = runtime.pull_task_input, runtime.install_from_fab
+    verified: dict[str, str | AppRefused] = {}
 
     def pull_verified(client):
         message, context, run, fab = pull(client)
-        signer = check_app(fab.content, fab.hash_str, context.run_config, context.node_config)
-        logger.info("app bundle %s… verified: signed by %s", fab.hash_str[:16], signer)
+        try:
+            verified[fab.hash_str] = check_app(fab.content, fab.hash_str, context.run_config, context.node_config)
+        except AppRefused as exc:
+            verified[fab.hash_str] = exc
         return message, context, run, fab
 
+    def install_verified(content: bytes, *args, **kwargs):
+        outcome = verified.get(hashlib.sha256(content).hexdigest(), AppRefused("the app bundle to install was never verified"))
+        if isinstance(outcome, AppRefused):
+            logger.error("refusing the app bundle: %s", outcome)
+            raise outcome
+        logger.info("app bundle verified: signed by %s", outcome)
+        return install(content, *args, **kwargs)
+
     runtime.pull_task_input = pull_verified
+    runtime.install_from_fab = install_verified
     flwr_clientapp()
 
 
