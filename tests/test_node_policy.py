@@ -30,7 +30,7 @@ from fedrlhf_secure.federation.engine import RunOptions, run_federation, run_rem
 from fedrlhf_secure.federation.links import InProcessLink
 from fedrlhf_secure.federation.node_protocol import REQUEST, RESPONSE, NodeMessage
 from fedrlhf_secure.federation.participant import ParticipantHost
-from fedrlhf_secure.federation.policy import NodePolicy, PolicyRefused, SecAggPolicy, load_policy, write_policy
+from fedrlhf_secure.federation.policy import CKKSPolicy, NodePolicy, PolicyRefused, SecAggPolicy, load_policy, write_policy
 from fedrlhf_secure.federation.round_core import TransportError
 
 CLIENTS = [0, 1, 2, 3]
@@ -269,3 +269,71 @@ def test_the_policy_example_in_the_deployment_docs_is_a_valid_policy(tmp_path):
     (tmp_path / "p.yaml").write_text(block)
     policy = load_policy(tmp_path / "p.yaml")
     assert policy.aggregation == ("secagg", "ckks") and policy.secagg.max_colluders == 1 and policy.privacy.max_epsilon == 8.0
+
+
+class _EchoHalf:
+    """A client half whose 'aggregate' is its own update alone: what a lying CKKS server achieves by
+    returning one client's ciphertext as the round's aggregate (issue 12, item 4)."""
+
+    def __init__(self, cid, vector, weight):
+        from aggregation.base import AggregateResult
+
+        self._result = AggregateResult(np.asarray(vector, np.float64) * weight, float(weight), (cid,))
+
+    def receive(self, data):
+        return []
+
+    done = True
+
+    def result(self):
+        return self._result
+
+
+class _EchoAggregator:
+    kind = "ckks"
+
+    def __init__(self):
+        from aggregation.base import Capabilities
+
+        self.capabilities = Capabilities(server_reads_result=False)
+
+    @property
+    def server_can_read_result(self):
+        return False
+
+    def client(self, ctx, cid, vector, weight, *, integer_noise=None):
+        return _EchoHalf(cid, vector, weight)
+
+
+def _held_after_single_client_aggregate(policy: NodePolicy) -> tuple[dict, np.ndarray, np.ndarray]:
+    from fedrlhf_secure.federation.messages import FitInstruction
+    from fedrlhf_secure.federation.participant import build_task
+
+    raw = toy_config(sparse_rows="all", min_clients=1)
+    raw["aggregation"] = {"kind": "ckks"}
+    cfg = config_from_dict(raw)
+    host = ParticipantHost([0], None, policy=policy, task=build_task(cfg, None), aggregator=_EchoAggregator())
+    assert "error" not in answer(host, setup_frame(raw))
+    before = host.held["w"].copy()
+    fit = NodeMessage(
+        "fit",
+        {"round": 0, "session": "00" * 16, "participants": [0, 1], "dim": host.codec.dim, "clients": [0], "model_round": -1},
+        blobs={"instruction": FitInstruction(0, 1, 3, {}, client_held=True).encode()},
+    )
+    assert "error" not in answer(host, fit.encode(REQUEST))
+    finish = answer(host, NodeMessage("finish", {"round": 0}).encode(REQUEST))
+    return finish, before, host.held["w"]
+
+
+def test_a_node_never_applies_a_decrypted_aggregate_of_fewer_clients_than_its_policy_allows():
+    """The check this node can make today on the contributors an aggregate states (making that list
+    provable is the CKKS side's job): an 'aggregate' of one client is discarded and the held model
+    stays; a node whose policy allows one contributor folds that client's own update into its model."""
+    strict = NodePolicy(aggregation=("ckks",), min_contributors=1)  # ckks.min_contributors defaults to 2
+    finish, before, after = _held_after_single_client_aggregate(strict)
+    assert finish["contributors"] == [0]
+    assert "below this node's policy ckks.min_contributors = 2" in finish["discarded"]
+    np.testing.assert_array_equal(after, before)
+    lax = NodePolicy(aggregation=("ckks",), min_contributors=1, ckks=CKKSPolicy(min_contributors=1))
+    finish, before, after = _held_after_single_client_aggregate(lax)
+    assert "discarded" not in finish and np.any(after != before)
