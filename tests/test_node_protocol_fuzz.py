@@ -141,6 +141,39 @@ def test_the_node_message_decoder_raises_only_wire_errors(data, kind, op):
     assert all(isinstance(b, bytes) for msgs in msg.messages.values() for b in msgs)
 
 
+@st.composite
+def hostile_inner_frames(draw, kind: str) -> bytes:
+    """A ``fed/fit`` or ``fed/report`` frame (carried inside node messages) as a hostile peer writes it."""
+    shape = draw(st.sampled_from(["structured", "structured", "garbage", "hand-written"]))
+    if shape == "garbage":
+        return draw(st.binary(max_size=120))
+    if shape == "hand-written":
+        body = draw(st.sampled_from(['{"metrics":{"n":' + "9" * 5000 + "}}", '{"metrics":' + "[" * 40_000 + "]" * 40_000 + "}", "[]"]))
+        return _raw_frame(kind, body)
+    header = draw(st.dictionaries(st.sampled_from(["round", "client", "metrics", "local_epochs", "seed", "client_held"]), header_values))
+    try:
+        return wire.encode(
+            wire.Frame(kind, header, draw(st.dictionaries(st.sampled_from(["shared/w", "shared/x", "w"]), arrays, max_size=2)))
+        )
+    except (wire.WireError, ValueError):
+        return draw(st.binary(max_size=64))
+
+
+@FUZZ
+@given(data=st.data(), kind=st.sampled_from(["fed/fit", "fed/report"]))
+def test_the_fit_instruction_and_report_decoders_raise_only_wire_errors(data, kind):
+    frame = data.draw(hostile_inner_frames(kind))
+    try:
+        if kind == "fed/fit":
+            fit = FitInstruction.decode(frame, ["w"])
+            assert fit.client_held or fit.shared["w"].dtype == np.float32
+        else:
+            rep = Report.decode(frame)
+            assert all(isinstance(v, float) for v in rep.metrics.values())
+    except wire.WireError:
+        pass
+
+
 @pytest.mark.parametrize(
     "name", ["msg/²/0", "msg/0/²", "msg/" + "9" * 5000 + "/0", "msg/0/" + "9" * 5000, "msg/-1/0", "msg/0/4096", "msg/0", "array/", "x"]
 )
