@@ -44,6 +44,7 @@ from .aggregators import build_aggregator, server_aggregator
 from .links import InProcessLink, SimulatedDropouts, WorkerLink
 from .node_driver import NodeLink
 from .participant import CommitHook, ParticipantHost, build_task
+from .policy import NodePolicy
 from .round_core import RoundCore, RoundStopped
 from .update import UpdateCodec
 
@@ -160,6 +161,8 @@ class Federation:
     def _embedded_participants(self, aggregator: Aggregator, resume: bool) -> tuple[NodeLink, dict[int, list[int]]]:
         """Participant hosts on this machine: one in this process, or one per worker process."""
         host_options = dict(
+            # the user runs this config on their own machine: it is every participant's policy
+            policy=NodePolicy.from_config(self.config),
             task=self.task,
             aggregator=aggregator,
             ledger_dir=self.run.path / "ledger",
