@@ -3,8 +3,9 @@
 **Relation: one rating replaced** (replace-one, :data:`.accountants.RELATION`). A client's record
 count n_k is not hidden: its FedAvg weight (``weighting: examples``), its sample rate and its step
 count are functions of n_k, so the guarantee is about the *content* of one record, with n_k
-public, and σ is calibrated and ε accounted under replace-one (at the same σ, q and steps this ε is
-about 1.6-1.8× the add/remove-one figure; docs/dp.md has the table).
+public, and σ is calibrated and ε accounted under replace-one (main's σ, calibrated for an
+add/remove-one ε = 8, really cost 11.4-13.0 on the silos preset under replace-one; docs/dp.md has the
+table; at the same ε the replace-one σ is 1.22-1.44× larger there).
 
 Each client k with n_k records trains with Poisson sampling at rate q_k = 1 / b_k, where
 b_k = ceil(n_k / batch_size) is its number of batches per epoch. Opacus' ``DPDataLoader`` takes
