@@ -100,3 +100,26 @@ def test_opacus_takes_int_one_over_q_steps_and_the_plan_counts_exactly_those():
         assert steps_per_epoch(b) == int(1 / (1 / b))
     assert steps_per_epoch(93) == 92 and steps_per_epoch(94) == 94
     assert math.isfinite(GaussianAccountant("rdp").epsilon([GaussianRelease(1.0, 1 / 93, 92)], 1e-5))
+
+
+def test_the_record_level_plan_calibrates_and_allows_exactly_the_steps_opacus_takes(tmp_path):
+    from toy_task import toy_config
+
+    from fedrlhf_secure.config import config_from_dict
+    from fedrlhf_secure.federation.engine import build_aggregator
+    from fedrlhf_secure.privacy.budget import PrivacyViolation
+    from fedrlhf_secure.privacy.dpsgd import DPSGDReport
+    from fedrlhf_secure.privacy.factory import build_client_privacy
+
+    raw = toy_config(rounds=2, local_epochs=3)
+    raw["privacy"] = {"mode": "record", "epsilon": 8.0, "delta": 1e-5, "batch_size": 4, "noise_multiplier": 1.0}
+    cfg = config_from_dict(raw)
+    sizes = {0: 93 * 4, 1: 94 * 4}  # b = 93 (Opacus takes 92 steps an epoch) and b = 94 (94)
+    plan = build_client_privacy(cfg, sizes, tmp_path / "ledger", False, build_aggregator(cfg, list(sizes)))
+    assert plan.steps_per_round(0) == 3 * 92 and plan.steps_per_round(1) == 3 * 94
+    release = plan.add_noise(0, 0, np.zeros(4, np.float32), 1.0)
+    settings = plan.dpsgd_settings(0, 0)
+    plan.commit(0, 0, release, DPSGDReport.of(settings, 3 * 92))
+    assert plan.ledger.entry(0, 0).steps == 3 * 92  # what was planned, taken and recorded: one number
+    with pytest.raises(PrivacyViolation, match="planned at most 276"):
+        plan.commit(0, 1, plan.add_noise(0, 1, np.zeros(4, np.float32), 1.0), DPSGDReport.of(settings, 3 * 93))
