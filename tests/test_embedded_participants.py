@@ -163,7 +163,7 @@ def test_a_run_interrupted_before_the_rewrite_resumes_with_its_ledger_intact(tmp
     """Upgrading must not strand an interrupted run: the old checkpoint layout and the old release-store
     key of the integer noise share are read, so the resumed round replays the same release (same
     digest: no LedgerConflict) and the run ends as an uninterrupted one."""
-    config = _config(CLIENT, {"kind": "secagg", "noise_bound": 6_000_000})
+    config = _config(CLIENT, {"kind": "secagg", "noise_bound": 16_000_000})
     straight = run_federation(config, RunOptions(out=tmp_path / "a", progress=False, noise=SilentNoise()))
     with pytest.raises(SimulatedCrash):
         run_federation(config, RunOptions(out=tmp_path / "b", progress=False, noise=SilentNoise(), on_commit=crash_after(6)))

@@ -17,6 +17,7 @@ from fedrlhf_secure.privacy.dpsgd import DPSGDReport, DPSGDSettings
 from fedrlhf_secure.tasks.base import FitConfig
 from fedrlhf_secure.tasks.movielens import MovieLensConfig, make_task
 from fedrlhf_secure.tasks.movielens.feedback import (
+    KeyedHumanNoise,
     direct_feedback,
     human_signal,
     pairwise_feedback,
@@ -326,7 +327,7 @@ def test_ghost_clipping_gives_the_same_update_as_per_sample_gradients(data_dir):
             task.settings,
             3,
             _deterministic_dp(0.05),
-            rng=np.random.default_rng(0),
+            human=KeyedHumanNoise(client._human_key, 0),
             grad_sample_mode=mode,
         )
         assert steps == 3
@@ -344,6 +345,7 @@ def test_dp_update_never_depends_on_the_noiseless_prediction_embedding(data_dir)
     task = task_of(data_dir)
     shared = task.initial_shared()
     a, b = task.make_client(5), task.make_client(5)
+    b._human_key = a._human_key  # one client: one secret key for its human's noise
     b._user_rows = b._user_rows + 3.0  # a wildly different prediction embedding
     ra = a.fit(shared, FitConfig(0, 2, 0, _deterministic_dp(0.5)))
     rb = b.fit(shared, FitConfig(0, 2, 0, _deterministic_dp(0.5)))

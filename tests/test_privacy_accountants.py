@@ -20,9 +20,9 @@ from fedrlhf_secure.privacy.discrete import integer_sensitivities, skellam_share
 
 
 @pytest.mark.parametrize("name, expected", [("rdp", 7.3291), ("prv", 6.7791)])
-def test_accountants_match_opacus_known_answers(name, expected):
-    # Opacus' own test values: σ=1.5, q=0.04, 2,250 steps, δ=1e-5 -> RDP ε ≈ 7.33, PRV ε ≈ 6.78
-    eps = GaussianAccountant(name).epsilon([GaussianRelease(1.5, 0.04, 2250)], 1e-5)
+def test_add_remove_accountants_match_opacus_known_answers(name, expected):
+    # Opacus' own test values (add/remove-one): σ=1.5, q=0.04, 2,250 steps, δ=1e-5 -> RDP ε ≈ 7.33, PRV ε ≈ 6.78
+    eps = GaussianAccountant(name, relation="add-remove").epsilon([GaussianRelease(1.5, 0.04, 2250)], 1e-5)
     assert eps == pytest.approx(expected, abs=0.01)
 
 
@@ -39,9 +39,15 @@ def test_history_composes_in_steps_whatever_the_round_split():
     assert merge([GaussianRelease(1.2, 0.2, 25)] * 5) == (GaussianRelease(1.2, 0.2, 125),)
 
 
-def test_unknown_accountant_is_rejected_by_name():
+def test_unknown_accountant_or_relation_is_rejected_by_name():
     with pytest.raises(ValueError, match="privacy.accountant"):
         GaussianAccountant("moments")
+    with pytest.raises(ValueError, match="neighbouring relation"):
+        GaussianAccountant("prv", relation="add-one")
+
+
+def test_the_default_relation_is_replace_one():
+    assert GaussianAccountant("prv").relation == "replace-one"
 
 
 @pytest.mark.parametrize("name", ["rdp", "prv"])
@@ -75,12 +81,14 @@ def test_skellam_rdp_tends_to_the_gaussian_rdp_for_fine_quantisation():
 
 def test_skellam_calibration_meets_its_target_and_costs_about_what_the_gaussian_does():
     l1, l2 = integer_sensitivities(scale=2.0**16, clip_norm=1.0, dim=10_000)
-    assert l2 == pytest.approx(2.0**16 + 100)
+    assert l2 == pytest.approx(2 * (2.0**16 + 100))  # replace-one: one client's quantised update replaced
     mu = skellam_variance(4.0, 1e-5, l1, l2, steps=5)
     eps = SkellamAccountant().epsilon([SkellamRelease(mu, l1, l2, 1)] * 5, 1e-5)
     assert eps <= 4.0
     z_gauss = gaussian_noise_multiplier(GaussianAccountant("rdp"), 4.0, 1e-5, 1.0, 5)
-    assert math.sqrt(mu) / l2 == pytest.approx(z_gauss, rel=0.05)
+    # both under replace-one: the Gaussian's z is per unit of the clip C (sensitivity 2C), the
+    # Skellam std per unit of one quantised update s·C + √d = l2 / 2
+    assert math.sqrt(mu) / (l2 / 2) == pytest.approx(z_gauss, rel=0.05)
 
 
 def test_skellam_shares_sum_to_the_planned_variance():

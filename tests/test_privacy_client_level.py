@@ -89,18 +89,36 @@ def test_one_clients_influence_on_the_released_mean_is_at_most_c_over_n(tmp_path
     assert np.linalg.norm(weighted(clipped_attacked) - weighted(clipped)) > 5 * c / n
 
 
-def test_distributed_gaussian_shares_add_up_to_the_calibrated_noise(tmp_path):
+def test_distributed_gaussian_shares_without_any_one_of_them_still_carry_the_calibrated_noise(tmp_path):
     n, dim = 10, 20_000
     plan = _plan(tmp_path, n=n, noise="distributed")
     for cid in range(n):
         plan.admit(cid, 0)
-    total = sum(_release(plan, cid, 0, np.zeros(dim, np.float32)).vector.astype(np.float64) for cid in range(n))
-    assert total.std() == pytest.approx(plan.z * plan.clip_norm, rel=0.03)
-    # a single share alone carries only 1/sqrt(n) of it: no party sees the full noise, none sees the sum un-noised
+    shares = [_release(plan, cid, 0, np.zeros(dim, np.float32)).vector.astype(np.float64) for cid in range(n)]
+    # a participant that reads the aggregate subtracts its own share: the other n - 1 must carry z·C
+    for own in (0, n - 1):
+        others = sum(s for c, s in enumerate(shares) if c != own)
+        assert others.std() == pytest.approx(plan.z * plan.clip_norm, rel=0.03)
+    assert sum(shares).std() == pytest.approx(plan.z * plan.clip_norm * np.sqrt(n / (n - 1)), rel=0.03)
+    # a single share alone carries only 1/sqrt(n - 1) of it: no party sees the full noise, none sees the sum un-noised
     for cid in range(n):
         plan.admit(cid, 1)
     single = _release(plan, 0, 1, np.zeros(dim, np.float32)).vector
-    assert single.std() == pytest.approx(plan.z / np.sqrt(n), rel=0.05)
+    assert single.std() == pytest.approx(plan.z / np.sqrt(n - 1), rel=0.05)
+
+
+def test_shares_sized_for_m_survivors_counting_the_readers_own_share_fall_short_of_the_calibration(tmp_path):
+    """The weakened rule (each share N(0, (zC)²/m), as before m - 1 was used): once a participant
+    subtracts its own share, the rest carry only sqrt((m-1)/m) of the calibrated std — measurably less."""
+    n, dim = 4, 200_000
+    plan = _plan(tmp_path, n=n, noise="distributed")
+    rng = np.random.default_rng(1)
+    weakened = [rng.normal(0, plan.z * plan.clip_norm / np.sqrt(n), dim) for _ in range(n)]
+    assert sum(weakened[1:]).std() < 0.9 * plan.z * plan.clip_norm
+    for cid in range(n):
+        plan.admit(cid, 0)
+    shipped = [_release(plan, cid, 0, np.zeros(dim, np.float32)).vector.astype(np.float64) for cid in range(n)]
+    assert sum(shipped[1:]).std() == pytest.approx(plan.z * plan.clip_norm, rel=0.02)
 
 
 def test_dropouts_are_compensated_for_the_required_survivors_and_fewer_abort_the_round(tmp_path):
@@ -110,7 +128,7 @@ def test_dropouts_are_compensated_for_the_required_survivors_and_fewer_abort_the
         plan.admit(cid, 0)
     shares = [_release(plan, cid, 0, np.zeros(dim, np.float32)).vector.astype(np.float64) for cid in range(8)]
     assert plan.survivors_required(0) == 8
-    assert sum(shares).std() == pytest.approx(plan.z, rel=0.03)  # 8 survivors still carry the full noise
+    assert sum(shares[1:]).std() == pytest.approx(plan.z, rel=0.03)  # 8 survivors, less any one share, still carry the full noise
     server = ServerPrivacy(_config({"noise": "distributed", "survivor_fraction": 0.8, "accountant": "rdp"}))
     with pytest.raises(AggregationAborted, match="sized for 8"):
         server.finalize(0, AggregateResult(sum(shares[:7]), 7.0, tuple(range(7))), admitted=n)
@@ -157,8 +175,10 @@ def test_integer_noise_for_masking_is_skellam_in_the_quantised_domain(tmp_path):
     noise = sum(p.integer_noise for p in privs)
     assert noise.dtype == np.int64
     variance, l1, l2 = plan._skellam_params
-    assert l2 == pytest.approx(2.0**12 + np.sqrt(dim))
-    assert noise.var() == pytest.approx(variance, rel=0.05)
+    assert l2 == pytest.approx(2 * (2.0**12 + np.sqrt(dim)))  # replace-one: one client's update replaced
+    # any n - 1 shares carry the calibrated variance (the reader's own share does not count)
+    assert sum(p.integer_noise for p in privs[1:]).var() == pytest.approx(variance, rel=0.05)
+    assert noise.var() == pytest.approx(variance * n / (n - 1), rel=0.05)
     eps = [plan.commit(cid, 0, privs[cid], None) for cid in range(n)]
     assert 0 < eps[0] < 4.0 and plan.ledger.entry(0, 0).mechanism == "skellam"
 
@@ -233,11 +253,11 @@ def test_masking_without_headroom_for_the_noise_is_refused_naming_noise_bound(tm
 
 def test_under_masking_the_skellam_noise_is_added_by_clients_and_accounted(tmp_path):
     silent = SilentNoise()
-    clean = run_federation(_secagg_config(1_000_000), RunOptions(out=tmp_path / "a", progress=False, noise=silent))
+    clean = run_federation(_secagg_config(4_000_000), RunOptions(out=tmp_path / "a", progress=False, noise=silent))
     plain = run_federation(
         _config({"noise": "distributed", "accountant": "rdp"}), RunOptions(out=tmp_path / "b", progress=False, noise=silent)
     )
-    noisy = run_federation(_secagg_config(1_000_000), RunOptions(out=tmp_path / "c", progress=False))
+    noisy = run_federation(_secagg_config(4_000_000), RunOptions(out=tmp_path / "c", progress=False))
     w = {name: load_tensors(r / "model.safetensors")["w"] for name, r in (("clean", clean), ("plain", plain), ("noisy", noisy))}
     np.testing.assert_allclose(w["clean"], w["plain"], atol=1e-3)  # masking without noise = the plain clipped mean
     assert np.abs(w["noisy"] - w["clean"]).max() > 0.05  # the clients' integer noise survives unmasking

@@ -120,8 +120,9 @@ def _client_privacy(cfg, sizes, ledger_dir, resume):
 
 
 def test_clients_whose_next_round_would_exceed_the_budget_sit_out_and_the_run_stops(tmp_path, caplog):
-    # a fixed noise multiplier with a budget that only covers two rounds of it
-    privacy = {**CLIENT, "epsilon": 7.0, "noise_multiplier": 0.9, "accountant": "rdp"}
+    # a fixed noise multiplier with a budget that only covers two rounds of it (replace-one: one client's
+    # data replaced, sensitivity 2C, so z = 1.8 costs what z = 0.9 did under add/remove-one)
+    privacy = {**CLIENT, "epsilon": 7.0, "noise_multiplier": 1.8, "accountant": "rdp"}
     run = run_federation(_config(privacy, rounds=5), RunOptions(out=tmp_path, progress=False))
     summary = json.loads((run / "summary.json").read_text())
     err = caplog.text

@@ -85,6 +85,7 @@ def _overhead(args: argparse.Namespace) -> int:
     from ..federation.engine import build_task, resolve_data_dir
     from ..privacy.dpsgd import DPSGDSettings
     from ..tasks.base import FitConfig
+    from ..tasks.movielens.feedback import KeyedHumanNoise
     from ..tasks.movielens.model import build_policy
     from ..tasks.movielens.train import _adam, _run_epochs, train_epochs_dp
 
@@ -125,9 +126,8 @@ def _overhead(args: argparse.Namespace) -> int:
                     )
                 elif kind == "train_dp":  # the DP fit's training epochs: Opacus on the full table
                     policy = build_policy(shared, client._dp_user_rows, None, item_scale=task.config.dp_item_scale)
-                    train_epochs_dp(
-                        policy, client._dp_data, client.feedback_profiles, task.settings, epochs, dp, rng=np.random.default_rng(max(rep, 0))
-                    )
+                    human = KeyedHumanNoise(client._human_key, max(rep, 0))
+                    train_epochs_dp(policy, client._dp_data, client.feedback_profiles, task.settings, epochs, dp, human=human)
                 else:
                     client.fit(
                         shared, FitConfig(round=max(rep, 0), local_epochs=epochs, seed=max(rep, 0), dp_sgd=dp if kind == "fit_dp" else None)

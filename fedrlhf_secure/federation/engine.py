@@ -45,6 +45,7 @@ from .links import InProcessLink, SimulatedDropouts, WorkerLink
 from .node_driver import NodeLink
 from .participant import CommitHook, ParticipantHost, build_task
 from .policy import NodePolicy
+from .results import adopt_local_metrics
 from .round_core import RoundCore, RoundStopped
 from .update import UpdateCodec
 
@@ -270,6 +271,8 @@ class Federation:
                     self.stopped = str(stop)
                     logger.warning("%s", self.stopped)
                     break
+                if self.embedded and self.config.privacy.mode != "none":
+                    adopt_local_metrics(log, self.run.path)  # under DP the numbers stay client-side
                 self.history.append(log.row)
                 self.final_clients = log.per_client
                 self.run.append_jsonl("metrics.jsonl", log.row)

@@ -8,8 +8,10 @@ process or over Flower — goes through the one versioned wire format:
   by the clients only (CKKS), the server never holds the global model in the clear, so the frame
   carries no parameters (``client_held: true``): each client uses the global model it decrypted
   itself.
-* ``fed/report`` (client -> server): the client's evaluation metrics (numbers only). This is
-  plaintext metadata the server learns in every aggregation mode; SECURITY.md lists it.
+* ``fed/report`` (client -> server): the client's evaluation metrics (numbers only). Without DP
+  this is plaintext metadata the server learns in every aggregation mode; under any DP mode the
+  participant's :class:`~.participant.PlaintextPolicy` sends it with **no** metrics (the numbers
+  stay in the client's own file). SECURITY.md §3 lists what travels, per mode.
 """
 
 from __future__ import annotations

@@ -83,6 +83,49 @@ def _finite(metrics: Mapping[str, float]) -> dict[str, float | None]:
     return {k: (float(v) if np.isfinite(v) else None) for k, v in metrics.items()}
 
 
+TRAINING_PREFIX = "train_"
+"""Task contract: an evaluation number whose key starts with ``train_`` was computed on training data."""
+
+LOCAL_METRICS_FILE = "client_metrics.jsonl"
+"""The client-side file (in the host's own folder) where evaluation numbers stay under DP."""
+
+
+@dataclass(frozen=True)
+class PlaintextPolicy:
+    """What of a client's own numbers may leave it in plaintext: the one generic filter every task's
+    metrics pass through on their way out of a participant (MovieLens, IMDb, any new task alike).
+
+    Without DP (``private=False``) fit metrics and evaluation numbers go to the server as before.
+    Under any DP mode nothing computed from a client's data leaves it un-noised: the DP guarantee
+    covers the released update only, and a loss, a count or an accuracy computed on the client's
+    records (with its noiseless personal parameters) is a non-private function of them (even ``n``
+    would void add/remove-one DP). So under DP:
+
+    * fit metrics (training loss, step counts) are dropped: the fit summary carries none;
+    * evaluation numbers keep only those computed on held-out data (keys not starting with
+      :data:`TRAINING_PREFIX`) and stay on the client, in its own file :data:`LOCAL_METRICS_FILE`;
+      the ``fed/report`` frame carries no metrics (the server learns that the client answered).
+
+    The ε a client has spent still travels (it is a function of the public σ, q, step counts and
+    the rounds the server itself saw the client take part in, under replace-one where n is public).
+    """
+
+    private: bool
+
+    @classmethod
+    def of(cls, config: RunConfig) -> PlaintextPolicy:
+        return cls(private=config.privacy.mode != "none")
+
+    def fit_metrics(self, metrics: Mapping[str, float]) -> dict[str, float | None]:
+        return {} if self.private else _finite(metrics)
+
+    def evaluation(self, numbers: Mapping[str, float]) -> tuple[dict[str, float], dict[str, float]]:
+        """(numbers for the server's report, numbers kept in the client's own file)."""
+        if not self.private:
+            return dict(numbers), {}
+        return {}, {k: float(v) for k, v in numbers.items() if not k.startswith(TRAINING_PREFIX)}
+
+
 @dataclass
 class FitOutcome:
     """What a participant's fit leaves behind: the aggregator half holding its release, and the
@@ -137,7 +180,8 @@ class Participant:
         return FitOutcome(half, dict(result.metrics), spent)
 
     def evaluate(self, shared: Mapping[str, np.ndarray]) -> tuple[dict[str, float], dict[str, Any]]:
-        """Held-out numbers for the report, and client-side artefacts (sample generations) kept here."""
+        """The task's evaluation numbers and client-side artefacts (sample generations, kept here); the
+        host's :class:`PlaintextPolicy` decides which numbers may reach the server."""
         return _split_metrics(self.task_client.evaluate(shared))
 
 
@@ -258,6 +302,7 @@ class ParticipantHost:
             self.aggregator = self._aggregator
         else:
             self.aggregator = aggregators.node_aggregator(config, everyone, self.client_ids, self.keys_dir)
+        self.plaintext = self._plaintext_policy(config)
         task_clients = {c: task.make_client(c) for c in self.client_ids}
         self.privacy = self._build_privacy(config, {c: tc.num_examples() for c, tc in task_clients.items()}, len(everyone))
         self.participants = {
@@ -278,6 +323,10 @@ class ParticipantHost:
 
     def _policy_admits_round(self, config: RunConfig, ctx: RoundContext) -> None:
         self.policy.admit_round(config, len(ctx.participants))
+
+    def _plaintext_policy(self, config: RunConfig) -> PlaintextPolicy:
+        """What of its clients' numbers this host lets out in plaintext (:class:`PlaintextPolicy`)."""
+        return PlaintextPolicy.of(config)
 
     def _build_privacy(self, config: RunConfig, sizes: dict[int, int], num_clients: int) -> ClientPrivacy:
         """This host's half of the plan for its own clients: sizes stay here, only the client count is public."""
@@ -343,7 +392,7 @@ class ParticipantHost:
         for c in cids:
             out = self.participants[c].release(shared, fit, ctx, self.aggregator)
             halves[c] = out.half
-            summary[str(c)] = {"metrics": _finite(out.metrics)}
+            summary[str(c)] = {"metrics": self.plaintext.fit_metrics(out.metrics)}
             if out.epsilon_spent is not None:
                 summary[str(c)]["epsilon_spent"] = float(out.epsilon_spent)
         self.round = _Round(ctx, halves)
@@ -428,7 +477,10 @@ class ParticipantHost:
         reports: dict[int, list[bytes]] = {}
         for c in cids:
             numbers, artefacts = self.participants[c].evaluate(shared)
-            reports[c] = [Report(c, rnd, numbers).encode()]
+            sent, kept = self.plaintext.evaluation(numbers)
+            reports[c] = [Report(c, rnd, sent).encode()]
+            if kept:
+                self._file_local(LOCAL_METRICS_FILE, {"round": rnd, "client": c, "metrics": _finite(kept)})
             if artefacts:
                 self._file_artefacts(rnd, c, artefacts)
         self.round = None  # the round's secrets are dropped once it is over
@@ -436,12 +488,17 @@ class ParticipantHost:
 
     def _file_artefacts(self, rnd: int, cid: int, artefacts: Mapping[str, Any]) -> None:
         """Client-side artefacts (sample generations) never travel in a frame: they are filed here."""
+        self._file_local("samples.jsonl", {"round": rnd, "client": cid, **artefacts})
+
+    def _file_local(self, name: str, row: Mapping[str, Any]) -> None:
+        """Append one JSON line to a file in this host's own folder (the run directory in the embedded
+        simulation, which plays the clients' disk; the node's state directory in a deployment)."""
         folder = self.artifacts_dir or (self.ledger_dir.parent if self.ledger_dir is not None else self.state_dir)
         if folder is None:
             return
         folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / "samples.jsonl", "a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"round": rnd, "client": cid, **artefacts}, default=str) + "\n")
+        with open(folder / name, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row, default=str) + "\n")
 
     # ------------------------------------------------------------------ the host's own checkpoint
     def client_state(self) -> dict[str, np.ndarray]:

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import json
 import logging
 import math
 import platform
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from ..rundir import RunDirectory, atomic_write_json
 from ..tasks.base import Metric
+from .participant import LOCAL_METRICS_FILE
+from .round_core import RoundLog, pool_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +31,35 @@ def package_versions() -> dict[str, str | None]:
         except importlib.metadata.PackageNotFoundError:
             out[name] = None
     return out
+
+
+def read_local_metrics(folder: Path, round: int) -> dict[int, dict[str, float]]:
+    """The evaluation numbers the participant hosts kept in their own file for ``round`` under DP
+    (:class:`~.participant.PlaintextPolicy`); the last line per client wins (a resumed round)."""
+    path = Path(folder) / LOCAL_METRICS_FILE
+    out: dict[int, dict[str, float]] = {}
+    if not path.exists():
+        return out
+    for line in path.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        if row.get("round") == round:
+            out[int(row["client"])] = {k: (float("nan") if v is None else float(v)) for k, v in row["metrics"].items()}
+    return {c: out[c] for c in sorted(out)}
+
+
+def adopt_local_metrics(log: RoundLog, folder: Path) -> None:
+    """The embedded simulation under DP: pool the held-out numbers the clients kept on their own disk.
+
+    No frame carried them to the round core (the server's side of a round learns none of them); the
+    in-process runner reads them here because in a simulation the run directory plays every client's
+    disk as well as the server's. The row says so (``metrics_source``). Over Flower each node keeps
+    its own file and the server's ``metrics.jsonl`` has no accuracy under DP."""
+    per_client = read_local_metrics(folder, int(log.row["round"]))
+    if not per_client:
+        return
+    log.row.update(pool_metrics(per_client))
+    log.row["metrics_source"] = f"clients' local {LOCAL_METRICS_FILE} (embedded simulation; no frame carried them)"
+    log.per_client = per_client
 
 
 def run_baselines(task, names, federation=None) -> dict[str, dict[str, Any]]:

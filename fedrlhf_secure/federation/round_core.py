@@ -14,7 +14,10 @@ FedRLHF (arXiv 2412.15538), Algorithm 1, server part, with secure aggregation an
 5. **release** the aggregate: the server's privacy half adds central noise or discards an aggregate
    with too few survivors, then the average delta (sparse rows normalised by their touch weight,
    :mod:`.update`) is applied with ``server_lr`` (:func:`.participant.apply_aggregate`);
-6. **collect reports**: every host evaluates the new model on its clients' held-out data.
+6. **collect reports**: every host evaluates the new model on its clients' held-out data. Under
+   DP the reports carry no numbers (the participant's ``PlaintextPolicy`` keeps them on the
+   client), so the pooled accuracy and ``train_loss_mean`` are absent or NaN here; the in-process
+   runner pools the clients' own files instead (:func:`.results.adopt_local_metrics`).
 
 The participants sit behind a :class:`~.node_driver.NodeLink`: in this process
 (:mod:`.links`), in worker processes, or on Flower SuperNodes (:mod:`fedrlhf_secure.transport`).
@@ -354,7 +357,8 @@ def nanmean(values) -> float:
 
 
 def pool_metrics(per_client: Mapping[int, Mapping[str, float]]) -> dict[str, float]:
-    """Pool clients' reports: counts are summed into rates, other numbers are averaged.
+    """Pool clients' reports: counts are summed into rates, other numbers are averaged (without DP
+    from the report frames; under DP only the embedded simulation pools, from the clients' own files).
 
     ``correct``/``n`` give the held-out accuracy (the primary metric), ``train_correct``/``train_n``
     the training accuracy (the FedRLHF paper's metric, kept for comparison), per-client

@@ -2,11 +2,17 @@
 
 Each client clips its whole update vector to L2 norm C (:func:`.clipping.clip_l2`) and the sum of
 the clipped updates gets Gaussian noise of std ``z·C``, where the noise multiplier z is calibrated
-so that ``federation.rounds`` releases cost at most the budget ε. With uniform weights (one per
-client) one client changes the released sum by at most C and the plain mean by at most C/n; the
-plan refuses example weighting (its weights depend on the data and the noise assumes a plain
-mean). Sampling amplification is not claimed: the server knows whom it selected, so each client's
-ε composes the rounds it actually took part in (q = 1 per round).
+so that ``federation.rounds`` releases cost at most the budget ε.
+
+**Relation: one client's data replaced** (replace-one, :data:`.accountants.RELATION`): which
+clients take part is visible to the server, so a neighbouring run has the same clients and one of
+them holds other data. Its clipped update moves from u to v with ``‖u - v‖ ≤ 2C``: the Gaussian
+accountant at q = 1 under replace-one is the Gaussian mechanism of sensitivity 2C (z is about
+twice the add/remove-one figure for the same ε), and the Skellam sensitivities are doubled
+(:func:`.discrete.integer_sensitivities`). With uniform weights (one per client) that bound holds
+for the released sum; the plan refuses example weighting (its weights depend on the data and the
+noise assumes a plain mean). Sampling amplification is not claimed: the server knows whom it
+selected, so each client's ε composes the rounds it actually took part in (q = 1 per round).
 
 Where the noise is added (``privacy.noise``):
 
@@ -14,10 +20,14 @@ Where the noise is added (``privacy.noise``):
   un-noised sum (and, with plain aggregation, every clipped update); only later observers of the
   model are protected.
 * ``distributed``: each client adds its share so that no party ever sees an un-noised sum. For
-  float aggregators (plain, CKKS) the share is N(0, (zC)²/m); for the integer masking aggregator it
-  is Skellam noise in the quantised domain (:mod:`.discrete`), calibrated with the Skellam
-  accountant. ``m`` is the number of survivors the round must keep (:func:`survivors_required`,
-  the one place this rule lives). Dropouts are **compensated** by adding enough noise for ``m``
+  float aggregators (plain, CKKS) the share is N(0, (zC)²/(m-1)); for the integer masking aggregator
+  it is Skellam noise of variance μ/(m-1) in the quantised domain (:mod:`.discrete`), calibrated
+  with the Skellam accountant. ``m`` is the number of survivors the round must keep
+  (:func:`survivors_required`, the one place this rule lives). **m - 1, not m**: every client
+  reads the released aggregate and knows its own share, so against a curious participant j the
+  noise protecting another client k is the sum of the m - 1 shares other than j's; sizing each share
+  for m - 1 makes any m - 1 of them carry the full calibrated variance (:func:`share_divisor`;
+  with m = 1 the one share carries it all). Dropouts are **compensated** by adding enough noise for ``m``
   survivors: a round that ends with fewer contributors is discarded by the server's half
   (:mod:`.server`; with masking, set the secure aggregation threshold to at least m so the
   server cannot unmask such a sum).
@@ -54,6 +64,12 @@ def dp_fedavg_noise_multiplier(accountant: str, epsilon: float | None, delta: fl
         return float(explicit)
     assert epsilon is not None
     return gaussian_noise_multiplier(GaussianAccountant(accountant), epsilon, delta, 1.0, rounds)
+
+
+def share_divisor(survivors: int) -> int:
+    """How many shares the distributed noise's variance is split into: ``m - 1`` for m survivors (a
+    participant that reads the aggregate subtracts its own share), at least 1."""
+    return max(1, int(survivors) - 1)
 
 
 def accountant_name(accountant: str, integer: bool) -> str:
@@ -120,7 +136,7 @@ class ClientLevelPlan(BudgetedPlan):
             assert self.integer is not None
             l1, l2 = integer_sensitivities(self.integer.scale, self.clip_norm, dim)
             if self._explicit is not None:
-                variance = (self._explicit * l2) ** 2
+                variance = (self._explicit * l2 / 2) ** 2  # std = z·(s·C + √d); l2 is the replace-one 2(s·C + √d)
             else:
                 variance = skellam_variance(self.budget, self.delta, l1, l2, self.rounds)
             self._skellam_params = (variance, l1, l2)
@@ -130,8 +146,8 @@ class ClientLevelPlan(BudgetedPlan):
         if self._skellam_params is not None:
             v, l1, l2 = self._skellam_params
             return SkellamRelease(v, l1, l2, 1)
-        l2 = self.integer.scale * self.clip_norm  # type: ignore[union-attr]
-        variance = (self.z * l2) ** 2  # z is the explicit multiplier when one was given
+        l2 = 2 * self.integer.scale * self.clip_norm  # type: ignore[union-attr]  (replace-one: 2C)
+        variance = (self.z * l2 / 2) ** 2  # z (replace-one, sensitivity 2C) or the explicit multiplier, per unit of 2C
         return SkellamRelease(variance, l2, l2, 1)
 
     def begin_round(self, round: int, participants: int) -> None:
@@ -176,11 +192,11 @@ class ClientLevelPlan(BudgetedPlan):
             )
         if self.placement == "central":
             return Release(clipped, 1.0)  # the server's half adds N(0, (zC)²) to the sum
-        m = self.survivors_required(round)
+        k = share_divisor(self.survivors_required(round))
         if self.integer is not None:
             variance, _, _ = self._ensure_skellam(clipped.size)
-            return Release(clipped, 1.0, np.asarray(self.noise.skellam(variance / m, clipped.size), dtype=np.int64))
-        std = self.z * self.clip_norm / math.sqrt(m)
+            return Release(clipped, 1.0, np.asarray(self.noise.skellam(variance / k, clipped.size), dtype=np.int64))
+        std = self.z * self.clip_norm / math.sqrt(k)
         noisy = clipped.astype(np.float64) + self.noise.gaussian(std, clipped.size)
         return Release(np.asarray(noisy, dtype=np.float32), 1.0)
 

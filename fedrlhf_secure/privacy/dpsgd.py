@@ -24,8 +24,10 @@ class DPSGDReport:
     """What a task's DP-SGD fit actually did, checked by the client's privacy plan before the ledger
     commit: the settings it trained with and how many noisy steps it took.
 
-    A task that was handed :class:`DPSGDSettings` must return one of these (Opacus may take one
-    step fewer per epoch than planned for some batch counts; the ledger records the steps taken).
+    A task that was handed :class:`DPSGDSettings` must return one of these. Opacus' ``DPDataLoader``
+    takes ``int(1/sample_rate)`` steps per epoch, which is one fewer than the batch count b for some
+    b (93, 99, 105, ...: ``1/(1/b)`` rounds below b); the record-level plan plans exactly that
+    many (:func:`.record_level.steps_per_epoch`), and the ledger records the steps reported here.
     """
 
     steps: int

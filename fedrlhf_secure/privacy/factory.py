@@ -19,7 +19,8 @@ from typing import Any
 from aggregation.base import Aggregator
 
 from ..configtypes import ConfigError
-from .client_level import ClientLevelPlan, IntegerDomain, dp_fedavg_noise_multiplier
+from .accountants import RELATION
+from .client_level import ClientLevelPlan, IntegerDomain, dp_fedavg_noise_multiplier, share_divisor
 from .ledger import PrivacyLedger
 from .noise import NoiseSource
 from .plan import ClientPrivacy, NoClientPrivacy
@@ -40,7 +41,7 @@ def check_noise_headroom(config: Any, integer: IntegerDomain | None) -> None:
         return
     p = config.privacy
     z = dp_fedavg_noise_multiplier(p.accountant, p.epsilon, p.delta, config.federation.rounds, p.noise_multiplier)
-    m = max(1, config.federation.min_clients)
+    m = share_divisor(max(1, config.federation.min_clients))
     share_std = z * integer.scale * p.clip_norm / math.sqrt(m) * 1.01
     need = math.ceil(10 * share_std)
     bound = int(getattr(config.aggregation.params, "noise_bound", 0))
@@ -48,7 +49,7 @@ def check_noise_headroom(config: Any, integer: IntegerDomain | None) -> None:
         raise ConfigError(
             f"noise_bound={bound} is too small for the distributed Skellam noise: a client's share may have std "
             f"{share_std:.3g} quantised units (noise multiplier {z:.3f} x scale {integer.scale:g} x clip "
-            f"{p.clip_norm:g} / sqrt({m}) survivors at least); set aggregation.noise_bound >= {need}",
+            f"{p.clip_norm:g} / sqrt({m}) shares at least: m - 1 of m survivors); set aggregation.noise_bound >= {need}",
             source=config.source,
             key="aggregation.noise_bound",
         )
@@ -58,6 +59,7 @@ def ledger_header(config: Any) -> dict[str, Any]:
     p = config.privacy
     return {
         "mode": p.mode,
+        "relation": RELATION,
         "epsilon_budget": p.epsilon,
         "delta": p.delta,
         "accountant": p.accountant,

@@ -1,11 +1,21 @@
 """Record-level DP: Opacus DP-SGD inside each client's local training, accounted over the whole run.
 
+**Relation: one rating replaced** (replace-one, :data:`.accountants.RELATION`). A client's record
+count n_k is not hidden: its FedAvg weight (``weighting: examples``), its sample rate and its step
+count are functions of n_k, so the guarantee is about the *content* of one record, with n_k
+public, and σ is calibrated and ε accounted under replace-one (main's σ, calibrated for an
+add/remove-one ε = 8, really cost 11.4-13.0 on the silos preset under replace-one; docs/dp.md has the
+table; at the same ε the replace-one σ is 1.22-1.44× larger there).
+
 Each client k with n_k records trains with Poisson sampling at rate q_k = 1 / b_k, where
-b_k = ceil(n_k / batch_size) is its number of batches per epoch, so that one epoch is exactly b_k
-steps (Opacus' ``DPDataLoader`` takes ``int(1/q)`` steps per epoch) and the accounted steps are the
-steps taken. A run plans ``rounds × local_epochs × b_k`` steps; the noise multiplier σ_k is
-calibrated once so that all of them together cost at most the budget ε (Abadi et al. 2016 with
-the accountant chosen by ``privacy.accountant``). Clients with the same b_k share one calibration.
+b_k = ceil(n_k / batch_size) is its number of batches per epoch. Opacus' ``DPDataLoader`` takes
+``int(1/q_k)`` steps per epoch, and in floating point ``int(1 / (1 / b))`` is ``b - 1`` for some b
+(93, 99, 105, 117, 123, 186, 198, ...): the plan counts exactly the steps Opacus takes,
+``steps_per_epoch = int(1/q_k)``, so the steps calibrated for, the steps taken and the steps the
+ledger records are one number. A run plans ``rounds × local_epochs × steps_per_epoch`` steps; the
+noise multiplier σ_k is calibrated once so that all of them together cost at most the budget ε
+(Abadi et al. 2016 with the accountant chosen by ``privacy.accountant``). Clients with the same b_k
+share one calibration.
 
 Client sampling (``federation.fraction``) is not used for amplification: the server knows whom it
 selected, so each client's ε is the composition of the rounds it actually took part in.
@@ -24,6 +34,12 @@ from .ledger import LedgerEntry, PrivacyLedger
 from .noise import NoiseSource
 from .plan import Release
 from .replay import ReleaseStore
+
+
+def steps_per_epoch(batches: int) -> int:
+    """The steps Opacus' ``DPDataLoader`` takes per epoch at q = 1/batches: ``int(1/q)``, which is
+    ``batches - 1`` when ``1/(1/batches)`` rounds below ``batches`` (b = 93, 99, 105, ...)."""
+    return max(1, int(1.0 / (1.0 / batches)))
 
 
 class RecordLevelPlan(BudgetedPlan):
@@ -63,7 +79,8 @@ class RecordLevelPlan(BudgetedPlan):
                 self._sigma[b] = float(noise_multiplier)
             else:
                 assert budget is not None
-                self._sigma[b] = gaussian_noise_multiplier(self.accountant, budget, delta, 1.0 / b, rounds * local_epochs * b)
+                steps = rounds * local_epochs * steps_per_epoch(b)
+                self._sigma[b] = gaussian_noise_multiplier(self.accountant, budget, delta, 1.0 / b, steps)
         calibrating.close()
 
     def sample_rate(self, client_id: int) -> float:
@@ -73,7 +90,7 @@ class RecordLevelPlan(BudgetedPlan):
         return self._sigma[self.batches[client_id]]
 
     def steps_per_round(self, client_id: int) -> int:
-        return self.local_epochs * self.batches[client_id]
+        return self.local_epochs * steps_per_epoch(self.batches[client_id])
 
     # ------------------------------------------------------------------ BudgetedPlan
     def history_of(self, entries: Sequence[LedgerEntry]) -> list[GaussianRelease]:

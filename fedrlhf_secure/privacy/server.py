@@ -21,6 +21,7 @@ import numpy as np
 from aggregation.base import AggregateResult, AggregationAborted, Aggregator
 
 from ..configtypes import ConfigError
+from .accountants import RELATION
 from .client_level import accountant_name, dp_fedavg_noise_multiplier, survivors_required
 from .noise import NoiseSource
 
@@ -49,7 +50,7 @@ class ServerPrivacy:
         if p.mode != "none":
             integer = aggregator is not None and aggregator.capabilities.integer_scale is not None
             accountant = accountant_name(p.accountant, self.distributed and integer)
-            self.public = {"accountant": accountant, "epsilon_budget": p.epsilon, "delta": p.delta}
+            self.public = {"accountant": accountant, "relation": RELATION, "epsilon_budget": p.epsilon, "delta": p.delta}
         if p.mode == "client":
             z = dp_fedavg_noise_multiplier(p.accountant, p.epsilon, p.delta, config.federation.rounds, p.noise_multiplier)
             self.public.update(noise=p.noise, clip_norm=p.clip_norm, noise_multiplier=float(z))

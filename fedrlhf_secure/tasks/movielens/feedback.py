@@ -22,10 +22,20 @@ always misses and ``H_k = 0``. Here the signal is computed from the ratings of t
 the batch (callers pass the rating array aligned with the batch; there is no id lookup to get
 wrong), and tests check both alignment and that ``λ_k`` changes the update.
 
-Under record-level DP the pairwise term would make one record's reward depend on another record
-of the same batch, which breaks the per-sample sensitivity bound of DP-SGD; with ``dp=True`` each
-record is instead compared with a public reference rating (the scale midpoint, 3), so every
-per-sample gradient is a function of its own record only.
+Under record-level DP one record's reward must depend on that record alone, or replacing another
+record would move this record's per-sample gradient and break DP-SGD's sensitivity bound. Two
+things would couple records, and :func:`private_human_signal` removes both:
+
+* the pairwise term compares two records of a batch: each record is instead compared with a public
+  reference rating (the scale midpoint, 3);
+* the human's noise, drawn from one generator in batch order, would depend on which other records
+  were sampled before it (and on how far an earlier, noiseless phase had advanced the generator).
+  Instead each record's draws are a function of (a client's secret key, round, epoch, the record's
+  position in the client's data) alone (:class:`KeyedHumanNoise`, ChaCha20 via
+  :func:`fedrlhf_secure.privacy.randomness.keyed_uniforms`). The key is secret (``os.urandom``), not
+  the public run seed, so nobody can regenerate the human's noise from ``config.yaml``. Under
+  replace-one a record keeps its position, so its draws are the same in both neighbouring data
+  sets. A record sampled twice in one epoch (Poisson sampling) hears the same answer both times.
 """
 
 from __future__ import annotations
@@ -102,29 +112,51 @@ def pairwise_feedback(ratings: np.ndarray, groups: np.ndarray, flip_prob: np.nda
     return out
 
 
-def reference_feedback(ratings: np.ndarray, flip_prob: np.ndarray | float, rng: np.random.Generator) -> np.ndarray:
-    """The DP-safe comparison: each record against the public reference rating 3."""
-    pref = np.sign(np.asarray(ratings, dtype=np.float32) - REFERENCE_RATING)
-    flips = rng.random(len(pref)) < np.asarray(flip_prob, dtype=np.float64)
-    return np.where(flips, -pref, pref).astype(np.float32)
-
-
 def human_signal(
     ratings: np.ndarray,
     groups: np.ndarray,
     noise_std: np.ndarray | float,
     flip_prob: np.ndarray | float,
     rng: np.random.Generator,
-    *,
-    dp: bool = False,
 ) -> np.ndarray:
-    """``h_k(s)`` for each record of a batch, from the batch's own ratings (aligned, one per record).
+    """``h_k(s)`` for each record of a batch, from the batch's own ratings (aligned, one per record),
+    without DP: direct feedback and pairwise comparisons within the batch.
 
     ``groups`` says which records belong to the same user (pairs are formed within a user);
     ``noise_std``/``flip_prob`` are the records' humans' (scalars or one per record)."""
     direct = direct_feedback(ratings, noise_std, rng)
-    compare = reference_feedback(ratings, flip_prob, rng) if dp else pairwise_feedback(ratings, groups, flip_prob, rng)
-    return 0.5 * (direct + compare)
+    return 0.5 * (direct + pairwise_feedback(ratings, groups, flip_prob, rng))
+
+
+def private_human_signal(
+    ratings: np.ndarray, noise_std: np.ndarray | float, flip_prob: np.ndarray | float, normal: np.ndarray, uniform: np.ndarray
+) -> np.ndarray:
+    """``h_k(s)`` under record-level DP: each record's direct feedback plus its own N(0, 1) draw
+    ``normal`` scaled by σ_k, and its comparison with the public reference rating 3, flipped when
+    its own uniform draw ``uniform`` is below ``p_flip`` (draws aligned with ``ratings``, one per
+    record, from :class:`KeyedHumanNoise`)."""
+    ratings = np.asarray(ratings, dtype=np.float32)
+    direct = (ratings - REFERENCE_RATING) / 2.0 + np.asarray(normal, dtype=np.float64) * np.asarray(noise_std, dtype=np.float64)
+    pref = np.sign(ratings - REFERENCE_RATING)
+    compare = np.where(np.asarray(uniform) < np.asarray(flip_prob, dtype=np.float64), -pref, pref)
+    return (0.5 * (direct + compare)).astype(np.float32)
+
+
+class KeyedHumanNoise:
+    """The simulated humans' randomness under DP, per record: draws keyed by (secret key, round,
+    epoch, record position) alone (see the module docstring)."""
+
+    def __init__(self, key: bytes, round: int) -> None:
+        self.key = bytes(key)
+        self.round = int(round)
+
+    def draws(self, epoch: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(N(0, 1) draw, uniform draw) for each of the ``n`` records of a client, for this round and epoch."""
+        from ...privacy.randomness import keyed_uniforms
+
+        u = keyed_uniforms(self.key, b"human-feedback/%d/%d" % (self.round, int(epoch)), 3 * int(n)).reshape(3, int(n))
+        normal = np.sqrt(-2.0 * np.log1p(-u[0])) * np.cos(2.0 * np.pi * u[1])  # Box-Muller
+        return normal, u[2]
 
 
 def reward_table(label: np.ndarray, signal: np.ndarray, lam: np.ndarray | float) -> np.ndarray:

@@ -26,11 +26,12 @@ import torch
 from ...configtypes import ConfigError
 from ...errors import InputError
 from ...privacy.dpsgd import DPSGDReport
+from ...privacy.randomness import secret_key
 from ..auditable import AuditableTask, CanarySet, Candidates
 from ..base import FitConfig, FitResult, ParamSpec, Task, TaskClient
 from .config import MovieLensConfig
 from .data import MovieLensSplit, Ratings, load_split
-from .feedback import FeedbackProfile, draw_profiles, labels
+from .feedback import FeedbackProfile, KeyedHumanNoise, draw_profiles, labels
 from .metrics import evaluate_scores
 from .model import ITEM_EMBEDDING, PolicyDims, build_policy, numpy_logits
 from .train import LocalData, ProfileTable, TrainSettings, fit_personal, train_epochs, train_epochs_dp
@@ -286,6 +287,7 @@ class MovieLensClient(TaskClient):
         self._user_rows = task.initial_user_rows(users)  # personal: never returned by fit()
         self._dp_user_rows = self._user_rows.copy()  # personal, trained only by DP-SGD (see fit)
         self.feedback_profiles = ProfileTable.of([task.profiles[client_id]])
+        self._human_key = secret_key()  # keys the simulated human's per-record noise under DP (never the run seed)
         user_pos = np.searchsorted(users, train.user)
         self.local_items = np.unique(train.item)
         genres = task.split.catalogue.genres
@@ -354,7 +356,7 @@ class MovieLensClient(TaskClient):
                 self.task.settings,
                 config.local_epochs,
                 config.dp_sgd,
-                rng=rng,
+                human=KeyedHumanNoise(self._human_key, config.round),
             )
             item_delta = policy.item_rows() - shared[ITEM_EMBEDDING]
             touched = np.ones(num_items, dtype=bool)
@@ -374,8 +376,10 @@ class MovieLensClient(TaskClient):
         nothing that leaves is computed from it: the DP-SGD fit below starts from its own user
         embedding (``_dp_user_rows``), trained only by DP-SGD, so the update is a DP mechanism
         of the data and the received (public) model. The client's own predictions are about its
-        own user; only their evaluation metrics reach the server, which record-level DP does not
-        cover in any case (SECURITY.md §11)."""
+        own user, and under DP their evaluation numbers stay on the client too
+        (:class:`~fedrlhf_secure.federation.participant.PlaintextPolicy`; SECURITY.md §11). Nor
+        does this phase move the DP phase's randomness: the simulated human's noise there is keyed
+        per record (:class:`.feedback.KeyedHumanNoise`), not drawn from this phase's generator."""
         policy = build_policy(shared, self._user_rows, self.local_items)
         fit_personal(policy, self.local_data, self.feedback_profiles, self.task.settings, rng)
         return policy.user_embedding.weight.detach().numpy().copy()

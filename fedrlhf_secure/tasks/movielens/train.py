@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ...privacy.dpsgd import make_private
-from .feedback import FeedbackProfile, human_signal, reward_table
+from .feedback import FeedbackProfile, KeyedHumanNoise, human_signal, private_human_signal, reward_table
 from .model import PreferencePolicy
 
 if TYPE_CHECKING:
@@ -82,12 +82,23 @@ def policy_loss(logits: torch.Tensor, rewards: torch.Tensor, objective: Objectiv
     return F.binary_cross_entropy_with_logits(logits, target, reduction="none")
 
 
-def shaped_rewards(data: LocalData, idx: np.ndarray, profiles: ProfileTable, rng: np.random.Generator, *, dp: bool) -> np.ndarray:
+def shaped_rewards(data: LocalData, idx: np.ndarray, profiles: ProfileTable, rng: np.random.Generator) -> np.ndarray:
     """``R_k(s, a)`` for the batch ``idx`` of ``data``, each record shaped by its own user's
-    simulated human and ``λ_k`` (vectorised: one numpy pass per batch)."""
+    simulated human and ``λ_k`` (vectorised: one numpy pass per batch). Not for DP: the pairwise
+    comparisons and the generator couple the records of a batch (:func:`private_shaped_rewards`)."""
     k = data.profile_index[idx]
     ratings = data.ratings[idx]
-    signal = human_signal(ratings, data.user_key[idx], profiles.noise_std[k], profiles.flip_prob[k], rng, dp=dp)
+    signal = human_signal(ratings, data.user_key[idx], profiles.noise_std[k], profiles.flip_prob[k], rng)
+    return reward_table(data.labels[idx], signal, profiles.lam[k])
+
+
+def private_shaped_rewards(data: LocalData, idx: np.ndarray, profiles: ProfileTable, draws: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """``R_k(s, a)`` for the batch ``idx`` under record-level DP: each record's reward is a function
+    of that record and its own keyed draws (``draws`` = :meth:`KeyedHumanNoise.draws` for the whole
+    client, indexed here by record position) and of nothing else."""
+    k = data.profile_index[idx]
+    normal, uniform = draws
+    signal = private_human_signal(data.ratings[idx], profiles.noise_std[k], profiles.flip_prob[k], normal[idx], uniform[idx])
     return reward_table(data.labels[idx], signal, profiles.lam[k])
 
 
@@ -136,7 +147,7 @@ def _run_epochs(policy, optimizer, data, profiles, settings, epochs, rng) -> tup
         order = rng.permutation(n)
         for start in range(0, n, settings.batch_size):
             idx = order[start : start + settings.batch_size]
-            rewards = shaped_rewards(data, idx, profiles, rng, dp=False)
+            rewards = shaped_rewards(data, idx, profiles, rng)
             tidx = torch.from_numpy(idx)
             logits = policy(data.user_pos[tidx], data.item_pos[tidx], data.genres[tidx])
             loss = policy_loss(logits, torch.from_numpy(rewards), settings.objective, settings.temperature).mean()
@@ -219,7 +230,7 @@ def train_epochs_dp(
     epochs: int,
     dp: DPSGDSettings,
     *,
-    rng: np.random.Generator,
+    human: KeyedHumanNoise,
     grad_sample_mode: Literal["ghost", "hooks"] = "ghost",
 ) -> tuple[int, float]:
     """Record-level DP-SGD with Opacus; returns (noisy steps taken, mean loss of the last epoch).
@@ -242,8 +253,9 @@ def train_epochs_dp(
     so it is passed with ``poisson_sampling=False``; empty batches still take a noisy step.
     Opacus's accountant is never consulted: :mod:`fedrlhf_secure.privacy` accounts over rounds
     from the ``steps``/``sample_rate``/``noise_multiplier`` this fit reports. The shaped reward is
-    computed per record from its own rating only (``dp=True`` in :func:`human_signal`), so each
-    per-sample gradient depends on one record. All parameters train jointly (one DP mechanism for
+    computed per record from its own rating and its own keyed draws only (:func:`private_shaped_rewards`,
+    ``human`` keyed by the client's secret key and the round), so each per-sample gradient depends on
+    one record. All parameters train jointly (one DP mechanism for
     exactly ``epochs`` passes at the planned rate, matching the steps the privacy plan calibrated
     for), not in the alternating schedule of :func:`train_epochs`.
     """
@@ -256,12 +268,13 @@ def train_epochs_dp(
     steps, last = 0, float("nan")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Full backward hook is firing")  # inputs are indices
-        for _ in range(epochs):
+        for epoch in range(epochs):
             losses = []
+            draws = human.draws(epoch, n)
             for (idx,) in loader:
                 dp_optimizer.zero_grad(set_to_none=True)
                 if len(idx):
-                    rewards = shaped_rewards(data, idx.numpy(), profiles, rng, dp=True)
+                    rewards = private_shaped_rewards(data, idx.numpy(), profiles, draws)
                     logits = module(data.user_pos[idx], data.item_pos[idx], data.genres[idx])
                     loss = criterion(logits, torch.from_numpy(rewards))
                     loss.backward()
