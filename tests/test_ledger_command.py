@@ -18,7 +18,7 @@ from fedrlhf_secure.privacy.ledger import MANIFEST, LedgerEntry, chain_head, cli
 
 RECORD = {"mode": "record", "epsilon": 4.0, "delta": 1e-2, "max_grad_norm": 1.0, "batch_size": 1, "accountant": "rdp"}
 CLIENT = {"mode": "client", "epsilon": 4.0, "delta": 1e-3, "clip_norm": 1.0, "noise": "distributed", "accountant": "rdp"}
-SECAGG = {"kind": "secagg", "levels": 65536, "noise_bound": 1_000_000}  # integer domain: Skellam shares
+SECAGG = {"kind": "secagg", "levels": 65536, "noise_bound": 8_000_000}  # integer domain: Skellam shares
 
 
 def _run(tmp_path: Path, privacy: dict, aggregation: dict | None = None, **fed) -> Path:

@@ -23,6 +23,7 @@ from fedrlhf_secure.federation import engine
 from fedrlhf_secure.federation.engine import RunOptions, resume_federation, run_federation
 from fedrlhf_secure.federation.node_protocol import REQUEST, RESPONSE, NodeMessage
 from fedrlhf_secure.federation.participant import ParticipantHost
+from fedrlhf_secure.federation.policy import NodePolicy
 from fedrlhf_secure.privacy import factory
 from fedrlhf_secure.privacy.ledger import (
     MANIFEST,
@@ -306,7 +307,9 @@ def test_a_file_holding_two_entries_the_manifest_never_counted_is_refused(tmp_pa
 def test_a_node_resuming_without_its_ledger_refuses_the_setup_naming_it(tmp_path):
     config = _toy()
     gone = tmp_path / "node" / "privacy" / "run-x" / "ledger"
-    host = ParticipantHost([0, 1, 2, 3], None, state_dir=tmp_path / "node", ledger_dir=gone, resume=True)
+    host = ParticipantHost(
+        [0, 1, 2, 3], None, state_dir=tmp_path / "node", ledger_dir=gone, resume=True, policy=NodePolicy.from_config(config)
+    )
     req = NodeMessage("setup", {"client_ids": [0, 1, 2, 3]}, blobs={"config": config.to_yaml().encode("utf-8")})
     resp = NodeMessage.decode(host.handle(req.encode(REQUEST)), RESPONSE)
     assert resp.header["error"].startswith("LedgerIncomplete: ")
@@ -319,7 +322,9 @@ def test_a_node_resuming_with_its_ledger_whole_keeps_the_spend(tmp_path):
     ledger = tmp_path / "node" / "ledger"
     first = factory.build_client_privacy(config, {c: c + 1 for c in range(4)}, ledger, False, engine.build_aggregator(config, [0, 1, 2, 3]))
     first.ledger.record(LedgerEntry(2, 0, "dp-sgd", 1.3, 1 / 3, 3, 1.0, 0.7, 1e-2, "d" * 64))
-    host = ParticipantHost([0, 1, 2, 3], None, state_dir=tmp_path / "node", ledger_dir=ledger, resume=True)
+    host = ParticipantHost(
+        [0, 1, 2, 3], None, state_dir=tmp_path / "node", ledger_dir=ledger, resume=True, policy=NodePolicy.from_config(config)
+    )
     req = NodeMessage("setup", {"client_ids": [0, 1, 2, 3]}, blobs={"config": config.to_yaml().encode("utf-8")})
     resp = NodeMessage.decode(host.handle(req.encode(REQUEST)), RESPONSE)
     assert "error" not in resp.header

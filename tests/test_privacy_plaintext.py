@@ -24,6 +24,7 @@ from fedrlhf_secure.federation.links import InProcessLink
 from fedrlhf_secure.federation.messages import REPORT
 from fedrlhf_secure.federation.node_protocol import RESPONSE, NodeMessage
 from fedrlhf_secure.federation.participant import LOCAL_METRICS_FILE, ParticipantHost, PlaintextPolicy
+from fedrlhf_secure.federation.policy import NodePolicy
 
 NODES = {0: [0, 2, 4], 1: [1, 3, 5]}
 RECORD = {"mode": "record", "epsilon": 8.0, "delta": 1e-3, "max_grad_norm": 0.5, "batch_size": 8, "accountant": "rdp"}
@@ -92,9 +93,11 @@ def plaintext_numbers(frames: list[bytes]) -> dict[str, int]:
 
 
 def _remote(tmp: Path, data_dir: Path, privacy: dict[str, Any], host=ParticipantHost) -> tuple[Path, RecordingLink, dict]:
-    hosts = {n: host(c, data_dir, state_dir=tmp / f"node-{n}") for n, c in NODES.items()}
+    config = _config(privacy)
+    policy = NodePolicy.from_config(config)  # each node's own policy: exactly what the user runs
+    hosts = {n: host(c, data_dir, state_dir=tmp / f"node-{n}", policy=policy) for n, c in NODES.items()}
     link = RecordingLink(hosts)
-    run = run_remote_federation(_config(privacy), link, NODES, RunOptions(data_dir=data_dir, out=tmp / "server", progress=False))
+    run = run_remote_federation(config, link, NODES, RunOptions(data_dir=data_dir, out=tmp / "server", progress=False))
     return run, link, hosts
 
 
