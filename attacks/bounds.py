@@ -144,6 +144,50 @@ def one_run_audit(
     )
 
 
+GRADIENT_CANARY_FRACTION = 0.45
+"""The fixed guess policy of the gradient-canary audit: ``k+ = k- = ⌊0.45·m⌋`` (guess on 90% of the
+canaries, abstain on the middle 10%). Fixed before any score is seen, so no Bonferroni grid is paid
+for; 0.45 < ½ leaves room for the coin count to fall below m/2 (at m = 2,000 the chance that fewer
+than 45% of the coins come up "in" is below 1e-5), so a perfect attack makes no forced error."""
+
+
+def refutable_ceiling(m: int, delta: float, confidence: float = 0.95, fractions: Sequence[float] = (GRADIENT_CANARY_FRACTION,)) -> float:
+    """The largest ε̂ an audit with ``m`` canaries can report (every guess right), i.e. the largest
+    claim it can ever refute, at ``delta``, ``confidence`` and the guess grid ``fractions``
+    (Bonferroni over the grid, as :func:`one_run_audit`).
+
+    Why it matters: the one-run bound saturates (Steinke et al. 2023, Fig. 1): with r correct guesses
+    the ε-DP p-value ``(e^ε/(1+e^ε))^r`` needs ``r ≳ 3e^ε``, and the ``2mδ`` term of Thm 5.2 caps the
+    bound near ``log(1/(mδ))``-ish from above, so for δ = 1e-5 no m reaches much past 8.1. A claim at or
+    above the ceiling cannot fail, whatever the run does."""
+    grid_conf = 1.0 - (1.0 - confidence) / len(fractions)
+    best = 0.0
+    for f in fractions:
+        k = max(1, min(m // 2, int(f * m)))
+        best = max(best, one_run_epsilon(m, 2 * k, 2 * k, delta, grid_conf))
+    return best
+
+
+CANARY_LADDER = (500, 1000, 2000, 3000, 5000, 7500, 10_000, 15_000, 20_000, 25_000, 30_000, 40_000, 50_000)
+
+
+def canaries_needed(
+    epsilon: float,
+    delta: float,
+    confidence: float = 0.95,
+    fractions: Sequence[float] = (GRADIENT_CANARY_FRACTION,),
+    *,
+    limit: int | None = None,
+) -> int | None:
+    """The smallest m on :data:`CANARY_LADDER` (at most ``limit``) whose ceiling exceeds ``epsilon``; None when none does."""
+    for m in CANARY_LADDER:
+        if limit is not None and m > limit:
+            break
+        if refutable_ceiling(m, delta, confidence, fractions) > epsilon:
+            return m
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # Multi-run: Clopper–Pearson on FPR and FNR
 # ---------------------------------------------------------------------------------------------
