@@ -269,3 +269,29 @@ def multi_run_audit(
     fp, fn = int(pred[~el].sum()), int((~pred[el]).sum())
     eps = clopper_pearson_epsilon(fp, int((~el).sum()), fn, int(el.sum()), delta, confidence)
     return MultiRunResult(eps, confidence, delta, best_t, fp, int((~el).sum()), fn, int(el.sum()))
+
+
+def ceiling_table(
+    ms: Sequence[int] = (500, 1000, 2000, 5000, 10_000, 20_000, 30_000, 50_000),
+    deltas: Sequence[float] = (1e-5, 1e-6),
+    confidence: float = 0.95,
+) -> str:
+    """Markdown: the largest refutable ε per m (the gradient-canary policy, and the record-canary grid
+    at the first δ), then the m each claim needs (docs/audits.md prints this table)."""
+    head = (
+        "| m | " + " | ".join(f"gradient canaries, δ = {d:g}" for d in deltas) + f" | record canaries (6-point grid), δ = {deltas[0]:g} |"
+    )
+    lines = [head, "|" + "---|" * (len(deltas) + 2)]
+    for m in ms:
+        row = [f"{refutable_ceiling(m, d, confidence):.3f}" for d in deltas]
+        row.append(f"{refutable_ceiling(m, deltas[0], confidence, DEFAULT_GUESS_FRACTIONS):.3f}")
+        lines.append(f"| {m:,} | " + " | ".join(row) + " |")
+    lines += ["", "| claimed ε | " + " | ".join(f"m needed, δ = {d:g}" for d in deltas) + " |", "|" + "---|" * (len(deltas) + 1)]
+    for eps in (1.0, 2.0, 4.0, 6.0, 8.0, 9.0):
+        need = [canaries_needed(eps, d, confidence) for d in deltas]
+        lines.append(f"| {eps:g} | " + " | ".join("none on the ladder" if n is None else f"{n:,}" for n in need) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(ceiling_table())
