@@ -210,20 +210,15 @@ def test_an_audit_that_cannot_refute_the_claim_is_inconclusive_or_refused(data, 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("broken", [True, False], ids=["noise-off-fails", "honest-passes"])
-def test_default_config_at_epsilon_8_client_level(shared_datasets, tmp_path, capsys, broken):
-    """configs/movielens.yaml (943 clients, one per user), client-level DP at ε = 8 as the README
-    recommends for it, with the canaries the claim needs on the plain-mean coordinates."""
+def test_silos_preset_at_epsilon_8_client_level(shared_datasets, tmp_path, capsys, broken):
+    """configs/movielens-silos.yaml (the README's main job: 19 data holders of 50 users, ε = 8,
+    δ = 1e-5) with client-level DP, where the gradient canaries go in, and the 30,000 canaries the
+    claim needs on plain-mean coordinates (``federation.sparse_rows: all``)."""
     cfg = load_config(
-        "configs/movielens.yaml",
-        [
-            "privacy.mode=client",
-            "privacy.epsilon=8",
-            "privacy.delta=1e-5",
-            "federation.weighting=uniform",
-            "federation.sparse_rows=all",
-            "privacy.audit_canaries=30000",
-        ],
+        "configs/movielens-silos.yaml",
+        ["privacy.mode=client", "federation.weighting=uniform", "federation.sparse_rows=all", "privacy.audit_canaries=30000"],
     )
+    assert (cfg.privacy.epsilon, cfg.privacy.delta) == (8, 1e-5)
     run = run_federation(cfg, RunOptions(data_dir=shared_datasets, out=tmp_path, progress=False, noise=SilentNoise() if broken else None))
     code = audit_cli(run, shared_datasets)
     out = capsys.readouterr().out
