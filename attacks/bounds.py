@@ -13,7 +13,9 @@ If the mechanism is (ε, δ)-DP, the number ``W`` of correct guesses among ``r =
 ``P[W ≥ v] ≤ P[Binomial(r, e^ε/(1+e^ε)) ≥ v] + 2mδ · max_i P[v-i ≤ Binomial(r, ·) < v] / i``.
 ε̂ is the largest ε whose p-value is still below ``1 - confidence``.
 
-**Multi-run** (Jagielski, Ullman & Oprea 2020, "Auditing Differentially Private Machine Learning",
+**Multi-run** (not used by ``fedrlhf audit``: its trials must be independent training runs, one
+canary each; the canaries of one run are not independent trials, so counting them as such, as the
+audit once did, overstates the confidence) (Jagielski, Ullman & Oprea 2020, "Auditing Differentially Private Machine Learning",
 §4 / Kairouz et al. 2015): a threshold test with false-positive rate FPR and false-negative rate
 FNR against an (ε, δ)-DP mechanism satisfies ``FPR + e^ε FNR ≥ 1 - δ`` and
 ``FNR + e^ε FPR ≥ 1 - δ``. With Clopper–Pearson upper bounds on FPR and FNR (each at
