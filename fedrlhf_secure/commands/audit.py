@@ -40,7 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"shadow runs for LiRA/RMIA/reference attacks (0: LOSS only; default {d.num_shadows})",
     )
     parser.add_argument(
-        "--canaries", type=int, default=d.num_canaries, help=f"canaries in each ε-audit run (0: no ε audit; default {d.num_canaries})"
+        "--canaries",
+        type=int,
+        default=d.num_canaries,
+        help=f"record canaries of the re-run ε audit of a record-level run (0: none; default {d.num_canaries})",
     )
     parser.add_argument(
         "--gradient-canaries",
