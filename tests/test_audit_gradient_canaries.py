@@ -132,12 +132,19 @@ def test_coins_are_written_once_reused_on_resume_and_a_missing_coin_file_is_refu
 
     cfg = canary_config(m=100)
     codec = UpdateCodec(build_task(cfg, data).shared_spec(), "all")
+    # worker processes of a fresh run are set up as resuming (they open a ledger made before the fork)
+    # and hold disjoint clients: each draws and writes its own clients' coins
+    build_canaries(cfg, [0, 1, 2], [0, 2], codec, tmp_path / "ledger", True)
+    build_canaries(cfg, [0, 1, 2], [1], codec, tmp_path / "ledger", True)
+    assert sorted(p.name for p in (tmp_path / CANARY_DIR).glob("client-*.npz")) == ["client-0.npz", "client-1.npz", "client-2.npz"]
     first = build_canaries(cfg, [0, 1, 2], [0, 1, 2], codec, tmp_path / "ledger", False)
     again = build_canaries(cfg, [0, 1, 2], [0, 1, 2], codec, tmp_path / "ledger", True)
     vec = np.zeros(codec.dim, dtype=np.float32)
     for c in range(3):
         assert np.array_equal(first.insert(c, 1, vec), again.insert(c, 1, vec))
     (tmp_path / CANARY_DIR / "client-1.npz").unlink()
+    (tmp_path / "ledger").mkdir()
+    (tmp_path / "ledger" / "client-1.json").write_text("[]")  # client 1 has released updates
     with pytest.raises(InputError, match="client-1.npz"):
         build_canaries(cfg, [0, 1, 2], [0, 1, 2], codec, tmp_path / "ledger", True)
 

@@ -154,8 +154,10 @@ def build_canaries(
     """The canaries of ``privacy.audit_canaries`` for the clients of one host, or None when it is 0.
 
     Draws the host's coins from a secret generator and writes them (fsync'd) into
-    ``<ledger_dir>/../audit-canaries/`` before any update leaves; on ``resume`` reads them back and
-    refuses a missing file (new coins would void the audit of the rounds already released)."""
+    ``<ledger_dir>/../audit-canaries/`` before any update leaves; reads them back when they exist
+    (a resumed run, a worker process) and refuses a missing file for a client that already has
+    ledger entries (new coins would void the audit of the rounds it released). ``resume`` is
+    accepted for the caller's symmetry; worker processes of a fresh run are set up as resuming."""
     p = config.privacy
     m = int(getattr(p, "audit_canaries", 0) or 0)
     if m == 0:
@@ -204,8 +206,9 @@ def build_canaries(
         if path.is_file():
             with np.load(path) as f:
                 coins = np.asarray(f["included"], dtype=bool)
-        elif resume and n_own:
-            raise InputError(f"resuming a run with audit canaries, but {path} (client {cid}'s canary coins) is missing")
+        elif n_own and (Path(ledger_dir) / f"client-{int(cid)}.json").exists():
+            # the client has released updates carrying its canaries: new coins would void their audit
+            raise InputError(f"client {cid} has ledger entries but {path} (its canary coins) is missing")
         else:
             coins = secret_numpy_rng().random(n_own) < 0.5
             sel = np.flatnonzero(placement.holders == int(cid))
