@@ -10,20 +10,31 @@ Steps (each a separate, reproducible piece; ``seed`` fixes every coin the audit 
    ``num_shadows`` shadow runs of the same config train on random halves of all candidates
    (:mod:`.shadows`). Attacks: LOSS (:mod:`.loss`), reference-model (:mod:`.reference`), LiRA
    online/offline (:mod:`.lira`), RMIA online/offline (:mod:`.rmia`). Metrics: :mod:`.metrics`.
-2. **Empirical ε** (:mod:`.bounds`). The released run has no canaries, and DP is a property of
-   the *training procedure*, so the audit trains ``canary_runs`` fresh runs of the same config
-   with ``num_canaries`` canaries each (:func:`.shadows.run_canaries`). The one-run bound
-   (Steinke et al. 2023) of the first canary run is ε̂; when ``canary_runs ≥ 2`` the multi-run
-   Clopper–Pearson bound (Jagielski et al. 2020) picks its threshold on the first run and counts
-   errors on the others. With a single run, the Clopper–Pearson figure splits the canaries into a
-   selection and an evaluation half and treats canaries as trials (valid for the analysis of
-   Steinke et al. Thm 3.1 only in the pure-DP limit), so it is reported for comparison only.
+2. **Empirical ε** (:mod:`.bounds`), one fixed policy, chosen and announced before any training
+   (:func:`plan_epsilon_audit`):
+
+   * **the run itself** when it was trained with ``privacy.audit_canaries: m``: its white-box Dirac
+     gradient canaries (inserted after clipping, before the noise, coins kept secret beside the
+     run's ledger) are scored on the released model (:mod:`.gradient_canaries`). This audits the
+     production run, not a re-run of its config;
+   * else, for a client-level run, a **re-run** of its config with ``m`` gradient canaries
+     (``--gradient-canaries``; default: the smallest m on :data:`.bounds.CANARY_LADDER` whose
+     ceiling exceeds the claim);
+   * else (record level) a re-run with ``--canaries`` record canaries (:func:`.shadows.run_canaries`).
+
+   The one-run bound (Steinke, Nasr & Jagielski 2023) is ε̂. Every audit announces the largest ε it
+   could refute at its m (:func:`.bounds.refutable_ceiling`) and the m the claim needs. There is
+   no multi-run figure: canaries of one run are not independent trials, and re-running with other
+   seeds until an audit passes is exactly what a fixed policy rules out (the seed and m are in
+   ``audit.json``).
 3. **Verdict**: ``fail`` when ε̂ > the ε the run's ledger claims (the largest ε any client spent,
-   or the configured budget if larger), ``pass`` otherwise, ``no-claim`` for a non-private run.
+   or the configured budget if larger); ``inconclusive`` when the audit's ceiling does not exceed
+   the claim (it could not have failed); ``pass`` otherwise; ``no-claim`` for a non-private run.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -47,13 +58,18 @@ from .server_view import MIN_AGGREGATE_CLIENTS, server_view_audit
 from .shadows import candidate_pool, ensure_supported, load_run_config, run_canaries, shadow_inclusions, train_shadows
 
 RMIA_POPULATION = 2000
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class AuditSettings:
     num_shadows: int = 16
     num_canaries: int = 1000
-    canary_runs: int = 1
+    """Record canaries of the re-run audit of a record-level run (0: none)."""
+    gradient_canaries: int | None = None
+    """Gradient canaries of the re-run audit of a client-level run (None: sized to the claim; 0: none)."""
+    require_power: bool = False
+    """Refuse (exit 2, before any training) an ε audit whose ceiling does not exceed the claim."""
     confidence: float = 0.95
     seed: int = 0
     server_view: bool = False
@@ -70,8 +86,8 @@ class AuditSettings:
             raise InputError(f"--shadows must be 0 (LOSS attack only) or >= 2, got {self.num_shadows}")
         if self.num_canaries < 0 or 0 < self.num_canaries < 20:
             raise InputError(f"--canaries must be 0 (no ε audit) or >= 20, got {self.num_canaries}")
-        if self.canary_runs < 1:
-            raise InputError(f"--canary-runs must be >= 1, got {self.canary_runs}")
+        if self.gradient_canaries is not None and (self.gradient_canaries < 0 or 0 < self.gradient_canaries < 20):
+            raise InputError(f"--gradient-canaries must be 0 (none) or >= 20, got {self.gradient_canaries}")
         if self.server_view and self.server_view_clients < MIN_AGGREGATE_CLIENTS:
             raise InputError(
                 f"--server-view-clients must be >= {MIN_AGGREGATE_CLIENTS} (an aggregate of fewer is not the claim), "
@@ -128,40 +144,115 @@ def attack_scores(target: np.ndarray, shadows: np.ndarray | None, inclusions: np
     return out
 
 
-def epsilon_audit(canary_runs: list, delta: float, confidence: float, seed: int) -> dict[str, Any]:
-    first = canary_runs[0]
-    one = bounds.one_run_audit(first.scores, first.included, delta, confidence, seed=seed)
-    if len(canary_runs) >= 2:
-        rest_s = np.concatenate([c.scores for c in canary_runs[1:]])
-        rest_l = np.concatenate([c.included for c in canary_runs[1:]])
-        multi = bounds.multi_run_audit(first.scores, first.included, rest_s, rest_l, delta, confidence)
-        multi_note = f"threshold chosen on canary run 1, errors counted on runs 2..{len(canary_runs)}"
-    else:
-        rng = np.random.default_rng(np.random.SeedSequence([seed, 0xC1]))
-        half = rng.random(len(first.scores)) < 0.5
-        multi = bounds.multi_run_audit(
-            first.scores[half], first.included[half], first.scores[~half], first.included[~half], delta, confidence
-        )
-        multi_note = (
-            "single canary run: threshold chosen on half of the canaries, errors counted on the other half "
-            "(canaries as trials; for comparison only)"
-        )
+def epsilon_audit(run, delta: float, confidence: float, seed: int) -> dict[str, Any]:
+    """The one-run bound of a record-canary re-run, over the guess grid, with its ceiling."""
+    one = bounds.one_run_audit(run.scores, run.included, delta, confidence, seed=seed)
     return {
         "estimate": one.epsilon_lower_bound,
         "confidence": confidence,
-        "method": "one-run (Steinke, Nasr & Jagielski 2023), Bonferroni over the guess grid",
+        "method": "one-run (Steinke, Nasr & Jagielski 2023) on record canaries, Bonferroni over the guess grid",
+        "canary_kind": "record",
+        "ceiling": bounds.refutable_ceiling(len(run.scores), delta, confidence, bounds.DEFAULT_GUESS_FRACTIONS),
         "one_run": one.to_dict(),
-        "multi_run_clopper_pearson": {**multi.to_dict(), "note": multi_note},
-        "canary_runs": len(canary_runs),
+        "canary_runs": 1,
     }
 
 
-def verdict(estimate: float | None, claim: Claim) -> str:
+@dataclass(frozen=True)
+class EpsilonPlan:
+    """The ε audit an invocation will run, fixed before any training: which canaries, how many,
+    the largest ε they can refute (``ceiling``) and the m the claim needs (``needed``)."""
+
+    kind: str
+    """``run`` (the run's own gradient canaries), ``gradient`` / ``record`` (a re-run with canaries), ``none``."""
+    canaries: int
+    ceiling: float | None
+    needed: int | None
+    claim: Claim
+    confidence: float
+
+    @property
+    def powerful(self) -> bool:
+        """Could this audit refute the claim at all (ceiling above the claimed ε)?"""
+        return self.ceiling is not None and (math.isinf(self.claim.epsilon) or self.ceiling > self.claim.epsilon)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "canaries": self.canaries, "ceiling": self.ceiling, "needed": self.needed, "powerful": self.powerful}
+
+    def describe(self) -> str:
+        if self.kind == "none":
+            return "ε audit: none (no canaries)"
+        what = {
+            "run": "the run's own gradient canaries (privacy.audit_canaries), scored on its released model",
+            "gradient": "a re-run of the config with white-box gradient canaries",
+            "record": "a re-run of the config with record canaries",
+        }[self.kind]
+        claim = "no DP claim" if math.isinf(self.claim.epsilon) else f"claimed ε = {self.claim.epsilon:.3f} (δ = {self.claim.delta:g})"
+        need = (
+            f"the claim needs m >= {self.needed}"
+            if self.needed is not None
+            else "no m on the ladder reaches past the claim at this δ (the one-run bound saturates)"
+        )
+        text = (
+            f"ε audit: {what}; m = {self.canaries}; largest ε it can refute: {self.ceiling:.3f} "
+            f"({self.confidence:.0%} confidence); {claim}; {need}"
+        )
+        if not math.isinf(self.claim.epsilon) and not self.powerful:
+            text += (
+                f"\nWARNING: with m = {self.canaries} this audit CANNOT refute ε = {self.claim.epsilon:g} "
+                f"(ceiling {self.ceiling:.3f}): its verdict will be INCONCLUSIVE, not a pass"
+            )
+        return text
+
+
+def _linear_room(config: RunConfig, data_dir: Path | None) -> int:
+    """How many coordinates of the run's update can carry a gradient canary (:func:`~fedrlhf_secure.privacy.canaries.linear_ranges`)."""
+    from fedrlhf_secure.federation.engine import build_task, resolve_data_dir
+    from fedrlhf_secure.federation.update import UpdateCodec
+    from fedrlhf_secure.privacy.canaries import linear_ranges
+
+    task = build_task(config, resolve_data_dir(data_dir))
+    return sum(b - a for a, b in linear_ranges(UpdateCodec(task.shared_spec(), config.federation.sparse_rows)))
+
+
+def plan_epsilon_audit(run_dir: Path, config: RunConfig, claim: Claim, settings: AuditSettings, data_dir: Path | None) -> EpsilonPlan:
+    """The fixed policy (module docstring, step 2): the run's own canaries, else a gradient re-run
+    (client level), else a record re-run; m from the run, the flag, or sized to the claim."""
+    from fedrlhf_secure.privacy.canaries import CANARY_DIR, PLAN_FILE
+
+    conf, delta = settings.confidence, claim.delta
+    finite = not math.isinf(claim.epsilon)
+    grad_need = bounds.canaries_needed(claim.epsilon, delta, conf) if finite else None
+    plan_path = Path(run_dir) / CANARY_DIR / PLAN_FILE
+    if plan_path.is_file():
+        import json
+
+        m = int(json.loads(plan_path.read_text())["canaries"])
+        return EpsilonPlan("run", m, bounds.refutable_ceiling(m, delta, conf), grad_need, claim, conf)
+    if config.privacy.mode == "client" and settings.gradient_canaries != 0:
+        m = settings.gradient_canaries
+        if m is None:
+            room = _linear_room(config, data_dir)
+            m = min(grad_need or bounds.CANARY_LADDER[-1], room)
+        return EpsilonPlan("gradient", m, bounds.refutable_ceiling(m, delta, conf), grad_need, claim, conf)
+    if settings.num_canaries:
+        m = settings.num_canaries
+        grid = bounds.DEFAULT_GUESS_FRACTIONS
+        need = bounds.canaries_needed(claim.epsilon, delta, conf, grid) if finite else None
+        return EpsilonPlan("record", m, bounds.refutable_ceiling(m, delta, conf, grid), need, claim, conf)
+    return EpsilonPlan("none", 0, None, None, claim, conf)
+
+
+def verdict(estimate: float | None, claim: Claim, plan: EpsilonPlan | None = None) -> str:
     if math.isinf(claim.epsilon):
         return "no-claim"
     if estimate is None:
         return "not-audited"
-    return "fail" if estimate > claim.epsilon else "pass"
+    if estimate > claim.epsilon:
+        return "fail"
+    if plan is not None and not plan.powerful:
+        return "inconclusive"
+    return "pass"
 
 
 def audit_run(
@@ -172,11 +263,15 @@ def audit_run(
     progress: Callable[[str], None] | None = None,
     step: Callable[[], None] | None = None,
     noise=None,
+    announce: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Audit ``run_dir``; write ``audit.json`` and ROC plots into it; return the report.
 
     ``noise``: the DP noise source of the audit's own shadow and canary runs (None: the secret
-    one); tests pass the deliberately broken source the audited run was trained with."""
+    one); tests pass the deliberately broken source the audited run was trained with.
+    ``announce`` gets the ε audit's plan (its m, the largest ε it can refute, the m the claim
+    needs) before any training; with ``settings.require_power`` an audit that cannot refute the
+    claim is refused (:class:`~fedrlhf_secure.errors.InputError`) at that point."""
     run_dir = Path(run_dir)
     t_start = time.perf_counter()
     say = progress or (lambda _msg: None)
@@ -190,6 +285,13 @@ def audit_run(
     if not model_path.is_file():
         raise FileNotFoundError(f"{run_dir} has no released model ({model_path} is missing): is the run complete?")
     released = load_tensors(model_path)
+    plan = plan_epsilon_audit(run_dir, config, claim, settings, data_dir)
+    (announce or logger.info)(plan.describe())
+    if settings.require_power and plan.kind != "none" and not plan.powerful:
+        raise InputError(
+            f"the ε audit cannot refute the claim ε = {claim.epsilon:g}: its ceiling at m = {plan.canaries} is {plan.ceiling:.3f}"
+            + (f"; use at least {plan.needed} canaries" if plan.needed else "; no canary count reaches past it at this δ")
+        )
 
     say("candidates")
     pool = candidate_pool(config, data_dir)
@@ -228,14 +330,12 @@ def audit_run(
     }
 
     estimate = None
-    if settings.num_canaries:
-        runs = []
-        for i in range(settings.canary_runs):
-            say(f"canary run {i + 1}/{settings.canary_runs} ({settings.num_canaries} canaries)")
-            runs.append(run_canaries(config, data_dir, settings.num_canaries, settings.seed + i, noise=noise))
-            tick()
-        report["epsilon"] = epsilon_audit(runs, claim.delta, settings.confidence, settings.seed)
+    if plan.kind != "none":
+        say(f"ε audit ({plan.kind}, {plan.canaries} canaries)")
+        report["epsilon"] = _run_epsilon_audit(plan, run_dir, config, data_dir, claim, settings, noise)
+        report["epsilon"]["plan"] = plan.to_dict()
         estimate = report["epsilon"]["estimate"]
+        tick()
 
     if settings.server_view:
         say(f"server view ({settings.server_view_clients} clients, {settings.server_view_kind})")
@@ -247,7 +347,7 @@ def audit_run(
     else:
         sv = None
 
-    report["verdict"] = verdict(estimate, claim)
+    report["verdict"] = verdict(estimate, claim, plan)
     report["seconds"] = time.perf_counter() - t_start
     if settings.plots:
         from .plots import plot_roc
@@ -280,4 +380,20 @@ def audit_run(
 
 
 def progress_steps(settings: AuditSettings) -> int:
-    return settings.num_shadows + (settings.canary_runs if settings.num_canaries else 0) + int(settings.server_view)
+    return settings.num_shadows + 1 + int(settings.server_view)
+
+
+def _run_epsilon_audit(
+    plan: EpsilonPlan, run_dir: Path, config: RunConfig, data_dir: Path | None, claim: Claim, settings: AuditSettings, noise
+) -> dict[str, Any]:
+    from .gradient_canaries import gradient_canary_audit, rerun_with_gradient_canaries, run_canary_scores
+
+    if plan.kind == "run":
+        scored = run_canary_scores(run_dir, data_dir)
+        assert scored is not None
+        return gradient_canary_audit(scored, claim.delta, settings.confidence, settings.seed)
+    if plan.kind == "gradient":
+        scored = rerun_with_gradient_canaries(config, data_dir, plan.canaries, noise=noise)
+        return gradient_canary_audit(scored, claim.delta, settings.confidence, settings.seed)
+    run = run_canaries(config, data_dir, plan.canaries, settings.seed, noise=noise)
+    return epsilon_audit(run, claim.delta, settings.confidence, settings.seed)

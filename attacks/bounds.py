@@ -13,7 +13,9 @@ If the mechanism is (ε, δ)-DP, the number ``W`` of correct guesses among ``r =
 ``P[W ≥ v] ≤ P[Binomial(r, e^ε/(1+e^ε)) ≥ v] + 2mδ · max_i P[v-i ≤ Binomial(r, ·) < v] / i``.
 ε̂ is the largest ε whose p-value is still below ``1 - confidence``.
 
-**Multi-run** (Jagielski, Ullman & Oprea 2020, "Auditing Differentially Private Machine Learning",
+**Multi-run** (not used by ``fedrlhf audit``: its trials must be independent training runs, one
+canary each; the canaries of one run are not independent trials, so counting them as such, as the
+audit once did, overstates the confidence) (Jagielski, Ullman & Oprea 2020, "Auditing Differentially Private Machine Learning",
 §4 / Kairouz et al. 2015): a threshold test with false-positive rate FPR and false-negative rate
 FNR against an (ε, δ)-DP mechanism satisfies ``FPR + e^ε FNR ≥ 1 - δ`` and
 ``FNR + e^ε FPR ≥ 1 - δ``. With Clopper–Pearson upper bounds on FPR and FNR (each at
@@ -144,6 +146,50 @@ def one_run_audit(
     )
 
 
+GRADIENT_CANARY_FRACTION = 0.45
+"""The fixed guess policy of the gradient-canary audit: ``k+ = k- = ⌊0.45·m⌋`` (guess on 90% of the
+canaries, abstain on the middle 10%). Fixed before any score is seen, so no Bonferroni grid is paid
+for; 0.45 < ½ leaves room for the coin count to fall below m/2 (at m = 2,000 the chance that fewer
+than 45% of the coins come up "in" is below 1e-5), so a perfect attack makes no forced error."""
+
+
+def refutable_ceiling(m: int, delta: float, confidence: float = 0.95, fractions: Sequence[float] = (GRADIENT_CANARY_FRACTION,)) -> float:
+    """The largest ε̂ an audit with ``m`` canaries can report (every guess right), i.e. the largest
+    claim it can ever refute, at ``delta``, ``confidence`` and the guess grid ``fractions``
+    (Bonferroni over the grid, as :func:`one_run_audit`).
+
+    Why it matters: the one-run bound saturates (Steinke et al. 2023, Fig. 1): with r correct guesses
+    the ε-DP p-value ``(e^ε/(1+e^ε))^r`` needs ``r ≳ 3e^ε``, and the ``2mδ`` term of Thm 5.2 caps the
+    bound near ``log(1/(mδ))``-ish from above, so for δ = 1e-5 no m reaches much past 8.1. A claim at or
+    above the ceiling cannot fail, whatever the run does."""
+    grid_conf = 1.0 - (1.0 - confidence) / len(fractions)
+    best = 0.0
+    for f in fractions:
+        k = max(1, min(m // 2, int(f * m)))
+        best = max(best, one_run_epsilon(m, 2 * k, 2 * k, delta, grid_conf))
+    return best
+
+
+CANARY_LADDER = (500, 1000, 2000, 3000, 5000, 7500, 10_000, 15_000, 20_000, 25_000, 30_000, 40_000, 50_000)
+
+
+def canaries_needed(
+    epsilon: float,
+    delta: float,
+    confidence: float = 0.95,
+    fractions: Sequence[float] = (GRADIENT_CANARY_FRACTION,),
+    *,
+    limit: int | None = None,
+) -> int | None:
+    """The smallest m on :data:`CANARY_LADDER` (at most ``limit``) whose ceiling exceeds ``epsilon``; None when none does."""
+    for m in CANARY_LADDER:
+        if limit is not None and m > limit:
+            break
+        if refutable_ceiling(m, delta, confidence, fractions) > epsilon:
+            return m
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # Multi-run: Clopper–Pearson on FPR and FNR
 # ---------------------------------------------------------------------------------------------
@@ -225,3 +271,29 @@ def multi_run_audit(
     fp, fn = int(pred[~el].sum()), int((~pred[el]).sum())
     eps = clopper_pearson_epsilon(fp, int((~el).sum()), fn, int(el.sum()), delta, confidence)
     return MultiRunResult(eps, confidence, delta, best_t, fp, int((~el).sum()), fn, int(el.sum()))
+
+
+def ceiling_table(
+    ms: Sequence[int] = (500, 1000, 2000, 5000, 10_000, 20_000, 30_000, 50_000),
+    deltas: Sequence[float] = (1e-5, 1e-6),
+    confidence: float = 0.95,
+) -> str:
+    """Markdown: the largest refutable ε per m (the gradient-canary policy, and the record-canary grid
+    at the first δ), then the m each claim needs (docs/audits.md prints this table)."""
+    head = (
+        "| m | " + " | ".join(f"gradient canaries, δ = {d:g}" for d in deltas) + f" | record canaries (6-point grid), δ = {deltas[0]:g} |"
+    )
+    lines = [head, "|" + "---|" * (len(deltas) + 2)]
+    for m in ms:
+        row = [f"{refutable_ceiling(m, d, confidence):.3f}" for d in deltas]
+        row.append(f"{refutable_ceiling(m, deltas[0], confidence, DEFAULT_GUESS_FRACTIONS):.3f}")
+        lines.append(f"| {m:,} | " + " | ".join(row) + " |")
+    lines += ["", "| claimed ε | " + " | ".join(f"m needed, δ = {d:g}" for d in deltas) + " |", "|" + "---|" * (len(deltas) + 1)]
+    for eps in (1.0, 2.0, 4.0, 6.0, 8.0, 9.0):
+        need = [canaries_needed(eps, d, confidence) for d in deltas]
+        lines.append(f"| {eps:g} | " + " | ".join("none on the ladder" if n is None else f"{n:,}" for n in need) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(ceiling_table())

@@ -1,7 +1,13 @@
 """``fedrlhf audit RUN_DIR``: membership-inference audit and ε lower bound of a run; a CI gate.
 
-Exit status: 0 when the audit passes (or the run claims no DP), 1 when the empirical lower bound
-ε̂ exceeds the ε the run's ledger claims (the claim is then refuted at the stated confidence),
+Before any training it prints the ε audit's plan: which canaries (the run's own gradient canaries
+when it was trained with ``privacy.audit_canaries``, else a re-run), m, the largest ε that m can
+refute, and the m the claim needs; an audit that cannot refute the claim ends ``INCONCLUSIVE``
+(exit 0, with a warning) or, with ``--require-power``, is refused before it runs (exit 2).
+
+Exit status: 0 when the audit passes or is inconclusive (or the run claims no DP), 1 when the
+empirical lower bound ε̂ exceeds the ε the run's ledger claims (the claim is then refuted at the
+stated confidence),
 2 for bad input (missing run directory, files or data): settings errors and
 :class:`~attacks.shadows.AuditUnsupported` are :class:`~fedrlhf_secure.errors.InputError`,
 which ``fedrlhf_secure.cli.main`` reports and turns into exit status 2 like every other command's.
@@ -34,13 +40,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"shadow runs for LiRA/RMIA/reference attacks (0: LOSS only; default {d.num_shadows})",
     )
     parser.add_argument(
-        "--canaries", type=int, default=d.num_canaries, help=f"canaries in each ε-audit run (0: no ε audit; default {d.num_canaries})"
+        "--canaries",
+        type=int,
+        default=d.num_canaries,
+        help=f"record canaries of the re-run ε audit of a record-level run (0: none; default {d.num_canaries})",
     )
     parser.add_argument(
-        "--canary-runs",
+        "--gradient-canaries",
         type=int,
-        default=d.canary_runs,
-        help="canary runs; >= 2 adds the multi-run Clopper-Pearson bound with a held-out threshold",
+        default=None,
+        help="white-box gradient canaries of the re-run ε audit of a client-level run (default: sized to the claim; 0: none). "
+        "A run trained with privacy.audit_canaries is audited on its own canaries instead",
+    )
+    parser.add_argument(
+        "--require-power",
+        action="store_true",
+        help="refuse (exit 2, before any training) an ε audit whose m cannot refute the claimed ε",
     )
     parser.add_argument("--confidence", type=float, default=d.confidence, help="confidence of ε̂ (default 0.95)")
     parser.add_argument(
@@ -73,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
         show_progress=not args.no_progress,
         num_shadows=args.shadows,
         num_canaries=args.canaries,
-        canary_runs=args.canary_runs,
+        gradient_canaries=args.gradient_canaries,
+        require_power=args.require_power,
         confidence=args.confidence,
         seed=args.seed,
         server_view=args.server_view,
@@ -84,10 +100,12 @@ def run(args: argparse.Namespace) -> int:
     )
     print(format_report(report))
     print(f"wrote {run_dir / 'audit.json'}")
+    if report["verdict"] == "inconclusive":
+        print("WARNING: INCONCLUSIVE: this audit's m could not refute the claimed ε; it is not a pass", file=sys.stderr)
     return EXIT_CLAIM_REFUTED if report["verdict"] == "fail" else 0
 
 
-def audit_with_progress(run_dir: Path, data_dir: Path | None, *, show_progress: bool = True, **settings) -> dict:
+def audit_with_progress(run_dir: Path, data_dir: Path | None, *, show_progress: bool = True, noise=None, **settings) -> dict:
     """:func:`attacks.audit.audit_run` with :class:`~attacks.audit.AuditSettings` ``settings`` and a
     progress bar on stderr; the one way the runtime reaches the attacks (``fedrlhf bench audit`` too)."""
     from tqdm.auto import tqdm
@@ -95,9 +113,18 @@ def audit_with_progress(run_dir: Path, data_dir: Path | None, *, show_progress: 
     resolved = AuditSettings(**settings)
     bar = tqdm(total=progress_steps(resolved), desc="audit", unit="run", disable=not show_progress, file=sys.stderr)
     try:
-        return audit_run(run_dir, data_dir, resolved, progress=bar.set_postfix_str, step=lambda: bar.update(1))
+        return audit_run(
+            run_dir, data_dir, resolved, progress=bar.set_postfix_str, step=lambda: bar.update(1), noise=noise, announce=_announce
+        )
     finally:
         bar.close()
+
+
+def _announce(text: str) -> None:
+    """The ε audit's plan, on stdout before any training (warnings on stderr too)."""
+    print(text, flush=True)
+    if "WARNING" in text:
+        print(text.split("\n", 1)[1], file=sys.stderr, flush=True)
 
 
 def format_report(report: dict) -> str:
@@ -122,8 +149,8 @@ def format_report(report: dict) -> str:
     if "epsilon" in report:
         e = report["epsilon"]
         lines.append(
-            f"ε̂ = {e['estimate']:.3f} ({e['confidence']:.0%} confidence, one-run, {e['one_run']['canaries']} canaries); "
-            f"multi-run Clopper-Pearson {e['multi_run_clopper_pearson']['epsilon_lower_bound']:.3f}"
+            f"ε̂ = {e['estimate']:.3f} ({e['confidence']:.0%} confidence, one-run, {e['one_run']['canaries']} {e['canary_kind']} canaries, "
+            f"{e['one_run']['correct']}/{e['one_run']['guesses']} guesses right); largest ε this m can refute: {e['ceiling']:.3f}"
         )
     lines.append(f"claimed ε = {'none (no DP)' if claim is None else f'{claim:.3f}'}; verdict: {report['verdict'].upper()}")
     return "\n".join(lines)

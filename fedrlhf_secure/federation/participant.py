@@ -8,7 +8,7 @@ is the pipeline a reader can check in one place, in the spirit of Flower's clien
 (``LocalDpMod``, ``secaggplus_mod``): privacy is a visible layer around the client's work, and
 every step before the last runs before any byte of the update exists outside the client::
 
-    local RLHF (task) → flat update → clip → noise → ledger commit → mask / encrypt
+    local RLHF (task) → flat update → clip → [audit canaries] → noise → ledger commit → mask / encrypt
 
 A :class:`ParticipantHost` holds the participants of one place — the embedded simulation's
 process, one ``--workers`` process, or a deployment node beside a Flower SuperNode — and speaks
@@ -36,6 +36,7 @@ from aggregation.base import Aggregator, ClientHalf, ProtocolError, RoundContext
 
 from ..config import RunConfig, build_config
 from ..errors import FedRLHFError, InputError
+from ..privacy.canaries import build_canaries
 from ..privacy.factory import build_client_privacy
 from ..privacy.noise import NoiseSource
 from ..privacy.plan import ClientPrivacy, NoClientPrivacy
@@ -170,6 +171,7 @@ class Participant:
         release = self.privacy.replayed(cid, r)
         if release is None:
             clipped = self.privacy.clip(update)
+            clipped = self.privacy.insert_canaries(cid, r, clipped)  # audit canaries (privacy.audit_canaries) go in before the noise
             release = self.privacy.add_noise(cid, r, clipped, weight)
         # 3. ledger commit, fsync'd, before anything is handed to the aggregator
         spent = self.privacy.commit(cid, r, release, result.dp_sgd)
@@ -305,6 +307,7 @@ class ParticipantHost:
         self.plaintext = self._plaintext_policy(config)
         task_clients = {c: task.make_client(c) for c in self.client_ids}
         self.privacy = self._build_privacy(config, {c: tc.num_examples() for c, tc in task_clients.items()}, len(everyone))
+        self.privacy.canaries = build_canaries(config, everyone, self.client_ids, self.codec, self.ledger_dir, self.resume)
         self.participants = {
             c: Participant(c, tc, self.codec, self.privacy, config.federation.weighting, self.on_commit) for c, tc in task_clients.items()
         }

@@ -38,6 +38,9 @@ class PrivacyConfig:
     noise_multiplier: float | None = None
     batch_size: int = 16
     survivor_fraction: float = 1.0
+    audit_canaries: int = 0
+    """White-box gradient canaries inserted into this run for ``fedrlhf audit RUN`` (client level
+    only; :mod:`fedrlhf_secure.privacy.canaries`). 0: none."""
 
     def __post_init__(self) -> None:
         if self.mode != "none" and self.epsilon is None and self.noise_multiplier is None:
@@ -54,5 +57,7 @@ class PrivacyConfig:
             raise ValueError(f"privacy.noise_multiplier must be >= 0, got {self.noise_multiplier}")
         if not 0 < self.survivor_fraction <= 1:
             raise ValueError(f"privacy.survivor_fraction must be in (0, 1], got {self.survivor_fraction}")
+        if self.audit_canaries < 0:
+            raise ValueError(f"privacy.audit_canaries must be >= 0, got {self.audit_canaries}")
         if self.batch_size < 1:
             raise ValueError(f"privacy.batch_size must be >= 1, got {self.batch_size}")

@@ -42,6 +42,12 @@ class Release:
 
 class ClientPrivacy(ABC):
     mode: str = "none"
+    canaries = None
+    """Audit canaries (``privacy.audit_canaries``; :class:`~.canaries.GradientCanaries`), set by the host."""
+
+    def insert_canaries(self, client_id: int, round: int, clipped: np.ndarray) -> np.ndarray:
+        """After clipping, before the noise: this client's kept audit canaries (identity without any)."""
+        return clipped if self.canaries is None else self.canaries.insert(client_id, round, clipped)
 
     def begin_round(self, round: int, participants: int) -> None:  # noqa: B027  (an optional hook: most plans need no per-round facts)
         """The round's public facts before any release: how many clients take part federation-wide
