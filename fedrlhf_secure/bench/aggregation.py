@@ -615,11 +615,11 @@ def _plot(results: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    grid = [r for r in results if r["cell"] == "grid dropout=0" and "aborted" not in r]
+    grid = [r for r in results if r["cell"].startswith("grid dropout=0") and r["cell"].split()[1] == "dropout=0" and "aborted" not in r]
     if not grid:
         return
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for kind, marker in (("plain", "o"), ("secagg", "s"), ("flower-secagg+", "^")):
+    for kind, marker in (("plain", "o"), ("secagg", "s"), ("secagg-no-consistency", "x"), ("flower-secagg+", "^")):
         for d in sorted({r["d"] for r in grid}):
             pts = sorted((r["n"], r["cpu_seconds_round"], r["bytes_up_per_client"]) for r in grid if r["kind"] == kind and r["d"] == d)
             if pts:
