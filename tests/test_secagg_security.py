@@ -207,6 +207,8 @@ def test_client_unmasks_only_for_the_set_it_signed_with_a_quorum_of_valid_signat
     with pytest.raises(ProtocolError, match="below the quorum 6"):
         r.clients[c].receive(ConsistencyRequest(np.array([0, 1, 2, 3, c], np.int64)).encode(r.ctx, c))
     unmask = dict(r.step())  # the honest consistency round
+    with pytest.raises(ProtocolError, match="expected a secagg/unmask-request frame"):  # it signs one set, once
+        r.clients[c].receive(ConsistencyRequest(np.array(sorted(everyone - {0}), np.int64)).encode(r.ctx, c))
     good = UnmaskRequest.decode(unmask[c], r.ctx, c)
     sigs = {int(s): good.signatures[i].tobytes() for i, s in enumerate(good.signers)}
     with pytest.raises(ProtocolError, match="not the set of 10 client 5 signed"):
