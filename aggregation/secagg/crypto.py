@@ -2,7 +2,7 @@
 
 Only vetted primitives from ``cryptography``: X25519 (RFC 7748) for both per-round key pairs,
 HKDF-SHA256 (RFC 5869) to turn a Diffie-Hellman secret into a purpose-bound key, AES-256-GCM for
-the secret shares, Ed25519 (RFC 8032) for the optional identity signatures.
+the secret shares, Ed25519 (RFC 8032) for the identity signatures (always on).
 
 Binding: every derived key's HKDF ``salt`` is the run's 16-byte session id and its ``info`` names
 the purpose, the round and both client ids (smaller first), so a key never serves two purposes,
@@ -108,10 +108,10 @@ def consistency_payload(session_id: bytes, round_index: int, survivors: Iterable
 class Identities:
     """Long-term Ed25519 identity keys: public keys everyone knows, private keys of local clients.
 
-    The server gets only ``public``; a client half gets its own private key. With identities
-    configured, a client signs its advertised keys and every client checks its neighbours'
-    signatures, so the server cannot substitute keys or invent clients (Bonawitz et al. 2017,
-    §6 "active adversary": signatures under a PKI).
+    The server gets only ``public``; a client half gets its own private key. Every client signs
+    its advertised keys and the survivor set, and every party checks those signatures, so the
+    server cannot substitute keys, invent clients or show two survivor sets (Bonawitz et al.
+    2017, §6 "active adversary": signatures under a PKI; Fig. 4 Round 4).
     """
 
     public: dict[int, Ed25519PublicKey] = field(default_factory=dict)
