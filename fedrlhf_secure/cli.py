@@ -39,7 +39,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ledger": ("fedrlhf_secure.commands.ledger:run", "print the privacy spend of a run, per client and in total"),
     "audit": ("fedrlhf_secure.commands.audit:run", "membership-inference audit of a run directory; exit 1 if ε̂ exceeds the claim"),
     "bench": ("fedrlhf_secure.commands.bench:SUBCOMMANDS", "benchmarks: write JSON and the tables in BENCHMARKS.md"),
-    "keys": ("fedrlhf_secure.commands.keys:run", "CKKS key setup: make and deliver a run's key to the clients"),
+    "keys": ("fedrlhf_secure.commands.keys:run", "key setup: CKKS keys, SecAgg identity registry"),
+    "secagg-params": (
+        "fedrlhf_secure.commands.secagg_params:run",
+        "SecAgg k, t, quorum and failure probabilities for a config's colluder/dropout bounds",
+    ),
     "deploy": ("fedrlhf_secure.commands.deploy:run", "Flower deployment helpers (certificates, node keys, launch)"),
 }
 

@@ -14,6 +14,16 @@ The workflow a deployment follows (see docs/ckks.md)::
     fedrlhf keys open --package deal/package-client-3.frame --client-key client3/client-3.key \\
         --dealer-pub dealer/dealer.pub                 # on client 3: authenticate + decrypt its key
 
+SecAgg identities (``aggregation.kind: secagg``; docs/masking.md). Every client signs its per-round
+keys and the survivor set with a long-term Ed25519 identity, and every party must know every
+client's public identity before round 0, from a registry the operator distributes like
+``dealer.pub``::
+
+    fedrlhf keys secagg-identity --id 3 --out client3/  # on client 3: secagg-identity-3.key (0600) + .pub
+    fedrlhf keys secagg-registry --pubs pubs/ --out registry/
+        # -> registry/secagg-registry.json: every client's public identity; give it to the server
+        #    and every node (its keys directory), pinned like dealer.pub
+
 Key files are small JSON documents with hex keys; private ones are written with mode 0600.
 Nothing here is ever unpickled; packages and public contexts are :mod:`aggregation.wire` frames.
 """
@@ -39,6 +49,11 @@ CLIENT_PUBLIC = "fedrlhf/x25519-public"
 DEALER_PRIVATE = "fedrlhf/ed25519-private"
 DEALER_PUBLIC = "fedrlhf/ed25519-public"
 PUBLIC_CONTEXT = "public-context.frame"
+IDENTITY_PRIVATE = "fedrlhf/secagg-identity-ed25519-private"
+IDENTITY_PUBLIC = "fedrlhf/secagg-identity-ed25519-public"
+REGISTRY_KIND = "fedrlhf/secagg-identity-registry"
+REGISTRY = "secagg-registry.json"
+MAX_REGISTRY_BYTES = 1 << 24
 
 
 class KeyFileError(InputError, FileNotFoundError):
@@ -243,6 +258,97 @@ class DealtKeyFiles:
         return open_package(package, self.me, self.dealer_verify, self.config, epoch=epoch)
 
 
+def identity_files(out: Path, client_id: int) -> tuple[Path, Path]:
+    return Path(out) / f"secagg-identity-{client_id}.key", Path(out) / f"secagg-identity-{client_id}.pub"
+
+
+def make_secagg_identity(client_id: int, out: Path) -> tuple[Path, Path]:
+    """A client's Ed25519 SecAgg identity: ``secagg-identity-<id>.key`` (0600, stays on the client) and ``.pub``."""
+    from aggregation.secagg.crypto import Identities, public_raw
+
+    ids = Identities.generate([client_id])
+    sk = ids.private[client_id]
+    from cryptography.hazmat.primitives import serialization
+
+    raw = sk.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+    private, public = identity_files(out, client_id)
+    write_key_file(private, {"kind": IDENTITY_PRIVATE, "client_id": client_id, "key": raw.hex()}, True)
+    write_key_file(public, {"kind": IDENTITY_PUBLIC, "client_id": client_id, "key": public_raw(ids.public[client_id]).hex()}, False)
+    return private, public
+
+
+def make_secagg_registry(pubs_dir: Path, out: Path) -> Path:
+    """``out/secagg-registry.json``: every ``secagg-identity-<id>.pub`` in ``pubs_dir`` (each client once)."""
+    clients: dict[int, str] = {}
+    for path in sorted(Path(pubs_dir).glob("secagg-identity-*.pub")):
+        doc = read_key_file(path, IDENTITY_PUBLIC)
+        cid = doc.get("client_id")
+        if not isinstance(cid, int) or isinstance(cid, bool):
+            raise KeyFileError(f"{path}: field 'client_id' must be an integer")
+        if cid in clients:
+            raise KeyFileError(f"{path}: client {cid} appears twice in {pubs_dir}")
+        clients[cid] = doc["key"].hex()
+    if not clients:
+        raise KeyFileError(f"no secagg-identity-<id>.pub files in {pubs_dir}")
+    path = Path(out) / REGISTRY
+    write_key_file(path, {"kind": REGISTRY_KIND, "clients": {str(c): k for c, k in sorted(clients.items())}}, False)
+    return path
+
+
+def load_secagg_identities(keys_dir: Path, client_ids: Sequence[int], hosted: Sequence[int] = ()):
+    """The run's :class:`aggregation.secagg.crypto.Identities` from a key directory: the registry's
+    public key of every client of the run, and the private key of each ``hosted`` client (checked
+    against the registry, so a node cannot sign as anyone else)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+    from aggregation.secagg.crypto import Identities, public_raw
+
+    path = require(Path(keys_dir) / REGISTRY)
+    if path.stat().st_size > MAX_REGISTRY_BYTES:
+        raise KeyFileError(f"{path}: larger than {MAX_REGISTRY_BYTES} bytes")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, RecursionError) as exc:
+        raise KeyFileError(f"{path}: not a readable registry ({exc})") from exc
+    if not isinstance(doc, dict) or doc.get("kind") != REGISTRY_KIND or not isinstance(doc.get("clients"), dict):
+        raise KeyFileError(f"{path}: expected a {REGISTRY_KIND!r} file")
+    ids = Identities()
+    for cid in client_ids:
+        hexkey = doc["clients"].get(str(cid))
+        if not isinstance(hexkey, str):
+            raise KeyFileError(f"{path}: client {cid} of this run has no registered identity")
+        try:
+            ids.public[cid] = Ed25519PublicKey.from_public_bytes(bytes.fromhex(hexkey))
+        except ValueError as exc:
+            raise KeyFileError(f"{path}: identity of client {cid} is not a 32-byte hex Ed25519 key") from exc
+    for cid in hosted:
+        key_path = require(identity_files(keys_dir, cid)[0])
+        kdoc = read_key_file(key_path, IDENTITY_PRIVATE)
+        if kdoc.get("client_id") != cid:
+            raise KeyFileError(f"{key_path} belongs to client {kdoc.get('client_id')}, not {cid}")
+        sk = Ed25519PrivateKey.from_private_bytes(kdoc["key"])
+        if public_raw(sk.public_key()) != public_raw(ids.public[cid]):
+            raise KeyFileError(f"{key_path}: does not match client {cid}'s identity in {path}")
+        ids.private[cid] = sk
+    return ids
+
+
+def deal_secagg_identities(node_clients: Sequence[Sequence[int]], server_dir: Path, node_dirs: Sequence[Path], registry_dir: Path) -> Path:
+    """The SecAgg identity ceremony on one machine: identities made in each node's directory, the
+    registry built from their public halves and copied to the server and every node."""
+    pubs = Path(registry_dir) / "identity-pubs"
+    pubs.mkdir(parents=True, exist_ok=True)
+    for clients, node_dir in zip(node_clients, node_dirs, strict=True):
+        for c in clients:
+            _, public = make_secagg_identity(c, Path(node_dir))
+            shutil.copy(public, pubs / public.name)
+    registry = make_secagg_registry(pubs, Path(registry_dir))
+    for d in [Path(server_dir), *map(Path, node_dirs)]:
+        d.mkdir(parents=True, exist_ok=True)
+        shutil.copy(registry, d / REGISTRY)
+    return registry
+
+
 def deal_run_keys(
     config_path: Path, node_clients: Sequence[Sequence[int]], server_dir: Path, node_dirs: Sequence[Path], dealer_dir: Path
 ) -> None:
@@ -250,8 +356,14 @@ def deal_run_keys(
 
     Does what a multi-machine deployment does on each party (client key pairs on the nodes, the
     dealer key and the deal on the dealer), then copies each file to where its owner keeps it;
-    only public keys and sealed packages move between parties.
+    only public keys and sealed packages move between parties. For ``kind: secagg`` it makes the
+    SecAgg identities and registry instead (:func:`deal_secagg_identities`).
     """
+    from .config import load_config
+
+    if load_config(Path(config_path)).aggregation.kind == "secagg":
+        deal_secagg_identities(node_clients, server_dir, node_dirs, dealer_dir)
+        return
     config = ckks_config(Path(config_path))
     pubs = Path(dealer_dir) / "client-pubs"
     pubs.mkdir(parents=True, exist_ok=True)

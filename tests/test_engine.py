@@ -143,7 +143,7 @@ def test_under_ckks_no_message_carries_the_global_model(tmp_path):
 
 def test_a_round_whose_aggregation_aborts_leaves_the_model_unchanged_and_the_run_goes_on(tmp_path):
     raw = toy_config(rounds=2, dropout_rate=0.99)
-    raw["aggregation"] = {"kind": "secagg", "threshold": 3}
+    raw["aggregation"] = {"kind": "secagg", "threshold": 3, "dropouts": 0.0}  # 4 clients: t = 3 cannot plan for a dropout
     run = run_federation(config_from_dict(raw), RunOptions(out=tmp_path, progress=False))
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2

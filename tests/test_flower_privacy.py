@@ -45,8 +45,16 @@ def _own(raw: dict) -> NodePolicy:
 
 
 def _remote(tmp: Path, raw: dict) -> tuple[Path, dict[int, ParticipantHost]]:
-    hosts = {n: ParticipantHost(c, None, state_dir=tmp / f"node-{n}", policy=_own(raw)) for n, c in NODES.items()}
-    run = run_remote_federation(config_from_dict(raw), InProcessLink(hosts), NODES, RunOptions(out=tmp / "server", progress=False))
+    server_keys, node_keys = None, {}
+    if raw["aggregation"]["kind"] == "secagg":  # the identity registry a deployment needs (as `deploy local` makes it)
+        from fedrlhf_secure.keys import deal_secagg_identities
+
+        server_keys, node_keys = tmp / "keys-server", {n: tmp / f"keys-node-{n}" for n in NODES}
+        deal_secagg_identities(list(NODES.values()), server_keys, list(node_keys.values()), tmp / "registry")
+    hosts = {n: ParticipantHost(c, None, node_keys.get(n), state_dir=tmp / f"node-{n}", policy=_own(raw)) for n, c in NODES.items()}
+    run = run_remote_federation(
+        config_from_dict(raw), InProcessLink(hosts), NODES, RunOptions(out=tmp / "server", progress=False), keys_dir=server_keys
+    )
     return run, hosts
 
 

@@ -52,7 +52,18 @@ def _raw(kind: str = "plain", **fed) -> dict:
     return raw
 
 
+def _secagg_keys(tmp: Path, nodes: dict[int, list[int]]) -> tuple[Path, dict[int, Path]]:
+    """The SecAgg identity registry a deployment needs (server dir, node dirs), made as `deploy local` does."""
+    from fedrlhf_secure.keys import deal_secagg_identities
+
+    node_dirs = {n: tmp / f"secagg-keys-node-{n}" for n in nodes}
+    deal_secagg_identities(list(nodes.values()), tmp / "secagg-keys-server", list(node_dirs.values()), tmp / "secagg-registry")
+    return tmp / "secagg-keys-server", node_dirs
+
+
 def _remote(tmp: Path, raw: dict, *, keys: tuple[Path, dict[int, Path]] | None = None, on_stage=None, down_after=None, nodes=NODES):
+    if keys is None and raw["aggregation"]["kind"] == "secagg":
+        keys = _secagg_keys(tmp, nodes)
     hosts = {n: ParticipantHost(c, None, keys[1][n] if keys else None, policy=_own(raw)) for n, c in nodes.items()}
     link = InProcessLink(hosts)
     hook = on_stage
@@ -99,7 +110,7 @@ def test_masking_over_nodes_equals_the_engine_up_to_stochastic_rounding(tmp_path
     _, remote, a, b = _engine_and_nodes(tmp_path, _raw("secagg"))
     for k in a:
         np.testing.assert_allclose(a[k], b[k], atol=2e-3, rtol=0)
-    assert [r["transport_stages"] for r in _rows(remote)] == [4, 4]  # fit+advertise, share, masked input, unmask
+    assert [r["transport_stages"] for r in _rows(remote)] == [5, 5]  # fit+advertise, share, masked input, consistency, unmask
 
 
 def test_ckks_over_nodes_reads_keys_from_the_dealer_files_and_the_server_has_no_secret(tmp_path, capsys):
@@ -183,7 +194,8 @@ def test_a_node_that_goes_silent_after_key_sharing_is_recovered_by_secagg(tmp_pa
 def test_a_round_that_cannot_aggregate_releases_nothing_and_says_why(tmp_path, kind, nodes_go_down, aborted_rounds, reason):
     """The one round core treats an aborted aggregation alike in process and over nodes: the round
     releases nothing, the model stays as it was, the row says why, and the run goes on."""
-    hosts = {n: ParticipantHost(c, None, policy=_own(_raw(kind))) for n, c in NODES.items()}
+    server_keys, node_keys = _secagg_keys(tmp_path, NODES) if kind == "secagg" else (None, {})
+    hosts = {n: ParticipantHost(c, None, node_keys.get(n), policy=_own(_raw(kind))) for n, c in NODES.items()}
     link = InProcessLink(hosts)
 
     def hook(rnd, op, stage):
@@ -191,7 +203,7 @@ def test_a_round_that_cannot_aggregate_releases_nothing_and_says_why(tmp_path, k
             link.down.update(NODES)
 
     run = run_remote_federation(
-        config_from_dict(_raw(kind, rounds=3)), link, NODES, RunOptions(out=tmp_path, progress=False), on_stage=hook
+        config_from_dict(_raw(kind, rounds=3)), link, NODES, RunOptions(out=tmp_path, progress=False), on_stage=hook, keys_dir=server_keys
     )
     rows = _rows(run)
     assert [r["round"] for r in rows if r["aggregation_aborted"]] == aborted_rounds

@@ -70,7 +70,7 @@ def test_aggregators_declare_capabilities_and_float_sums_refuse_an_integer_noise
     assert plain.capabilities.server_reads_result and plain.capabilities.integer_scale is None
     with pytest.raises(ProtocolError, match="takes no integer noise"):
         plain.client(ctx, 0, np.zeros(4, np.float32), 1.0, integer_noise=np.zeros(4, np.int64))
-    secagg = spec_for("secagg").factory(SecAggConfig(), [0, 1], 0)
+    secagg = spec_for("secagg").factory(SecAggConfig(), list(range(10)), 0)  # 2 clients cannot hold 1 colluder
     assert secagg.capabilities.integer_scale == secagg.quantizer.scale > 0
     ckks = spec_for("ckks").factory(spec_for("ckks").config_cls(), [0, 1], 0)
     assert not ckks.capabilities.server_reads_result and ckks.capabilities.integer_scale is None

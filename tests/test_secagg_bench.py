@@ -48,11 +48,22 @@ def test_bench_writes_json_table_and_plot(tmp_path):
     assert bench.run(args) == 0
     payload = json.loads((tmp_path / "agg.json").read_text())
     kinds = [(r["kind"], r["dropped"]) for r in payload["results"]]
-    assert kinds == [("plain", 0), ("secagg", 0), ("plain", 1), ("secagg", 1)]
+    assert kinds == [
+        ("plain", 0),
+        ("secagg", 0),
+        ("secagg-no-consistency", 0),
+        ("plain", 1),
+        ("secagg", 1),
+        ("secagg-no-consistency", 1),
+    ]
+    with_round = [r for r in payload["results"] if r["kind"] == "secagg"]
+    assert all(r["client_stage_seconds_median"]["consistency check"] > 0 for r in with_round)
+    base = [r for r in payload["results"] if r["kind"] == "secagg-no-consistency"]
+    assert all(b["bytes_down_per_client"] < w["bytes_down_per_client"] for b, w in zip(base, with_round, strict=True))
     for r in payload["results"]:
         assert r["max_abs_error_of_average"] < 1e-4
         assert set(r["client_stage_seconds_median"]) <= set(bench.STAGES) | {"update"}
     doc = (tmp_path / "B.md").read_text()
-    assert "<!-- bench:aggregation -->" in doc and "| grid dropout=0.2 | secagg | 5 | 40 |" in doc
+    assert "<!-- bench:aggregation -->" in doc and "| grid dropout=0.2 k=auto | secagg | 5 | 40 |" in doc
     assert "Flower comparison disabled" in doc
     assert (tmp_path / "agg.png").stat().st_size > 1000

@@ -26,7 +26,7 @@ def _model(tmp_path, aggregation: dict, clients: int = 10, **fed):
 
 def test_engine_with_secagg_matches_plain_fedavg(tmp_path):
     plain = _model(tmp_path / "plain", {"kind": "plain"})
-    masked = _model(tmp_path / "secagg", {"kind": "secagg", "clip_range": 64.0, "neighbours": 4})
+    masked = _model(tmp_path / "secagg", {"kind": "secagg", "clip_range": 64.0, "neighbours": 6})
     for name in plain:
         np.testing.assert_allclose(masked[name], plain[name], atol=1e-4)
 

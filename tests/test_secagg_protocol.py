@@ -17,7 +17,13 @@ from aggregation.plain import PlainAggregator
 from aggregation.secagg import SecAggAggregator, SecAggConfig, build
 from aggregation.secagg.graph import neighbours
 
-ADVERTISE, SHARE, MASK, UNMASK = 0, 1, 2, 3  # drop_after values: the client stops before answering that stage
+ADVERTISE, SHARE, MASK, CONSISTENCY, UNMASK = 0, 1, 2, 3, 4  # drop_after: the client stops before answering that stage
+
+
+def _mechanics(**kw) -> SecAggConfig:
+    """Explicit k / t for protocol mechanics, stated bounds of 0 colluders and 0 planned dropouts (so
+    any k, t is admitted; the bounds themselves are tested in test_secagg_params.py)."""
+    return SecAggConfig(colluders=0.0, dropouts=0.0, **kw)
 
 
 def _inputs(n, d, seed=0, max_weight=700):
@@ -43,8 +49,9 @@ def _tolerance(agg: SecAggAggregator, inputs, contributors) -> float:
 
 
 def _check_against_plain(agg, ctx, inputs, drop_after):
-    graph = neighbours(ctx.session_id, ctx.round, ctx.participants, agg.degree(ctx))
-    assert _model(graph, len(ctx.participants), agg.threshold(ctx), drop_after) is not None  # the scenario is survivable
+    p = agg.parameters(ctx)
+    graph = neighbours(ctx.session_id, ctx.round, ctx.participants, p.k)
+    assert _model(graph, len(ctx.participants), p.t, p.quorum, drop_after) is not None  # the scenario is survivable
     out = run_round(agg, ctx, inputs, drop_after=drop_after)
     res = out.server_result
     plain = _plain(ctx, inputs, res.contributors)
@@ -63,20 +70,20 @@ def test_weighted_average_equals_plain_fedavg_without_dropouts():
     assert out.stats.bytes_up[0] < 4 * (d + 1) + 4096 + 40 * 200  # uint32 masked vector + keys + shares
 
 
-@pytest.mark.parametrize("stage", [ADVERTISE, SHARE, MASK, UNMASK])
+@pytest.mark.parametrize("stage", [ADVERTISE, SHARE, MASK, CONSISTENCY, UNMASK])
 def test_dropouts_at_each_stage_still_give_the_weighted_average(stage):
     n, d = 30, 200
-    agg = build(SecAggConfig(neighbours=8), list(range(n)), 0)
+    agg = build(_mechanics(neighbours=8), list(range(n)), 0)
     drops = {3: stage, 11: stage, 20: stage}
     res, _ = _check_against_plain(agg, _ctx(n, d), _inputs(n, d, seed=stage), drops)
-    expected_in = stage == UNMASK  # a client that masked its input counts even if it drops afterwards
+    expected_in = stage >= CONSISTENCY  # a client that masked its input counts even if it drops afterwards
     assert (3 in res.contributors) is expected_in and len(res.contributors) == (n if expected_in else n - 3)
 
 
 def test_dropouts_mixed_across_all_stages_in_one_round():
     n, d = 50, 300
-    agg = build(SecAggConfig(neighbours=10), list(range(n)), 0)
-    drops = {0: ADVERTISE, 1: SHARE, 2: MASK, 3: UNMASK, 17: MASK, 33: SHARE}
+    agg = build(_mechanics(neighbours=10), list(range(n)), 0)
+    drops = {0: ADVERTISE, 1: SHARE, 2: MASK, 3: UNMASK, 4: CONSISTENCY, 17: MASK, 33: SHARE}
     res, _ = _check_against_plain(agg, _ctx(n, d), _inputs(n, d, seed=5), drops)
     assert set(res.contributors) == set(range(n)) - {0, 1, 2, 17, 33}
 
@@ -85,13 +92,14 @@ def test_classic_secagg_full_graph():
     n, d = 12, 100
     cfg = SecAggConfig(neighbours=n - 1)
     agg = build(cfg, list(range(n)), 0)
-    assert cfg.degree(n) == 11 and cfg.shamir_threshold(n) == 6
+    # 2 colluders, 2 dropouts: t in 3..9 all hold exactly; the middle one is taken
+    assert cfg.degree(n) == 11 and cfg.shamir_threshold(n) == 6 and cfg.parameters(n).quorum == 8
     _check_against_plain(agg, _ctx(n, d), _inputs(n, d), {4: MASK, 5: ADVERTISE})
 
 
 def test_moderate_n_200():
     n, d = 200, 1000
-    agg = build(SecAggConfig(neighbours=7), list(range(n)), 0)
+    agg = build(_mechanics(neighbours=7), list(range(n)), 0)
     drops = {c: MASK for c in range(0, n, 20)}
     res, _ = _check_against_plain(agg, _ctx(n, d), _inputs(n, d), drops)
     assert len(res.contributors) == n - 10
@@ -102,14 +110,14 @@ def test_n_1000_with_ten_percent_dropout():
     n, d = 1000, 2000
     agg = build(SecAggConfig(), list(range(n)), 0)
     rng = np.random.default_rng(3)
-    drops = {int(c): int(rng.integers(0, 4)) for c in rng.choice(n, 100, replace=False)}
+    drops = {int(c): int(rng.integers(0, 5)) for c in rng.choice(n, 100, replace=False)}
     res, _ = _check_against_plain(agg, _ctx(n, d), _inputs(n, d), drops)
     assert len(res.contributors) >= 900 - 100
 
 
 def test_too_few_survivors_abort_with_a_clear_error():
     n, d = 10, 50
-    agg = build(SecAggConfig(neighbours=9), list(range(n)), 0)  # t = 5
+    agg = build(SecAggConfig(neighbours=9), list(range(n)), 0)  # t = 5, quorum 6
     drops = {c: MASK for c in range(6)}  # 4 masked inputs < t
     with pytest.raises(AggregationAborted, match=r"only 4 clients sent masked inputs, threshold is 5"):
         run_round(agg, _ctx(n, d), _inputs(n, d), drop_after=drops)
@@ -139,7 +147,7 @@ def test_distributed_dp_integer_noise_enters_the_sum_exactly():
         def client(self, ctx, cid, vector, weight):
             return super().client(ctx, cid, vector, weight, integer_noise=noise[cid])
 
-    noisy = WithNoise(agg.config, n)
+    noisy = WithNoise(agg.config, n, agg.identities)
     res = run_round(noisy, ctx, inputs).server_result
     expected = sum(noise.values()) / noisy.quantizer.scale
     np.testing.assert_allclose(res.weighted_sum, expected, atol=1e-12)
@@ -149,9 +157,12 @@ def test_registry_and_config_section_build_secagg():
     from fedrlhf_secure.config import _plugin
 
     section = _plugin(
-        "aggregation", {"kind": "secagg", "neighbours": 6, "threshold": "auto", "clip_range": 2.0, "bits": "auto"}, spec_for, "test.yaml"
+        "aggregation",
+        {"kind": "secagg", "neighbours": 18, "threshold": "auto", "clip_range": 2.0, "bits": "auto", "colluders": 0.05},
+        spec_for,
+        "test.yaml",
     )
-    assert section.params == SecAggConfig(neighbours=6, clip_range=2.0)
+    assert section.params == SecAggConfig(neighbours=18, clip_range=2.0, colluders=0.05)
     agg = spec_for("secagg").factory(section.params, list(range(20)), 0)
     assert agg.kind == "secagg" and agg.quantizer.clip == 2.0
     from fedrlhf_secure.configtypes import ConfigError
@@ -160,15 +171,10 @@ def test_registry_and_config_section_build_secagg():
         _plugin("aggregation", {"kind": "secagg", "neighbours": 6, "threshold": 9}, spec_for, "test.yaml")
 
 
-def test_auto_degree_and_threshold_follow_secagg_plus():
-    cfg = SecAggConfig()
-    assert [cfg.degree(n) for n in (2, 10, 16, 100, 1000)] == [1, 9, 15, 28, 40]
-    assert [cfg.shamir_threshold(n) for n in (10, 100, 1000)] == [5, 15, 21]
-
-
-def _model(graph, n, t, drops):
-    """Reference model of who survives each stage (clients sit out with < t live neighbours)."""
-    alive = lambda c, stage: drops.get(c, 4) > stage  # noqa: E731  (answers the message of that stage)
+def _model(graph, n, t, q, drops):
+    """Reference model of who survives each stage (clients sit out with < t live neighbours; the
+    consistency round needs q survivors and q signers)."""
+    alive = lambda c, stage: drops.get(c, 5) > stage  # noqa: E731  (answers the message of that stage)
     u1 = {c for c in range(n) if alive(c, 0)}
     if len(u1) < t:
         return None
@@ -176,9 +182,12 @@ def _model(graph, n, t, drops):
     if len(u2) < t:
         return None
     u3 = {c for c in u2 if alive(c, 2) and len(graph[c] & u2) >= t}
-    if len(u3) < t:
+    if len(u3) < max(t, q):
         return None
-    responders = {c for c in u3 if alive(c, 3)}
+    u4 = {c for c in u3 if alive(c, 3)}
+    if len(u4) < max(t, q):
+        return None
+    responders = {c for c in u4 if alive(c, 4)}
     for v in u3:
         if len(graph[v] & u2 & responders) < t:
             return None
@@ -191,7 +200,7 @@ def _model(graph, n, t, drops):
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     n=st.integers(2, 24),
-    k=st.integers(1, 30),
+    k=st.integers(2, 30),
     t_offset=st.integers(0, 3),
     d=st.integers(1, 64),
     data=st.data(),
@@ -202,13 +211,13 @@ def test_property_masked_sum_matches_plain_or_aborts_exactly_when_secrets_are_lo
     returns the weighted average of exactly the clients that masked their input."""
     kk = min(k, n - 1)
     t = max(1, kk // 2 + 1 - t_offset)
-    agg = build(SecAggConfig(neighbours=k, threshold=t), list(range(n)), 0)
-    drops = data.draw(st.dictionaries(st.integers(0, n - 1), st.integers(0, 3), max_size=n))
+    agg = build(_mechanics(neighbours=k, threshold=t), list(range(n)), 0)
+    drops = data.draw(st.dictionaries(st.integers(0, n - 1), st.integers(0, 4), max_size=n))
     inputs = _inputs(n, d, seed=n * 100 + d)
     ctx = RoundContext(os.urandom(16), 0, tuple(range(n)), d)
-    expected = _model(neighbours(ctx.session_id, ctx.round, ctx.participants, kk), n, t, drops)
+    expected = _model(neighbours(ctx.session_id, ctx.round, ctx.participants, kk), n, t, n // 2 + 1, drops)
     if expected is None:
-        with pytest.raises(AggregationAborted, match="threshold|shares"):
+        with pytest.raises(AggregationAborted, match="threshold|shares|quorum"):
             run_round(agg, ctx, inputs, drop_after=drops)
         return
     res = run_round(agg, ctx, inputs, drop_after=drops).server_result

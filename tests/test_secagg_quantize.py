@@ -91,7 +91,9 @@ def test_bad_inputs_are_refused_clearly():
         ({"bits": 16}, "bits must be"),
         ({"clip_range": 0.0}, "clip_range"),
         ({"neighbours": 3, "threshold": 4}, "exceeds neighbours"),
-        ({"identity_dir": "/x"}, "signatures is false"),
+        ({"colluders": 1.0}, "must be fractions"),
+        ({"dropouts": -0.1}, "must be fractions"),
+        ({"failure_exponent": 0}, "failure_exponent"),
         ({"weight_resolution": 0.0}, "weight_resolution"),
     ]:
         with pytest.raises(ValueError, match=msg):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 
 import numpy as np
 import pytest
@@ -11,28 +12,52 @@ from scipy.stats import chisquare
 from aggregation import wire
 from aggregation.base import ProtocolError, RoundContext
 from aggregation.driver import run_round
-from aggregation.secagg import Identities, SecAggConfig, build, crypto, shamir
-from aggregation.secagg.client import share_point
+from aggregation.secagg import Identities, SecAggClient, SecAggConfig, build, crypto, prg, shamir
+from aggregation.secagg.client import pair_mask_seed, share_point
 from aggregation.secagg.graph import neighbours
-from aggregation.secagg.messages import Keys, MaskedInput, ShareBundle, Unmask, UnmaskRequest
+from aggregation.secagg.messages import (
+    SECRET_ELEMENTS as shamir_elements,
+)
+from aggregation.secagg.messages import (
+    ConsistencyRequest,
+    ConsistencySignature,
+    KeyDirectory,
+    Keys,
+    MaskedInput,
+    ShareBundle,
+    Shares,
+    Unmask,
+    UnmaskRequest,
+)
 
 
 class Round:
-    """A round driven step by step, so a test can play the server (forge, replay, reorder)."""
+    """A round driven step by step, so a test can play the server (forge, replay, reorder).
 
-    def __init__(self, n=10, d=64, k=6, rnd=0, signatures=False, session=None):
+    ``weakened=True`` gives every client the protocol *without* the consistency round: it takes the
+    survivor set the server shows at unmasking on trust (what SecAgg+ clients did before it).
+    """
+
+    def __init__(self, n=10, d=64, k=6, rnd=0, session=None, weakened=False, **bounds):
         self.n, self.d = n, d
         self.ids = list(range(n))
-        self.agg = build(SecAggConfig(neighbours=k, signatures=signatures, max_weight=10.0), self.ids, 0)
+        self.agg = build(SecAggConfig(neighbours=k, max_weight=10.0, **bounds), self.ids, 0)
         self.ctx = RoundContext(session or os.urandom(16), rnd, tuple(self.ids), d)
         rng = np.random.default_rng(7)
         self.inputs = {c: (rng.uniform(-1, 1, d).astype(np.float32), 1.0 + c % 3) for c in self.ids}
         self.server = self.agg.server(self.ctx)
-        self.clients = {c: self.agg.client(self.ctx, c, *self.inputs[c]) for c in self.ids}
-        self.graph = neighbours(self.ctx.session_id, self.ctx.round, self.ctx.participants, self.agg.degree(self.ctx))
-        self.t = self.agg.threshold(self.ctx)
+        self.params = self.agg.parameters(self.ctx)
+        make = self.agg.client if not weakened else self._weak_client
+        self.clients = {c: make(self.ctx, c, *self.inputs[c]) for c in self.ids}
+        self.graph = neighbours(self.ctx.session_id, self.ctx.round, self.ctx.participants, self.params.k)
+        self.t = self.params.t
         self.pending = self.server.start()
         self.sent: dict[int, list[bytes]] = {c: [] for c in self.ids}
+
+    def _weak_client(self, ctx, cid, vector, weight):
+        p = self.agg.parameters(ctx)
+        ids = self.agg.identities.for_client(cid)
+        return NoConsistencyCheck(ctx, cid, vector, weight, self.agg.quantizer, p.k, p.t, ids, quorum=p.quorum)
 
     def step(self, drop=()):
         replies = []
@@ -50,71 +75,174 @@ class Round:
         self.pending = nxt
         return nxt
 
-    def to_unmask(self, drop=()):
+    def to_consistency(self, drop=()):
         self.step()  # keys -> directories
         self.step()  # shares -> bundles
-        return {cid: data for cid, data in self.step(drop=drop)}  # masked inputs -> unmask requests
+        return {cid: data for cid, data in self.step(drop=drop)}  # masked inputs -> consistency requests
+
+    def to_unmask(self, drop=()):
+        self.to_consistency(drop)
+        return {cid: data for cid, data in self.step()}  # signatures -> unmask requests
+
+    def sign(self, signer: int, survivors) -> bytes:
+        """A colluder's signature on any set the server likes (its identity key is the server's to use)."""
+        return self.agg.identities.sign(signer, crypto.consistency_payload(self.ctx.session_id, self.ctx.round, sorted(survivors)))
 
 
-def _forge_unmask(r: Round, cid: int, survivors, dropped, total=None) -> bytes:
-    return UnmaskRequest(
-        np.array(sorted(survivors), np.int64), np.array(sorted(dropped), np.int64), total if total is not None else r.n
-    ).encode(r.ctx, cid)
+class NoConsistencyCheck(SecAggClient):
+    """Deliberately weakened client: unmasks for whatever survivor set it is shown, no quorum."""
+
+    def _check_consistency(self, r):
+        return frozenset(int(i) for i in r.survivors)
 
 
-def test_server_cannot_unmask_a_surviving_client():
-    r = Round(n=12, k=6)  # t = 4 > k / 2
-    requests = r.to_unmask()
+def _unmask_request(r: Round, cid: int, survivors, signatures: dict[int, bytes]) -> bytes:
+    signers = sorted(signatures)
+    sigs = np.frombuffer(b"".join(signatures[s] for s in signers), np.uint8).reshape(len(signers), crypto.SIG_BYTES)
+    return UnmaskRequest(np.array(sorted(survivors), np.int64), np.array(signers, np.int64), sigs).encode(r.ctx, cid)
+
+
+def _recover(r: Round, victim: int, seed_shares, key_shares) -> np.ndarray | None:
+    """The attacker's last step: with t shares of the victim's self-mask seed AND t of its mask key,
+    strip every mask from its masked input and decode its update; None if either is short."""
+    if len(seed_shares) < r.t or len(key_shares) < r.t:
+        return None
+    secrets = []
+    for shares in (seed_shares, key_shares):
+        xs = np.array([[x for x, _ in shares[: r.t]]], np.uint64)
+        ys = np.array([[y for _, y in shares[: r.t]]], np.uint64)
+        secrets.append(shamir.reconstruct(xs, ys)[0])
+    seed = shamir.elements_to_bytes(secrets[0], 32)
+    s_sk = crypto.x25519_from_private(shamir.elements_to_bytes(secrets[1], crypto.KEY_BYTES))
+    y = MaskedInput.decode(r.sent[victim][2], r.ctx, victim, r.agg.quantizer.dtype).vector.copy()
+    prg.add_mask(y, seed, -1)
+    for peer in sorted(r.graph[victim]):
+        secret = crypto.agree(s_sk, Keys.decode(r.sent[peer][0], r.ctx, peer).s_pk, peer=peer)
+        prg.add_mask(y, pair_mask_seed(secret, r.ctx, victim, peer), -1 if peer > victim else +1)
+    weighted, weight = r.agg.quantizer.decode(y)
+    return weighted / weight
+
+
+def split_view(r: Round, victim: int, colluders: list[int]):
+    """The split-view attack of issue 12 item 2, as a malicious server with ``colluders`` among the
+    victim's share holders: it tells half the honest clients "the victim survived" (S1) and the
+    other half "it dropped" (S2), gathers every signature it can (colluders sign both), asks the
+    first group for the victim's self-mask-seed shares and the second for its mask-key shares,
+    and adds the colluders' own shares of both. Returns (recovered update or None, refusals)."""
+    survivors_all = set(r.ids)
+    s1, s2 = survivors_all, survivors_all - {victim}
+    honest = [c for c in r.ids if c not in colluders]
+    holders = [h for h in sorted(r.graph[victim]) if h not in colluders]
+    half = len(holders) // 2
+    group1 = set(holders[:half]) | {victim}
+    group2 = set(holders[half:])
+    for i, c in enumerate(c for c in honest if c not in group1 | group2):
+        (group1 if i % 2 else group2).add(c)
+    sigs = {1: {c: r.sign(c, s1) for c in colluders}, 2: {c: r.sign(c, s2) for c in colluders}}
+    for group, s, g in ((1, s1, group1), (2, s2, group2)):
+        for c in sorted(g):
+            (ans,) = r.clients[c].receive(ConsistencyRequest(np.array(sorted(s), np.int64)).encode(r.ctx, c))
+            sigs[group][c] = ConsistencySignature.decode(ans, r.ctx, c).signature
+    seed_shares, key_shares, refusals = [], [], []
+    for c in colluders:  # a colluder simply hands over what it holds of the victim: both shares
+        if victim in r.clients[c]._held:
+            held = r.clients[c]._held[victim]
+            seed_shares.append((share_point(c), held[shamir_elements:]))
+            key_shares.append((share_point(c), held[:shamir_elements]))
+    for group, s, g in ((1, s1, group1), (2, s2, group2)):
+        for h in sorted(set(holders) & g):
+            try:
+                (ans,) = r.clients[h].receive(_unmask_request(r, h, s, sigs[group]))
+            except ProtocolError as exc:
+                refusals.append(str(exc))
+                continue
+            u = Unmask.decode(ans, r.ctx, h)
+            if group == 1:
+                seed_shares.append((share_point(h), u.seed_shares[list(u.seed_ids).index(victim)]))
+            else:
+                key_shares.append((share_point(h), u.key_shares[list(u.key_ids).index(victim)]))
+    return _recover(r, victim, seed_shares, key_shares), refusals
+
+
+SPLIT = {"n": 12, "k": 11, "colluders": 0.3}  # classic SecAgg at n = 12 against up to 4 colluders: t = 7, quorum 9
+
+
+@pytest.mark.parametrize("threshold", ["auto", 5])
+@pytest.mark.parametrize("c", range(5))
+def test_split_view_with_up_to_the_stated_colluders_is_refused_by_the_consistency_round(c, threshold):
+    r = Round(**SPLIT, threshold=threshold)
+    assert (r.params.colluders, r.params.quorum) == (4, 9) and r.t == (7 if threshold == "auto" else 5)
     victim = 0
-    holders = sorted(r.graph[victim])
-    assert len(holders) == 6 and r.t == 4
-    # 1. Asking one holder for both shares of the victim is refused.
-    j = holders[0]
-    held = set(r.clients[j]._held)
-    with pytest.raises(ProtocolError, match="both survived and dropped: refusing to reveal both shares"):
-        r.clients[j].receive(_forge_unmask(r, j, held, {victim}))
-    # 2. Lying consistently to half of the holders ("the victim dropped") and asking the rest for
-    #    the self-mask share gets 3 < t shares of each secret: the mask key does not reconstruct.
-    key_shares, seed_shares = [], []
-    for idx, h in enumerate(holders):
-        held = set(r.clients[h]._held)
-        if idx < 3:
-            ans = Unmask.decode(r.clients[h].receive(_forge_unmask(r, h, held - {victim}, {victim}))[0], r.ctx, h)
-            key_shares.append((share_point(h), ans.key_shares[list(ans.key_ids).index(victim)]))
-        else:
-            ans = Unmask.decode(r.clients[h].receive(requests[h])[0], r.ctx, h)
-            seed_shares.append((share_point(h), ans.seed_shares[list(ans.seed_ids).index(victim)]))
-        # 3. ... and no holder answers a second request, e.g. for the other share.
-        with pytest.raises(ProtocolError, match="finished round"):
-            r.clients[h].receive(_forge_unmask(r, h, held, set()))
-        assert r.clients[h].revealed[victim] in ("key", "seed")
-    xs = np.array([[x for x, _ in key_shares]], np.uint64)
-    ys = np.array([[s for _, s in key_shares]], np.uint64)
-    guess = shamir.reconstruct(xs, ys)[0]
-    advertised = Keys.decode(r.sent[victim][0], r.ctx, victim).s_pk
-    try:
-        sk = crypto.x25519_from_private(shamir.elements_to_bytes(guess, 32))
-        assert crypto.public_bytes(sk) != advertised
-    except ValueError:
-        pass  # not even a well-formed key
+    r.to_consistency()
+    recovered, refusals = split_view(r, victim, colluders=list(range(1, c + 1)))
+    assert recovered is None
+    assert refusals and all("quorum is 9: refusing to unmask" in why for why in refusals)
 
 
-def test_client_checks_the_server_lists_against_the_shares_it_holds():
+@pytest.mark.parametrize(("threshold", "cs"), [("auto", [3, 4]), (5, [0, 1, 2, 3, 4])])
+def test_split_view_recovers_a_survivor_from_a_client_without_the_consistency_round(threshold, cs):
+    """The same attack against the weakened client: it succeeds as soon as 2 (t - c) <= k - c."""
+    for c in cs:
+        r = Round(**SPLIT, threshold=threshold, weakened=True)
+        assert 2 * (r.t - c) <= r.params.k - c
+        r.to_consistency()
+        recovered, refusals = split_view(r, 0, colluders=list(range(1, c + 1)))
+        assert not refusals and recovered is not None
+        assert np.abs(recovered - r.inputs[0][0]).max() < 1e-6  # the honest survivor's exact update
+    # ... and with fewer colluders even the weakened client holds: the counting bound 2t > k + c
+    if threshold == "auto":
+        r = Round(**SPLIT, weakened=True)
+        r.to_consistency()
+        assert split_view(r, 0, colluders=[1, 2])[0] is None
+
+
+def test_client_unmasks_only_for_the_set_it_signed_with_a_quorum_of_valid_signatures():
     r = Round(n=10, k=6)
-    requests = r.to_unmask()
+    assert (r.t, r.params.quorum) == (4, 6)
+    requests = r.to_consistency()
+    c = 5
+    everyone = set(r.ids)
+    with pytest.raises(ProtocolError, match="omits client 5"):
+        r.clients[c].receive(ConsistencyRequest(np.array(sorted(everyone - {c}), np.int64)).encode(r.ctx, c))
+    with pytest.raises(ProtocolError, match="below the quorum 6"):
+        r.clients[c].receive(ConsistencyRequest(np.array([0, 1, 2, 3, c], np.int64)).encode(r.ctx, c))
+    unmask = dict(r.step())  # the honest consistency round
+    with pytest.raises(ProtocolError, match="expected a secagg/unmask-request frame"):  # it signs one set, once
+        r.clients[c].receive(ConsistencyRequest(np.array(sorted(everyone - {0}), np.int64)).encode(r.ctx, c))
+    good = UnmaskRequest.decode(unmask[c], r.ctx, c)
+    sigs = {int(s): good.signatures[i].tobytes() for i, s in enumerate(good.signers)}
+    with pytest.raises(ProtocolError, match="not the set of 10 client 5 signed"):
+        r.clients[c].receive(_unmask_request(r, c, everyone - {0}, {s: v for s, v in sigs.items() if s != 0}))
+    with pytest.raises(ProtocolError, match="only 5 signatures on the survivor set, quorum is 6"):
+        r.clients[c].receive(_unmask_request(r, c, everyone, dict(list(sigs.items())[:5])))
+    forged = dict(sigs)
+    forged[min(forged)] = r.sign(max(forged), everyone)  # someone else's signature under this signer's id
+    with pytest.raises(ProtocolError, match="on the survivor set is invalid"):
+        r.clients[c].receive(_unmask_request(r, c, everyone, forged))
+    stale = dict(sigs)
+    stale[min(stale)] = r.sign(min(stale), everyone - {9})  # a real signature, on another set
+    with pytest.raises(ProtocolError, match="on the survivor set is invalid"):
+        r.clients[c].receive(_unmask_request(r, c, everyone, stale))
+    assert requests and r.clients[c].receive(unmask[c])  # the honest request is still answered: rejections changed nothing
+    with pytest.raises(ProtocolError, match="finished round"):
+        r.clients[c].receive(unmask[c])  # ... once
+
+
+def test_a_client_never_reveals_both_shares_of_a_neighbour():
+    """The per-client overlap check kept from before (Flower's clients give both shares there)."""
+    r = Round(n=10, k=6)
+    r.to_unmask()
     c = 5
     held = set(r.clients[c]._held)
+    victim = min(held)
+    with pytest.raises(ProtocolError, match="both survived and dropped: refusing to reveal both shares"):
+        r.clients[c]._reveal(held, {victim})
     with pytest.raises(ProtocolError, match="not exactly the"):
-        r.clients[c].receive(_forge_unmask(r, c, held - {min(held)}, set()))
-    with pytest.raises(ProtocolError, match="below threshold"):
-        r.clients[c].receive(_forge_unmask(r, c, held, set(), total=r.t - 1))
-    with pytest.raises(ProtocolError, match="lists"):
-        r.clients[c].receive(_forge_unmask(r, c, held, set(), total=len(held)))
-    assert r.clients[c].receive(requests[c])  # the honest request is still answered: rejections changed nothing
+        r.clients[c]._reveal(held - {victim}, set())
 
 
 def test_tampered_or_misrouted_share_ciphertexts_are_rejected():
-    r = Round(n=8, k=4)
+    r = Round(n=8, k=6)
     r.step()
     bundles = dict(r.step())
     a = 0
@@ -176,10 +304,8 @@ def test_replayed_wrong_round_wrong_session_and_wrong_size_messages_are_rejected
 
 
 def test_signed_keys_stop_a_server_from_substituting_a_neighbours_key():
-    r = Round(n=6, k=5, signatures=True)
+    r = Round(n=6, k=5)
     dirs = dict(r.step())
-    from aggregation.secagg.messages import KeyDirectory
-
     d0 = KeyDirectory.decode(dirs[0], r.ctx, 0)
     _, mitm_pk = crypto.new_x25519()
     c_pks = d0.c_pks.copy()
@@ -189,30 +315,89 @@ def test_signed_keys_stop_a_server_from_substituting_a_neighbours_key():
     with pytest.raises(ProtocolError, match="carries no signatures"):
         r.clients[0].receive(KeyDirectory(d0.ids, d0.c_pks, d0.s_pks, None).encode(r.ctx, 0))
     # the server refuses unsigned advertisements
-    s = Round(n=6, k=5, signatures=True)
+    s = Round(n=6, k=5)
     with pytest.raises(ProtocolError, match="unsigned"):
         s.server.receive(1, Keys(b"\x01" * 32, b"\x02" * 32, None).encode(s.ctx, 1))
     # a full signed round still aggregates correctly
-    r2 = Round(n=6, k=5, signatures=True)
+    r2 = Round(n=6, k=5)
     out = run_round(r2.agg, r2.ctx, r2.inputs)
     assert out.server_result.contributors == tuple(range(6))
 
 
-def test_identity_keys_load_from_a_directory(tmp_path):
+class SkipsKeySignatures(SecAggClient):
+    """Deliberately weakened client: takes its neighbours' advertised keys without checking signatures."""
+
+    def _check_directory(self, d, ids):
+        return None
+
+
+def key_substitution(r: Round, victim: int) -> np.ndarray:
+    """Issue 12 item 3: the server alone swaps every neighbour's keys in the victim's directory for
+    its own, decrypts all the victim's shares, and strips every mask from its masked input."""
+    dirs = dict(r.step())
+    d = KeyDirectory.decode(dirs[victim], r.ctx, victim)
+    fake = {int(p): (crypto.new_x25519(), crypto.new_x25519()) for p in d.ids}
+    blob = lambda pks: np.frombuffer(b"".join(pks), np.uint8).reshape(len(pks), 32)  # noqa: E731
+    c_pks = blob([fake[int(p)][0][1] for p in d.ids])
+    s_pks = blob([fake[int(p)][1][1] for p in d.ids])
+    (shares,) = r.clients[victim].receive(KeyDirectory(d.ids, c_pks, s_pks, d.signatures).encode(r.ctx, victim))
+    victim_keys = Keys.decode(r.sent[victim][0], r.ctx, victim)
+    sh = Shares.decode(shares, r.ctx, victim)
+    opened, share_keys = [], {}
+    for row, p in enumerate(int(i) for i in sh.ids):
+        secret = crypto.agree(fake[p][0][0], victim_keys.c_pk, peer=victim)
+        share_keys[p] = crypto.derive(secret, crypto.SHARE_LABEL, r.ctx.session_id, r.ctx.round, victim, p)
+        ad = crypto.share_ad(r.ctx.session_id, r.ctx.round, victim, p)
+        plain = crypto.open_sealed(share_keys[p], sh.ciphertexts[row].tobytes(), ad, sender=victim)
+        opened.append((share_point(p), np.frombuffer(plain, ">u8", offset=16).astype(np.uint64)))
+    xs = np.array([[x for x, _ in opened[: r.t]]], np.uint64)
+    ys = np.array([[y for _, y in opened[: r.t]]], np.uint64)
+    secrets = shamir.reconstruct(xs, ys)[0]
+    seed = shamir.elements_to_bytes(secrets[shamir_elements:], 32)
+    # forge the victim's bundle from "its neighbours" under the substituted keys, so it masks its input
+    cts = []
+    for p in (int(i) for i in sh.ids):
+        plain = struct.pack(">qq", p, victim) + np.zeros(2 * shamir_elements, ">u8").tobytes()
+        cts.append(np.frombuffer(crypto.seal(share_keys[p], plain, crypto.share_ad(r.ctx.session_id, r.ctx.round, p, victim)), np.uint8))
+    (masked,) = r.clients[victim].receive(ShareBundle(sh.ids, np.stack(cts)).encode(r.ctx, victim))
+    y = MaskedInput.decode(masked, r.ctx, victim, r.agg.quantizer.dtype).vector.copy()
+    prg.add_mask(y, seed, -1)
+    for p in (int(i) for i in sh.ids):
+        secret = crypto.agree(fake[p][1][0], victim_keys.s_pk, peer=victim)
+        prg.add_mask(y, pair_mask_seed(secret, r.ctx, victim, p), -1 if p > victim else +1)
+    weighted, weight = r.agg.quantizer.decode(y)
+    return weighted / weight
+
+
+def test_key_substitution_recovers_the_update_of_a_client_that_skips_signature_checks():
+    r = Round(n=6, k=5)
+    victim = 2
+    ids = r.agg.identities.for_client(victim)
+    r.clients[victim] = SkipsKeySignatures(r.ctx, victim, *r.inputs[victim], r.agg.quantizer, r.params.k, r.t, ids, quorum=r.params.quorum)
+    recovered = key_substitution(r, victim)
+    assert np.abs(recovered - r.inputs[victim][0]).max() < 1e-6
+
+
+def test_key_substitution_is_refused_by_a_client_that_checks_signatures():
+    r = Round(n=6, k=5)
+    with pytest.raises(ProtocolError, match="on its advertised keys is invalid"):
+        key_substitution(r, 2)
+
+
+def test_identity_registry_round_trips_through_a_directory(tmp_path):
     ids = Identities.generate(range(4))
     ids.write(tmp_path)
     assert (tmp_path / "2.key").stat().st_mode & 0o777 == 0o600
-    cfg = SecAggConfig(signatures=True, identity_dir=str(tmp_path))
-    agg = build(cfg, list(range(4)), 0)
-    assert {k: crypto.public_raw(v) for k, v in agg.identities.public.items()} == {k: crypto.public_raw(v) for k, v in ids.public.items()}
+    loaded = Identities.load(tmp_path, range(4))
+    assert {k: crypto.public_raw(v) for k, v in loaded.public.items()} == {k: crypto.public_raw(v) for k, v in ids.public.items()}
     (tmp_path / "3.pub").unlink()
     with pytest.raises(FileNotFoundError, match=r"3.pub: identity public key of client 3 is missing"):
-        build(cfg, list(range(4)), 0)
+        Identities.load(tmp_path, range(4))
 
 
 def test_nothing_the_server_receives_equals_or_reveals_an_individual_update():
     n, d = 12, 20_000
-    agg = build(SecAggConfig(neighbours=6, max_weight=10.0), list(range(n)), 0)
+    agg = build(SecAggConfig(neighbours=10, max_weight=10.0), list(range(n)), 0)
     ctx = RoundContext(os.urandom(16), 0, tuple(range(n)), d)
     rng = np.random.default_rng(11)
     inputs = {c: (rng.uniform(-1, 1, d).astype(np.float32), 5.0) for c in range(n)}
@@ -230,7 +415,7 @@ def test_nothing_the_server_receives_equals_or_reveals_an_individual_update():
             signed = masked[:-1].view(np.int32).astype(np.float64)
             assert abs(np.corrcoef(signed, vec)[0, 1]) < 0.05  # and uncorrelated with it
         else:
-            assert frame.kind in ("secagg/keys", "secagg/shares", "secagg/unmask")
+            assert frame.kind in ("secagg/keys", "secagg/shares", "secagg/consistency-signature", "secagg/unmask")
             for t in frame.tensors.values():
                 assert t.nbytes < 2_000  # keys, ciphertexts and field shares only, never vector-sized
 
@@ -242,7 +427,7 @@ def _chi_square_p(values: np.ndarray) -> float:
 
 def test_masked_vectors_look_uniform_while_the_plain_encoding_does_not():
     n, d = 8, 50_000
-    agg = build(SecAggConfig(neighbours=4, max_weight=1.0), list(range(n)), 0)
+    agg = build(SecAggConfig(neighbours=6, max_weight=1.0), list(range(n)), 0)
     ctx = RoundContext(os.urandom(16), 0, tuple(range(n)), d)
     inputs = {c: (np.zeros(d, np.float32), 1.0) for c in range(n)}  # the most structured input there is
     masked = []

@@ -6,12 +6,16 @@ leaves the client where it was.
 
 What an honest client enforces against an active server:
 
-* its neighbours come from the public graph (:mod:`.graph`), not from the server, and with
-  identities configured their advertised keys must carry valid Ed25519 signatures;
+* its neighbours come from the public graph (:mod:`.graph`), not from the server, and their
+  advertised keys must carry valid Ed25519 signatures under the identities registered before
+  round 0 (so the server cannot substitute a neighbour's keys: Bonawitz et al. 2017, §6);
 * it answers each stage at most once (replays of any stage are refused);
-* at unmasking, the server's survivor and dropout lists must be disjoint, must together be exactly
-  the neighbours whose shares it holds, and at least ``t`` clients must have survived; it then
-  reveals, for each neighbour, *either* the self-mask-seed share (survivor) *or* the mask-key share
+* consistency (Bonawitz et al. 2017, Fig. 4, Round 4): it signs exactly one survivor set S, one
+  that contains itself and at least ``quorum`` clients; it unmasks only for that same S and only
+  once ``quorum`` distinct members of S have validly signed it. Two different sets can never both
+  collect a quorum (:mod:`.params`), so every honest client that unmasks does so for the same S;
+* at unmasking it works out the lists itself: its neighbours in S survived, the others dropped; it
+  reveals, for each, *either* the self-mask-seed share (survivor) *or* the mask-key share
   (dropped), never both — and it never answers a second unmask request.
 """
 
@@ -30,6 +34,8 @@ from .messages import (
     SECRET_ELEMENTS,
     SHARE_CIPHERTEXT_BYTES,
     AdvertiseRequest,
+    ConsistencyRequest,
+    ConsistencySignature,
     KeyDirectory,
     Keys,
     MaskedInput,
@@ -45,6 +51,7 @@ class _Stage(Enum):
     ADVERTISE = "advertise"
     SHARE = "share keys"
     MASK = "masked input"
+    CONSISTENCY = "consistency check"
     UNMASK = "unmask"
     DONE = "done"
 
@@ -71,8 +78,10 @@ class SecAggClient(ClientHalf):
         quantizer: Quantizer,
         degree: int,
         threshold: int,
-        identities: crypto.Identities | None = None,
+        identities: crypto.Identities,
         integer_noise: np.ndarray | None = None,
+        *,
+        quorum: int,
     ) -> None:
         vector = np.asarray(vector)
         if vector.shape != (ctx.dim,):
@@ -82,6 +91,12 @@ class SecAggClient(ClientHalf):
         quantizer.check(ctx.dim, weight, integer_noise)  # refuse an over-large weight or noise now
         if client_id not in ctx.participants:
             raise ValueError(f"client {client_id} is not a participant of round {ctx.round}")
+        if identities is None or client_id not in identities.private:
+            raise ValueError(f"client {client_id} needs its identity key and the registered public keys (crypto.Identities)")
+        n = len(ctx.participants)
+        if not (n // 2 < quorum <= n):
+            raise ValueError(f"quorum {quorum} must be a strict majority of the {n} participants (params.quorum)")
+        self.quorum = quorum
         self.ctx = ctx
         self.id = client_id
         self.q = quantizer
@@ -108,6 +123,7 @@ class SecAggClient(ClientHalf):
             _Stage.ADVERTISE: self._advertise,
             _Stage.SHARE: self._share_keys,
             _Stage.MASK: self._masked_input,
+            _Stage.CONSISTENCY: self._consistency,
             _Stage.UNMASK: self._unmask,
         }.get(self._stage)
         if handler is None:
@@ -123,9 +139,7 @@ class SecAggClient(ClientHalf):
         self._c_sk, c_pk = crypto.new_x25519()
         self._s_sk, s_pk = crypto.new_x25519()
         self._s_pk = s_pk
-        sig = None
-        if self.identities is not None:
-            sig = self.identities.sign(self.id, crypto.advertise_payload(self.ctx.session_id, self.ctx.round, self.id, c_pk, s_pk))
+        sig = self.identities.sign(self.id, crypto.advertise_payload(self.ctx.session_id, self.ctx.round, self.id, c_pk, s_pk))
         self._stage = _Stage.SHARE
         return [Keys(c_pk, s_pk, sig).encode(self.ctx, self.id)]
 
@@ -136,14 +150,7 @@ class SecAggClient(ClientHalf):
         stray = set(ids) - self._graph_neighbours
         if stray:
             raise ProtocolError(f"key directory lists {sorted(stray)[:5]}, who are not neighbours of client {self.id}")
-        if self.identities is not None:
-            if d.signatures is None:
-                raise ProtocolError("key directory carries no signatures but identities are configured")
-            for row, peer in enumerate(ids):
-                payload = crypto.advertise_payload(
-                    self.ctx.session_id, self.ctx.round, peer, d.c_pks[row].tobytes(), d.s_pks[row].tobytes()
-                )
-                self.identities.verify(peer, d.signatures[row].tobytes(), payload)
+        self._check_directory(d, ids)
         if len(ids) < self.t:
             return self._sit_out(f"only {len(ids)} live neighbours, threshold {self.t}")
         # Derive every share key first: a bad public key rejects the frame before any state changes.
@@ -201,14 +208,60 @@ class SecAggClient(ClientHalf):
         prg.add_mask(y, self._seed, +1)
         self._held = held
         self._vector = self._noise = None  # the plain update is no longer needed
-        self._stage = _Stage.UNMASK
+        self._stage = _Stage.CONSISTENCY
         return [MaskedInput(y).encode(self.ctx, self.id)]
 
-    # ---------------------------------------------------------------- stage 3: unmask
+    def _check_directory(self, d: KeyDirectory, ids: list[int]) -> None:
+        """Every advertised key pair must be signed by its owner's registered identity key."""
+        if d.signatures is None:
+            raise ProtocolError("key directory carries no signatures: advertised keys must be signed")
+        for row, peer in enumerate(ids):
+            payload = crypto.advertise_payload(self.ctx.session_id, self.ctx.round, peer, d.c_pks[row].tobytes(), d.s_pks[row].tobytes())
+            self.identities.verify(peer, d.signatures[row].tobytes(), payload)
+
+    # ---------------------------------------------------------------- stage 3: consistency check
+    def _consistency(self, data: bytes) -> list[bytes]:
+        r = ConsistencyRequest.decode(data, self.ctx, self.id)
+        survivors = tuple(int(i) for i in r.survivors)
+        if self.id not in survivors:
+            raise ProtocolError(f"survivor set omits client {self.id}, which sent its masked input: refusing to sign it")
+        if len(survivors) < max(self.quorum, self.t):
+            raise ProtocolError(
+                f"survivor set has {len(survivors)} clients, below the quorum {self.quorum} / threshold {self.t}: refusing to sign it"
+            )
+        sig = self.identities.sign(self.id, crypto.consistency_payload(self.ctx.session_id, self.ctx.round, survivors))
+        self._signed_set = survivors
+        self._stage = _Stage.UNMASK
+        return [ConsistencySignature(sig).encode(self.ctx, self.id)]
+
+    def _check_consistency(self, r: UnmaskRequest) -> frozenset[int]:
+        """S must be the set this client signed, endorsed by ``quorum`` distinct members of S."""
+        survivors = tuple(int(i) for i in r.survivors)
+        if survivors != self._signed_set:
+            raise ProtocolError(
+                f"unmask request names a survivor set of {len(survivors)} clients that is not the set of "
+                f"{len(self._signed_set)} client {self.id} signed: refusing to unmask (split view?)"
+            )
+        members = set(survivors)
+        signers = [int(i) for i in r.signers]
+        outsiders = sorted(set(signers) - members)
+        if outsiders:
+            raise ProtocolError(f"signatures on the survivor set come from {outsiders[:5]}, who are not in it")
+        if len(signers) < self.quorum:
+            raise ProtocolError(f"only {len(signers)} signatures on the survivor set, quorum is {self.quorum}: refusing to unmask")
+        payload = crypto.consistency_payload(self.ctx.session_id, self.ctx.round, survivors)
+        for row, signer in enumerate(signers):
+            self.identities.verify(signer, r.signatures[row].tobytes(), payload, what="the survivor set")
+        return frozenset(members)
+
+    # ---------------------------------------------------------------- stage 4: unmask
     def _unmask(self, data: bytes) -> list[bytes]:
         r = UnmaskRequest.decode(data, self.ctx, self.id)
-        survivors = {int(i) for i in r.survivors}
-        dropped = {int(i) for i in r.dropped}
+        members = self._check_consistency(r)
+        return self._reveal(set(self._held) & members, set(self._held) - members)
+
+    def _reveal(self, survivors: set[int], dropped: set[int]) -> list[bytes]:
+        """One share per neighbour: the self-mask seed's if it survived, the mask key's if it dropped."""
         if survivors & dropped:
             both = sorted(survivors & dropped)[:5]
             raise ProtocolError(f"server lists {both} as both survived and dropped: refusing to reveal both shares")
@@ -217,10 +270,6 @@ class SecAggClient(ClientHalf):
                 f"server's survivor/dropout lists ({len(survivors)} + {len(dropped)}) are not exactly the "
                 f"{len(self._held)} neighbours whose shares client {self.id} holds"
             )
-        if r.survivors_total < self.t:
-            raise ProtocolError(f"server reports {r.survivors_total} survivors, below threshold {self.t}: refusing to unmask")
-        if r.survivors_total < len(survivors) + 1:
-            raise ProtocolError(f"server reports {r.survivors_total} survivors but lists {len(survivors)} of them plus this client")
         seed_ids = np.array(sorted(survivors), dtype=np.int64)
         key_ids = np.array(sorted(dropped), dtype=np.int64)
         empty = np.zeros((0, SECRET_ELEMENTS), dtype=np.uint64)

@@ -2,7 +2,7 @@
 
 Only vetted primitives from ``cryptography``: X25519 (RFC 7748) for both per-round key pairs,
 HKDF-SHA256 (RFC 5869) to turn a Diffie-Hellman secret into a purpose-bound key, AES-256-GCM for
-the secret shares, Ed25519 (RFC 8032) for the optional identity signatures.
+the secret shares, Ed25519 (RFC 8032) for the identity signatures (always on).
 
 Binding: every derived key's HKDF ``salt`` is the run's 16-byte session id and its ``info`` names
 the purpose, the round and both client ids (smaller first), so a key never serves two purposes,
@@ -13,6 +13,7 @@ fails authentication (Bonawitz et al., CCS 2017, §4 "ShareKeys").
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 from collections.abc import Iterable
@@ -37,6 +38,7 @@ MASK_LABEL = b"fedrlhf/secagg/v1/pairwise-mask"
 SHARE_LABEL = b"fedrlhf/secagg/v1/share-key"
 SHARE_AD_LABEL = b"fedrlhf/secagg/v1/share"
 KEYS_SIG_LABEL = b"fedrlhf/secagg/v1/advertise"
+CONSISTENCY_SIG_LABEL = b"fedrlhf/secagg/v1/consistency"
 
 
 def new_x25519() -> tuple[X25519PrivateKey, bytes]:
@@ -94,14 +96,22 @@ def advertise_payload(session_id: bytes, round_index: int, client_id: int, c_pk:
     return KEYS_SIG_LABEL + session_id + struct.pack(">qq", round_index, client_id) + c_pk + s_pk
 
 
+def consistency_payload(session_id: bytes, round_index: int, survivors: Iterable[int]) -> bytes:
+    """What a client signs in the consistency round (Bonawitz et al. 2017, Fig. 4, Round 4): the
+    session, the round and SHA-256 of the sorted survivor set (so the payload is fixed-size)."""
+    ids = sorted(int(i) for i in survivors)
+    digest = hashlib.sha256(struct.pack(f">{len(ids)}q", *ids)).digest()
+    return CONSISTENCY_SIG_LABEL + session_id + struct.pack(">qq", round_index, len(ids)) + digest
+
+
 @dataclass
 class Identities:
     """Long-term Ed25519 identity keys: public keys everyone knows, private keys of local clients.
 
-    The server gets only ``public``; a client half gets its own private key. With identities
-    configured, a client signs its advertised keys and every client checks its neighbours'
-    signatures, so the server cannot substitute keys or invent clients (Bonawitz et al. 2017,
-    §6 "active adversary": signatures under a PKI).
+    The server gets only ``public``; a client half gets its own private key. Every client signs
+    its advertised keys and the survivor set, and every party checks those signatures, so the
+    server cannot substitute keys, invent clients or show two survivor sets (Bonawitz et al.
+    2017, §6 "active adversary": signatures under a PKI; Fig. 4 Round 4).
     """
 
     public: dict[int, Ed25519PublicKey] = field(default_factory=dict)
@@ -148,13 +158,13 @@ class Identities:
             raise ValueError(f"no identity private key for client {client_id}")
         return self.private[client_id].sign(payload)
 
-    def verify(self, client_id: int, signature: bytes, payload: bytes) -> None:
+    def verify(self, client_id: int, signature: bytes, payload: bytes, *, what: str = "its advertised keys") -> None:
         if client_id not in self.public:
             raise ProtocolError(f"client {client_id} has no registered identity key")
         try:
             self.public[client_id].verify(signature, payload)
         except InvalidSignature as exc:
-            raise ProtocolError(f"signature of client {client_id} on its advertised keys is invalid") from exc
+            raise ProtocolError(f"signature of client {client_id} on {what} is invalid") from exc
 
     def for_client(self, client_id: int) -> Identities:
         """The view one client gets: everybody's public keys and only its own private key."""

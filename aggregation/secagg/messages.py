@@ -15,8 +15,15 @@ Stages (Bonawitz et al., CCS 2017, Fig. 4; Bell et al., CCS 2020, Alg. 2)::
     client -> server    SHARES          one AES-GCM ciphertext of Shamir shares per neighbour
     server -> client    SHARE_BUNDLE    the ciphertexts addressed to that client
     client -> server    MASKED_INPUT    [q, u] + pairwise masks + self mask  (mod 2^bits)
-    server -> client    UNMASK_REQUEST  which neighbours survived / dropped
+    server -> client    CONSISTENCY_REQUEST  the survivor set S (every client that sent a masked input)
+    client -> server    CONSISTENCY_SIGNATURE  Ed25519 signature of (session, round, S)
+    server -> client    UNMASK_REQUEST  S again + a quorum of signatures on S from members of S
     client -> server    UNMASK          self-mask shares of survivors, mask-key shares of dropouts
+
+The two consistency frames are Bonawitz et al.'s Round 4 "ConsistencyCheck" (Fig. 4): a client
+reveals shares only for the one set it signed, and only once a quorum of clients signed that
+same set, so a server cannot tell some holders of a client's shares "it survived" and others "it
+dropped" (:mod:`.params` explains the quorum).
 """
 
 from __future__ import annotations
@@ -207,32 +214,82 @@ class MaskedInput(_Message):
 
 
 @dataclass(frozen=True)
+class ConsistencyRequest(_Message):
+    """The survivor set S the server claims: every client whose masked input it summed (sorted ids)."""
+
+    KIND: ClassVar[str] = "secagg/consistency-request"
+    PARTY: ClassVar[str] = "receiver"
+    survivors: np.ndarray
+
+    def encode(self, ctx: RoundContext, receiver: int) -> bytes:
+        return self._frame(ctx, receiver, {}, {"survivors": self.survivors.astype(np.int64)})
+
+    @classmethod
+    @_checked
+    def decode(cls, data: bytes, ctx: RoundContext, receiver: int) -> ConsistencyRequest:
+        n = len(ctx.participants)
+        f = cls._open(data, ctx, receiver, 4096 + 8 * n)
+        return cls(_survivor_set(f, ctx))
+
+
+@dataclass(frozen=True)
+class ConsistencySignature(_Message):
+    """A client's Ed25519 signature of :func:`.crypto.consistency_payload` over the set it was shown."""
+
+    KIND: ClassVar[str] = "secagg/consistency-signature"
+    PARTY: ClassVar[str] = "sender"
+    signature: bytes
+
+    def encode(self, ctx: RoundContext, sender: int) -> bytes:
+        return self._frame(ctx, sender, {}, {"signature": wire.as_blob(self.signature)})
+
+    @classmethod
+    @_checked
+    def decode(cls, data: bytes, ctx: RoundContext, sender: int) -> ConsistencySignature:
+        f = cls._open(data, ctx, sender, 1 << 12)
+        return cls(f.blob("signature", exact=SIG_BYTES))
+
+
+@dataclass(frozen=True)
 class UnmaskRequest(_Message):
-    """Per receiver: which of the neighbours whose shares it holds survived and which dropped."""
+    """The survivor set S once more, with signatures on it: ``signatures[i]`` is client ``signers[i]``'s.
+
+    The receiver itself works out which of the neighbours whose shares it holds survived (in S)
+    and which dropped (not in S): the server names no per-client lists any more.
+    """
 
     KIND: ClassVar[str] = "secagg/unmask-request"
     PARTY: ClassVar[str] = "receiver"
     survivors: np.ndarray
-    dropped: np.ndarray
-    survivors_total: int
+    signers: np.ndarray
+    signatures: np.ndarray  # (m, SIG_BYTES) uint8
 
     def encode(self, ctx: RoundContext, receiver: int) -> bytes:
         return self._frame(
             ctx,
             receiver,
-            {"survivors_total": self.survivors_total},
-            {"survivors": self.survivors.astype(np.int64), "dropped": self.dropped.astype(np.int64)},
+            {},
+            {"survivors": self.survivors.astype(np.int64), "signers": self.signers.astype(np.int64), "signatures": self.signatures},
         )
 
     @classmethod
     @_checked
     def decode(cls, data: bytes, ctx: RoundContext, receiver: int) -> UnmaskRequest:
         n = len(ctx.participants)
-        f = cls._open(data, ctx, receiver, 1 << 26)
-        total = f.field("survivors_total", int)
-        if not 0 <= total <= n:
-            raise ProtocolError(f"{cls.KIND}: survivors_total {total} is outside 0..{n}")
-        return cls(_ids(f, "survivors", max_len=n), _ids(f, "dropped", max_len=n), total)
+        f = cls._open(data, ctx, receiver, 4096 + (8 + 8 + SIG_BYTES) * n + 1024)
+        survivors = _survivor_set(f, ctx)
+        signers = _ids(f, "signers", max_len=n)
+        return cls(survivors, signers, f.tensor("signatures", np.uint8, (signers.size, SIG_BYTES)))
+
+
+def _survivor_set(f: wire.Frame, ctx: RoundContext) -> np.ndarray:
+    """A strictly increasing list of participants (the canonical form every client signs)."""
+    ids = _ids(f, "survivors", max_len=len(ctx.participants))
+    if ids.size > 1 and np.any(np.diff(ids) <= 0):
+        raise wire.WireError(f"{f.kind}: 'survivors' is not sorted")
+    if not set(ids.tolist()) <= set(ctx.participants):
+        raise wire.WireError(f"{f.kind}: 'survivors' names clients outside the round")
+    return ids
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,14 @@ stored copy per client), then, from the unmask answers, reconstructs in one batc
 interpolation every self-mask seed of a survivor and every mask key of a client that dropped
 after sharing, and removes those masks: one PRG call per seed and per (dropped, survivor) pair.
 
+Between the masked inputs and the unmask requests runs Bonawitz et al.'s consistency round
+(CCS 2017, Fig. 4, Round 4): every survivor signs the survivor set S, and the server forwards a
+quorum of those signatures with S; an honest server checks each signature as it arrives, so one
+client's bad signature costs only that client.
+
 Aborts (:class:`AggregationAborted`, nothing is revealed because no unmasking has happened or
-the needed shares are missing): fewer than ``t`` clients at any stage, or a secret whose holders
-returned fewer than ``t`` shares. A reconstructed mask key is checked against the public key its
+the needed shares are missing): fewer than ``t`` clients at any stage, fewer than ``quorum``
+signatures on S, or a secret whose holders returned fewer than ``t`` shares. A reconstructed mask key is checked against the public key its
 owner advertised, so a client that sends a corrupt share causes a clear abort, not a wrong sum.
 """
 
@@ -25,6 +30,8 @@ from .messages import (
     SECRET_ELEMENTS,
     SHARE_CIPHERTEXT_BYTES,
     AdvertiseRequest,
+    ConsistencyRequest,
+    ConsistencySignature,
     KeyDirectory,
     Keys,
     MaskedInput,
@@ -42,6 +49,7 @@ class _Stage(Enum):
     ADVERTISE = "advertise keys"
     SHARE = "share keys"
     MASK = "masked input"
+    CONSISTENCY = "consistency check"
     UNMASK = "unmask"
     DONE = "done"
 
@@ -53,9 +61,14 @@ class SecAggServer(ServerHalf):
         quantizer: Quantizer,
         degree: int,
         threshold: int,
-        identities: crypto.Identities | None = None,
+        identities: crypto.Identities,
+        *,
+        quorum: int,
     ) -> None:
+        if identities is None:
+            raise ValueError("the SecAgg server needs the registered identity public keys (crypto.Identities)")
         self.ctx = ctx
+        self.quorum = quorum
         self.q = quantizer
         self.k = degree
         self.t = threshold
@@ -68,6 +81,8 @@ class SecAggServer(ServerHalf):
         self._shared_to: dict[int, set[int]] = {}  # sender -> receivers of its shares
         self._sum = np.zeros(ctx.dim + 1, dtype=quantizer.dtype)
         self._masked: set[int] = set()
+        self._consistency: dict[int, bytes] = {}  # signer -> signature on the survivor set
+        self._survivor_set: tuple[int, ...] = ()
         self._requested: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._unmask: dict[int, Unmask] = {}
         self._result: AggregateResult | None = None
@@ -101,6 +116,7 @@ class SecAggServer(ServerHalf):
             _Stage.ADVERTISE: self._on_keys,
             _Stage.SHARE: self._on_shares,
             _Stage.MASK: self._on_masked,
+            _Stage.CONSISTENCY: self._on_signature,
             _Stage.UNMASK: self._on_unmask,
         }.get(self._stage)
         if handler is None:
@@ -112,7 +128,8 @@ class SecAggServer(ServerHalf):
         step = {
             _Stage.ADVERTISE: self._send_directories,
             _Stage.SHARE: self._send_bundles,
-            _Stage.MASK: self._send_unmask_requests,
+            _Stage.MASK: self._send_consistency_requests,
+            _Stage.CONSISTENCY: self._send_unmask_requests,
             _Stage.UNMASK: self._finish,
         }.get(self._stage)
         if step is None:
@@ -126,6 +143,8 @@ class SecAggServer(ServerHalf):
             return set(self._keys)
         if self._stage is _Stage.MASK:
             return set(self._shared_to)
+        if self._stage is _Stage.CONSISTENCY:
+            return set(self._masked)
         return set(self._requested)
 
     def _answered(self) -> set[int]:
@@ -133,6 +152,7 @@ class SecAggServer(ServerHalf):
             _Stage.ADVERTISE: set(self._keys),
             _Stage.SHARE: set(self._shared_to),
             _Stage.MASK: self._masked,
+            _Stage.CONSISTENCY: set(self._consistency),
             _Stage.UNMASK: set(self._unmask),
         }.get(self._stage, set())
 
@@ -154,12 +174,11 @@ class SecAggServer(ServerHalf):
     def _on_keys(self, sender: int, data: bytes) -> None:
         self._refuse_repeat(sender, self._keys)
         msg = Keys.decode(data, self.ctx, sender)
-        if self.identities is not None:
-            if msg.signature is None:
-                raise ProtocolError(f"keys of client {sender} are unsigned but identities are configured")
-            self.identities.verify(
-                sender, msg.signature, crypto.advertise_payload(self.ctx.session_id, self.ctx.round, sender, msg.c_pk, msg.s_pk)
-            )
+        if msg.signature is None:
+            raise ProtocolError(f"keys of client {sender} are unsigned: advertised keys must be signed")
+        self.identities.verify(
+            sender, msg.signature, crypto.advertise_payload(self.ctx.session_id, self.ctx.round, sender, msg.c_pk, msg.s_pk)
+        )
         if msg.c_pk == msg.s_pk:
             raise ProtocolError(f"client {sender} advertised the same key twice")
         self._keys[sender] = msg
@@ -167,7 +186,6 @@ class SecAggServer(ServerHalf):
     def _send_directories(self) -> list[Outgoing]:
         self._require(len(self._keys), "advertised keys")
         out = []
-        signed = self.identities is not None
         for cid in sorted(self._keys):
             peers = sorted(p for p in self._graph[cid] if p in self._keys)
             ks = [self._keys[p] for p in peers]
@@ -175,7 +193,7 @@ class SecAggServer(ServerHalf):
                 np.array(peers, dtype=np.int64),
                 _blobs([k.c_pk for k in ks], crypto.KEY_BYTES),
                 _blobs([k.s_pk for k in ks], crypto.KEY_BYTES),
-                _blobs([k.signature for k in ks], crypto.SIG_BYTES) if signed else None,
+                _blobs([k.signature for k in ks], crypto.SIG_BYTES),
             )
             out.append((cid, directory.encode(self.ctx, cid)))
         self._stage = _Stage.SHARE
@@ -223,25 +241,56 @@ class SecAggServer(ServerHalf):
         """Clients that hold ``owner``'s shares: it sent them one and they got their bundle (both in U2)."""
         return {r for r in self._shared_to.get(owner, ()) if r in self._shared_to}
 
-    def _send_unmask_requests(self) -> list[Outgoing]:
+    def _send_consistency_requests(self) -> list[Outgoing]:
         self._require(len(self._masked), "sent masked inputs")
-        u2, u3 = set(self._shared_to), self._masked
+        self._require_quorum(len(self._masked), "sent masked inputs")
+        self._survivor_set = tuple(sorted(self._masked))
+        request = ConsistencyRequest(np.array(self._survivor_set, dtype=np.int64))
+        self._stage = _Stage.CONSISTENCY
+        return [(cid, request.encode(self.ctx, cid)) for cid in self._survivor_set]
+
+    def _require_quorum(self, count: int, what: str) -> None:
+        if count < self.quorum:
+            self._stage = _Stage.DONE
+            raise AggregationAborted(
+                f"round {self.ctx.round}: only {count} clients {what}, the consistency quorum is {self.quorum}; aborted, nothing revealed"
+            )
+
+    # ---------------------------------------------------------------- stage 3 -> 4
+    def _on_signature(self, sender: int, data: bytes) -> None:
+        if sender not in self._masked:
+            raise ProtocolError(f"client {sender} signed the survivor set but sent no masked input")
+        self._refuse_repeat(sender, self._consistency)
+        msg = ConsistencySignature.decode(data, self.ctx, sender)
+        payload = crypto.consistency_payload(self.ctx.session_id, self.ctx.round, self._survivor_set)
+        self.identities.verify(sender, msg.signature, payload, what="the survivor set")
+        self._consistency[sender] = msg.signature
+
+    def _send_unmask_requests(self) -> list[Outgoing]:
+        self._require(len(self._consistency), "signed the survivor set")
+        self._require_quorum(len(self._consistency), "signed the survivor set")
+        u2, u3, u4 = set(self._shared_to), self._masked, set(self._consistency)
+        signers = sorted(u4)[: self.quorum]  # a quorum is all a client needs to check
+        sigs = _blobs([self._consistency[s] for s in signers], crypto.SIG_BYTES)
+        survivors = np.array(self._survivor_set, dtype=np.int64)
+        signer_ids = np.array(signers, dtype=np.int64)
         out = []
-        held_by: dict[int, list[int]] = {cid: [] for cid in u3}
+        held_by: dict[int, list[int]] = {cid: [] for cid in u4}
         for owner in u2:
             for holder in self._holders(owner):
                 if holder in held_by:
                     held_by[holder].append(owner)
-        for cid in sorted(u3):
+        request = UnmaskRequest(survivors, signer_ids, sigs)
+        for cid in sorted(u4):
             held = held_by[cid]
             surv = np.array(sorted(p for p in held if p in u3), dtype=np.int64)
             drop = np.array(sorted(p for p in held if p not in u3), dtype=np.int64)
             self._requested[cid] = (surv, drop)
-            out.append((cid, UnmaskRequest(surv, drop, len(u3)).encode(self.ctx, cid)))
+            out.append((cid, request.encode(self.ctx, cid)))
         self._stage = _Stage.UNMASK
         return out
 
-    # ---------------------------------------------------------------- stage 3 -> done
+    # ---------------------------------------------------------------- stage 4 -> done
     def _on_unmask(self, sender: int, data: bytes) -> None:
         if sender not in self._requested:
             raise ProtocolError(f"client {sender} was not asked to unmask")

@@ -14,7 +14,14 @@ most (it must rebuild their pairwise masks) and the one both our SecAgg+ and Flo
 Flower's SecAgg+ (``flwr.server.workflow.SecAggPlusWorkflow`` + ``flwr.client.mod.secaggplus_mod``,
 see :mod:`.flower_secaggplus`) runs at the same n, d, dropouts and k, t when flwr is installed;
 Flower counts the client itself among its ``num_shares``, so our degree k is matched by Flower
-``num_shares = k`` (k - 1 neighbours + self; odd k keeps Flower's ring symmetric).
+``num_shares = k + 1`` (k neighbours + self; the auto k is even, so k + 1 keeps Flower's ring symmetric).
+
+The cost of the active-security defences (issue 12) is measured in the same cell: ``secagg`` is
+the protocol as shipped (signed keys, the consistency round with a quorum of signatures on the
+survivor set), ``secagg-no-consistency`` the same round without them (the bench-only
+:class:`_UnauthenticatedBaseline`: unsigned keys, no consistency round — what SecAgg+ was before,
+insecure against a lying server and never used outside this bench). k and t are the auto
+parameters of the default bounds (10% colluders, 10% dropouts, 2^-40) unless ``--k`` is given.
 
 CKKS rows come from ``fedrlhf_secure.bench.ckks.measure(n, d)`` when that module exists.
 """
@@ -34,7 +41,9 @@ import numpy as np
 from aggregation.base import AggregationAborted, Aggregator, ClientHalf, RoundContext
 from aggregation.driver import run_round
 from aggregation.plain import PlainAggregator
-from aggregation.secagg import SecAggAggregator, SecAggConfig
+from aggregation.secagg import SecAggAggregator, SecAggClient, SecAggConfig, SecAggServer
+from aggregation.secagg.messages import Keys, UnmaskRequest
+from aggregation.secagg.server import _Stage as _ServerStage
 
 from .report import markdown_table, update_section, write_json
 
@@ -42,12 +51,14 @@ FULL_N = (10, 100, 500, 1000)
 FULL_D = (10_000, 100_000, 1_000_000)
 QUICK_N = (10, 100)
 QUICK_D = (10_000, 100_000)
-STAGES = ("encode", "advertise", "share keys", "masked input", "unmask")
+STAGES = ("encode", "advertise", "share keys", "masked input", "consistency check", "unmask")
+BASELINE_STAGES = ("encode", "advertise", "share keys", "masked input", "unmask")
 TARGETS = (
-    # (label, n, d, k, drops, flower): the issue's "done when" cells. Flower's full-graph round runs its
+    # (label, n, d, k, drops, flower): the issue's "done when" cells (k = 0: the auto parameters,
+    # k = 32 / t = 17 at n = 100, k = 58 / t = 30 at n = 1000). Flower's full-graph round runs its
     # pure-Python Shamir for minutes (190 s unloaded, 528 s on the shared 2-core box), so it is opt-in.
-    ("SecAgg+ n=100 d=1e5 k=7, 1 dropout", 100, 100_000, 7, 1, True),
-    ("SecAgg+ n=1000 d=1e5 k=7, 1 dropout", 1000, 100_000, 7, 1, True),
+    ("SecAgg+ n=100 d=1e5 k=auto, 1 dropout", 100, 100_000, 0, 1, True),
+    ("SecAgg+ n=1000 d=1e5 k=auto, 1 dropout", 1000, 100_000, 0, 1, True),
     ("SecAgg (full graph) n=100 d=1e5, 1 dropout", 100, 100_000, 99, 1, False),
 )
 FLOWER_STAGES = {"setup": "advertise", "share_keys": "share keys", "collect_masked_vectors": "masked input", "unmask": "unmask"}
@@ -60,13 +71,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, nargs="+", default=None, help=f"client counts (default {FULL_N})")
     p.add_argument("--d", type=int, nargs="+", default=None, help=f"vector sizes (default {FULL_D})")
     p.add_argument("--dropout", type=float, nargs="+", default=[0.0, 0.1], help="dropout shares per cell")
-    p.add_argument("--k", type=int, default=7, help="SecAgg+ degree (and Flower num_shares); 0 = the auto rule")
+    p.add_argument("--k", type=int, default=0, help="SecAgg+ degree (and Flower num_shares); 0 = the auto parameters")
     p.add_argument("--append", action="store_true", help="keep the cells already in --json and run only the missing ones")
     p.add_argument(
         "--targets",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="also run the three target cells (n=100/1000 k=7, full graph n=100; d=1e5) vs Flower",
+        help="also run the three target cells (n=100/1000 k=auto, full graph n=100; d=1e5) vs Flower",
     )
     p.add_argument("--grid", action=argparse.BooleanOptionalAction, default=True, help="run the n x d x dropout grid")
     p.add_argument(
@@ -243,19 +254,89 @@ def _median_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+class _NoConsistencyClient(SecAggClient):
+    """Bench baseline only: takes unsigned neighbour keys and unmasks for whatever set it is told."""
+
+    def _check_directory(self, d, ids) -> None:
+        return None
+
+    def _consistency(self, data: bytes) -> list[bytes]:  # the baseline server skips the round: this is the unmask request
+        r = UnmaskRequest.decode(data, self.ctx, self.id)
+        members = {int(i) for i in r.survivors}
+        return self._reveal(set(self._held) & members, set(self._held) - members)
+
+
+class _NoConsistencyServer(SecAggServer):
+    """Bench baseline only: no signature checks, unmask requests right after the masked inputs."""
+
+    def _on_keys(self, sender: int, data: bytes) -> None:
+        self._refuse_repeat(sender, self._keys)
+        self._keys[sender] = Keys.decode(data, self.ctx, sender)
+
+    def _send_consistency_requests(self):
+        self._require(len(self._masked), "sent masked inputs")
+        self._survivor_set = tuple(sorted(self._masked))
+        self._consistency = dict.fromkeys(self._masked, b"")
+        u2, u3 = set(self._shared_to), self._masked
+        held_by: dict[int, list[int]] = {cid: [] for cid in u3}
+        for owner in u2:
+            for holder in self._holders(owner):
+                if holder in held_by:
+                    held_by[holder].append(owner)
+        request = UnmaskRequest(np.array(self._survivor_set, np.int64), np.zeros(0, np.int64), np.zeros((0, 64), np.uint8))
+        out = []
+        for cid in sorted(u3):
+            held = held_by[cid]
+            surv = np.array(sorted(p for p in held if p in u3), dtype=np.int64)
+            drop = np.array(sorted(p for p in held if p not in u3), dtype=np.int64)
+            self._requested[cid] = (surv, drop)
+            out.append((cid, request.encode(self.ctx, cid)))
+        self._stage = _ServerStage.UNMASK
+        return out
+
+
+class _UnauthenticatedBaseline(SecAggAggregator):
+    """SecAgg+ without signatures and without the consistency round: the cost baseline of issue 12.
+
+    Insecure against a lying server (split view, key substitution); it exists only so the bench can
+    measure what the defences cost in the same run, and nothing outside this module builds it.
+    """
+
+    kind = "secagg-no-consistency"
+
+    def server(self, ctx):
+        p = self.parameters(ctx)
+        return _NoConsistencyServer(ctx, self.quantizer, p.k, p.t, self.identities.public_only(), quorum=p.quorum)
+
+    def client(self, ctx, client_id, vector, weight, *, integer_noise=None):
+        p = self.parameters(ctx)
+        ids = self.identities.for_client(client_id)
+        return _NoConsistencyClient(ctx, client_id, vector, weight, self.quantizer, p.k, p.t, ids, integer_noise, quorum=p.quorum)
+
+
 def measure_cell(n: int, d: int, drops: list[int], *, k: int, flower: bool, repeats: int) -> list[dict[str, Any]]:
-    """Rows for plain, secagg (degree k) and optionally Flower SecAgg+ at one cell, same inputs."""
+    """Rows for plain, secagg (degree k; 0 = auto), the unauthenticated baseline and optionally
+    Flower SecAgg+ at one cell, same inputs."""
+    from aggregation.secagg import Identities
+
     inputs = make_inputs(n, d)
-    t = min(k, n - 1) // 2 + 1
-    cfg = SecAggConfig(neighbours=k, threshold=t, clip_range=CLIP, max_weight=MAX_WEIGHT, bits=32)
-    meta = {"n": n, "d": d, "k": min(k, n - 1), "t": t, "dropped": len(drops)}
+    cfg = SecAggConfig(neighbours=k or "auto", clip_range=CLIP, max_weight=MAX_WEIGHT, bits=32)
+    params = cfg.parameters(n)
+    k, t = params.k, params.t
+    meta = {"n": n, "d": d, "k": k, "t": t, "quorum": params.quorum, "dropped": len(drops)}
     rows = []
     kinds = [
         ("plain", lambda: _ours("plain", PlainAggregator(), inputs, drops, ("encode", "update"))),
-        ("secagg", lambda: _ours("secagg", SecAggAggregator(cfg, n), inputs, drops, STAGES)),
+        ("secagg", lambda: _ours("secagg", SecAggAggregator(cfg, n, Identities.generate(range(n))), inputs, drops, STAGES)),
+        (
+            "secagg-no-consistency",
+            lambda: _ours(
+                "secagg-no-consistency", _UnauthenticatedBaseline(cfg, n, Identities.generate(range(n))), inputs, drops, BASELINE_STAGES
+            ),
+        ),
     ]
     if flower:
-        kinds.append(("flower-secagg+", lambda: _flower(inputs, drops, min(k, n), t)))
+        kinds.append(("flower-secagg+", lambda: _flower(inputs, drops, min(k + 1, n), t)))
     for kind, fn in kinds:
         # the 1-minute load average says how contended the (shared) machine was: wall seconds inflate
         # with it, process CPU seconds do not
@@ -297,7 +378,7 @@ def run(args: argparse.Namespace) -> int:
             for d in ds:
                 for p in args.dropout:
                     use_flower = run_flower and n * d <= args.flower_max_nd
-                    k = args.k or SecAggConfig().degree(n)
+                    k = args.k
                     label = f"grid dropout={p:g}" + ("" if args.k else " k=auto")
                     cells.append((label, n, d, k, dropped_clients(n, p), use_flower))
     results: list[dict[str, Any]] = []
@@ -392,7 +473,19 @@ def _target_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "secagg_seconds_round": ours["seconds_round"],
             "secagg_seconds_compute": ours["seconds_compute"],
             "secagg_bytes_up_per_client": ours["bytes_up_per_client"],
+            "secagg_cpu_seconds_round": ours["cpu_seconds_round"],
         }
+        base = rows.get("secagg-no-consistency")
+        if base:
+            entry.update(
+                {
+                    "no_consistency_seconds_round": base["seconds_round"],
+                    "no_consistency_cpu_seconds_round": base["cpu_seconds_round"],
+                    "defences_cpu_overhead": ours["cpu_seconds_round"] / base["cpu_seconds_round"],
+                    "defences_upload_overhead": ours["bytes_up_per_client"] / base["bytes_up_per_client"],
+                    "defences_download_overhead": ours["bytes_down_per_client"] / base["bytes_down_per_client"],
+                }
+            )
         fl = rows.get("flower-secagg+")
         if fl:
             entry.update(
@@ -478,6 +571,10 @@ def _markdown(payload: dict[str, Any]) -> str:
         th = [
             "target cell",
             "ours round s",
+            "ours CPU s",
+            "no-consistency CPU s",
+            "defences CPU ×",
+            "defences down B ×",
             "Flower round s",
             "compute speed-up (wall)",
             "CPU speed-up",
@@ -488,6 +585,10 @@ def _markdown(payload: dict[str, Any]) -> str:
             [
                 t["cell"],
                 t["secagg_seconds_round"],
+                t["secagg_cpu_seconds_round"],
+                t.get("no_consistency_cpu_seconds_round", "n/a"),
+                t.get("defences_cpu_overhead", "n/a"),
+                t.get("defences_download_overhead", "n/a"),
                 t.get("flower_seconds_round", "n/a"),
                 t.get("compute_speedup_vs_flower", "n/a"),
                 t.get("cpu_speedup_vs_flower", "n/a"),
@@ -514,11 +615,11 @@ def _plot(results: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    grid = [r for r in results if r["cell"] == "grid dropout=0" and "aborted" not in r]
+    grid = [r for r in results if r["cell"].startswith("grid dropout=0") and r["cell"].split()[1] == "dropout=0" and "aborted" not in r]
     if not grid:
         return
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for kind, marker in (("plain", "o"), ("secagg", "s"), ("flower-secagg+", "^")):
+    for kind, marker in (("plain", "o"), ("secagg", "s"), ("secagg-no-consistency", "x"), ("flower-secagg+", "^")):
         for d in sorted({r["d"] for r in grid}):
             pts = sorted((r["n"], r["cpu_seconds_round"], r["bytes_up_per_client"]) for r in grid if r["kind"] == kind and r["d"] == d)
             if pts:

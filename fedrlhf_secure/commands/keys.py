@@ -1,4 +1,4 @@
-"""``fedrlhf keys``: offline CKKS key setup (the dealer) and client key pairs.
+"""``fedrlhf keys``: offline CKKS key setup (the dealer), client key pairs, and SecAgg identities.
 
 The files and the ceremony are :mod:`fedrlhf_secure.keys`; this module only parses the command
 line and prints where each file went (the workflow is in that module's docstring and docs/ckks.md).
@@ -31,6 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--dealer-pub", type=Path, required=True, help="the pinned dealer.pub")
     p.add_argument("--epoch", type=int, default=None, help="expected key epoch")
     _config_args(p)
+    p = sub.add_parser("secagg-identity", help="make a client's Ed25519 SecAgg identity (run on the client)")
+    p.add_argument("--id", type=int, required=True, help="the client id")
+    p.add_argument("--out", type=Path, required=True, help="directory for secagg-identity-<id>.key and .pub")
+    p = sub.add_parser("secagg-registry", help="collect every client's SecAgg identity into secagg-registry.json")
+    p.add_argument("--pubs", type=Path, required=True, help="directory holding the secagg-identity-<id>.pub files")
+    p.add_argument("--out", type=Path, required=True, help="directory for secagg-registry.json (give it to the server and every node)")
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -50,6 +56,14 @@ def run(args: argparse.Namespace) -> int:
     if cmd == "dealer":
         files = keys.make_dealer_key(args.out)
         print(f"dealer: keep {files.private} private; give {files.public} to every client and the server")
+        return 0
+    if cmd == "secagg-identity":
+        private, public = keys.make_secagg_identity(args.id, args.out)
+        print(f"client {args.id}: keep {private} private (in its node's keys directory); send {public} to the operator")
+        return 0
+    if cmd == "secagg-registry":
+        path = keys.make_secagg_registry(args.pubs, args.out)
+        print(f"wrote {path}: put it in the server's and every node's keys directory before round 0")
         return 0
     config = keys.ckks_config(args.config, args.overrides)
     if cmd == "deal":

@@ -9,8 +9,12 @@ dealer ceremony, docs/ckks.md):
 * a node's key directory holds ``dealer.pub`` and, for each client ``c`` it hosts,
   ``client-c.key`` (its X25519 key, made on the node) and ``package-client-c.frame``.
 
-Every file is authenticated against the pinned dealer key before use. Plain and masking
-aggregators need no key files (SecAgg keys are per round and made inside the client halves).
+Every file is authenticated against the pinned dealer key before use. SecAgg's per-round keys
+are made inside the client halves, but they are signed with each client's long-term identity,
+whose public halves every party reads from ``secagg-registry.json`` in its key directory
+(``fedrlhf keys secagg-registry``); a node also reads ``secagg-identity-<c>.key`` of each client it
+hosts. Without that registry a deployment refuses to run secagg: unsigned keys would let the
+server substitute them (issue 12 item 3).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from aggregation.base import Aggregator, spec_for
 
 from ..config import RunConfig
 from ..configtypes import ConfigError
-from ..keys import KeyFileError, deal_run_keys, load_client_key, load_dealer_pub, load_public_context
+from ..keys import KeyFileError, deal_run_keys, load_client_key, load_dealer_pub, load_public_context, load_secagg_identities
 from ..keys import require as _need
 
 __all__ = ["KeyFileError", "NodeFileKeys", "ServerFileKeys", "deal_keys", "node_aggregator", "server_aggregator"]
@@ -85,7 +89,21 @@ def _check_ckks(config: RunConfig) -> None:
         )
 
 
+def _secagg(config: RunConfig, client_ids: Sequence[int], hosted: Sequence[int], keys_dir: Path | None, who: str) -> Aggregator:
+    from aggregation.secagg import SecAggAggregator
+
+    if keys_dir is None:
+        raise KeyFileError(
+            f"aggregation.kind secagg over a deployment needs {who} key directory with secagg-registry.json "
+            "(`fedrlhf keys secagg-identity` / `secagg-registry`; `fedrlhf deploy local` makes them)"
+        )
+    identities = load_secagg_identities(Path(keys_dir), list(client_ids), hosted)
+    return SecAggAggregator(config.aggregation.params, len(client_ids), identities)
+
+
 def server_aggregator(config: RunConfig, client_ids: Sequence[int], keys_dir: Path | None) -> Aggregator:
+    if config.aggregation.kind == "secagg":
+        return _secagg(config, client_ids, (), keys_dir, "the server's")
     if config.aggregation.kind != "ckks":
         return build_aggregator(config, list(client_ids))
     from aggregation.ckks import CKKSAggregator
@@ -97,6 +115,8 @@ def server_aggregator(config: RunConfig, client_ids: Sequence[int], keys_dir: Pa
 
 
 def node_aggregator(config: RunConfig, client_ids: Sequence[int], hosted: Sequence[int], keys_dir: Path | None) -> Aggregator:
+    if config.aggregation.kind == "secagg":
+        return _secagg(config, client_ids, hosted, keys_dir, "this node's")
     if config.aggregation.kind != "ckks":
         return build_aggregator(config, list(client_ids))
     from aggregation.ckks import CKKSAggregator

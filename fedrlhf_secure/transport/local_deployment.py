@@ -348,11 +348,11 @@ class LocalDeployment:
         return self.workdir / "aggregation-keys" / f"node-{index}"
 
     def prepare_keys(self, config: Path) -> Path | None:
-        """For a CKKS config, run the dealer ceremony; return the server's key directory."""
+        """For a CKKS config run the dealer ceremony, for SecAgg the identity registry; return the server's key directory."""
         from ..config import load_config
         from ..federation.aggregators import deal_keys
 
-        if load_config(config).aggregation.kind != "ckks":
+        if load_config(config).aggregation.kind not in ("ckks", "secagg"):
             return None
         base = self.workdir / "aggregation-keys"
         if base.exists():
