@@ -21,8 +21,6 @@ from weakened_host import ObedientHost
 
 from aggregation import wire
 from aggregation.plain import UPDATE
-from aggregation.secagg import Identities
-from aggregation.secagg.crypto import public_raw
 from fedrlhf_secure.cli import main
 from fedrlhf_secure.config import config_from_dict
 from fedrlhf_secure.configtypes import ConfigError
@@ -32,6 +30,7 @@ from fedrlhf_secure.federation.node_protocol import REQUEST, RESPONSE, NodeMessa
 from fedrlhf_secure.federation.participant import ParticipantHost
 from fedrlhf_secure.federation.policy import CKKSPolicy, NodePolicy, PolicyRefused, SecAggPolicy, load_policy, write_policy
 from fedrlhf_secure.federation.round_core import TransportError
+from fedrlhf_secure.keys import REGISTRY, deal_secagg_identities
 
 CLIENTS = [0, 1, 2, 3]
 NODES = {0: [0, 2], 1: [1, 3]}
@@ -41,7 +40,7 @@ def user_config() -> dict:
     """What the user runs: SecAgg (auto k, t) with client-level distributed DP at ε = 4, δ = 1e-3."""
     raw = toy_config(weighting="uniform", sparse_rows="all")
     raw["task"]["kind"] = "toy-dp"
-    raw["aggregation"] = {"kind": "secagg", "clip_range": 8.0, "noise_bound": 1_000_000}
+    raw["aggregation"] = {"kind": "secagg", "clip_range": 8.0, "noise_bound": 4_000_000}
     raw["privacy"] = {"mode": "client", "epsilon": 4.0, "delta": 1e-3, "clip_norm": 1.0, "noise": "distributed"}
     return raw
 
@@ -65,17 +64,36 @@ WEAKER = {
     "plain": (lambda r: r.update(aggregation={"kind": "plain"}), "aggregation.kind", "'plain'", "['secagg']"),
     "secagg-t1-k1": (
         lambda r: r["aggregation"].update(threshold=1, neighbours=1),
-        "aggregation.neighbours",
-        "1",
-        "'auto'",
+        "aggregation.neighbours/threshold",
+        "k=1, t=1",
+        "colluders <= 1",
     ),
-    "secagg-t1": (lambda r: r["aggregation"].update(threshold=1), "aggregation.threshold", "1", "'auto'"),
+    "secagg-t1": (lambda r: r["aggregation"].update(threshold=1), "aggregation.neighbours/threshold", "k=auto, t=1", "colluders <= 1"),
+    "secagg-no-colluders": (lambda r: r["aggregation"].update(colluders=0.0), "aggregation.colluders", "0.0", "secagg.colluders = 0.1"),
+    "secagg-weak-failure-bound": (
+        lambda r: r["aggregation"].update(failure_exponent=2),
+        "aggregation.failure_exponent",
+        "2",
+        "secagg.failure_exponent = 40",
+    ),
     "larger-epsilon": (_set("privacy.epsilon", 40.0), "privacy.epsilon", "40.0", "4.0"),
     "dp-off": (lambda r: r.update(privacy={"mode": "none"}), "privacy.mode", "'none'", "privacy.required = True"),
     "larger-delta": (_set("privacy.delta", 0.1), "privacy.delta", "0.1", "0.001"),
     "record-instead": (lambda r: r["privacy"].update(mode="record"), "privacy.mode", "'record'", "['client']"),
     "fewer-contributors": (_set("federation.min_clients", 1), "federation.min_clients", "1", "2"),
 }
+
+
+# an explicit (k, t) that cannot hold at n is refused by the aggregation layer too, policy or not
+ALSO_REFUSED_BY_THE_AGGREGATOR = {"secagg-t1", "secagg-t1-k1"}
+
+
+def keys_for(tmp: Path) -> tuple[Path, dict[int, Path]]:
+    """The SecAgg identity registry of NODES, as ``fedrlhf deploy local`` makes it (once per test)."""
+    server, nodes = tmp / "keys-server", {n: tmp / f"keys-node-{n}" for n in NODES}
+    if not (server / REGISTRY).exists():
+        deal_secagg_identities(list(NODES.values()), server, list(nodes.values()), tmp / "registry")
+    return server, nodes
 
 
 def setup_frame(raw: dict) -> bytes:
@@ -94,25 +112,28 @@ def own_policy() -> NodePolicy:
 def test_a_setup_asking_for_less_than_the_nodes_policy_is_refused_naming_the_field(name, tmp_path):
     change, field, asked, required = WEAKER[name]
     frame = setup_frame(weaker(change))
-    host = ParticipantHost([0, 2], None, state_dir=tmp_path / "node", policy=own_policy())
+    host = ParticipantHost([0, 2], None, keys_for(tmp_path)[1][0], state_dir=tmp_path / "node", policy=own_policy())
     err = answer(host, frame)["error"]
     assert err.startswith("PolicyRefused: node policy refuses " + field), err
     assert f"the server asks for {asked}" in err and required in err, err
     assert host.config is None and not (tmp_path / "node").exists()  # nothing was built, no ledger opened
     # the control: the same frame, to a host that ignores its policy, is accepted
-    obedient = ObedientHost([0, 2], None, state_dir=tmp_path / "obedient", policy=own_policy())
+    obedient = ObedientHost([0, 2], None, keys_for(tmp_path)[1][0], state_dir=tmp_path / "obedient", policy=own_policy())
     resp = answer(obedient, frame)
+    if name in ALSO_REFUSED_BY_THE_AGGREGATOR:  # SecAgg's own bounds check is a second layer
+        assert resp["error"].startswith("ParameterError: secagg at n=4 with colluders <= 1"), resp
+        return
     assert "error" not in resp and resp["clients"] == [0, 2]
     assert obedient.config is not None
 
 
 def test_the_users_own_config_is_accepted_by_the_policy_derived_from_it(tmp_path):
-    host = ParticipantHost([0, 2], None, state_dir=tmp_path, policy=own_policy())
+    host = ParticipantHost([0, 2], None, keys_for(tmp_path)[1][0], state_dir=tmp_path, policy=own_policy())
     resp = answer(host, setup_frame(user_config()))
     assert resp == {"clients": [0, 2], "dim": host.codec.dim}
-    # and a config asking for more (a larger threshold, a smaller ε) is accepted too
-    stronger = weaker(lambda r: (r["aggregation"].update(threshold=3), r["privacy"].update(epsilon=3.0)))
-    host2 = ParticipantHost([0, 2], None, state_dir=tmp_path / "2", policy=own_policy())
+    # and a config asking for more (a larger colluder bound, a smaller ε) is accepted too
+    stronger = weaker(lambda r: (r["aggregation"].update(colluders=0.2), r["privacy"].update(epsilon=3.0)))
+    host2 = ParticipantHost([0, 2], None, keys_for(tmp_path)[1][0], state_dir=tmp_path / "2", policy=own_policy())
     assert answer(host2, setup_frame(stronger))["clients"] == [0, 2]
 
 
@@ -120,17 +141,24 @@ def test_a_server_dictating_plain_aggregation_is_refused_over_the_node_protocol_
     """The attack end to end through the round core: refused by policy-bound nodes (the run does
     not start), while nodes without the policy hand the server every client's update in the clear."""
     server = config_from_dict(weaker(WEAKER["plain"][0]))
-    hosts = {n: ParticipantHost(c, None, state_dir=tmp_path / f"n{n}", policy=own_policy()) for n, c in NODES.items()}
+    hosts = {
+        n: ParticipantHost(c, None, keys_for(tmp_path)[1][n], state_dir=tmp_path / f"n{n}", policy=own_policy()) for n, c in NODES.items()
+    }
     with pytest.raises(TransportError, match=r"node 0 refused the run: PolicyRefused: .*aggregation\.kind.*'plain'"):
-        run_remote_federation(server, InProcessLink(hosts), NODES, RunOptions(out=tmp_path / "refused", progress=False))
+        run_remote_federation(
+            server, InProcessLink(hosts), NODES, RunOptions(out=tmp_path / "refused", progress=False), keys_dir=keys_for(tmp_path)[0]
+        )
     assert not any((tmp_path / "refused").iterdir())
     seen: list[tuple[int, bytes]] = []
-    obedient = {n: ObedientHost(c, None, state_dir=tmp_path / f"o{n}", policy=own_policy()) for n, c in NODES.items()}
+    obedient = {
+        n: ObedientHost(c, None, keys_for(tmp_path)[1][n], state_dir=tmp_path / f"o{n}", policy=own_policy()) for n, c in NODES.items()
+    }
     run_remote_federation(
         server,
         InProcessLink(obedient),
         NODES,
         RunOptions(out=tmp_path / "obeyed", progress=False, hook=lambda src, dst, b: seen.append((src, b))),
+        keys_dir=keys_for(tmp_path)[0],
     )
     plain_updates = [(src, wire.decode(b)) for src, b in seen if src >= 0 and wire.decode(b).kind == UPDATE]
     assert sorted(src for src, _ in plain_updates) == sorted(CLIENTS * 2)  # every client, both rounds, in the clear
@@ -139,7 +167,7 @@ def test_a_server_dictating_plain_aggregation_is_refused_over_the_node_protocol_
 
 
 def test_a_round_smaller_than_the_policys_minimum_is_refused_at_fit(tmp_path):
-    host = ParticipantHost([0, 2], None, state_dir=tmp_path, policy=own_policy())
+    host = ParticipantHost([0, 2], None, keys_for(tmp_path)[1][0], state_dir=tmp_path, policy=own_policy())
     assert "error" not in answer(host, setup_frame(user_config()))
     fit = NodeMessage(
         "fit",
@@ -150,73 +178,49 @@ def test_a_round_smaller_than_the_policys_minimum_is_refused_at_fit(tmp_path):
     assert "node policy refuses round participants: the server asks for 1" in err and "min_contributors = 2" in err
 
 
-def _secagg(n_threshold=None, neighbours=None, signatures=False, identity_dir=None):
+def _secagg(**params):
     raw = toy_config()
-    raw["aggregation"] = {"kind": "secagg", "signatures": signatures}
-    if n_threshold is not None:
-        raw["aggregation"]["threshold"] = n_threshold
-    if neighbours is not None:
-        raw["aggregation"]["neighbours"] = neighbours
-    if identity_dir is not None:
-        raw["aggregation"]["identity_dir"] = identity_dir
+    raw["aggregation"] = {"kind": "secagg", **params}
     return config_from_dict(raw)
 
 
 @pytest.mark.parametrize(
-    "n, colluders, threshold, refused",
+    "n, policy_colluders, params, refused",
     [
-        # auto at n=10: k=9, t=5, 2t-k=1: one colluder suffices for a split view (issue 12, item 2)
-        (10, 0, None, False),
-        (10, 1, None, True),
-        # auto at n=20: k=18, t=10, 2t-k=2
-        (20, 1, None, False),
-        (20, 2, None, True),
-        # t=11 at k=18: 2t-k=4 > 2
-        (20, 2, 11, False),
-        # ten colluders: t=14 gives 2t-k=10, not enough; t=15 gives 12
-        (20, 10, 14, True),
-        (20, 10, 15, False),
+        (20, 0.1, {}, None),  # auto k, t for the config's own γ = 0.1: accepted by a node asking for 0.1
+        (20, 0.3, {}, "aggregation.colluders"),  # the node must be safe against 30%; the config states 10%
+        (20, 0.3, {"colluders": 0.3}, None),  # a config stating 30% gets k, t that hold for it
+        (20, 0.1, {"neighbours": 19, "threshold": 2}, "aggregation.neighbours/threshold"),  # t=2 = C: the colluders alone
+        (100, 0.1, {"neighbours": 6}, "aggregation.neighbours/threshold"),  # k=6 cannot keep 2^-40 at n=100
     ],
 )
-def test_the_colluder_bound_needs_2t_minus_k_above_c(n, colluders, threshold, refused):
-    policy = NodePolicy(aggregation=("secagg",), secagg=SecAggPolicy(max_colluders=colluders))
-    config = _secagg(threshold)
+def test_a_node_holds_the_server_to_its_own_colluder_bound(n, policy_colluders, params, refused):
+    policy = NodePolicy(aggregation=("secagg",), secagg=SecAggPolicy(colluders=policy_colluders))
+    config = _secagg(**params)
     if refused:
-        with pytest.raises(PolicyRefused, match=r"aggregation\.threshold.*secagg\.max_colluders"):
+        with pytest.raises(PolicyRefused, match=rf"node policy refuses {refused}"):
             policy.admit_setup(config, n, embedded=True)
     else:
         assert policy.admit_setup(config, n, embedded=True) is config
 
 
-def test_auto_parameters_are_checked_again_for_each_rounds_size():
-    """``neighbours: 6`` meets ``min_neighbours: auto`` at n=4 (complete graph, k=3) but not at n=100 (auto k=28)."""
+def test_parameters_are_checked_again_for_each_rounds_size():
+    """``neighbours: 6`` is the complete graph at n=4 (k=3) but cannot keep 2^-40 at n=100."""
     policy = NodePolicy(aggregation=("secagg",))
     config = _secagg(neighbours=6)
     policy.admit_round(config, 4)
-    with pytest.raises(PolicyRefused, match=r"aggregation\.neighbours: the server asks for 6.*at n=100: at least 28"):
+    with pytest.raises(
+        PolicyRefused, match=r"aggregation\.neighbours/threshold: the server asks for k=6, t=auto, which do not hold at n=100"
+    ):
         policy.admit_round(config, 100)
 
 
-def test_the_node_uses_its_own_identity_registry_not_the_path_the_server_names(tmp_path):
-    ids = Identities.generate(CLIENTS)
-    node_dir = tmp_path / "node-ids"
-    Identities(public=dict(ids.public), private={c: ids.private[c] for c in (0, 2)}).write(node_dir)
-    server_cfg = _secagg(signatures=True, identity_dir=str(tmp_path / "server-chosen"))
-    raw = yaml.safe_load(server_cfg.to_yaml())
-    policy = NodePolicy(aggregation=("secagg",), secagg=SecAggPolicy(require_signatures=True), identity_dir=str(node_dir))
-    host = ParticipantHost([0, 2], None, policy=policy)
-    assert answer(host, setup_frame(raw))["clients"] == [0, 2]
-    assert host.config.aggregation.params.identity_dir == str(node_dir)
-    loaded = host.aggregator.identities
-    assert {c: public_raw(k) for c, k in loaded.public.items()} == {c: public_raw(k) for c, k in ids.public.items()}
-    assert sorted(loaded.private) == [0, 2]
-    # without a registry of its own, a node cannot check signatures across machines: refused
-    bare = ParticipantHost([0, 2], None, policy=NodePolicy(aggregation=("secagg",)))
-    assert "needs this node's identity registry" in answer(bare, setup_frame(raw))["error"]
-    # and a policy that requires signatures refuses a server that turns them off
-    unsigned = yaml.safe_load(_secagg().to_yaml())
-    err = answer(ParticipantHost([0, 2], None, policy=policy), setup_frame(unsigned))["error"]
-    assert "aggregation.signatures: the server asks for False" in err and "secagg.require_signatures = True" in err
+def test_the_server_cannot_name_the_nodes_identity_registry(tmp_path):
+    """Identities come from the node's own ``--keys-dir`` registry; a config naming a path is refused."""
+    raw = yaml.safe_load(_secagg().to_yaml())
+    raw["aggregation"]["identity_dir"] = str(tmp_path / "server-chosen")
+    err = answer(ParticipantHost([0, 2], None, policy=NodePolicy(aggregation=("secagg",))), setup_frame(raw))["error"]
+    assert "unknown key aggregation.identity_dir" in err, err
 
 
 def test_the_embedded_run_holds_its_participants_to_the_users_config(tmp_path):
@@ -228,8 +232,7 @@ def test_the_embedded_run_holds_its_participants_to_the_users_config(tmp_path):
 def test_a_policy_file_round_trips_and_a_typo_is_refused_naming_the_key(tmp_path):
     policy = NodePolicy(
         aggregation=("secagg", "ckks"),
-        secagg=SecAggPolicy(min_threshold=5, max_colluders=1, require_signatures=True),
-        identity_dir="/var/lib/fedrlhf/ids",
+        secagg=SecAggPolicy(min_threshold=5, colluders=0.2),
     )
     path = write_policy(policy, tmp_path / "node.yaml")
     assert load_policy(path) == policy and load_policy(path).source == str(path)
@@ -268,7 +271,7 @@ def test_the_policy_example_in_the_deployment_docs_is_a_valid_policy(tmp_path):
     block = docs.split("```yaml\n", 1)[1].split("```", 1)[0]
     (tmp_path / "p.yaml").write_text(block)
     policy = load_policy(tmp_path / "p.yaml")
-    assert policy.aggregation == ("secagg", "ckks") and policy.secagg.max_colluders == 1 and policy.privacy.max_epsilon == 8.0
+    assert policy.aggregation == ("secagg", "ckks") and policy.secagg.colluders == 0.1 and policy.privacy.max_epsilon == 8.0
 
 
 class _EchoHalf:

@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--policy",
         type=Path,
         required=True,
-        help="this node's policy (YAML): allowed aggregations and their minimum parameters, DP limits, identity registry; "
+        help="this node's policy (YAML): allowed aggregations and their minimum parameters, DP limits, "
         "the server cannot change it (fedrlhf deploy policy writes one)",
     )
     p.add_argument("--data-dir", type=Path, default=None, help="dataset directory (default: $FEDRLHF_DATA_DIR)")
@@ -73,7 +73,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("policy", help="write a node policy that accepts no less protection than a config")
     p.add_argument("--config", type=Path, required=True, help="the fedrlhf YAML config the node's operator accepts")
     p.add_argument("--out", type=Path, required=True, help="the policy file to write (give it to client-host --policy)")
-    p.add_argument("--identity-dir", type=Path, default=None, help="this node's identity registry (SecAgg signatures)")
 
     p = sub.add_parser("app-key", help="create the operator's Ed25519 app-signing key (OpenSSH format)")
     p.add_argument("--out", type=Path, required=True, help="directory for NAME (private, stays with the operator) and NAME.pub")
@@ -150,14 +149,10 @@ def run(args: argparse.Namespace) -> int:
             pass
         return 0
     if cmd == "policy":
-        import dataclasses
-
         from ..config import load_config
         from ..federation.policy import NodePolicy, write_policy
 
         policy = NodePolicy.from_config(load_config(args.config))
-        if args.identity_dir is not None:
-            policy = dataclasses.replace(policy, identity_dir=str(args.identity_dir.resolve()))
         print(f"node policy: {write_policy(policy, args.out)}")
         return 0
     if cmd in ("app-key", "sign-app", "app-runner"):

@@ -12,19 +12,16 @@ set-up and :meth:`NodePolicy.admit_round` checks each round's size (``neighbours
 auto`` depend on it); a config that asks for less is refused with an error naming the field, the
 server's value and the policy's.
 
-SecAgg bounds (Bonawitz et al., CCS 2017; Bell et al., CCS 2020). For a round of ``n``
-participants with masking-graph degree ``k`` and Shamir threshold ``t``:
+SecAgg bounds. A round's graph degree ``k``, Shamir threshold ``t`` and consistency quorum come from
+the config's stated colluder fraction γ, dropout fraction δ and failure exponent σ
+(:func:`aggregation.secagg.params.secagg_parameters`: SecAgg+ of Bell et al., CCS 2020, with the
+consistency round of Bonawitz et al., CCS 2017). A lying server could state γ = 0 (quorum n/2 + 1,
+small t) or σ = 1; so the node requires the config to claim at least its own γ and σ, and recomputes
+each round's privacy failure probability under its own γ for the (k, t) the round will use:
 
-* ``k >= min_neighbours`` (capped at ``n - 1``: a complete graph is the most a round can have);
-* ``t >= min_threshold``; ``auto`` means a strict majority of the neighbourhood, ``t > k / 2``;
-* with at most ``c = max_colluders`` clients colluding with the server, ``2t - k > c`` (which
-  implies ``t > c``, as ``t <= k``: the colluders' own shares never reach the threshold): a server that tells ``t - c`` honest
-  holders of a victim's shares "it survived" and another ``t - c`` "it dropped" needs ``c >= 2t - k``
-  colluders to assemble both the mask key and the self-mask seed (the split view of issue 12,
-  reproduced at n=10/k=9/t=5 with one colluder). This is the bound without a consistency round;
-  a consistency check of the survivor set (Bonawitz et al. 2017, round "ConsistencyCheck")
-  relaxes it, and the function that computes (k, t) from colluder/dropout fractions replaces
-  these numbers when it lands.
+* ``aggregation.colluders >= secagg.colluders`` and ``aggregation.failure_exponent >= secagg.failure_exponent``;
+* P[an honest client has >= t colluding neighbours among k] <= 2^-σ at the round's n;
+* ``k >= min_neighbours`` and ``t >= min_threshold`` where the operator sets absolute floors.
 """
 
 from __future__ import annotations
@@ -37,6 +34,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from aggregation.errors import AggregationConfigError
+from aggregation.secagg.params import DEFAULT_COLLUDERS, DEFAULT_FAILURE_EXPONENT, evaluate
 
 from ..config import RunConfig
 from ..configtypes import ConfigError, from_mapping, to_mapping
@@ -59,22 +59,24 @@ class PolicyRefused(RunFailed):
 class SecAggPolicy:
     """The weakest masking a participant takes part in (see the module docstring for the bounds)."""
 
-    min_neighbours: int | Literal["auto"] = "auto"
-    """Least degree k of the masking graph; ``auto`` = the SecAgg+ default 2*ceil(2*log2 n), capped at n-1."""
-    min_threshold: int | Literal["auto"] = "auto"
-    """Least Shamir threshold t; ``auto`` = a strict majority of the round's neighbourhood (t > k/2)."""
-    max_colluders: int = 0
-    """Clients that may collude with the server: requires 2t - k > c (hence t > c)."""
-    require_signatures: bool = False
-    """Refuse a config without ``signatures: true`` (advertised keys signed under the identity registry)."""
+    colluders: float = DEFAULT_COLLUDERS
+    """γ this node must be safe against: the config must state at least this colluder fraction."""
+    failure_exponent: int = DEFAULT_FAILURE_EXPONENT
+    """σ: the config must state at least this, and each round's privacy failure must be <= 2^-σ under γ."""
+    min_neighbours: int | None = None
+    """An absolute floor on the graph degree k (capped at n - 1), beyond what the bounds require."""
+    min_threshold: int | None = None
+    """An absolute floor on the Shamir threshold t (capped at k), beyond what the bounds require."""
 
     def __post_init__(self) -> None:
-        if self.min_neighbours != "auto" and self.min_neighbours < 1:
-            raise ValueError(f"secagg.min_neighbours must be >= 1 or 'auto', got {self.min_neighbours}")
-        if self.min_threshold != "auto" and self.min_threshold < 1:
-            raise ValueError(f"secagg.min_threshold must be >= 1 or 'auto', got {self.min_threshold}")
-        if self.max_colluders < 0:
-            raise ValueError(f"secagg.max_colluders must be >= 0, got {self.max_colluders}")
+        if not 0 <= self.colluders < 1:
+            raise ValueError(f"secagg.colluders must be a fraction in [0, 1), got {self.colluders}")
+        if self.failure_exponent < 1:
+            raise ValueError(f"secagg.failure_exponent must be >= 1, got {self.failure_exponent}")
+        if self.min_neighbours is not None and self.min_neighbours < 1:
+            raise ValueError(f"secagg.min_neighbours must be >= 1, got {self.min_neighbours}")
+        if self.min_threshold is not None and self.min_threshold < 1:
+            raise ValueError(f"secagg.min_threshold must be >= 1, got {self.min_threshold}")
 
 
 @dataclass(frozen=True)
@@ -110,9 +112,9 @@ class DPPolicy:
 
 @dataclass(frozen=True)
 class NodePolicy:
-    """What one participant accepts; see the module docstring. ``identity_dir`` is this node's
-    identity registry (``<cid>.pub`` of every peer, ``<cid>.key`` of its own clients): the node,
-    not the server, chooses where its trusted identities come from."""
+    """What one participant accepts; see the module docstring. Where its trusted identities come
+    from is the node's own too: the SecAgg identity registry in its ``--keys-dir``, never a path the
+    server names."""
 
     aggregation: tuple[Literal["plain", "secagg", "ckks"], ...] = ("secagg", "ckks")
     secagg: SecAggPolicy = field(default_factory=SecAggPolicy)
@@ -120,7 +122,6 @@ class NodePolicy:
     privacy: DPPolicy = field(default_factory=DPPolicy)
     min_contributors: int = 2
     """Least number of clients in a round (and of ``federation.min_clients``) this participant joins."""
-    identity_dir: str | None = None
     source: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -135,15 +136,8 @@ class NodePolicy:
         """The policy of a user running ``config`` themselves: exactly what it asks for, no less."""
         params = config.aggregation.params
         secagg = SecAggPolicy()
-        identity_dir = None
         if config.aggregation.kind == "secagg":
-            secagg = SecAggPolicy(
-                min_neighbours=params.neighbours,
-                min_threshold=params.threshold,
-                max_colluders=0,
-                require_signatures=bool(params.signatures),
-            )
-            identity_dir = params.identity_dir
+            secagg = SecAggPolicy(colluders=params.colluders, failure_exponent=params.failure_exponent)
         p = config.privacy
         privacy = DPPolicy(required=p.mode != "none", modes=(p.mode,), max_epsilon=p.epsilon, max_delta=p.delta)
         m = config.federation.min_clients
@@ -153,7 +147,6 @@ class NodePolicy:
             ckks=CKKSPolicy(min_contributors=m),
             privacy=privacy,
             min_contributors=m,
-            identity_dir=identity_dir,
             source=f"{config.source or '<config>'} (the user's own config)",
         )
 
@@ -180,7 +173,6 @@ class NodePolicy:
             raise self._refuse("federation.min_clients", config.federation.min_clients, "min_contributors", self.min_contributors)
         self._admit_privacy(config)
         if kind == "secagg":
-            config = self._own_identities(config, embedded)
             self._admit_secagg(config, num_clients)
         return config
 
@@ -208,49 +200,35 @@ class NodePolicy:
         if p.delta > dp.max_delta:
             raise self._refuse("privacy.delta", p.delta, "privacy.max_delta", dp.max_delta)
 
-    def _own_identities(self, config: RunConfig, embedded: bool) -> RunConfig:
-        params = config.aggregation.params
-        if self.secagg.require_signatures and not params.signatures:
-            raise self._refuse("aggregation.signatures", False, "secagg.require_signatures", True, "advertised keys must be signed")
-        if not params.signatures:
-            return config
-        if params.identity_dir != self.identity_dir:
-            if params.identity_dir is not None:
-                logger.warning(
-                    "the server's config names identity_dir %r; this node uses its own identity registry %r",
-                    params.identity_dir,
-                    self.identity_dir,
-                )
-            params = dataclasses.replace(params, identity_dir=self.identity_dir)
-            config = dataclasses.replace(config, aggregation=dataclasses.replace(config.aggregation, params=params))
-        if self.identity_dir is None and not embedded:
-            raise PolicyRefused(
-                "aggregation.signatures: true needs this node's identity registry (identity_dir in its node policy); "
-                "identities invented per process cannot be checked across machines"
-            )
-        return config
-
     def _admit_secagg(self, config: RunConfig, n: int) -> None:
-        params = config.aggregation.params
+        params, sp = config.aggregation.params, self.secagg
+        if params.colluders < sp.colluders:
+            raise self._refuse("aggregation.colluders", params.colluders, "secagg.colluders", sp.colluders)
+        if params.failure_exponent < sp.failure_exponent:
+            raise self._refuse("aggregation.failure_exponent", params.failure_exponent, "secagg.failure_exponent", sp.failure_exponent)
         if n < 2:
             return
-        k, t = params.degree(n), params.shamir_threshold(n)
-        sp = self.secagg
-        k_min = min(n - 1, 2 * math.ceil(2 * math.log2(n)) if sp.min_neighbours == "auto" else sp.min_neighbours)
-        if k < k_min:
-            raise self._refuse("aggregation.neighbours", k, "secagg.min_neighbours", sp.min_neighbours, f"at n={n}: at least {k_min}")
-        t_min = k // 2 + 1 if sp.min_threshold == "auto" else min(sp.min_threshold, k)
-        if t < t_min:
-            raise self._refuse("aggregation.threshold", t, "secagg.min_threshold", sp.min_threshold, f"at n={n}, k={k}: at least {t_min}")
-        c = sp.max_colluders
-        if 2 * t - k <= c:
+        try:
+            k, t = params.degree(n), params.shamir_threshold(n)
+        except AggregationConfigError as exc:
+            raise PolicyRefused(
+                f"node policy refuses aggregation.neighbours/threshold: the server asks for k={params.neighbours}, "
+                f"t={params.threshold}, which do not hold at n={n}: {exc}"
+            ) from None
+        mine = evaluate(n, k, t, colluders=sp.colluders, dropouts=params.dropouts, failure_exponent=sp.failure_exponent)
+        if mine.log2_privacy_failure > -sp.failure_exponent:
             raise self._refuse(
                 "aggregation.threshold",
                 t,
-                "secagg.max_colluders",
-                c,
-                f"at n={n}, k={k}: a split view needs only 2t-k = {2 * t - k} colluders; t must be at least {(k + c) // 2 + 1}",
+                "secagg.colluders",
+                sp.colluders,
+                f"at n={n}, k={k}: P[an honest client has >= t colluding neighbours] = 2^{mine.log2_privacy_failure:.1f} "
+                f"> 2^-{sp.failure_exponent} with {mine.colluders} colluders",
             )
+        if sp.min_neighbours is not None and k < min(n - 1, sp.min_neighbours):
+            raise self._refuse("aggregation.neighbours", k, "secagg.min_neighbours", sp.min_neighbours, f"at n={n}")
+        if sp.min_threshold is not None and t < min(k, sp.min_threshold):
+            raise self._refuse("aggregation.threshold", t, "secagg.min_threshold", sp.min_threshold, f"at n={n}, k={k}")
 
 
 def load_policy(path: str | Path) -> NodePolicy:
