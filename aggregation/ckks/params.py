@@ -31,8 +31,8 @@ import hashlib
 import math
 import os
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import tenseal as ts
 
@@ -40,6 +40,8 @@ MAX_LOG_Q_128: dict[int, int] = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384
 """HE standard, Table 1: the largest ``log2(Q)`` with 128-bit classical security, per ring degree ``N``."""
 
 SEAL_MAX_PRIME_BITS = 60
+MASKING_FIXED = frozenset({"clip_range", "bits", "levels", "max_weight", "weight_resolution", "noise_bound"})
+"""SecAgg fields the mask plan sets (the masks are exact integers below ``2^(b+f)``)."""
 
 
 @dataclass(frozen=True)
@@ -54,10 +56,24 @@ class CKKSConfig:
     """
 
     poly_modulus_degree: int = 4096
-    coeff_mod_bit_sizes: tuple[int, ...] = (56, 40)
-    scale_bits: int = 34
+    coeff_mod_bit_sizes: tuple[int, ...] = (60, 49)
+    scale_bits: int = 28
     rotate_keys: Literal["run", "round"] = "run"
     threads: int = 1
+    max_abs: float = 1024.0
+    """Bound on every coordinate of a client's ``[w x, w]`` (a larger one is refused, never wrapped):
+    the masks live modulo ``2^b`` with ``2^(b-1) > clients * max_abs`` (:mod:`.masking`)."""
+    min_contributors: int | Literal["auto"] = "auto"
+    """A client decrypts only an aggregate of at least this many distinct clients, verified by the
+    aggregate check; ``auto`` = the SecAgg threshold of the round (at least 2)."""
+    flood_queries: int = 16
+    """Decryptions under one key whose results may leave (rounds x hosts) the flooding noise is sized for."""
+    check_fraction: float = 0.125
+    """Secret check slots per payload slot (at least 16 per aggregate)."""
+    masking: dict[str, Any] = field(default_factory=dict)
+    """Parameters of the SecAgg+ round that sums the masks (``neighbours``, ``threshold``,
+    ``signatures``, ``identity_dir``, ...; :class:`aggregation.secagg.SecAggConfig`); the
+    fixed-point fields are set by the mask plan."""
 
     def __post_init__(self) -> None:
         n = self.poly_modulus_degree
@@ -91,6 +107,26 @@ class CKKSConfig:
             )
         if self.threads < 1:
             raise ValueError(f"aggregation.threads must be >= 1, got {self.threads}")
+        if not (math.isfinite(self.max_abs) and self.max_abs > 0):
+            raise ValueError(f"aggregation.max_abs must be a positive number, got {self.max_abs}")
+        if self.min_contributors != "auto" and (isinstance(self.min_contributors, bool) or self.min_contributors < 2):
+            raise ValueError(f"aggregation.min_contributors must be an integer >= 2 or 'auto', got {self.min_contributors!r}")
+        if self.flood_queries < 1:
+            raise ValueError(f"aggregation.flood_queries must be >= 1, got {self.flood_queries}")
+        if not (math.isfinite(self.check_fraction) and 0 < self.check_fraction <= 1):
+            raise ValueError(f"aggregation.check_fraction must be in (0, 1], got {self.check_fraction}")
+        fixed = sorted(set(self.masking) & MASKING_FIXED)
+        if fixed:
+            raise ValueError(f"aggregation.masking.{fixed[0]} is set by the CKKS mask plan; remove it")
+        from ..secagg.config import SecAggConfig  # here, not at the top: secagg never imports ckks, but keep params light
+
+        try:
+            SecAggConfig(**self.masking)
+        except TypeError as exc:
+            raise ValueError(f"aggregation.masking: {exc} (known keys: neighbours, threshold, signatures, identity_dir, ...)") from exc
+        except ValueError as exc:
+            raise ValueError(f"aggregation.masking: {exc}") from exc
+        object.__setattr__(self, "masking", dict(self.masking))
         object.__setattr__(self, "coeff_mod_bit_sizes", bits)
 
     @property
