@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+from ckks_rounds import to_updates
 
 from aggregation import wire
 from aggregation.base import AggregationAborted, ProtocolError, RoundContext, spec_for
@@ -114,30 +115,10 @@ def test_round_aborts_when_every_client_drops():
         run_round(factory(CKKSConfig(), CLIENTS, 0), _ctx(), _inputs(), drop_after={c: 0 for c in CLIENTS})
 
 
-def _to_updates(agg, ctx, inputs):
-    """Drive a round up to the masked-input stage; return the server, the clients and each update."""
-    clients = {c: agg.client(ctx, c, *inputs[c]) for c in ctx.participants}
-    server = agg.server(ctx)
-    pending = list(server.start())
-    updates: dict[int, bytes] = {}
-    while pending:
-        nxt = []
-        for cid, msg in pending:
-            for reply in clients[cid].receive(msg):
-                if wire.decode(reply).kind == "ckks/update":
-                    updates[cid] = reply
-                else:
-                    nxt.extend(server.receive(cid, reply))
-        pending = nxt
-        if len(updates) == len(ctx.participants):
-            break
-    return server, clients, updates
-
-
 def test_replayed_update_and_other_round_or_session_are_rejected_without_changing_state():
     agg = factory(CKKSConfig(), CLIENTS, 0)
     ctx = _ctx(rnd=3)
-    server, _, updates = _to_updates(agg, ctx, _inputs())
+    server, _, updates = to_updates(agg, ctx, _inputs())
     assert server.receive(0, updates[0]) == []
     with pytest.raises(ProtocolError, match="already sent"):
         server.receive(0, updates[0])
@@ -166,7 +147,7 @@ def test_keys_rotate_per_round_when_configured_and_an_old_key_cannot_join():
     # an update encrypted under round 0's key is refused in round 1 (key_id binding)
     old = factory(CKKSConfig(rotate_keys="round"), CLIENTS, 0)
     server1 = agg.server(_ctx(1, session=session))
-    _, _, updates = _to_updates(old, _ctx(1, session=session), _inputs())
+    _, _, updates = to_updates(old, _ctx(1, session=session), _inputs())
     with pytest.raises(ProtocolError, match="another CKKS key"):
         server1.receive(0, updates[0])
 
@@ -205,7 +186,7 @@ def test_client_rejects_an_aggregate_with_a_forged_contributor_list():
     msg = seen[-1]
     frame = wire.decode(msg)
     assert frame.kind == "ckks/aggregate"
-    fresh = _to_updates(agg, ctx, inputs)[1][0]  # a client of the same round, waiting for its aggregate
+    fresh = to_updates(agg, ctx, inputs)[1][0]  # a client of the same round, waiting for its aggregate
     for bad in ([0, 77], [0, 0, 1], [1, 2, 3], [0, True]):
         forged = wire.encode(wire.Frame(frame.kind, {**frame.header, "contributors": bad}, frame.tensors))
         with pytest.raises(ProtocolError, match="contributor"):

@@ -1,7 +1,8 @@
 """CKKS homomorphic-encryption aggregation (TenSEAL): the server adds updates it cannot decrypt.
 
 ``params`` (config, security bounds, contexts), ``codec`` (ciphertexts on the wire, validated),
-``keys`` (dealer and key delivery), ``masking`` (masks, aggregate check, noise flooding), ``protocol`` (the round's two halves and the plug-in).
+``keys`` (dealer and key delivery), ``masking`` (masks, aggregate check, noise flooding),
+``protocol`` (the round's two halves and the plug-in).
 """
 
 from ..base import register
