@@ -37,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -179,6 +180,27 @@ def check_values(key: bytes, session: bytes, rnd: int, client: int, checks: int,
     """Client ``client``'s secret check values ``tau`` in ``[0, 2^total_bits)`` (uint64)."""
     raw = prg.expand(_seed(key, LABEL_TAU, session, rnd, client), checks, np.uint64)
     return raw & np.uint64((1 << total_bits) - 1)
+
+
+_EXPECTED: OrderedDict[bytes, np.ndarray] = OrderedDict()
+
+
+def expected_checks(key: bytes, session: bytes, rnd: int, contributors: list[int], checks: int, total_bits: int) -> np.ndarray:
+    """``sum_{i in contributors} tau_i mod 2^total_bits``: what the check slots of an honest aggregate hold.
+
+    Memoised per host (a few entries, keyed by a hash of every input): the clients of one host that
+    read the same aggregate share the sum instead of each computing n PRF expansions (n^2 per round)."""
+    memo = hashlib.sha256(repr((key, session, rnd, tuple(contributors), checks, total_bits)).encode()).digest()
+    hit = _EXPECTED.get(memo)
+    if hit is None:
+        hit = np.zeros(checks, dtype=np.uint64)
+        for c in contributors:
+            hit += check_values(key, session, rnd, c, checks, total_bits)  # uint64 wraps mod 2^64, a multiple of 2^total_bits
+        hit &= np.uint64((1 << total_bits) - 1)
+        _EXPECTED[memo] = hit
+        while len(_EXPECTED) > 4:
+            _EXPECTED.popitem(last=False)
+    return hit.copy()
 
 
 def flooding(key: bytes, aggregate: bytes, size: int, sigma: float) -> np.ndarray:

@@ -343,10 +343,9 @@ class CKKSClient(ClientHalf):
         modulus = float(2**plan.b)
         values = masking.centred(codec.decrypt(chunks) - unmask.astype(np.float64) * plan.grid, modulus)
         if not self._skip_check:
-            expected = np.zeros(layout.checks, dtype=np.uint64)
-            for c in contributors:
-                expected += masking.check_values(self.key.check_key, self.ctx.session_id, self.ctx.round, c, layout.checks, plan.total_bits)
-            expected &= np.uint64(plan.modulus - 1)
+            expected = masking.expected_checks(
+                self.key.check_key, self.ctx.session_id, self.ctx.round, contributors, layout.checks, plan.total_bits
+            )
             deviation = masking.centred(values[layout.positions] - expected.astype(np.float64) * plan.grid, modulus)
             tol = plan.tolerance(len(contributors))
             worst = float(np.max(np.abs(deviation)))
