@@ -11,10 +11,11 @@ import os
 
 import numpy as np
 import pytest
+from ckks_rounds import weak_client
 
 from aggregation import wire
 from aggregation.base import ProtocolError, RoundContext
-from aggregation.ckks import CKKSClient, CKKSConfig, factory, masking
+from aggregation.ckks import CKKSConfig, factory, masking
 from aggregation.ckks.protocol import AGGREGATE, _frame
 
 CLIENTS = tuple(range(6))
@@ -28,11 +29,7 @@ def _inputs(seed=0):
 
 
 def _weak(**flags):
-    def make(agg, ctx, cid, vector, weight):
-        key = agg.keys.client_key(cid, agg.epoch(ctx.round))
-        return CKKSClient(ctx, agg.config, key, cid, vector, weight, agg.plan, agg.masks, **flags)
-
-    return make
+    return lambda agg, ctx, cid, vector, weight: weak_client(agg, ctx, cid, vector, weight, **flags)
 
 
 def _round(config=None, make=None, seed=0):

@@ -219,9 +219,9 @@ class CKKSServer(ServerHalf):
 class CKKSClient(ClientHalf):
     """Masks and encrypts ``[w x, w]``; decrypts, unmasks, checks and floods the returned aggregate.
 
-    ``skip_check`` and ``skip_flooding`` exist for the tests that show each defence is load-bearing
-    (a deliberately weakened client); ``unmasked`` sends the plaintext without its mask, as a client
-    before issue 12 did. The aggregator never sets them.
+    The three defences are the methods :meth:`_masked`, :meth:`_verify` and :meth:`_flood`; the tests
+    that show each is load-bearing override them in a deliberately weakened subclass of their own
+    (``tests/ckks_rounds.py``): nothing in the package can turn one off.
     """
 
     def __init__(
@@ -234,10 +234,6 @@ class CKKSClient(ClientHalf):
         weight: float,
         plan: masking.MaskPlan,
         masks: SecAggAggregator,
-        *,
-        unmasked: bool = False,
-        skip_check: bool = False,
-        skip_flooding: bool = False,
     ) -> None:
         vec = np.asarray(vector, dtype=np.float64)
         if vec.shape != (ctx.dim,):
@@ -257,7 +253,6 @@ class CKKSClient(ClientHalf):
                 "(the masked sum is exact only within that bound; raise aggregation.max_abs)"
             )
         self.ctx, self.config, self.key, self.client_id, self.plan = ctx, config, key, client_id, plan
-        self._skip_check, self._skip_flooding = skip_check, skip_flooding
         layout = _layout(plan, ctx)
         positions = masking.check_positions(key.check_key, ctx.session_id, ctx.round, layout.length, layout.checks)
         self.layout = Layout(layout.payload, layout.checks, positions)
@@ -271,7 +266,7 @@ class CKKSClient(ClientHalf):
         tau = masking.check_values(key.check_key, ctx.session_id, ctx.round, client_id, layout.checks, plan.total_bits)
         plain = np.empty(self.layout.length, dtype=np.float64)
         keep = self.layout.data_slots()
-        plain[keep] = payload if unmasked else payload + mask[keep].astype(np.float64) * plan.grid
+        plain[keep] = self._masked(payload, mask[keep].astype(np.float64) * plan.grid)
         at = positions
         plain[at] = ((tau + mask[at].astype(np.uint64)) & np.uint64(plan.modulus - 1)).astype(np.float64) * plan.grid
         self._plain: np.ndarray | None = plain
@@ -338,26 +333,33 @@ class CKKSClient(ClientHalf):
             )
         return sorted(contributors)
 
+    def _masked(self, payload: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """The plaintext of the data slots: the update plus its one-time mask."""
+        return payload + mask
+
     def _decrypt(self, data: bytes, contributors: list[int], unmask: np.ndarray, chunks: list) -> None:
         plan, layout = self.plan, self.layout
-        modulus = float(2**plan.b)
-        values = masking.centred(codec.decrypt(chunks) - unmask.astype(np.float64) * plan.grid, modulus)
-        if not self._skip_check:
-            expected = masking.expected_checks(
-                self.key.check_key, self.ctx.session_id, self.ctx.round, contributors, layout.checks, plan.total_bits
-            )
-            deviation = masking.centred(values[layout.positions] - expected.astype(np.float64) * plan.grid, modulus)
-            tol = plan.tolerance(len(contributors))
-            worst = float(np.max(np.abs(deviation)))
-            if not worst <= tol:
-                raise ProtocolError(
-                    f"client {self.client_id}: the aggregate is not the sum of its {len(contributors)} claimed contributors' "
-                    f"updates (check slots off by up to {worst:.3g}, tolerance {tol:.3g}); refused"
-                )
-        payload = values[layout.data_slots()]
-        if not self._skip_flooding:
-            payload = payload + masking.flooding(self.key.check_key, data, payload.size, self.sigma)
+        values = masking.centred(codec.decrypt(chunks) - unmask.astype(np.float64) * plan.grid, float(2**plan.b))
+        self._verify(values, contributors)
+        payload = self._flood(values[layout.data_slots()], data)
         self._result = AggregateResult(payload[: self.ctx.dim], float(payload[self.ctx.dim]), tuple(contributors))
+
+    def _verify(self, values: np.ndarray, contributors: list[int]) -> None:
+        """Refuse unless the check slots hold the claimed contributors' secret check values."""
+        plan, layout, ctx = self.plan, self.layout, self.ctx
+        expected = masking.expected_checks(self.key.check_key, ctx.session_id, ctx.round, contributors, layout.checks, plan.total_bits)
+        deviation = masking.centred(values[layout.positions] - expected.astype(np.float64) * plan.grid, float(2**plan.b))
+        tol = plan.tolerance(len(contributors))
+        worst = float(np.max(np.abs(deviation)))
+        if not worst <= tol:
+            raise ProtocolError(
+                f"client {self.client_id}: the aggregate is not the sum of its {len(contributors)} claimed contributors' "
+                f"updates (check slots off by up to {worst:.3g}, tolerance {tol:.3g}); refused"
+            )
+
+    def _flood(self, payload: np.ndarray, data: bytes) -> np.ndarray:
+        """Add the flooding noise, a PRF of the aggregate's bytes (:func:`.masking.flooding`)."""
+        return payload + masking.flooding(self.key.check_key, data, payload.size, self.sigma)
 
     @property
     def done(self) -> bool:
