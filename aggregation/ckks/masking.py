@@ -44,6 +44,7 @@ import numpy as np
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from ..errors import AggregationConfigError
 from ..secagg import prg
 from .params import CKKSConfig, headroom
 
@@ -136,7 +137,8 @@ class MaskPlan:
 
 
 def plan(config: CKKSConfig, max_clients: int) -> MaskPlan:
-    """Choose ``b`` and ``f`` for ``max_clients`` and check the CKKS headroom; raise ValueError naming the numbers."""
+    """Choose ``b`` and ``f`` for ``max_clients`` and check the CKKS headroom; raise
+    :class:`AggregationConfigError` (a ValueError) naming the numbers."""
     if max_clients < 1:
         raise ValueError(f"a CKKS run needs at least one client, got {max_clients}")
     bound = float(config.max_abs)
@@ -147,13 +149,13 @@ def plan(config: CKKSConfig, max_clients: int) -> MaskPlan:
     room = headroom(config)
     peak = max_clients * (2.0**b + bound)
     if peak >= room:
-        raise ValueError(
+        raise AggregationConfigError(
             f"aggregation: {max_clients} clients x (mask 2^{b} + max_abs {bound:g}) = {peak:.4g} exceeds the "
             f"{room:.4g} that CKKS can decrypt (2^(data bits {config.data_bits} - scale_bits {config.scale_bits} - 1)); "
             "lower aggregation.max_abs or aggregation.scale_bits, or add a data prime to aggregation.coeff_mod_bit_sizes"
         )
     if f < 8:
-        raise ValueError(
+        raise AggregationConfigError(
             f"aggregation: masks for {max_clients} clients with max_abs {bound:g} need {b} integer bits, leaving "
             f"{f} fractional bits of the {total_bits} exact ones; lower aggregation.max_abs"
         )

@@ -47,6 +47,7 @@ from ..base import (
     refuse_integer_noise,
     spec_for,
 )
+from ..errors import AggregationConfigError
 from ..secagg import SecAggAggregator
 from ..secagg.config import SecAggConfig
 from ..secagg.messages import MaskedInput
@@ -452,7 +453,7 @@ class CKKSAggregator(Aggregator):
     def prepare(self, rounds: int) -> None:
         per_key = rounds if self.config.rotate_keys == "run" else 1
         if per_key > self.config.flood_queries:
-            raise ValueError(
+            raise AggregationConfigError(
                 f"aggregation.flood_queries = {self.config.flood_queries} but {per_key} rounds decrypt under one key; "
                 "raise aggregation.flood_queries (more flooding noise) or set aggregation.rotate_keys: round"
             )
