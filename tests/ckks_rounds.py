@@ -35,6 +35,7 @@ class WeakCKKSClient(CKKSClient):
         super().__init__(*args)
 
     def _masked(self, payload, mask):
+        self.mask_seen = mask.copy()  # what a server that broke the mask round would know
         return payload if self.weak["unmasked"] else super()._masked(payload, mask)
 
     def _verify(self, values, contributors):

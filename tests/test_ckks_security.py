@@ -141,6 +141,22 @@ def test_one_clients_ciphertext_recovers_the_update_against_a_client_without_mas
     assert agg.plan.fresh_error() < 1e-6
 
 
+def test_a_server_that_learned_the_victims_mask_still_cannot_have_its_ciphertext_decrypted():
+    """A broken mask round (e.g. substituted keys in an unsigned SecAgg round) gives the server r_j;
+    the check still refuses c_j, and only a client that skips the check releases x_j."""
+    agg, ctx, inputs, clients, updates, aggregate = _round(make=_weak())
+    victim = clients[VICTIM]
+    unmask = np.zeros_like(_honest_unmask(aggregate))
+    unmask[victim.layout.data_slots()] = np.rint(victim.mask_seen * 2.0**agg.plan.f).astype(np.uint64)
+    forged = _forge(agg, ctx, _blobs(updates[VICTIM]), unmask, CLIENTS)
+    with pytest.raises(ProtocolError, match="not the sum"):
+        clients[1].receive(forged)
+    clients[2].weak["skip_check"] = True
+    clients[2].receive(forged)
+    err = _readout(clients[2]) - _victim(inputs)
+    assert float(np.max(np.abs(err))) < 6 * agg.plan.flood_sigma(len(CLIENTS), DIM + 1) + agg.plan.tolerance(1)
+
+
 # ------------------------------------------------------------------ subsets and duplicates
 def test_an_aggregate_over_a_subset_of_the_survivors_is_refused():
     agg, ctx, _, clients, updates, aggregate = _round()
