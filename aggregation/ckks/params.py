@@ -1,17 +1,18 @@
 """CKKS parameters: the config section, the 128-bit security check, and TenSEAL contexts.
 
-Why these defaults (``poly_modulus_degree=4096, coeff_mod_bit_sizes=[56, 40], scale_bits=34``):
+Why these defaults (``poly_modulus_degree=4096, coeff_mod_bit_sizes=[60, 49], scale_bits=28``):
 aggregation needs only ciphertext additions — clients pre-multiply their update by their own
 weight before encrypting (FedAvg's ``w_k x_k``, McMahan et al. 2017, eq. 1) — so no rescale ever
 happens and a single data prime suffices. A ciphertext then carries two polynomials of ``N``
-64-bit words modulo that one prime for ``N/2`` values: 32 bytes per value before compression, and
-SEAL's zstd stores a 56-bit residue in 7 of its 8 bytes, which gives about 7.6x float32. The last
-prime is the key-switching ("special") prime that TenSEAL requires; it is never part of a
-ciphertext, so its size costs nothing on the wire. 34 scale bits keep the encoding + encryption
-noise near 1e-7 absolute (relative error ~1e-6 on typical updates, the issue asks <= 1e-4), and
-the remaining ``56 - 34 - 1 = 21`` bits leave room for aggregates up to ``2^21`` in absolute value
-(e.g. 943 MovieLens clients weighted by up to 700 examples each). Clients check that headroom
-before encrypting (:func:`headroom`), since an overflow would wrap silently modulo the prime.
+64-bit words modulo that one prime for ``N/2`` values, and SEAL's zstd stores a 60-bit residue in
+about 8 of its 8 bytes (8.0x float32). The last prime is the key-switching ("special") prime that
+TenSEAL requires; it is never part of a ciphertext, so its size costs nothing on the wire, and
+60 + 49 = 109 bits is exactly the 128-bit bound at N = 4096. Since issue 12 every plaintext carries a
+one-time mask below ``2^b`` (:mod:`.masking`), so decrypted values reach ``n (2^b + max_abs)``:
+``2^(60 - 28 - 1) = 2^31`` is room for 1023 clients with ``max_abs`` 1024 (b = 21), at an encoding
+precision of 2^-28 (one fresh ciphertext's error ~5.4e-7 RMS per value). Clients check that
+headroom before the round (:func:`.masking.plan`), since an overflow would wrap silently modulo
+the prime.
 
 Seeded ciphertexts: SEAL can halve a symmetric-key ciphertext by sending the seed of its uniform
 polynomial instead of the polynomial, but only through ``Encryptor.encrypt_symmetric`` returning a
