@@ -263,7 +263,8 @@ class CKKSClient(ClientHalf):
         ictx = _inner_ctx(ctx, self.layout)
         mask = masking.sample_mask(self.layout.length, plan.total_bits)
         self.threshold = masks.threshold(ictx)
-        self._inner = masks.client(ictx, client_id, np.zeros(self.layout.length), 1.0, integer_noise=mask)
+        zeros = np.broadcast_to(np.float32(0), (self.layout.length,))  # the mask rides as integer noise; no memory
+        self._inner = masks.client(ictx, client_id, zeros, 1.0, integer_noise=mask)
         tau = masking.check_values(key.check_key, ctx.session_id, ctx.round, client_id, layout.checks, plan.total_bits)
         plain = np.empty(self.layout.length, dtype=np.float64)
         keep = self.layout.data_slots()
