@@ -7,9 +7,11 @@ import struct
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
+from ckks_rounds import to_updates
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -28,44 +30,48 @@ def round_parts():
     agg = factory(CFG, CLIENTS, 0)
     ctx = RoundContext(os.urandom(16), 0, CLIENTS, DIM)
     vec = (np.random.default_rng(0).normal(size=DIM) * 1e-2).astype(np.float32)
-    client = agg.client(ctx, 0, vec, 10.0)
-    server = agg.server(ctx)
-    update = client.receive(dict(server.start())[0])[0]
-    return agg, ctx, update
+    inputs = {c: (vec, 10.0) for c in CLIENTS}
+    server, _, updates = to_updates(agg, ctx, inputs)
+    return agg, ctx, updates[0], server
 
 
 def _fresh_server(agg, ctx):
+    """A server that has not reached the masked-input stage: every rejection here happens in the
+    ciphertext checks, before the SecAgg half sees anything."""
     server = agg.server(ctx)
     server.start()
     return server
 
 
+LENGTH = factory(CFG, CLIENTS, 0).server(RoundContext(os.urandom(16), 0, CLIENTS, DIM)).length
+
+
 def _with_blobs(update: bytes, blobs: list[bytes]) -> bytes:
     frame = wire.decode(update)
     data, lengths = codec.join(blobs)
-    return wire.encode(wire.Frame(frame.kind, frame.header, {"ciphertexts": data, "lengths": lengths}))
+    return wire.encode(wire.Frame(frame.kind, frame.header, {**frame.tensors, "ciphertexts": data, "lengths": lengths}))
 
 
 def _blobs(update: bytes) -> list[bytes]:
     frame = wire.decode(update)
-    return codec.split(frame.tensors["ciphertexts"], frame.tensors["lengths"], CFG, DIM + 1)
+    return codec.split(frame.tensors["ciphertexts"], frame.tensors["lengths"], CFG, LENGTH)
 
 
 def test_valid_update_is_accepted(round_parts):
-    agg, ctx, update = round_parts
-    assert _fresh_server(agg, ctx).receive(0, update) == []
+    agg, ctx, update, server = round_parts
+    assert server.receive(0, update) == []
 
 
 @pytest.mark.parametrize("cut", [1, 17, 100, 5000])
 def test_truncated_frame_is_rejected(round_parts, cut):
-    agg, ctx, update = round_parts
+    agg, ctx, update, _ = round_parts
     with pytest.raises(ProtocolError):
         _fresh_server(agg, ctx).receive(0, update[:-cut])
 
 
 @pytest.mark.parametrize("cut", [1, 8, 64, 10_000])
 def test_truncated_ciphertext_with_consistent_lengths_is_rejected(round_parts, cut):
-    agg, ctx, update = round_parts
+    agg, ctx, update, _ = round_parts
     blobs = _blobs(update)
     blobs[1] = blobs[1][:-cut]
     with pytest.raises(ProtocolError):
@@ -73,26 +79,26 @@ def test_truncated_ciphertext_with_consistent_lengths_is_rejected(round_parts, c
 
 
 def test_ciphertext_from_a_foreign_parameter_set_is_rejected(round_parts):
-    agg, ctx, update = round_parts
-    other = CKKSConfig(coeff_mod_bit_sizes=(48, 40), scale_bits=34)  # same N and scale, other primes
-    foreign = codec.encrypt(np.zeros(DIM + 1), new_secret_context(other), other)
+    agg, ctx, update, _ = round_parts
+    other = CKKSConfig(coeff_mod_bit_sizes=(48, 40), scale_bits=28)  # same N and scale, other primes
+    foreign = codec.encrypt(np.zeros(LENGTH), new_secret_context(other), other)
     with pytest.raises(ProtocolError, match="TenSEAL rejected|not a fresh"):
         _fresh_server(agg, ctx).receive(0, _with_blobs(update, foreign))
-    big = CKKSConfig(poly_modulus_degree=8192, coeff_mod_bit_sizes=(56, 40), scale_bits=34)
+    big = CKKSConfig(poly_modulus_degree=8192, coeff_mod_bit_sizes=(56, 40), scale_bits=28)
     with pytest.raises(ProtocolError, match="ciphertext"):
-        _fresh_server(agg, ctx).receive(0, _with_blobs(update, codec.encrypt(np.zeros(DIM + 1), new_secret_context(big), big)))
+        _fresh_server(agg, ctx).receive(0, _with_blobs(update, codec.encrypt(np.zeros(LENGTH), new_secret_context(big), big)))
 
 
 def test_ciphertext_with_another_scale_is_rejected(round_parts):
-    agg, ctx, update = round_parts
+    agg, ctx, update, _ = round_parts
     other = CKKSConfig(scale_bits=30)
-    blobs = codec.encrypt(np.zeros(DIM + 1), new_secret_context(other), other)
+    blobs = codec.encrypt(np.zeros(LENGTH), new_secret_context(other), other)
     with pytest.raises(ProtocolError, match="scale"):
         _fresh_server(agg, ctx).receive(0, _with_blobs(update, blobs))
 
 
 def test_zstd_bomb_is_refused_before_tenseal_inflates_it(round_parts):
-    agg, ctx, update = round_parts
+    agg, ctx, update, _ = round_parts
     blobs = _blobs(update)
     # a zstd frame of 4000 RLE blocks: ~30 KB that would inflate to 500 MB
     block = ((1 << 1) | ((128 * 1024) << 3)).to_bytes(3, "little") + b"\0"
@@ -131,7 +137,7 @@ def test_validator_only_ever_raises_value_error_on_arbitrary_bytes(data):
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 70_000), st.integers(0, 7)), min_size=1, max_size=8))
 def test_bit_flipped_update_never_escapes_as_anything_but_protocol_error(round_parts, flips):
-    agg, ctx, update = round_parts
+    agg, ctx, update, _ = round_parts
     blob = bytearray(_blobs(update)[0])
     for pos, bit in flips:
         blob[pos % len(blob)] ^= 1 << bit
@@ -148,17 +154,18 @@ def test_hundreds_of_corruptions_do_not_crash_the_process():
     """TenSEAL is C++: run a corruption campaign in a subprocess so a segfault fails the test."""
     script = textwrap.dedent(
         """
-        import os, numpy as np
+        import os, sys, numpy as np
+        sys.path.insert(0, {tests!r})
+        from ckks_rounds import to_updates
         from aggregation.base import ProtocolError, RoundContext
         from aggregation.ckks import CKKSConfig, factory
         from aggregation.ckks import codec
         from aggregation import wire
         cfg = CKKSConfig(); clients = (0, 1); dim = 2500
         agg = factory(cfg, clients, 0); ctx = RoundContext(os.urandom(16), 0, clients, dim)
-        client = agg.client(ctx, 0, np.ones(dim, np.float32) * 0.01, 3.0)
-        server = agg.server(ctx); update = client.receive(dict(server.start())[0])[0]
-        frame = wire.decode(update)
-        blobs = codec.split(frame.tensors["ciphertexts"], frame.tensors["lengths"], cfg, dim + 1)
+        server, _, ups = to_updates(agg, ctx, {{c: (np.ones(dim, np.float32) * 0.01, 3.0) for c in clients}})
+        frame = wire.decode(ups[0])
+        blobs = codec.split(frame.tensors["ciphertexts"], frame.tensors["lengths"], cfg, server.length)
         rng = np.random.default_rng(7); rejected = accepted = 0
         for trial in range(200):
             b = [bytearray(x) for x in blobs]; i = int(rng.integers(len(b)))
@@ -173,7 +180,7 @@ def test_hundreds_of_corruptions_do_not_crash_the_process():
             else:
                 p = int(rng.integers(len(b[i]))); b[i][p:p + 64] = bytes(rng.integers(0, 256, 64, dtype=np.uint8))
             data, lengths = codec.join([bytes(x) for x in b])
-            msg = wire.encode(wire.Frame(frame.kind, frame.header, {"ciphertexts": data, "lengths": lengths}))
+            msg = wire.encode(wire.Frame(frame.kind, frame.header, {{**frame.tensors, "ciphertexts": data, "lengths": lengths}}))
             s = agg.server(ctx); s.start()
             try:
                 s.receive(0, msg); accepted += 1
@@ -181,7 +188,7 @@ def test_hundreds_of_corruptions_do_not_crash_the_process():
                 rejected += 1
         print(rejected, accepted)
         """
-    )
+    ).format(tests=str(Path(__file__).resolve().parent))
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rejected, accepted = map(int, proc.stdout.split()[-2:])

@@ -30,7 +30,10 @@ def test_addressed_client_opens_its_package_and_gets_the_secret_key(setup):
     x = np.linspace(-1, 1, 100)
     blobs = codec.encrypt(x, other.context, CFG)
     got = codec.decrypt(codec.load_chunks(blobs, key.context, CFG, 100))
-    assert np.max(np.abs(got - x)) < 1e-6
+    assert np.max(np.abs(got - x)) < 1e-5  # 2^-28 scale: one fresh ciphertext's error is ~5e-7 RMS
+    # and both derive the same check key (docs/ckks.md), which is not in the server's public context
+    assert key.check_key == other.check_key and len(key.check_key) == 32
+    assert key.check_key not in dealt.public.encode(CFG)
 
 
 def test_swapped_package_is_rejected(setup):
@@ -172,9 +175,9 @@ def test_dealt_key_files_drive_a_round_where_the_server_reads_only_the_public_co
 
     _key_ceremony(tmp_path, (0, 1))
     dealer_pub = tmp_path / "dealer" / "dealer.pub"
-    server_side = CKKSAggregator(CFG, DealtKeyFiles(CFG, tmp_path / "deal", dealer_pub))
+    server_side = CKKSAggregator(CFG, DealtKeyFiles(CFG, tmp_path / "deal", dealer_pub), (0, 1))
     client_side = {
-        cid: CKKSAggregator(CFG, DealtKeyFiles(CFG, tmp_path / "deal", dealer_pub, tmp_path / f"c{cid}" / f"client-{cid}.key"))
+        cid: CKKSAggregator(CFG, DealtKeyFiles(CFG, tmp_path / "deal", dealer_pub, tmp_path / f"c{cid}" / f"client-{cid}.key"), (0, 1))
         for cid in (0, 1)
     }
     ctx = RoundContext(os.urandom(16), 0, (0, 1), 10)
@@ -183,11 +186,10 @@ def test_dealt_key_files_drive_a_round_where_the_server_reads_only_the_public_co
     with pytest.raises(ValueError, match="no key file for client 1"):
         client_side[0].client(ctx, 1, vecs[1], 1.0)
     server = server_side.server(ctx)
-    out = []
-    for cid, msg in server.start():
-        out += server.receive(cid, halves[cid].receive(msg)[0])
-    for cid, msg in out:
-        halves[cid].receive(msg)
+    pending = server.start()
+    while pending:
+        pending = [out for cid, msg in pending for reply in halves[cid].receive(msg) for out in server.receive(cid, reply)]
     res = halves[1].result()
-    assert res.total_weight == pytest.approx(5.0, rel=1e-6)
-    assert res.weighted_sum == pytest.approx(2.0 * vecs[0] + 3.0 * vecs[1], abs=1e-5)
+    bound = 6 * server_side.plan.flood_sigma(2, 11) + server_side.plan.tolerance(2)
+    assert res.total_weight == pytest.approx(5.0, abs=bound)
+    assert res.weighted_sum == pytest.approx(2.0 * vecs[0] + 3.0 * vecs[1], abs=bound)

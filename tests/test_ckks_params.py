@@ -3,6 +3,7 @@
 import pytest
 
 from aggregation.ckks import MAX_LOG_Q_128, CKKSConfig, headroom
+from aggregation.ckks.masking import plan as mask_plan
 from fedrlhf_secure.config import config_from_dict
 from fedrlhf_secure.configtypes import ConfigError
 
@@ -12,7 +13,12 @@ def test_defaults_meet_the_128_bit_bound_with_one_data_prime():
     assert cfg.log_q <= MAX_LOG_Q_128[cfg.poly_modulus_degree]
     assert cfg.data_primes == 1
     assert cfg.slots == cfg.poly_modulus_degree // 2
-    assert headroom(cfg) == 2.0 ** (56 - 34 - 1)
+    assert headroom(cfg) == 2.0 ** (60 - 28 - 1)
+    # the masks of MovieLens's 943 clients (up to 1023) with max_abs 1024 fit under it; 1024 do not
+    plan = mask_plan(cfg, 1023)
+    assert plan.b == 21 and 1023 * (2**plan.b + cfg.max_abs) < headroom(cfg)
+    with pytest.raises(ValueError, match="1024 clients x"):
+        mask_plan(cfg, 1024)
 
 
 def test_nvflare_default_parameters_are_accepted():
@@ -41,8 +47,14 @@ def test_chain_exactly_at_the_bound_is_accepted():
         ({"poly_modulus_degree": 3000}, "poly_modulus_degree must be one of"),
         ({"coeff_mod_bit_sizes": (56,)}, "at least two primes"),
         ({"coeff_mod_bit_sizes": (61, 40)}, "coeff_mod_bit_sizes[0] = 61"),
-        ({"scale_bits": 55}, "scale_bits = 55"),
+        ({"scale_bits": 59}, "scale_bits = 59"),
         ({"threads": 0}, "threads"),
+        ({"max_abs": 0.0}, "max_abs"),
+        ({"min_contributors": 1}, "min_contributors"),
+        ({"flood_queries": 0}, "flood_queries"),
+        ({"check_fraction": 0.0}, "check_fraction"),
+        ({"masking": {"bits": 32}}, "aggregation.masking.bits"),
+        ({"masking": {"no_such_key": 1}}, "aggregation.masking"),
     ],
 )
 def test_bad_parameters_name_the_field(kwargs, needle):

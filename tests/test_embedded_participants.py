@@ -71,10 +71,12 @@ def test_ckks_hosts_discard_an_aggregate_with_fewer_contributors_than_the_noise_
         for kind in ("plain", "ckks")
     }
     aborted = {kind: [r["round"] for r in _rows(run) if r["aggregation_aborted"]] for kind, run in runs.items()}
-    assert aborted["plain"] and aborted["ckks"] == aborted["plain"]
-    assert all("sized for 4" in r["aggregation_aborted"] for r in _rows(runs["ckks"]) if r["aggregation_aborted"])
-    for k, w in _model(runs["plain"]).items():  # the hosts applied exactly the aggregates the server applied
-        np.testing.assert_allclose(_model(runs["ckks"])[k], w, atol=1e-5)
+    assert aborted["plain"] and set(aborted["plain"]) <= set(aborted["ckks"])
+    # CKKS sums its masks with SecAgg+ (issue 12), whose stages see the simulated dropouts that plain's
+    # one stage does not: its other aborts are the mask round's own (too few to unmask, nothing revealed)
+    reasons = [r["aggregation_aborted"] for r in _rows(runs["ckks"]) if r["aggregation_aborted"]]
+    assert any("sized for 4" in a for a in reasons)
+    assert all("sized for 4" in a or "nothing revealed" in a for a in reasons)
 
 
 @pytest.mark.timeout(120)
@@ -88,8 +90,12 @@ def test_ckks_over_two_worker_processes_equals_one_process(tmp_path):
     one = run_federation(_config(CLIENT, ckks), RunOptions(out=tmp_path / "w1", progress=False, noise=SilentNoise()))
     two = run_federation(_config(CLIENT, ckks, workers=2), RunOptions(out=tmp_path / "w2", progress=False, noise=SilentNoise()))
     assert [r["clients_aggregated"] for r in _rows(two)] == [4, 4, 4]
+    # each run adds its own CKKS flooding noise (keyed by its own key): 3 rounds x 2 runs x 6 sigma apart at most
+    from aggregation.ckks import CKKSConfig, factory
+
+    sigma = factory(CKKSConfig(), range(4), 0).plan.flood_sigma(4, 64)
     for k, w in _model(one).items():
-        np.testing.assert_allclose(_model(two)[k], w, atol=1e-5)
+        np.testing.assert_allclose(_model(two)[k], w, atol=36 * sigma)
         assert np.abs(w).max() > 0.1  # the model moved
     assert _ledger(two) == _ledger(one)
 

@@ -103,7 +103,7 @@ def deployment(tmp_path_factory, data_dir):
     assert _live_processes_mentioning(dep.workdir) == []
 
 
-@pytest.mark.parametrize("kind, atol", [("secagg", 5e-4), ("ckks", 1e-5)])
+@pytest.mark.parametrize("kind, atol", [("secagg", 5e-4), ("ckks", 5e-3)])  # ckks: each run floods with its own key
 def test_flower_rounds_equal_the_in_process_run_with_the_same_seed(deployment, data_dir, kind, atol):
     shared_datasets = data_dir
     dep, tmp = deployment

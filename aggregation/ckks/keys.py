@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .. import wire
 from ..base import ProtocolError
+from .masking import check_key
 from .params import (
     MAX_PUBLIC_CONTEXT_BYTES,
     MAX_SECRET_CONTEXT_BYTES,
@@ -239,6 +240,9 @@ class ClientKey:
     key_id: bytes
     epoch: int
     context: ts.Context
+    check_key: bytes
+    """HKDF of the secret context bytes: the key of the aggregate check and of the flooding noise
+    (:mod:`.masking`); every client of the epoch derives the same one, the server cannot."""
 
 
 def _hex(value: str, n: int, name: str) -> bytes:
@@ -298,4 +302,4 @@ def open_package(data: bytes, me: ClientKeyPair, dealer_verify: bytes, config: C
         ctx = load_context(secret, config, secret=True)
     except ValueError as exc:
         raise KeyPackageError(f"key package: {exc}") from exc
-    return ClientKey(key_id, got_epoch, ctx)
+    return ClientKey(key_id, got_epoch, ctx, check_key(secret, key_id))

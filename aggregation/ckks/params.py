@@ -1,17 +1,18 @@
 """CKKS parameters: the config section, the 128-bit security check, and TenSEAL contexts.
 
-Why these defaults (``poly_modulus_degree=4096, coeff_mod_bit_sizes=[56, 40], scale_bits=34``):
+Why these defaults (``poly_modulus_degree=4096, coeff_mod_bit_sizes=[60, 49], scale_bits=28``):
 aggregation needs only ciphertext additions — clients pre-multiply their update by their own
 weight before encrypting (FedAvg's ``w_k x_k``, McMahan et al. 2017, eq. 1) — so no rescale ever
 happens and a single data prime suffices. A ciphertext then carries two polynomials of ``N``
-64-bit words modulo that one prime for ``N/2`` values: 32 bytes per value before compression, and
-SEAL's zstd stores a 56-bit residue in 7 of its 8 bytes, which gives about 7.6x float32. The last
-prime is the key-switching ("special") prime that TenSEAL requires; it is never part of a
-ciphertext, so its size costs nothing on the wire. 34 scale bits keep the encoding + encryption
-noise near 1e-7 absolute (relative error ~1e-6 on typical updates, the issue asks <= 1e-4), and
-the remaining ``56 - 34 - 1 = 21`` bits leave room for aggregates up to ``2^21`` in absolute value
-(e.g. 943 MovieLens clients weighted by up to 700 examples each). Clients check that headroom
-before encrypting (:func:`headroom`), since an overflow would wrap silently modulo the prime.
+64-bit words modulo that one prime for ``N/2`` values, and SEAL's zstd stores a 60-bit residue in
+about 8 of its 8 bytes (8.0x float32). The last prime is the key-switching ("special") prime that
+TenSEAL requires; it is never part of a ciphertext, so its size costs nothing on the wire, and
+60 + 49 = 109 bits is exactly the 128-bit bound at N = 4096. Since issue 12 every plaintext carries a
+one-time mask below ``2^b`` (:mod:`.masking`), so decrypted values reach ``n (2^b + max_abs)``:
+``2^(60 - 28 - 1) = 2^31`` is room for 1023 clients with ``max_abs`` 1024 (b = 21), at an encoding
+precision of 2^-28 (one fresh ciphertext's error ~5.4e-7 RMS per value). Clients check that
+headroom before the round (:func:`.masking.plan`), since an overflow would wrap silently modulo
+the prime.
 
 Seeded ciphertexts: SEAL can halve a symmetric-key ciphertext by sending the seed of its uniform
 polynomial instead of the polynomial, but only through ``Encryptor.encrypt_symmetric`` returning a
@@ -31,8 +32,8 @@ import hashlib
 import math
 import os
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import tenseal as ts
 
@@ -40,6 +41,8 @@ MAX_LOG_Q_128: dict[int, int] = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384
 """HE standard, Table 1: the largest ``log2(Q)`` with 128-bit classical security, per ring degree ``N``."""
 
 SEAL_MAX_PRIME_BITS = 60
+MASKING_FIXED = frozenset({"clip_range", "bits", "levels", "max_weight", "weight_resolution", "noise_bound"})
+"""SecAgg fields the mask plan sets (the masks are exact integers below ``2^(b+f)``)."""
 
 
 @dataclass(frozen=True)
@@ -54,10 +57,24 @@ class CKKSConfig:
     """
 
     poly_modulus_degree: int = 4096
-    coeff_mod_bit_sizes: tuple[int, ...] = (56, 40)
-    scale_bits: int = 34
+    coeff_mod_bit_sizes: tuple[int, ...] = (60, 49)
+    scale_bits: int = 28
     rotate_keys: Literal["run", "round"] = "run"
     threads: int = 1
+    max_abs: float = 1024.0
+    """Bound on every coordinate of a client's ``[w x, w]`` (a larger one is refused, never wrapped):
+    the masks live modulo ``2^b`` with ``2^(b-1) > clients * max_abs`` (:mod:`.masking`)."""
+    min_contributors: int | Literal["auto"] = "auto"
+    """A client decrypts only an aggregate of at least this many distinct clients, verified by the
+    aggregate check; ``auto`` = the SecAgg threshold of the round (at least 2)."""
+    flood_queries: int = 16
+    """Decryptions under one key whose results may leave (rounds x hosts) the flooding noise is sized for."""
+    check_fraction: float = 0.125
+    """Secret check slots per payload slot (at least 16 per aggregate)."""
+    masking: dict[str, Any] = field(default_factory=dict)
+    """Parameters of the SecAgg+ round that sums the masks (``neighbours``, ``threshold``,
+    ``signatures``, ``identity_dir``, ...; :class:`aggregation.secagg.SecAggConfig`); the
+    fixed-point fields are set by the mask plan."""
 
     def __post_init__(self) -> None:
         n = self.poly_modulus_degree
@@ -91,6 +108,26 @@ class CKKSConfig:
             )
         if self.threads < 1:
             raise ValueError(f"aggregation.threads must be >= 1, got {self.threads}")
+        if not (math.isfinite(self.max_abs) and self.max_abs > 0):
+            raise ValueError(f"aggregation.max_abs must be a positive number, got {self.max_abs}")
+        if self.min_contributors != "auto" and (isinstance(self.min_contributors, bool) or self.min_contributors < 2):
+            raise ValueError(f"aggregation.min_contributors must be an integer >= 2 or 'auto', got {self.min_contributors!r}")
+        if self.flood_queries < 1:
+            raise ValueError(f"aggregation.flood_queries must be >= 1, got {self.flood_queries}")
+        if not (math.isfinite(self.check_fraction) and 0 < self.check_fraction <= 1):
+            raise ValueError(f"aggregation.check_fraction must be in (0, 1], got {self.check_fraction}")
+        fixed = sorted(set(self.masking) & MASKING_FIXED)
+        if fixed:
+            raise ValueError(f"aggregation.masking.{fixed[0]} is set by the CKKS mask plan; remove it")
+        from ..secagg.config import SecAggConfig  # here, not at the top: secagg never imports ckks, but keep params light
+
+        try:
+            SecAggConfig(**self.masking)
+        except TypeError as exc:
+            raise ValueError(f"aggregation.masking: {exc} (known keys: neighbours, threshold, signatures, identity_dir, ...)") from exc
+        except ValueError as exc:
+            raise ValueError(f"aggregation.masking: {exc}") from exc
+        object.__setattr__(self, "masking", dict(self.masking))
         object.__setattr__(self, "coeff_mod_bit_sizes", bits)
 
     @property

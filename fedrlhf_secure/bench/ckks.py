@@ -26,11 +26,15 @@ from typing import Any
 
 import numpy as np
 
+from aggregation import wire
 from aggregation.base import RoundContext
-from aggregation.ckks import CKKSConfig, codec, factory
+from aggregation.ckks import CKKSConfig, SimulatedDealer, codec, factory
 from aggregation.ckks.params import MAX_LOG_Q_128
+from aggregation.driver import run_round
 
 DEFAULT = ("ckks", CKKSConfig())
+LEGACY = ("ckks-before-issue-12", CKKSConfig(coeff_mod_bit_sizes=(56, 40), scale_bits=34))
+"""Today's round before issue 12 (its default parameters; no masks, check or flooding), for the overhead."""
 NVFLARE = ("ckks-nvflare-default", CKKSConfig(poly_modulus_degree=8192, coeff_mod_bit_sizes=(60, 40, 40), scale_bits=40))
 
 
@@ -44,52 +48,86 @@ def _client_input(seed: int, cid: int, d: int, uniform: bool = False) -> tuple[n
 
 
 def _full_round(label: str, config: CKKSConfig, n: int, d: int, seed: int, uniform: bool = False) -> dict[str, Any]:
+    """One round of the shipped protocol (SecAgg+ mask round, masked ciphertexts, checked and flooded
+    decryption), every message delivered as soon as it is sent, through :func:`aggregation.driver.run_round`."""
+    if label == LEGACY[0]:
+        return _legacy_round(config, n, d, seed, uniform)
     clients = tuple(range(n))
-    agg = factory(config, clients, seed)
-    ctx = RoundContext(os.urandom(16), 0, clients, d)
+    inputs = {cid: _client_input(seed, cid, d, uniform) for cid in clients}
+    plain_sum = sum(w * vec.astype(np.float64) for vec, w in inputs.values())
+    plain_w = sum(w for _, w in inputs.values())
     t_round, c_round = time.perf_counter(), time.process_time()
-    server = agg.server(ctx)
-    requests = dict(server.start())
-    halves = {}
-    plain_sum = np.zeros(d, dtype=np.float64)
-    plain_w = 0.0
-    up_bytes: list[int] = []
-    t_client = t_server = 0.0
-    outgoing: list[tuple[int, bytes]] = []
-    for cid in clients:
-        vec, w = _client_input(seed, cid, d, uniform)
-        plain_sum += w * vec.astype(np.float64)
-        plain_w += w
-        t0 = time.perf_counter()
-        halves[cid] = agg.client(ctx, cid, vec, w)
-        (update,) = halves[cid].receive(requests[cid])
-        t_client += time.perf_counter() - t0
-        up_bytes.append(len(update))
-        t0 = time.perf_counter()
-        outgoing = server.receive(cid, update)
-        t_server += time.perf_counter() - t0
-        del vec, update
-    assert server.done and server.result() is None
-    down_bytes = len(outgoing[0][1])
-    for cid, msg in outgoing:
-        t0 = time.perf_counter()
-        halves[cid].receive(msg)
-        t_client += time.perf_counter() - t0
+    agg = factory(config, clients, seed)
+    out = run_round(agg, RoundContext(os.urandom(16), 0, clients, d), inputs)
     seconds, cpu_seconds = time.perf_counter() - t_round, time.process_time() - c_round
-    res = halves[0].result()
-    plain_avg = plain_sum / plain_w
-    rel = float(np.linalg.norm(res.average - plain_avg) / np.linalg.norm(plain_avg))
+    assert out.server_result is None
+    res = out.client_results[0]
+    return _round_row(res.average, plain_sum / plain_w, seconds, cpu_seconds, out.stats.server_seconds,
+                      sum(out.stats.client_seconds.values()), list(out.stats.bytes_up.values()),
+                      max(out.stats.bytes_down.values()), d)  # fmt: skip
+
+
+def _round_row(avg, plain_avg, seconds, cpu_seconds, t_server, t_client, up_bytes, down_bytes, d) -> dict[str, Any]:
     return {
         "round_s": seconds,
         "round_cpu_s": cpu_seconds,
         "round_server_s": t_server,
         "round_clients_s": t_client,
-        "rel_error": rel,
-        "max_abs_error": float(np.max(np.abs(res.average - plain_avg))),
+        "rel_error": float(np.linalg.norm(avg - plain_avg) / np.linalg.norm(plain_avg)),
+        "max_abs_error": float(np.max(np.abs(avg - plain_avg))),
         "bytes_up_per_client": float(np.mean(up_bytes)),
         "bytes_down_per_client": float(down_bytes),
         "expansion_vs_float32": float(np.mean(up_bytes)) / (4.0 * d),
     }
+
+
+def _legacy_round(config: CKKSConfig, n: int, d: int, seed: int, uniform: bool = False) -> dict[str, Any]:
+    """The CKKS round as it was before issue 12 (commit b46270a), re-enacted with the same codec and
+    wire code: each client encrypts ``[w x, w]`` and sends it in one frame, the server parses, checks
+    and adds the ciphertexts and sends the sum back, each client parses and decrypts it — no mask
+    round, no check slots, no flooding (and the decryption oracle of issue 12 open)."""
+    clients = tuple(range(n))
+    session, t_client, t_server, up_bytes = os.urandom(16), 0.0, 0.0, []
+    plain_sum, plain_w = np.zeros(d), 0.0
+    t_round, c_round = time.perf_counter(), time.process_time()
+    dealer = SimulatedDealer(config, list(clients))
+    dealer.deal_ahead([0])
+    server_ctx = dealer.public(0).load(config)
+    header = {"round": 0, "session": session.hex(), "key_id": dealer.public(0).key_id.hex()}
+    acc = None
+    for cid in clients:
+        vec, w = _client_input(seed, cid, d, uniform)
+        plain_sum += w * vec.astype(np.float64)
+        plain_w += w
+        t0 = time.perf_counter()
+        key = dealer.client_key(cid, 0)
+        data, lengths = codec.join(codec.encrypt(np.append(w * vec.astype(np.float64), w), key.context, config))
+        update = wire.encode(wire.Frame("ckks/update", header, {"ciphertexts": data, "lengths": lengths}))
+        t1 = time.perf_counter()
+        frame = wire.decode(update, expect="ckks/update")
+        blobs = codec.split(frame.tensors["ciphertexts"], frame.tensors["lengths"], config, d + 1)
+        chunks = codec.load_chunks(blobs, server_ctx, config, d + 1)
+        if acc is None:
+            acc = chunks
+        else:
+            for a, c in zip(acc, chunks, strict=True):
+                a.add_(c)
+        t_client, t_server = t_client + t1 - t0, t_server + time.perf_counter() - t1
+        up_bytes.append(len(update))
+    t0 = time.perf_counter()
+    data, lengths = codec.join([c.serialize() for c in acc])
+    aggregate = wire.encode(
+        wire.Frame("ckks/aggregate", {**header, "contributors": list(clients)}, {"ciphertexts": data, "lengths": lengths})
+    )
+    t_server += time.perf_counter() - t0
+    for cid in clients:
+        t0 = time.perf_counter()
+        frame = wire.decode(aggregate, expect="ckks/aggregate")
+        blobs = codec.split(frame.tensors["ciphertexts"], frame.tensors["lengths"], config, d + 1)
+        values = codec.decrypt(codec.load_chunks(blobs, dealer.client_key(cid, 0).context, config, d + 1))
+        t_client += time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t_round, time.process_time() - c_round
+    return _round_row(values[:d] / values[d], plain_sum / plain_w, seconds, cpu_seconds, t_server, t_client, up_bytes, len(aggregate), d)
 
 
 class _PartyTimer:
@@ -153,7 +191,8 @@ def _params_row(label: str, config: CKKSConfig, n: int, d: int) -> dict[str, Any
 def measure(
     n: int, d: int, *, repeats: int = 5, round_repeats: int | None = None, seed: int = 0, include_nvflare: bool = True
 ) -> dict[str, Any]:
-    """CKKS rows for ``fedrlhf bench aggregation``: the default parameters and NVFlare's, one run.
+    """CKKS rows for ``fedrlhf bench aggregation``: the shipped round, the round before issue 12 (no
+    masks, check or flooding: the overhead of the defences) and NVFlare's parameters, one run.
 
     Returns ``{"rows": [row, ...]}``; each row has ``mode``, ``n``, ``d``, the parameter set,
     ``expansion_vs_float32``, ``bytes_up_per_client``, ``bytes_down_per_client``, ``rel_error``,
@@ -162,7 +201,7 @@ def measure(
     clients run one after another in one process; default 3 when n*d <= 1e7, else 1),
     ``round_server_s`` and ``round_clients_s`` (that round's time in the server / client halves).
     """
-    configs = [DEFAULT] + ([NVFLARE] if include_nvflare else [])
+    configs = [DEFAULT, LEGACY] + ([NVFLARE] if include_nvflare else [])
     per = _per_party(configs, min(d, 1_000_000), seed, repeats)
     round_repeats = round_repeats or (3 if n * d <= 10_000_000 else 1)
     rounds: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in configs}

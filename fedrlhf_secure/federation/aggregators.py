@@ -111,7 +111,7 @@ def server_aggregator(config: RunConfig, client_ids: Sequence[int], keys_dir: Pa
     _check_ckks(config)
     if keys_dir is None:
         raise KeyFileError("aggregation.kind ckks over Flower needs the server's key directory (run config keys-dir)")
-    return CKKSAggregator(config.aggregation.params, ServerFileKeys(keys_dir, config.aggregation.params))
+    return CKKSAggregator(config.aggregation.params, ServerFileKeys(keys_dir, config.aggregation.params), list(client_ids))
 
 
 def node_aggregator(config: RunConfig, client_ids: Sequence[int], hosted: Sequence[int], keys_dir: Path | None) -> Aggregator:
@@ -124,7 +124,7 @@ def node_aggregator(config: RunConfig, client_ids: Sequence[int], hosted: Sequen
     _check_ckks(config)
     if keys_dir is None:
         raise KeyFileError("aggregation.kind ckks needs this node's key directory (fedrlhf deploy client-host --keys-dir)")
-    return CKKSAggregator(config.aggregation.params, NodeFileKeys(keys_dir, config.aggregation.params, hosted))
+    return CKKSAggregator(config.aggregation.params, NodeFileKeys(keys_dir, config.aggregation.params, hosted), list(client_ids))
 
 
 def deal_keys(
