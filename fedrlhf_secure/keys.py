@@ -356,13 +356,15 @@ def deal_run_keys(
 
     Does what a multi-machine deployment does on each party (client key pairs on the nodes, the
     dealer key and the deal on the dealer), then copies each file to where its owner keeps it;
-    only public keys and sealed packages move between parties. For ``kind: secagg`` it makes the
-    SecAgg identities and registry instead (:func:`deal_secagg_identities`).
+    only public keys and sealed packages move between parties. Both kinds get the SecAgg identities
+    and registry (:func:`deal_secagg_identities`); ``kind: ckks`` also gets the CKKS deal.
     """
     from .config import load_config
 
+    # SecAgg identities for kind secagg, and for ckks too: its mask round is a SecAgg+ round whose
+    # survivor sets and keys are signed under the same registry (aggregation/ckks/masking.py)
+    deal_secagg_identities(node_clients, server_dir, node_dirs, dealer_dir)
     if load_config(Path(config_path)).aggregation.kind == "secagg":
-        deal_secagg_identities(node_clients, server_dir, node_dirs, dealer_dir)
         return
     config = ckks_config(Path(config_path))
     pubs = Path(dealer_dir) / "client-pubs"

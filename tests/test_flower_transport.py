@@ -120,7 +120,7 @@ def test_ckks_over_nodes_reads_keys_from_the_dealer_files_and_the_server_has_no_
     node_dirs = {n: tmp_path / f"keys-node-{n}" for n in NODES}
     deal_keys(cfg_path, list(NODES.values()), tmp_path / "keys-server", list(node_dirs.values()), tmp_path / "dealer")
     capsys.readouterr()
-    assert sorted(p.name for p in (tmp_path / "keys-server").iterdir()) == ["dealer.pub", "public-context.frame"]
+    assert sorted(p.name for p in (tmp_path / "keys-server").iterdir()) == ["dealer.pub", "public-context.frame", "secagg-registry.json"]
     server_keys = ServerFileKeys(tmp_path / "keys-server", load_config(cfg_path).aggregation.params)
     with pytest.raises(PermissionError):
         server_keys.client_key(0, 0)

@@ -111,7 +111,8 @@ def server_aggregator(config: RunConfig, client_ids: Sequence[int], keys_dir: Pa
     _check_ckks(config)
     if keys_dir is None:
         raise KeyFileError("aggregation.kind ckks over Flower needs the server's key directory (run config keys-dir)")
-    return CKKSAggregator(config.aggregation.params, ServerFileKeys(keys_dir, config.aggregation.params), list(client_ids))
+    keys = ServerFileKeys(keys_dir, config.aggregation.params)
+    return CKKSAggregator(config.aggregation.params, keys, list(client_ids), _ckks_masks(config, client_ids, (), keys_dir))
 
 
 def node_aggregator(config: RunConfig, client_ids: Sequence[int], hosted: Sequence[int], keys_dir: Path | None) -> Aggregator:
@@ -124,7 +125,20 @@ def node_aggregator(config: RunConfig, client_ids: Sequence[int], hosted: Sequen
     _check_ckks(config)
     if keys_dir is None:
         raise KeyFileError("aggregation.kind ckks needs this node's key directory (fedrlhf deploy client-host --keys-dir)")
-    return CKKSAggregator(config.aggregation.params, NodeFileKeys(keys_dir, config.aggregation.params, hosted), list(client_ids))
+    keys = NodeFileKeys(keys_dir, config.aggregation.params, hosted)
+    return CKKSAggregator(config.aggregation.params, keys, list(client_ids), _ckks_masks(config, client_ids, hosted, keys_dir))
+
+
+def _ckks_masks(config: RunConfig, client_ids: Sequence[int], hosted: Sequence[int], keys_dir: Path) -> Aggregator:
+    """The SecAgg+ aggregator of CKKS's mask round, signing under the deployment's identity registry:
+    identities made per process (the in-memory default) could not be checked across machines."""
+    from aggregation.ckks import masking
+    from aggregation.ckks.protocol import masking_config
+    from aggregation.secagg import SecAggAggregator
+
+    params = config.aggregation.params
+    identities = load_secagg_identities(Path(keys_dir), list(client_ids), hosted)
+    return SecAggAggregator(masking_config(params, masking.plan(params, len(client_ids))), len(client_ids), identities)
 
 
 def deal_keys(
