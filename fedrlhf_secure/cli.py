@@ -38,6 +38,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("fedrlhf_secure.commands.bench:SUBCOMMANDS", "benchmarks: write JSON and the tables in BENCHMARKS.md"),
     "keys": ("fedrlhf_secure.commands.keys:run", "CKKS key setup: make and deliver a run's key to the clients"),
     "deploy": ("fedrlhf_secure.commands.deploy:run", "Flower deployment helpers (certificates, node keys, launch)"),
+    "redteam": ("fedrlhf_secure.commands.redteam:run", "attack your config as a lying server; exit 1 if anything is recovered"),
 }
 
 DISTRIBUTION = "fedrlhf-secure"
