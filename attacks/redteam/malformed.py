@@ -78,14 +78,12 @@ def mutations(real: bytes) -> Iterator[tuple[str, Any]]:
     except wire.WireError:
         return
     header = {"op": msg.op, **msg.header}
-    cases = 0
-    for path in _paths({k: v for k, v in header.items() if k != "op"}):
-        for new in WRONG:
-            if cases >= MAX_CASES_PER_OP:
-                break
-            cases += 1
-            hostile = _replace(header, path, new)
-            yield f"header {'.'.join(map(str, path))} = {json.dumps(new)}", _raw(json.dumps(hostile))
+    paths = list(_paths({k: v for k, v in header.items() if k != "op"}))
+    # every path with the first wrong value, then every path with the next one, ... (a cap keeps breadth)
+    combos = [(path, new) for new in WRONG for path in paths][:MAX_CASES_PER_OP]
+    for path, new in combos:
+        hostile = _replace(header, path, new)
+        yield f"header {'.'.join(map(str, path))} = {json.dumps(new)}", _raw(json.dumps(hostile))
     for cid in list(msg.messages)[:1]:
         junk = {**msg.messages, cid: [b"\x00garbage"]}
         yield f"client {cid}'s message replaced by junk", NodeMessage(msg.op, msg.header, junk, msg.blobs, msg.arrays).encode(RESPONSE)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from fedrlhf_secure.config import RunConfig
 
-from . import ckks_attacks, dictation, malformed, replay, secagg_attacks
+from . import ckks_attacks, dictation, malformed, passive, replay, secagg_attacks
 from .harness import Target
 from .report import AttackResult
 
@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 Attack = Callable[[Target], "AttackResult | list[AttackResult]"]
 
 ATTACKS: dict[str, Attack] = {
+    "passive": passive.passive_server,
     "dictation": dictation.dictation,
     "overlap": secagg_attacks.overlap,
     "split-view": secagg_attacks.split_view,
