@@ -83,29 +83,32 @@ def _cases(target: Target, workdir: Path) -> list[tuple[str, Callable[[], RunCon
     return cases
 
 
-def _read_plain_update(target: Target, host, dictated: RunConfig) -> dict[str, Any]:
+def _read_plain_update(target: Target, host, dictated: RunConfig, dim: int, victim: int) -> dict[str, Any]:
     """The node accepted plain aggregation: run its fit and read the victim's update off the wire."""
     from fedrlhf_secure.federation.aggregators import build_aggregator
+    from fedrlhf_secure.federation.participant import build_task
+    from fedrlhf_secure.federation.update import UpdateCodec
 
     ids = list(range(target.n))
     agg = build_aggregator(dictated, ids)
-    ctx = RoundContext(node.new_session(), 0, tuple(ids), target.dim)
-    task = host.task
+    ctx = RoundContext(node.new_session(), 0, tuple(ids), dim)
+    task = getattr(host, "task", None) or build_task(dictated, target.data_dir)  # the server knows the task's initial model
     if dictated.privacy.mode != "none":
-        node.ask(host, "admit", {"round": 0, "clients": [VICTIM]})
-    ans, replies = node.fit(host, ctx, agg.server(ctx), [VICTIM], FitInstruction(0, 1, dictated.seed, task.initial_shared()))
+        node.ask(host, "admit", {"round": 0, "clients": [victim]})
+    ans, replies = node.fit(host, ctx, agg.server(ctx), [victim], FitInstruction(0, 1, dictated.seed, task.initial_shared()))
     if not ans.accepted:
         return {"recovered": False, "fit_refused": ans.error}
-    reader = agg.server(RoundContext(ctx.session_id, 0, (VICTIM,), target.dim))
+    reader = agg.server(RoundContext(ctx.session_id, 0, (victim,), dim))
     for cid, frame in replies:
-        if cid == VICTIM:
+        if cid == victim:
             reader.receive(cid, frame)
     reader.close_stage()
     result = reader.result()
     if dictated.privacy.mode != "none":
         got = None if result is None else result.average
         return {"recovered": got is not None, "note": "the victim's individual (DP-noised) release, read in the clear"}
-    truth = task.make_client(VICTIM).fit(task.initial_shared(), _fit_config(dictated, VICTIM)).delta["v"]
+    fit = task.make_client(victim).fit(task.initial_shared(), _fit_config(dictated, victim))
+    truth = UpdateCodec(task.shared_spec(), dictated.federation.sparse_rows).encode(fit)
     return score(None if result is None else result.average, truth)
 
 
@@ -131,20 +134,29 @@ def _node_keys(target: Target) -> dict[str, Any]:
     return {"keys_dir": target._cache["ckks_node_keys"]}
 
 
+def _node(target: Target, workdir: Path, keys: dict[str, Any]):
+    if target.node_socket is not None:
+        from .node import SocketNode
+
+        return SocketNode(target.node_socket)
+    return target.make_host([VICTIM], target.task(), workdir, **keys)
+
+
 def dictation(target: Target) -> list[AttackResult]:
     results = []
-    keys = _node_keys(target)
+    keys = {} if target.node_socket is not None else _node_keys(target)
     with tempfile.TemporaryDirectory(dir=target.workdir) as tmp:
-        control = node.setup(target.make_host([VICTIM], target.task(), Path(tmp), **keys), target.config, range(target.n))
+        control = node.setup(_node(target, Path(tmp), keys), target.config, range(target.n))
     if not control.accepted:  # a refusal below would prove nothing
         return [AttackResult("dictate-control", "error", f"the node refuses the user's own config: {control.error[:120]}", CLAIM)]
+    victim = int(control.message.header["clients"][0])  # the first client the node hosts
     for name, make, why in _cases(target, target.workdir):
         if make is None:
             results.append(AttackResult(name, "skipped", f"not weaker than the user's config: {why}", CLAIM))
             continue
         with tempfile.TemporaryDirectory(dir=target.workdir) as tmp:
             dictated = make()
-            host = target.make_host([VICTIM], target.task(), Path(tmp), **keys)
+            host = _node(target, Path(tmp), keys)
             ans = node.setup(host, dictated, range(target.n))
             asked = {"aggregation": dictated.aggregation.to_mapping(), "privacy_mode": dictated.privacy.mode}
             if dictated.privacy.mode != "none":
@@ -154,10 +166,12 @@ def dictation(target: Target) -> list[AttackResult]:
                 ev["refusal"] = ans.error
                 results.append(AttackResult(name, "refused", f"node refused: {ans.error[:100]}", CLAIM, ev))
                 continue
-            ev["node_runs"] = {"aggregation": host.config.aggregation.to_mapping(), "privacy_mode": host.config.privacy.mode}
+            ev["setup_reply"] = dict(ans.message.header)
+            if getattr(host, "config", None) is not None:  # an in-process node: what it now runs
+                ev["node_runs"] = {"aggregation": host.config.aggregation.to_mapping(), "privacy_mode": host.config.privacy.mode}
             summary = f"node accepted {_short(asked)}"
             if dictated.aggregation.kind == "plain":
-                ev.update(_read_plain_update(target, host, dictated))
+                ev.update(_read_plain_update(target, host, dictated, int(ans.message.header.get("dim", target.dim)), victim))
                 if "max_abs_error" in ev:
                     summary += f"; victim's update read in the clear, max error {ev['max_abs_error']:.1e}"
                 elif ev.get("recovered"):

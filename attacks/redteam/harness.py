@@ -71,6 +71,9 @@ class Target:
     """Builds a deployment node's participant host (tests pass a weakened one); default :func:`honest_node`."""
     aggregator_factory: Callable[[RunConfig, list[int]], Aggregator] | None = None
     """Builds the aggregator of a config (tests pass a weakened one); default the registry's factory."""
+    node_socket: Path | None = None
+    """A running node's socket (``fedrlhf deploy client-host``): the dictation attacks then go to that process."""
+    data_dir: Path | None = None
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -115,6 +118,7 @@ class Target:
             "clients": self.n,
             "clients_source": self.n_source,
             "dim": self.dim,
+            "node_socket": None if self.node_socket is None else str(self.node_socket),
         }
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from aggregation.base import RoundContext, ServerHalf
@@ -66,6 +67,19 @@ def fit(
     ans = ask(host, "fit", header, grouped, {"instruction": instruction.encode()})
     replies = [] if ans.message is None else [(c, m) for c, ms in sorted(ans.message.messages.items()) for m in ms]
     return ans, replies
+
+
+class SocketNode:
+    """A running deployment node (``fedrlhf deploy client-host``) reached over its Unix socket:
+    the same requests, the same bytes, to the real node process instead of an object in this one."""
+
+    def __init__(self, socket_path: Path, timeout: float = 600.0) -> None:
+        self.socket_path, self.timeout = Path(socket_path), timeout
+
+    def handle(self, data: bytes) -> bytes:
+        from fedrlhf_secure.transport.local_socket import relay
+
+        return relay(self.socket_path, data, self.timeout)
 
 
 def new_session() -> bytes:

@@ -30,6 +30,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clients", type=int, default=None, help="clients per round (default: the config's round size)")
     p.add_argument("--dim", type=int, default=64, help="length of the synthetic update vectors (default 64)")
     p.add_argument("--only", default=None, help="comma-separated suite entries to run (default: all)")
+    p.add_argument(
+        "--node-socket",
+        type=Path,
+        default=None,
+        help="send the dictation attacks to a running node (`fedrlhf deploy client-host`) over its Unix socket",
+    )
     add_data_dir(p)
 
 
@@ -52,7 +58,9 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"{args.config}: a round of {n} clients is too small to attack (need >= 3)")
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fedrlhf-redteam-") as tmp:
-        target = Target(config, n, args.dim, Path(tmp), n_source=source)
+        if args.node_socket is not None and not args.node_socket.exists():
+            raise InputError(f"--node-socket: no socket at {args.node_socket}")
+        target = Target(config, n, args.dim, Path(tmp), n_source=source, node_socket=args.node_socket, data_dir=args.data_dir)
         what = f"{config.source} ({config.aggregation.kind}, privacy {config.privacy.mode})"
         print(f"redteam: {what}, {n} clients per round ({source})", file=sys.stderr)
         results = run_suite(target, only, progress=lambda name: print(f"redteam: {name} ...", file=sys.stderr))
