@@ -135,6 +135,8 @@ def _node_keys(target: Target) -> dict[str, Any]:
 
 
 def _node(target: Target, workdir: Path, keys: dict[str, Any]):
+    if target.remote_node is not None:
+        return target.remote_node
     if target.node_socket is not None:
         from .node import SocketNode
 
@@ -144,7 +146,7 @@ def _node(target: Target, workdir: Path, keys: dict[str, Any]):
 
 def dictation(target: Target) -> list[AttackResult]:
     results = []
-    keys = {} if target.node_socket is not None else _node_keys(target)
+    keys = {} if target.node_socket is not None or target.remote_node is not None else _node_keys(target)
     with tempfile.TemporaryDirectory(dir=target.workdir) as tmp:
         control = node.setup(_node(target, Path(tmp), keys), target.config, range(target.n))
     if not control.accepted:  # a refusal below would prove nothing

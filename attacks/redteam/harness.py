@@ -73,6 +73,9 @@ class Target:
     """Builds the aggregator of a config (tests pass a weakened one); default the registry's factory."""
     node_socket: Path | None = None
     """A running node's socket (``fedrlhf deploy client-host``): the dictation attacks then go to that process."""
+    remote_node: Any = None
+    """Any object with ``handle(bytes) -> bytes`` that reaches a real node (a Flower SuperNode through
+    the Grid): the dictation attacks then go there; ``describe()`` names it ``remote``."""
     data_dir: Path | None = None
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -109,6 +112,11 @@ class Target:
         factory = self.host_factory or honest_node
         return factory(self.config, client_ids, task, workdir, **kwargs)
 
+    def _node_name(self) -> str | None:
+        if self.node_socket is not None:
+            return str(self.node_socket)
+        return repr(self.remote_node) if self.remote_node is not None else None
+
     def describe(self) -> dict[str, Any]:
         return {
             "config": self.config.source,
@@ -118,7 +126,7 @@ class Target:
             "clients": self.n,
             "clients_source": self.n_source,
             "dim": self.dim,
-            "node_socket": None if self.node_socket is None else str(self.node_socket),
+            "node_socket": self._node_name(),
         }
 
 
