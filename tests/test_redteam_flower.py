@@ -1,10 +1,17 @@
-"""``fedrlhf redteam`` over the Flower loopback deployment: the dictation attacks against real SuperNodes.
+"""``fedrlhf redteam`` over the Flower loopback deployment: the attacks against real SuperNodes.
 
 A TLS SuperLink and two authenticated SuperNodes (each with its client host, the real node) are
-started as in tests/test_flower_deployment.py; the attacker submits its own Flower App
-(``attacks/redteam/flower-app``: the redteam ServerApp with the project's normal ClientApp) with
-``flwr run``, which SuperNodes run today because nothing restricts which app they execute. Every
-request reaches the node as a Flower Message, through the ClientApp, over the node's socket.
+started as in tests/test_flower_deployment.py, once for both attacks:
+
+* **config dictation**: the attacker submits its own Flower App (``attacks/redteam/flower-app``:
+  the redteam ServerApp with the project's normal ClientApp) with ``flwr run``, which SuperNodes
+  run today because nothing restricts which app they execute; every request reaches the node as a
+  Flower Message, through the ClientApp, over the node's socket;
+* **malformed frame**: the project's real ServerApp runs a round while one SuperNode answers its
+  fit request with a wrong type deep in the header (``attacks/redteam/flower-app-hostile-node``).
+
+:data:`EXPECTED` holds the verdicts on the current code; both are to flip to ``refused`` with the
+node-side policy and the robust server loop (issue 12).
 """
 
 from __future__ import annotations
@@ -28,29 +35,59 @@ REPO = Path(__file__).resolve().parents[1]
 if shutil.which("flower-superlink") is None or shutil.which("flower-supernode") is None or shutil.which("flwr") is None:
     pytest.skip("Flower's command-line tools are not on PATH", allow_module_level=True)
 
+EXPECTED = {
+    "dictate-plain": "recovered",  # flips with the node-side policy
+    "node-malformed-frames": "recovered",  # flips with the robust server loop: today the ServerApp ends on it
+}
 
-def test_a_submitted_serverapp_dictates_plain_aggregation_to_a_real_supernode(tmp_path, monkeypatch):
+
+def _logs(dep_dir: Path, pattern: str) -> str:
+    return "\n".join(p.read_text(errors="replace")[-4000:] for p in sorted((dep_dir / "logs").glob(pattern)))
+
+
+def test_dictation_and_a_hostile_node_against_real_supernodes(tmp_path, monkeypatch):
     config = tmp_path / "vector-secagg.yaml"
     config.write_text(
         yaml.safe_dump(
-            {"seed": 5, "task": {"kind": "vector", "clients": 4, "dim": 16}, "aggregation": {"kind": "secagg"}, "federation": {"rounds": 1}}
+            {
+                "seed": 5,
+                "task": {"kind": "vector", "clients": 4, "dim": 16},
+                "aggregation": {"kind": "secagg"},
+                "federation": {"rounds": 1, "min_clients": 1},
+            }
         )
     )
-    monkeypatch.setattr(local_deployment, "APP_DIR", REPO / "attacks" / "redteam" / "flower-app")
-    out = tmp_path / "out"
-    dep = LocalDeployment(tmp_path / "deployment", [[0, 1], [2, 3]], task_modules=["fedrlhf_secure.bench.vector_task"])
+    dep_dir = tmp_path / "deployment"
+    dep = LocalDeployment(dep_dir, [[0, 1], [2, 3]], task_modules=["fedrlhf_secure.bench.vector_task"])
     try:
         dep.start()
-        proc = dep.submit(config, out, extra={"clients": 4})
-        proc.wait(timeout=900)
+        monkeypatch.setattr(local_deployment, "APP_DIR", REPO / "attacks" / "redteam" / "flower-app")
+        dictation_out = tmp_path / "dictation"
+        dep.submit(config, dictation_out, extra={"clients": 4}).wait(timeout=900)
+        monkeypatch.setattr(local_deployment, "APP_DIR", REPO / "attacks" / "redteam" / "flower-app-hostile-node")
+        hostile_out = tmp_path / "hostile"
+        dep.submit(config, hostile_out, stage_timeout=60.0, extra={"hostile-node": str(dep.nodes[1].socket)}).wait(timeout=900)
     finally:
         dep.close()
-    logs = "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted((tmp_path / "deployment" / "logs").glob("flwr-run*.log")))
-    assert (out / "redteam.json").exists(), logs
-    report = json.loads((out / "redteam.json").read_text())
+
+    # config dictation: the SuperNode's client host accepted plain aggregation and its client's update came back in the clear
+    assert (dictation_out / "redteam.json").exists(), _logs(dep_dir, "flwr-run*.log")
+    report = json.loads((dictation_out / "redteam.json").read_text())
     rows = {a["name"]: a for a in report["attacks"]}
     assert report["target"]["node_socket"].startswith("flower-supernode:")
     plain = rows["dictate-plain"]
-    assert plain["verdict"] == "recovered", logs
-    assert plain["evidence"]["max_abs_error"] == 0.0 and plain["evidence"]["update_peak"] > 0
-    assert rows["dictate-threshold-1"]["verdict"] == "recovered"
+    assert plain["verdict"] == EXPECTED["dictate-plain"]
+    if plain["verdict"] == "recovered":
+        assert plain["evidence"]["max_abs_error"] == 0.0 and plain["evidence"]["update_peak"] > 0
+        assert rows["dictate-threshold-1"]["verdict"] == "recovered"
+
+    # one hostile node's fit reply: the run must finish with the other node's clients
+    runs = [p for p in hostile_out.glob("*") if p.is_dir() and not p.name.endswith(".partial")] if hostile_out.exists() else []
+    verdict = "refused" if runs else "recovered"
+    logs = _logs(dep_dir, "*.log")
+    assert verdict == EXPECTED["node-malformed-frames"], logs[-3000:]
+    if verdict == "refused":
+        rows = [json.loads(x) for x in (runs[0] / "metrics.jsonl").read_text().splitlines()]
+        assert rows[0]["clients_aggregated"] == 2 and rows[0]["nodes_dropped"] == 1
+    else:
+        assert "AttributeError" in logs  # the ServerApp ended on the frame: 'str' object has no attribute 'get'

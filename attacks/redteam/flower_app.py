@@ -7,6 +7,8 @@ request is one Flower Message to one SuperNode, whose ClientApp relays it to the
 — the real node — and the reply comes back the same way. It then runs the suite's dictation
 attacks against the first SuperNode and writes ``redteam.json`` into the run config's ``out``.
 
+The other side, a hostile SuperNode against the real ServerApp, is :mod:`.flower_hostile`.
+
 Run config keys (``flwr run attacks/redteam/flower-app ... --run-config``): ``config`` (the user's
 YAML on the SuperLink machine), ``out``, ``task-modules``, ``data-dir``, ``min-nodes``,
 ``node-wait``, ``clients`` (the run's client count).
