@@ -113,7 +113,7 @@ def test_suite_verdicts_on_the_current_code_match_the_table(kind, tmp_path, caps
         assert (split["n"], split["k"], split["t"]) == (10, 9, 5)
         # 2t - k = 1: one colluder suffices (issue 12, item 2: n=10/k=9/t=5 with 1); none is not enough
         assert split["trials"]["0"]["recovered"] is False and split["trials"]["1"]["recovered"] is True
-        assert rows["dictate-plain"]["evidence"]["max_abs_error"] == 0.0
+        assert rows["dictate-plain"]["evidence"]["plain_read"]["max_abs_error"] == 0.0
 
 
 def test_the_json_is_strict_and_the_schema_rejects_a_refusal_that_recovered(tmp_path):
@@ -158,3 +158,13 @@ def test_round_size_comes_from_the_config_or_the_option():
     assert round_size(tiny, 12, None) == (12, "--clients")
     half = load_config(REPO / "configs" / "movielens-tiny.yaml", ["federation.fraction=0.5"])
     assert round_size(half, None, None)[0] == 20
+
+
+@pytest.mark.slow
+def test_a_dp_config_adds_the_dp_dictation_rows_and_the_node_accepts_them_today(tmp_path):
+    dp = ["--set", "privacy.mode=record", "--set", "privacy.epsilon=8", "--set", "privacy.delta=1e-5"]
+    code, report = _run(tmp_path, "--set", "aggregation.kind=secagg", *dp, "--only", "dictation", *SMALL)
+    rows = {a["name"]: a for a in report["attacks"]}
+    assert code == 1
+    assert rows["dictate-dp-off"]["verdict"] == "recovered" and rows["dictate-dp-off"]["evidence"]["node_runs"]["privacy_mode"] == "none"
+    assert rows["dictate-epsilon"]["verdict"] == "recovered" and rows["dictate-epsilon"]["evidence"]["asked"]["epsilon"] == 8000.0

@@ -78,7 +78,7 @@ def test_dictation_and_a_hostile_node_against_real_supernodes(tmp_path, monkeypa
     plain = rows["dictate-plain"]
     assert plain["verdict"] == EXPECTED["dictate-plain"]
     if plain["verdict"] == "recovered":
-        assert plain["evidence"]["max_abs_error"] == 0.0 and plain["evidence"]["update_peak"] > 0
+        assert plain["evidence"]["plain_read"]["max_abs_error"] == 0.0 and plain["evidence"]["plain_read"]["update_peak"] > 0
         assert rows["dictate-threshold-1"]["verdict"] == "recovered"
 
     # one hostile node's fit reply: the run must finish with the other node's clients

@@ -52,7 +52,7 @@ def test_dictation_reaches_a_running_node_process_over_its_socket(tmp_path):
     plain = rows["dictate-plain"]
     # the node process accepted plain aggregation and its client 2's update came back in the clear
     assert plain["verdict"] == "recovered" and plain["evidence"]["setup_reply"]["clients"] == [2]
-    assert plain["evidence"]["max_abs_error"] == 0.0 and plain["evidence"]["update_peak"] > 0
+    assert plain["evidence"]["plain_read"]["max_abs_error"] == 0.0 and plain["evidence"]["plain_read"]["update_peak"] > 0
     assert rows["dictate-threshold-1"]["verdict"] == "recovered"
     assert rows["dictate-identity-dir"]["verdict"] == "recovered"
     assert "node_runs" not in plain["evidence"]  # nothing read from inside the node: only its replies

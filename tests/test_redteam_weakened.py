@@ -123,7 +123,7 @@ def test_passive_server_reads_an_update_when_the_masks_are_switched_off(tmp_path
 
 def test_dictation_recovers_from_a_node_without_policy_and_is_refused_by_a_pinned_one(tmp_path):
     rows = {r.name: r for r in dictation.dictation(_target(tmp_path, host_factory=permissive_node))}
-    assert rows["dictate-plain"].verdict == "recovered" and rows["dictate-plain"].evidence["max_abs_error"] == 0.0
+    assert rows["dictate-plain"].verdict == "recovered" and rows["dictate-plain"].evidence["plain_read"]["max_abs_error"] == 0.0
     assert rows["dictate-threshold-1"].evidence["node_runs"]["aggregation"]["threshold"] == 1
     rows = {r.name: r for r in dictation.dictation(_target(tmp_path, host_factory=pinned_node))}
     for name in ("dictate-plain", "dictate-threshold-1", "dictate-identity-dir"):

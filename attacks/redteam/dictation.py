@@ -173,10 +173,11 @@ def dictation(target: Target) -> list[AttackResult]:
                 ev["node_runs"] = {"aggregation": host.config.aggregation.to_mapping(), "privacy_mode": host.config.privacy.mode}
             summary = f"node accepted {_short(asked)}"
             if dictated.aggregation.kind == "plain":
-                ev.update(_read_plain_update(target, host, dictated, int(ans.message.header.get("dim", target.dim)), victim))
-                if "max_abs_error" in ev:
-                    summary += f"; victim's update read in the clear, max error {ev['max_abs_error']:.1e}"
-                elif ev.get("recovered"):
+                read = _read_plain_update(target, host, dictated, int(ans.message.header.get("dim", target.dim)), victim)
+                ev["plain_read"] = read
+                if read.get("recovered") and "max_abs_error" in read:
+                    summary += f"; victim's update read in the clear, max error {read['max_abs_error']:.1e}"
+                elif read.get("recovered"):
                     summary += "; victim's DP-noised release read in the clear"
             results.append(AttackResult(name, "recovered", summary, CLAIM, ev))
     return results
