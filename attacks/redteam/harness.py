@@ -23,7 +23,6 @@ masked input (Bonawitz et al., CCS 2017, §4: ``y_u − PRG(b_u) − Σ ±PRG(s_
 from __future__ import annotations
 
 import copy
-import logging
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -42,8 +41,6 @@ from fedrlhf_secure.federation.participant import Participant, ParticipantHost
 from fedrlhf_secure.federation.update import UpdateCodec
 from fedrlhf_secure.privacy.plan import NoClientPrivacy
 from fedrlhf_secure.tasks.base import FitConfig, FitResult, ParamEntry, ParamSpec, Task, TaskClient
-
-logger = logging.getLogger(__name__)
 
 Tamper = Callable[[int, bytes], bytes | None]
 """``hook(client, frame) -> frame`` (None: drop it): the adversary's hand on one message."""
@@ -318,8 +315,6 @@ def drive_world(
                 pending = server.close_stage()
             if not pending and not server.done:
                 break
-        else:
-            pass
         if pending and server.done:
             _deliver(halves, pending, log, down, up)  # the server's last messages (CKKS aggregate)
     except AggregationAborted as exc:
@@ -356,6 +351,7 @@ class SecAggRun:
         self.outbox: dict[int, list[bytes]] = {c: [] for c in self.participants}
         self.log = WorldLog()
         self.masked: dict[int, bytes] = {}
+        self.other_replies: list[tuple[int, bytes]] = []
         pending = self.server.start()
         for _ in range(16):
             replies = []
