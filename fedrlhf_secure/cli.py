@@ -19,12 +19,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from . import progress
 from .errors import Interrupted, RunFailed, exit_status
 
 Registry = Mapping[str, tuple[str, str]]
@@ -148,14 +151,46 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-def configure_logging(level: int) -> None:
+OWN_PACKAGES = ("fedrlhf_secure", "aggregation", "attacks")
+
+
+class _OwnRecordsOnly(logging.Filter):
+    """Third-party libraries (transformers, datasets, opacus, flwr) log configuration chatter at
+    INFO/WARNING on every call; a user sees it with ``--verbose``, otherwise only their errors."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name.split(".")[0] in OWN_PACKAGES or record.levelno >= logging.ERROR
+
+
+def configure_logging(level: int, *, third_party: bool = False) -> None:
     """INFO (or the given level) to stderr as ``%(message)s``; installed once per process."""
     root = logging.getLogger()
-    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
+    handler = next((h for h in root.handlers if isinstance(h, _StderrHandler)), None)
+    if handler is None:
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         root.addHandler(handler)
+    for f in [f for f in handler.filters if isinstance(f, _OwnRecordsOnly)]:
+        handler.removeFilter(f)
+    if not third_party:
+        handler.addFilter(_OwnRecordsOnly())
     root.setLevel(level)
+
+
+def quiet_third_party() -> None:
+    """Silence other libraries' progress bars and warnings (``--verbose`` keeps them).
+
+    Environment variables are read when those libraries are first imported, which the lazy command
+    registry guarantees happens after this call."""
+    for name, value in (
+        ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"),
+        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+        ("TRANSFORMERS_VERBOSITY", "error"),
+        ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"),
+        ("TOKENIZERS_PARALLELISM", "false"),
+    ):
+        os.environ.setdefault(name, value)
+    warnings.filterwarnings("ignore", module=r"^(?!(" + "|".join(OWN_PACKAGES) + r")\b)")
 
 
 class _SignalCatcher:
@@ -187,7 +222,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     with _SignalCatcher() as signals:
         try:
             args = build_parser(argv).parse_args(argv)
-            configure_logging(logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO)
+            configure_logging(logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO, third_party=args.verbose)
+            if not args.verbose:
+                quiet_third_party()
+            progress.configure(enabled=not (args.quiet or getattr(args, "no_progress", False)))
             name = " ".join(str(getattr(args, d)) for d in ("command", "bench") if getattr(args, d, None))
             return int(args._run(args) or 0)
         except (Exception, KeyboardInterrupt) as exc:

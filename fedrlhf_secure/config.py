@@ -168,8 +168,29 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError(f"not valid YAML ({exc})", source=str(path)) from exc
-    raw = apply_overrides(dict(raw or {}), parse_overrides(overrides))
-    return build_config(raw, source=str(path))
+    base = dict(raw or {})
+    parsed = parse_overrides(overrides)
+    try:
+        return build_config(apply_overrides(_deepcopy(base), parsed), source=str(path))
+    except ConfigError as exc:
+        blamed = _blame_override(exc, overrides, parsed)
+        if blamed is None:
+            raise
+        try:
+            build_config(base, source=str(path))
+        except ConfigError:
+            raise exc from None  # the file itself is wrong too: name the file
+        raise ConfigError(str(exc).removeprefix(f"{path}: "), source=f"--set {blamed}", key=None) from None
+
+
+def _blame_override(exc: ConfigError, given: Sequence[str], parsed: Sequence[tuple[list[str], Any]]) -> str | None:
+    """The ``--set`` pair an error is about (its dotted key is in the message), or None."""
+    text = str(exc)
+    for pair, (keys, _) in zip(given, parsed, strict=True):
+        dotted = ".".join(keys)
+        if exc.key == dotted or dotted in text:
+            return pair
+    return None
 
 
 def config_from_dict(raw: Mapping[str, Any], overrides: Sequence[str] = ()) -> RunConfig:

@@ -8,6 +8,7 @@ and the code inside trusts the resulting objects.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -63,6 +64,8 @@ def convert(tp: Any, value: Any, *, key: str, source: str | None) -> Any:
                 return convert(arg, value, key=key, source=source)
             except ConfigError as exc:
                 errors.append(exc)
+        if len(errors) == 1:  # an optional value: the one real type's message is the specific one
+            raise errors[0]
         raise ConfigError(f"expected {_type_name(tp)}, got {value!r}", source=source, key=key)
     if dataclasses.is_dataclass(tp):
         return from_mapping(tp, value, key=key, source=source)
@@ -86,14 +89,20 @@ def convert(tp: Any, value: Any, *, key: str, source: str | None) -> Any:
             return value
         raise ConfigError(f"expected an integer, got {value!r}", source=source, key=key)
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-5" as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-5" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"expected a number, got {value!r}", source=source, key=key)
+        if number is None:
+            raise ConfigError(f"expected a number, got {value!r}", source=source, key=key)
+        if not math.isfinite(number):
+            # an infinite ε would calibrate noise forever; no setting of this project means "unbounded"
+            raise ConfigError(f"expected a finite number, got {value!r}", source=source, key=key)
+        return number
     if tp is str:
         if isinstance(value, str):
             return value

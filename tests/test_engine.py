@@ -80,7 +80,7 @@ def test_worker_processes_give_the_same_model_as_one_process(tmp_path):
 
 def test_run_directory_has_the_contracted_files(tmp_path):
     run = _run(tmp_path)
-    for name in ("config.yaml", "metrics.jsonl", "summary.json", "model.safetensors", "plots/accuracy_per_round.png"):
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "model.safetensors", "plots/metrics_per_round.png"):
         assert (run / name).exists(), name
     assert not (run / "checkpoint").exists()
     assert not list(tmp_path.glob("*.partial"))

@@ -139,6 +139,35 @@ def test_record_level_dp_over_flower_keeps_the_engines_ledger_on_the_nodes(deplo
     assert _rows(flower)[0]["privacy_epsilon_spent_max"] == pytest.approx(_rows(local)[0]["privacy_epsilon_spent_max"])
 
 
+def _failed_run(dep, config: Path, out: Path, **kwargs) -> str:
+    """Submit ``config``, wait for ``flwr run`` to end, and return its log (the ServerApp's stream)."""
+    proc = dep.submit(config, out, stage_timeout=30.0, **kwargs)
+    proc.wait(timeout=300)
+    log = dep.procs[-1].log.read_text(errors="replace")
+    assert not (out.exists() and any(p.is_dir() and (p / "summary.json").exists() for p in out.iterdir())), log[-3000:]
+    return log
+
+
+def test_supernodes_refuse_an_unsigned_app_bundle_before_running_any_of_it(deployment):
+    """The app bundle goes to every SuperNode; without the operator's signature (here: the run
+    config's app-signature emptied) each node's verifying flwr-clientapp refuses it before Flower
+    installs or imports it, so no request ever reaches a client host and no round runs. The positive
+    control is every other test of this module: the same bundle, signed, runs."""
+    dep, tmp = deployment
+    log = _failed_run(dep, _config(tmp, "secagg", 1), tmp / "runs-unsigned", extra={"app-signature": ""})
+    refusals = [line for line in log.splitlines() if "ClientApp error" in line and "AppRefused" in line]
+    assert refusals and "carries no signature" in refusals[0], log[-3000:]
+    assert "did not answer the setup request" in log
+
+
+def test_supernodes_refuse_a_server_that_dictates_plain_aggregation(deployment):
+    """Config dictation against real SuperNodes: the ServerApp's config asks for `kind: plain`; each
+    node's client host checks it against its own policy file and refuses, naming the field."""
+    dep, tmp = deployment
+    log = _failed_run(dep, _config(tmp, "plain", 1), tmp / "runs-plain")
+    assert "node policy refuses aggregation.kind: the server asks for 'plain'" in log, log[-3000:]
+
+
 def test_a_supernode_stopped_mid_round_drops_out_and_the_round_still_completes(deployment, data_dir):
     # Last in this module on purpose: the stopped SuperNode stays down, and the module-scoped
     # deployment is shared with the tests above (pytest runs a module's tests in file order).
@@ -172,7 +201,7 @@ def test_a_supernode_stopped_mid_round_drops_out_and_the_round_still_completes(d
     assert set(summary["clients_final"]) == {str(c) for n in dep.nodes[:victim] for c in n.client_ids}
     # the same drop at the same protocol point, with the nodes in process, gives the same model:
     # the survivors' aggregate was recovered exactly (up to SecAgg's stochastic rounding)
-    hosts = {n.index: ParticipantHost(n.client_ids, shared_datasets) for n in dep.nodes}
+    hosts = {n.index: ParticipantHost(n.client_ids, shared_datasets, policy=dep.policies[n.index]) for n in dep.nodes}
     link = InProcessLink(hosts)
 
     def drop(rnd: int, op: str, stage: int) -> None:

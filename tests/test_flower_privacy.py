@@ -23,6 +23,7 @@ from fedrlhf_secure.federation.engine import RunOptions, run_federation, run_rem
 from fedrlhf_secure.federation.links import InProcessLink
 from fedrlhf_secure.federation.node_protocol import REQUEST, RESPONSE, NodeMessage
 from fedrlhf_secure.federation.participant import ParticipantHost
+from fedrlhf_secure.federation.policy import NodePolicy
 from fedrlhf_secure.privacy.ledger import read_ledger
 
 NODES = {0: [0, 2], 1: [1, 3]}
@@ -38,8 +39,13 @@ def _raw(privacy: dict, aggregation: str = "plain", **fed) -> dict:
     return raw
 
 
+def _own(raw: dict) -> NodePolicy:
+    """The nodes' policy when their operator runs ``raw`` themselves: no less than it asks."""
+    return NodePolicy.from_config(config_from_dict(raw))
+
+
 def _remote(tmp: Path, raw: dict) -> tuple[Path, dict[int, ParticipantHost]]:
-    hosts = {n: ParticipantHost(c, None, state_dir=tmp / f"node-{n}") for n, c in NODES.items()}
+    hosts = {n: ParticipantHost(c, None, state_dir=tmp / f"node-{n}", policy=_own(raw)) for n, c in NODES.items()}
     run = run_remote_federation(config_from_dict(raw), InProcessLink(hosts), NODES, RunOptions(out=tmp / "server", progress=False))
     return run, hosts
 
@@ -160,7 +166,7 @@ class _GarbledAdmission:
 
 def test_a_node_with_a_malformed_admission_sits_out_and_the_run_goes_on(tmp_path, capsys):
     raw = _raw(RECORD, rounds=2)
-    hosts = {n: ParticipantHost(c, None, state_dir=tmp_path / f"node-{n}") for n, c in NODES.items()}
+    hosts = {n: ParticipantHost(c, None, state_dir=tmp_path / f"node-{n}", policy=_own(raw)) for n, c in NODES.items()}
     link = InProcessLink({0: _GarbledAdmission(hosts[0]), 1: hosts[1]})
     run = run_remote_federation(config_from_dict(raw), link, NODES, RunOptions(out=tmp_path / "server", progress=False))
     rows = _rows(run)
@@ -173,5 +179,5 @@ def test_a_node_with_a_malformed_admission_sits_out_and_the_run_goes_on(tmp_path
 def test_a_node_without_a_state_directory_refuses_a_dp_run():
     raw = _raw(RECORD)
     setup = NodeMessage("setup", {"client_ids": [0, 1, 2, 3]}, blobs={"config": yaml.safe_dump(raw).encode()})
-    err = NodeMessage.decode(ParticipantHost([0], None).handle(setup.encode(REQUEST)), RESPONSE).header["error"]
+    err = NodeMessage.decode(ParticipantHost([0], None, policy=_own(raw)).handle(setup.encode(REQUEST)), RESPONSE).header["error"]
     assert "--state-dir" in err

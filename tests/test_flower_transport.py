@@ -31,6 +31,7 @@ from fedrlhf_secure.federation.engine import RunOptions, run_federation, run_rem
 from fedrlhf_secure.federation.links import InProcessLink
 from fedrlhf_secure.federation.node_protocol import REQUEST, RESPONSE, NodeMessage
 from fedrlhf_secure.federation.participant import ParticipantHost
+from fedrlhf_secure.federation.policy import NodePolicy
 from fedrlhf_secure.federation.round_core import TransportError
 from fedrlhf_secure.rundir import load_tensors
 from fedrlhf_secure.transport.client_host import serve
@@ -40,6 +41,11 @@ from fedrlhf_secure.transport.local_socket import relay
 NODES = {0: [0, 2], 1: [1, 3]}
 
 
+def _own(raw: dict) -> NodePolicy:
+    """The nodes' policy when their operator runs ``raw`` themselves: no less than it asks."""
+    return NodePolicy.from_config(config_from_dict(raw))
+
+
 def _raw(kind: str = "plain", **fed) -> dict:
     raw = toy_config(**fed)
     raw["aggregation"] = {"kind": kind}
@@ -47,7 +53,7 @@ def _raw(kind: str = "plain", **fed) -> dict:
 
 
 def _remote(tmp: Path, raw: dict, *, keys: tuple[Path, dict[int, Path]] | None = None, on_stage=None, down_after=None, nodes=NODES):
-    hosts = {n: ParticipantHost(c, None, keys[1][n] if keys else None) for n, c in nodes.items()}
+    hosts = {n: ParticipantHost(c, None, keys[1][n] if keys else None, policy=_own(raw)) for n, c in nodes.items()}
     link = InProcessLink(hosts)
     hook = on_stage
     if down_after is not None:
@@ -109,7 +115,7 @@ def test_ckks_over_nodes_reads_keys_from_the_dealer_files_and_the_server_has_no_
         server_keys.client_key(0, 0)
     local = run_federation(load_config(cfg_path), RunOptions(out=tmp_path / "a", progress=False))
     seen: list[bytes] = []
-    hosts = {n: ParticipantHost(c, None, node_dirs[n]) for n, c in NODES.items()}
+    hosts = {n: ParticipantHost(c, None, node_dirs[n], policy=_own(raw)) for n, c in NODES.items()}
     remote = run_remote_federation(
         load_config(cfg_path),
         InProcessLink(hosts),
@@ -177,7 +183,7 @@ def test_a_node_that_goes_silent_after_key_sharing_is_recovered_by_secagg(tmp_pa
 def test_a_round_that_cannot_aggregate_releases_nothing_and_says_why(tmp_path, kind, nodes_go_down, aborted_rounds, reason):
     """The one round core treats an aborted aggregation alike in process and over nodes: the round
     releases nothing, the model stays as it was, the row says why, and the run goes on."""
-    hosts = {n: ParticipantHost(c, None) for n, c in NODES.items()}
+    hosts = {n: ParticipantHost(c, None, policy=_own(_raw(kind))) for n, c in NODES.items()}
     link = InProcessLink(hosts)
 
     def hook(rnd, op, stage):
@@ -208,7 +214,7 @@ class _GarbledFitSummary:
 
 def test_a_malformed_fit_summary_loses_that_nodes_metrics_but_not_its_updates(tmp_path, caplog):
     raw = _raw("plain")
-    hosts = {n: ParticipantHost(c, None) for n, c in NODES.items()}
+    hosts = {n: ParticipantHost(c, None, policy=_own(raw)) for n, c in NODES.items()}
     link = InProcessLink({0: _GarbledFitSummary(hosts[0]), 1: hosts[1]})
     run = run_remote_federation(config_from_dict(raw), link, NODES, RunOptions(out=tmp_path / "b", progress=False))
     local = run_federation(config_from_dict(raw), RunOptions(out=tmp_path / "a", progress=False))
@@ -223,7 +229,7 @@ def test_the_server_refuses_a_run_whose_nodes_do_not_host_every_client(tmp_path)
     with pytest.raises(TransportError, match=r"no node hosts clients \[3\]"):
         run_remote_federation(
             config_from_dict(_raw()),
-            InProcessLink({0: ParticipantHost([0, 1, 2], None)}),
+            InProcessLink({0: ParticipantHost([0, 1, 2], None, policy=_own(_raw()))}),
             {0: None},
             RunOptions(out=tmp_path, progress=False),
         )
@@ -231,7 +237,7 @@ def test_the_server_refuses_a_run_whose_nodes_do_not_host_every_client(tmp_path)
 
 
 def test_client_host_refuses_out_of_order_and_foreign_requests():
-    host = ParticipantHost([0, 2], None)
+    host = ParticipantHost([0, 2], None, policy=_own(_raw()))
     fit = NodeMessage(
         "fit", {"round": 0, "session": "00" * 16, "participants": [0, 2], "dim": 16, "clients": [0]}, blobs={"instruction": b""}
     )
@@ -249,9 +255,9 @@ def test_client_host_refuses_out_of_order_and_foreign_requests():
 
 
 def test_client_host_refuses_central_dp_noise_which_would_put_the_plan_on_the_server(tmp_path):
-    host = ParticipantHost([0], None, state_dir=tmp_path)
     raw = _raw(weighting="uniform")
     raw["privacy"] = {"mode": "client", "epsilon": 1.0, "delta": 1e-3, "noise": "central"}
+    host = ParticipantHost([0], None, state_dir=tmp_path, policy=_own(raw))
     setup = NodeMessage("setup", {"client_ids": [0, 1, 2, 3]}, blobs={"config": yaml.safe_dump(raw).encode()})
     err = NodeMessage.decode(host.handle(setup.encode(REQUEST)), RESPONSE).header["error"]
     assert "privacy.noise 'central'" in err
@@ -289,7 +295,7 @@ def test_node_message_decoder_rejects_malformed_frames(tensors, problem):
 
 def test_client_host_answers_over_its_unix_socket_only_to_its_user(tmp_path):
     sock = tmp_path / "node.sock"
-    host = ParticipantHost([0, 1], None)
+    host = ParticipantHost([0, 1], None, policy=_own(_raw()))
     t = threading.Thread(target=serve, args=(host, sock), kwargs={"ready_file": tmp_path / "ready", "max_requests": 1}, daemon=True)
     t.start()
     for _ in range(200):
@@ -395,3 +401,113 @@ def test_deploy_command_writes_credentials_and_refuses_to_overwrite_them(tmp_pat
     assert "ca.key already exists" in capsys.readouterr().err
     assert main(["deploy", "node-keys", "--out", str(tmp_path / "keys"), "--names", "node-1"]) == 1
     assert "refusing to overwrite" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ signed app bundles
+
+
+def _signing(tmp_path: Path):
+    from fedrlhf_secure.transport.app_signing import build_fab, create_signing_key, write_trusted_entities
+    from fedrlhf_secure.transport.local_deployment import APP_DIR
+
+    key = create_signing_key(tmp_path / "op", "operator")
+    signers = write_trusted_entities(tmp_path / "signers.yaml", {"operator": key.public_key})
+    return build_fab(APP_DIR), key, signers
+
+
+def test_an_app_bundle_runs_only_with_a_valid_signature_by_a_trusted_key(tmp_path):
+    import hashlib
+
+    from fedrlhf_secure.transport.app_signing import AppRefused, create_signing_key, sign_fab
+    from fedrlhf_secure.transport.verified_clientapp import check_app
+
+    fab, key, signers = _signing(tmp_path)
+    h = hashlib.sha256(fab).hexdigest()
+    node = {"app-signers": str(signers)}
+    good = sign_fab(fab, key.private_key, "operator")
+    assert check_app(fab, h, {"app-signature": good}, node) == "operator"
+    other = create_signing_key(tmp_path / "attacker", "attacker")
+    refusals = {
+        "no signature": ({"app-signature": ""}, node, fab, h, "carries no signature"),
+        "no run config key": ({}, node, fab, h, "carries no signature"),
+        "signed by another key under the trusted id": (
+            {"app-signature": sign_fab(fab, other.private_key, "operator")}, node, fab, h, "does not verify"),
+        "an unknown signer": ({"app-signature": sign_fab(fab, other.private_key, "attacker")}, node, fab, h, "not one of this node"),
+        "a different bundle": ({"app-signature": good}, node, fab + b" ", hashlib.sha256(fab + b" ").hexdigest(), "does not verify"),
+        "content not matching its hash": ({"app-signature": good}, node, fab + b" ", h, "does not match its announced hash"),
+        "malformed": ({"app-signature": "operator:x:y"}, node, fab, h, "malformed"),
+        "a node without trusted signers": ({"app-signature": good}, {}, fab, h, "refusing every app"),
+        "an unreadable signers file": ({"app-signature": good}, {"app-signers": str(tmp_path / "nope.yaml")}, fab, h, "cannot be read"),
+    }  # fmt: skip
+    for name, (run_cfg, node_cfg, content, digest, why) in refusals.items():
+        with pytest.raises(AppRefused, match=why):
+            check_app(content, digest, run_cfg, node_cfg)
+        assert name
+
+
+def test_app_signatures_are_in_flowers_own_format_and_verify_with_flowers_trusted_entities_check(tmp_path):
+    """The same key file and signature serve ``flower-supernode --trusted-entities`` for Hub apps:
+    flwr 1.42's own verifier accepts them (and refuses a tampered bundle)."""
+    import hashlib
+
+    from flwr.supercore.fab import Fab
+    from flwr.supernode.start_client_internal import _verify_fab
+
+    from fedrlhf_secure.transport.app_signing import sign_fab
+
+    fab, key, signers = _signing(tmp_path)
+    key_id, at, sig = sign_fab(fab, key.private_key, "operator").split(":")
+    trusted = yaml.safe_load(signers.read_text())
+    verifications = {key_id: json.dumps({"signature": sig, "signed_at": int(at)}), "valid_license": "Valid"}
+    assert _verify_fab(Fab(hashlib.sha256(fab).hexdigest(), fab, verifications), trusted)
+    assert not _verify_fab(Fab("x", fab + b" ", verifications), trusted)
+
+
+def test_the_verifying_runner_is_installed_under_flowers_command_name(tmp_path):
+    import shutil
+
+    from fedrlhf_secure.transport.verified_clientapp import runner_path_env, write_runner
+
+    path = write_runner(tmp_path / "bin")
+    assert path.name == "flwr-clientapp" and os.access(path, os.X_OK)
+    assert "fedrlhf_secure.transport.verified_clientapp import main" in path.read_text()
+    env = runner_path_env(tmp_path / "bin", {"PATH": "/usr/bin"})
+    assert shutil.which("flwr-clientapp", path=env["PATH"]) == str(path.resolve())
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_the_runner_refuses_at_installation_so_flower_still_answers_the_message(tmp_path, monkeypatch, signed):
+    """The check is made on the pulled bundle and raised where Flower would install it: Flower then
+    holds the message and replies with an error (raising inside the pull left it with nothing to
+    answer, and the server waited out its deadline). A signed bundle is installed unchanged."""
+    import hashlib
+    import importlib
+    from types import SimpleNamespace
+
+    cli = importlib.import_module("flwr.supernode.cli.flwr_clientapp")  # the package re-exports a function of that name
+    runtime = importlib.import_module("flwr.supernode.runtime.run_clientapp")
+
+    from fedrlhf_secure.transport import verified_clientapp
+    from fedrlhf_secure.transport.app_signing import AppRefused, sign_fab
+
+    fab, key, signers = _signing(tmp_path)
+    signature = sign_fab(fab, key.private_key, "operator") if signed else ""
+    pulled = SimpleNamespace(content=fab, hash_str=hashlib.sha256(fab).hexdigest())
+    context = SimpleNamespace(run_config={"app-signature": signature}, node_config={"app-signers": str(signers)})
+    installed: list[bytes] = []
+    monkeypatch.setattr(runtime, "pull_task_input", lambda client: ("message", context, "run", pulled))
+    monkeypatch.setattr(runtime, "install_from_fab", lambda content, **kw: installed.append(content))
+
+    def flower_runner():  # what run_clientapp does first: pull, then install
+        message, _, _, got = runtime.pull_task_input(None)
+        assert message == "message"
+        runtime.install_from_fab(got.content, skip_prompt=True)
+
+    monkeypatch.setattr(cli, "flwr_clientapp", flower_runner)
+    if signed:
+        verified_clientapp.main()
+        assert installed == [fab]
+    else:
+        with pytest.raises(AppRefused, match="carries no signature"):
+            verified_clientapp.main()
+        assert installed == []

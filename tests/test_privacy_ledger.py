@@ -18,7 +18,7 @@ from fedrlhf_secure.config import config_from_dict
 from fedrlhf_secure.federation.engine import RunOptions, build_aggregator, resume_federation, run_federation
 from fedrlhf_secure.privacy.budget import BudgetExceeded
 from fedrlhf_secure.privacy.factory import build_client_privacy
-from fedrlhf_secure.privacy.ledger import LedgerConflict, LedgerEntry, LedgerError, PrivacyLedger, read_ledger
+from fedrlhf_secure.privacy.ledger import LedgerConflict, LedgerEntry, LedgerError, PrivacyLedger, check_ledger, read_ledger
 
 CLIENT = {"mode": "client", "epsilon": 4.0, "delta": 1e-3, "clip_norm": 1.0, "noise": "distributed"}
 RECORD = {"mode": "record", "epsilon": 4.0, "delta": 1e-2, "max_grad_norm": 1.0, "batch_size": 1, "accountant": "rdp"}
@@ -166,5 +166,10 @@ def test_replayed_commits_in_any_order_leave_one_entry_per_client_and_round(tmp_
         ledger.record(_entry(client=c, round=r, digest=f"{c}-{r}".ljust(64, "0")))
     reopened = PrivacyLedger(directory, {"mode": "client"}, resume=True)
     assert sorted((e.client, e.round) for e in reopened) == sorted(set(keys))
+    check = check_ledger(directory)  # the manifest counts and chains exactly what the files hold
+    assert check.ok and check.pending == {}
+    assert {int(c): rec["count"] for c, rec in check.manifest["clients"].items()} == {
+        c: len({r for cc, r in keys if cc == c}) for c, _ in keys
+    }
     for c in reopened.clients():
         assert [e.round for e in reopened.entries(c)] == sorted({r for cc, r in keys if cc == c})

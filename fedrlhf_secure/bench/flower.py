@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from ..federation.engine import RunOptions, run_federation, run_remote_federation
     from ..federation.links import InProcessLink
     from ..federation.participant import ParticipantHost
+    from ..federation.policy import NodePolicy
     from ..transport.local_deployment import LocalDeployment, partition
 
     results = []
@@ -64,7 +65,9 @@ def run(args: argparse.Namespace) -> int:
         groups = partition(list(range(args.clients)), args.nodes)
         bar = tqdm(total=3 * len(args.modes), desc="bench flower", unit="run")
         t0 = time.perf_counter()
-        with LocalDeployment(tmp / "deployment", groups, task_modules=[MODULE]) as dep:
+        # the operator's own nodes: their policy admits exactly the modes being measured
+        policy = NodePolicy(aggregation=tuple(args.modes))
+        with LocalDeployment(tmp / "deployment", groups, task_modules=[MODULE], policy=policy) as dep:
             startup = time.perf_counter() - t0
             for mode in args.modes:
                 raw = {
@@ -80,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
                 engine = _rows(run_federation(config, RunOptions(out=tmp / f"engine-{mode}", progress=False)))
                 bar.update(1)
                 bar.set_postfix_str(f"{mode}: node protocol")
-                hosts = {i: ParticipantHost(g, None) for i, g in enumerate(groups)}
+                hosts = {i: ParticipantHost(g, None, policy=policy) for i, g in enumerate(groups)}
                 nodes = _rows(
                     run_remote_federation(
                         config, InProcessLink(hosts), dict(enumerate(groups)), RunOptions(out=tmp / f"nodes-{mode}", progress=False)

@@ -6,7 +6,6 @@ Each benchmark owns one section of BENCHMARKS.md between ``<!-- bench:NAME -->``
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import re
@@ -14,6 +13,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from ..rundir import strict_json
 
 
 def machine_info() -> dict[str, Any]:
@@ -32,7 +33,7 @@ def write_json(path: Path, payload: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w") as fh:
-        json.dump({"machine": machine_info(), **payload}, fh, indent=2, default=float)
+        fh.write(strict_json({"machine": machine_info(), **payload}, indent=2))
     os.replace(tmp, path)
     return path
 

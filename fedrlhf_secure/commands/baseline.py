@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from ..config import load_config
-from ..rundir import RunDirectory, atomic_write_json
+from ..rundir import RunDirectory, atomic_write_json, point_latest
 from .options import add_overrides
 
 
@@ -21,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..federation.engine import build_task, resolve_data_dir
-    from ..federation.results import package_versions, run_baselines
+    from ..federation.results import comparison_rows, format_table, package_versions, run_baselines
 
     config = load_config(args.config, args.overrides)
     task = build_task(config, resolve_data_dir(args.data_dir))
@@ -37,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
         rd.discard()
         raise
     path = rd.finalize()
-    for name, res in results.items():
-        print(f"{name}: " + json.dumps({k: v for k, v in res.items() if isinstance(v, (int, float))}))
+    metrics = type(task).metrics
+    print(format_table(comparison_rows({}, results, metrics)[1:], metrics))
     print(f"results: {path}")
+    point_latest(path)
     return 0

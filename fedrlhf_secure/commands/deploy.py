@@ -4,9 +4,15 @@ Subcommands::
 
     fedrlhf deploy certs --out certs --host superlink.example.org --host 10.0.0.5
     fedrlhf deploy node-keys --out keys --count 3            # node-0, node-0.pub, ...
-    fedrlhf deploy client-host --client-ids 0,3,6 --socket /run/fedrlhf/node.sock --data-dir DATA
+    fedrlhf deploy client-host --client-ids 0,3,6 --socket /run/fedrlhf/node.sock --policy node-policy.yaml --data-dir DATA
+    fedrlhf deploy policy --config configs/movielens.yaml --out node-policy.yaml   # a policy that accepts no less
+    fedrlhf deploy app-key --out keys --name operator                 # operator: Ed25519 app-signing key
+    fedrlhf deploy sign-app --key keys/operator --key-id operator      # -> app-signature for flwr run
+    fedrlhf deploy app-runner --out /opt/fedrlhf/bin --signer operator=operator.pub   # each SuperNode
     fedrlhf deploy local --config configs/movielens-tiny.yaml --nodes 3 --data-dir DATA --out runs
 
+``client-host`` checks every setup the server sends against the node's own policy file
+(:mod:`fedrlhf_secure.federation.policy`) and refuses one that asks for less protection.
 ``local`` starts a TLS SuperLink with SuperNode authentication, registers the node keys, starts
 one client host and one SuperNode per node on free loopback ports, runs the config with
 ``flwr run`` and stops every process afterwards, also when something fails.
@@ -41,6 +47,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("client-host", help="serve this node's clients to its ClientApp over a Unix socket")
     p.add_argument("--client-ids", required=True, help="comma-separated client ids hosted by this node, e.g. 0,3,6")
     p.add_argument("--socket", type=Path, required=True, help="Unix socket path (the SuperNode's node config client-host)")
+    p.add_argument(
+        "--policy",
+        type=Path,
+        required=True,
+        help="this node's policy (YAML): allowed aggregations and their minimum parameters, DP limits, identity registry; "
+        "the server cannot change it (fedrlhf deploy policy writes one)",
+    )
     p.add_argument("--data-dir", type=Path, default=None, help="dataset directory (default: $FEDRLHF_DATA_DIR)")
     p.add_argument(
         "--keys-dir",
@@ -57,6 +70,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--task-module", action="append", default=[], help="import this module first (a task plug-in that registers its kind)")
     p.add_argument("--ready-file", type=Path, default=None, help=argparse.SUPPRESS)
 
+    p = sub.add_parser("policy", help="write a node policy that accepts no less protection than a config")
+    p.add_argument("--config", type=Path, required=True, help="the fedrlhf YAML config the node's operator accepts")
+    p.add_argument("--out", type=Path, required=True, help="the policy file to write (give it to client-host --policy)")
+    p.add_argument("--identity-dir", type=Path, default=None, help="this node's identity registry (SecAgg signatures)")
+
+    p = sub.add_parser("app-key", help="create the operator's Ed25519 app-signing key (OpenSSH format)")
+    p.add_argument("--out", type=Path, required=True, help="directory for NAME (private, stays with the operator) and NAME.pub")
+    p.add_argument("--name", default="operator", help="key name, also its key id (default operator)")
+
+    p = sub.add_parser("sign-app", help="sign the Flower app bundle: prints the run-config value app-signature")
+    p.add_argument("--key", type=Path, required=True, help="the app-signing private key (fedrlhf deploy app-key)")
+    p.add_argument("--key-id", required=True, help="the key id the nodes trust it under")
+    p.add_argument("--app", type=Path, default=None, help="the Flower app directory (default: the one shipped with fedrlhf)")
+
+    p = sub.add_parser("app-runner", help="install a SuperNode's verifying flwr-clientapp and its trusted app signers")
+    p.add_argument("--out", type=Path, required=True, help="directory for flwr-clientapp and app-signers.yaml (put it first on PATH)")
+    p.add_argument("--signer", action="append", required=True, metavar="ID=PUBKEY", help="a trusted app signer (repeatable)")
+
     p = sub.add_parser("local", help="run a config on a SuperLink + N SuperNodes on this machine (TLS, node auth)")
     p.add_argument("--config", type=Path, required=True, help="fedrlhf YAML config")
     p.add_argument("--nodes", type=int, default=3, help="number of SuperNodes (default 3)")
@@ -64,6 +95,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("runs"), help="where the run directory goes (default runs/)")
     p.add_argument("--workdir", type=Path, default=None, help="certificates, keys, sockets and logs (default: a temp dir)")
     p.add_argument("--stage-timeout", type=float, default=60.0, help="deadline of each aggregation stage in seconds")
+    p.add_argument(
+        "--policy",
+        type=Path,
+        default=None,
+        help="every node's policy file (default: one written from --config: the nodes accept no less than it asks)",
+    )
 
 
 def _client_ids(text: str) -> list[int]:
@@ -99,34 +136,77 @@ def run(args: argparse.Namespace) -> int:
     if cmd == "client-host":
         import importlib
 
+        from ..federation.policy import load_policy
         from ..transport.client_host import ParticipantHost, serve
 
         for module in args.task_module:
             importlib.import_module(module)
+        policy = load_policy(args.policy)
         state_dir = args.state_dir or args.socket.with_name(args.socket.name + ".state")
-        host = ParticipantHost(_client_ids(args.client_ids), args.data_dir, args.keys_dir, state_dir)
+        host = ParticipantHost(_client_ids(args.client_ids), args.data_dir, args.keys_dir, state_dir, policy=policy)
         try:
             serve(host, args.socket, ready_file=args.ready_file)
         except KeyboardInterrupt:
             pass
         return 0
+    if cmd == "policy":
+        import dataclasses
+
+        from ..config import load_config
+        from ..federation.policy import NodePolicy, write_policy
+
+        policy = NodePolicy.from_config(load_config(args.config))
+        if args.identity_dir is not None:
+            policy = dataclasses.replace(policy, identity_dir=str(args.identity_dir.resolve()))
+        print(f"node policy: {write_policy(policy, args.out)}")
+        return 0
+    if cmd in ("app-key", "sign-app", "app-runner"):
+        return _app_signing(args)
     if cmd == "local":
         return _run_local(args)
     raise AssertionError(cmd)
 
 
+def _app_signing(args: argparse.Namespace) -> int:
+    from ..transport import app_signing
+    from ..transport.verified_clientapp import write_runner
+
+    if args.deploy_command == "app-key":
+        paths = app_signing.create_signing_key(args.out, args.name)
+        print(f"{paths.private_key} (stays with the operator)  {paths.public_key} (to every SuperNode: deploy app-runner --signer)")
+        return 0
+    if args.deploy_command == "sign-app":
+        from ..transport.local_deployment import APP_DIR
+
+        print(app_signing.sign_fab(app_signing.build_fab(args.app or APP_DIR), args.key, args.key_id))
+        return 0
+    signers = {}
+    for item in args.signer:
+        key_id, sep, pub = item.partition("=")
+        if not sep or not key_id or not pub:
+            raise InputError(f"--signer expects ID=PUBKEY_FILE, got {item!r}")
+        signers[key_id] = Path(pub)
+    trusted = app_signing.write_trusted_entities(args.out / "app-signers.yaml", signers)
+    runner = write_runner(args.out)
+    print(f'{runner} (first on the SuperNode\'s PATH)  {trusted} (node config {app_signing.SIGNERS_FIELD}="{trusted.resolve()}")')
+    return 0
+
+
 def _run_local(args: argparse.Namespace) -> int:
     from ..config import load_config
     from ..federation.engine import build_task, resolve_data_dir
+    from ..federation.policy import NodePolicy, load_policy
     from ..transport.local_deployment import LocalDeployment, partition
 
     config = load_config(args.config)
+    # the operator runs their own nodes: unless told otherwise, they accept no less than this config asks
+    policy = load_policy(args.policy) if args.policy else NodePolicy.from_config(config)
     data_dir = resolve_data_dir(args.data_dir)
     client_ids = list(build_task(config, data_dir).client_ids())
     groups = partition(client_ids, args.nodes)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="fedrlhf-deploy-"))
     logger.info("deployment files and logs: %s", workdir)
-    with LocalDeployment(workdir, groups, data_dir=data_dir) as dep:
+    with LocalDeployment(workdir, groups, data_dir=data_dir, policy=policy) as dep:
         logger.info("SuperLink on 127.0.0.1:%d (TLS, SuperNode authentication); %d SuperNodes", dep.port, len(groups))
         path = dep.run(args.config, args.out, stage_timeout=args.stage_timeout)
     print(f"run directory: {path}")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 from ..config import load_config
 from ..configtypes import ConfigError
+from ..rundir import point_latest
 from .options import add_overrides
 
 
@@ -38,7 +38,7 @@ def overrides_from_args(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from ..federation.engine import RunOptions, resume_federation, run_federation
-    from ..federation.results import format_table
+    from ..federation.results import render_result
 
     options = RunOptions(data_dir=args.data_dir, out=args.out, progress=not args.no_progress, name=args.name)
     if args.resume is not None:
@@ -54,24 +54,6 @@ def run(args: argparse.Namespace) -> int:
                 "--epsilon needs a DP mode: add --set privacy.mode=record (DP-SGD) or privacy.mode=client (DP-FedAvg)", source=args.config
             )
         path = run_federation(config, options)
-    summary = json.loads((path / "summary.json").read_text())
-    final = summary.get("final", {})
-    print(format_table(summary["comparison"]))
-    eps = summary.get("privacy", {}).get("epsilon_spent_max")
-    if eps is not None:
-        print(f"privacy: ε spent (max over clients) = {eps:.3f}, δ = {summary['privacy'].get('delta')}")
-    if summary.get("stopped_early"):
-        print(f"stopped early: {summary['stopped_early']}")
-    print(
-        f"rounds: {summary['rounds_completed']}, seconds: {summary['seconds_total']:.1f}, bytes up/down per client (last round): "
-        f"{final.get('bytes_up_per_client', 0):.0f}/{final.get('bytes_down_per_client', 0):.0f}"
-    )
-    latest = path.parent / "latest"
-    try:
-        if latest.is_symlink() or latest.exists():
-            latest.unlink()
-        os.symlink(path.name, latest)
-    except OSError:
-        pass
-    print(f"results: {path}  (plots: {path / 'plots'})")
+    print(render_result(json.loads((path / "summary.json").read_text()), path))
+    point_latest(path)
     return 0

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -36,7 +35,7 @@ from ..config import RunConfig, build_config
 from ..configtypes import ConfigError
 from ..errors import InputError
 from ..privacy.factory import ledger_header
-from ..privacy.ledger import PrivacyLedger
+from ..privacy.ledger import LedgerIncomplete, LedgerRefused, PrivacyLedger, check_extends, check_ledger, ledger_commitment
 from ..privacy.noise import NoiseSource
 from ..privacy.server import ServerPrivacy
 from ..rundir import RunDirectory, atomic_save_tensors, atomic_write_json, load_tensors
@@ -45,6 +44,7 @@ from .aggregators import build_aggregator, server_aggregator
 from .links import InProcessLink, SimulatedDropouts, WorkerLink
 from .node_driver import NodeLink
 from .participant import CommitHook, ParticipantHost, build_task
+from .policy import NodePolicy
 from .round_core import RoundCore, RoundStopped
 from .update import UpdateCodec
 
@@ -53,6 +53,7 @@ __all__ = [
     "RunOptions",
     "build_aggregator",
     "build_task",
+    "check_resumable_ledger",
     "resolve_data_dir",
     "resume_federation",
     "run_federation",
@@ -160,6 +161,8 @@ class Federation:
     def _embedded_participants(self, aggregator: Aggregator, resume: bool) -> tuple[NodeLink, dict[int, list[int]]]:
         """Participant hosts on this machine: one in this process, or one per worker process."""
         host_options = dict(
+            # the user runs this config on their own machine: it is every participant's policy
+            policy=NodePolicy.from_config(self.config),
             task=self.task,
             aggregator=aggregator,
             ledger_dir=self.run.path / "ledger",
@@ -206,15 +209,16 @@ class Federation:
         atomic_save_tensors(ck / "global.safetensors", self.core.global_params)
         clients = self.link.client_state()
         atomic_save_tensors(ck / "clients.safetensors", clients or {"_empty": np.zeros(1, np.float32)})
-        atomic_write_json(
-            ck / "state.json",
-            {
-                "completed_round": completed_round,
-                "model_round": self.core.model_round,
-                "rng": self.core.rng.bit_generator.state,
-                "session_id": self.core.session_id.hex(),
-            },
-        )
+        state = {
+            "completed_round": completed_round,
+            "model_round": self.core.model_round,
+            "rng": self.core.rng.bit_generator.state,
+            "session_id": self.core.session_id.hex(),
+        }
+        if self.config.privacy.mode != "none":
+            # the ledger as of this checkpoint (every commit of the round is done): a resume refuses a ledger holding less
+            state["ledger"] = ledger_commitment(self.run.path / "ledger")
+        atomic_write_json(ck / "state.json", state)
 
     def _load_checkpoint(self) -> None:
         ck = self.run.path / "checkpoint"
@@ -247,15 +251,15 @@ class Federation:
 
     # ------------------------------------------------------------------ the run
     def run_all(self) -> dict[str, Any]:
-        from tqdm.auto import tqdm
+        from .. import progress
 
-        bar = tqdm(
-            total=self.fed.rounds,
+        privacy = self.config.privacy.mode
+        bar = progress.bar(
+            self.fed.rounds,
+            f"{self.config.task.kind} · {self.config.aggregation.kind}" + (f" · DP {privacy} level" if privacy != "none" else ""),
+            "round",
             initial=self.start_round,
-            desc=f"{self.config.task.kind} · {self.config.aggregation.kind}",
-            unit="round",
-            disable=not self.options.progress,
-            file=sys.stderr,
+            show=self.options.progress,
         )
         t_start = time.perf_counter()
         try:
@@ -270,9 +274,9 @@ class Federation:
                 self.final_clients = log.per_client
                 self.run.append_jsonl("metrics.jsonl", log.row)
                 self._save_checkpoint(r)
-                bar.update(1)
                 acc = log.row.get("heldout_accuracy")
-                bar.set_postfix_str(f"held-out acc {acc:.4f}" if isinstance(acc, float) else "")
+                bar.set_postfix_str(f"round {r}: held-out acc {acc:.4f}" if isinstance(acc, float) else f"round {r} done")
+                bar.update(1)
             if self.history and not self.core.aggregator.capabilities.server_reads_result:
                 # CKKS: the server never held the model; the hosts release the one they decrypted
                 self.core.global_params = self.core.release_model(self.core.model_round)
@@ -298,8 +302,47 @@ def resume_federation(run_dir: Path, options: RunOptions | None = None) -> Path:
     run = RunDirectory.for_resume(run_dir)
     raw = yaml.safe_load((run.path / "config.yaml").read_text(encoding="utf-8"))
     config = build_config(raw, source=str(run.path / "config.yaml"))
+    check_resumable_ledger(run, config)
     fed = Federation(config, run, options, resume=True)
     return _complete(fed, run, options)
+
+
+def check_resumable_ledger(run: RunDirectory, config: RunConfig) -> None:
+    """Refuse to resume a run whose privacy ledger is not whole, or older than its checkpoint, before
+    anything is built or trained.
+
+    A DP run creates its ledger (plan and manifest) before its first round, so an interrupted DP run
+    always has one; a missing ``ledger/`` directory, plan or manifest, or a client file deleted,
+    renamed, emptied or altered since (:func:`~fedrlhf_secure.privacy.ledger.check_ledger`), would
+    otherwise resume as zero spend. The participant hosts check again when they reopen the ledger;
+    this check names the problem before the task's data is even loaded. A ledger beside a config
+    that now says ``privacy.mode: none`` is refused too: the resumed rounds would silently stop
+    accounting a run that has spent ε. A ledger consistent with its own manifest but holding less than
+    the checkpoint recorded (an older backup restored, a fresh ledger put in place) is refused too.
+    """
+    ledger = run.path / "ledger"
+    if config.privacy.mode == "none":
+        if ledger.exists():
+            raise LedgerRefused(
+                f"{ledger}: this run has a privacy ledger, but {run.path / 'config.yaml'} says privacy.mode: none; "
+                "a resumed run must keep its privacy plan"
+            )
+        return
+    check = check_ledger(ledger)
+    check.raise_if_broken()
+    state_path = run.path / "checkpoint" / "state.json"
+    if state_path.exists():
+        try:
+            commitment = json.loads(state_path.read_text(encoding="utf-8")).get("ledger")
+        except (OSError, json.JSONDecodeError) as exc:
+            raise InputError(f"{state_path}: unreadable checkpoint ({exc})") from exc
+        if commitment is not None:  # checkpoints written before the manifest have none
+            problems = check_extends(check, commitment, state_path)
+            if problems:
+                raise LedgerIncomplete(
+                    f"{ledger}: the privacy ledger holds less than when the run's last checkpoint was taken, so the ε already "
+                    "spent is unknown; refusing to continue (restore the ledger the run wrote):\n  " + "\n  ".join(problems)
+                )
 
 
 def run_remote_federation(
@@ -366,8 +409,16 @@ def _complete(fed: Federation, run: RunDirectory, options: RunOptions) -> Path:
     try:
         timing = fed.run_all()
         atomic_save_tensors(run.path / "model.safetensors", fed.global_params)
-        write_summary(fed, run, timing)
-        plots.plot_run(run.path, fed.history, fed.final_clients, type(fed.task).plot_metrics)
+        summary = write_summary(fed, run, timing)
+        plots.plot_run(
+            run.path,
+            fed.history,
+            fed.final_clients,
+            type(fed.task).metrics,
+            baselines=summary["baselines"],
+            epsilon_budget=fed.config.privacy.epsilon if fed.config.privacy.mode != "none" else None,
+            num_clients=len(fed.client_ids),
+        )
     except BaseException:
         if fed.config.privacy.mode == "none" and not (run.path / "checkpoint" / "state.json").exists():
             run.discard()

@@ -24,7 +24,7 @@ from aggregation import wire
 from aggregation.base import AggregateResult, AggregationAborted, ProtocolError, RoundContext, ServerHalf
 from aggregation.driver import SERVER_ID, TranscriptHook
 
-from .node_protocol import REQUEST, NodeMessage, NodeUnusable, group_by_node, read_response
+from .node_protocol import REQUEST, NodeMessage, NodeUnusable, client_key, group_by_node, read_response
 
 
 class NodeLink(Protocol):
@@ -134,7 +134,7 @@ class NodeRoundDriver:
                     t0 = time.perf_counter()
                     try:
                         nxt.extend(server.receive(cid, data))
-                    except ProtocolError as exc:
+                    except (ProtocolError, wire.WireError) as exc:  # one client's bad message costs only that message
                         _log(f"round {rnd}: message from client {cid} rejected: {exc}")
                     out.server_seconds += time.perf_counter() - t0
         return nxt
@@ -172,14 +172,17 @@ class NodeRoundDriver:
                 _log(f"round {rnd}: node {n} sent a fit summary that is not a mapping; its clients' metrics are ignored")
                 continue
             for c, info in summary.items():
-                if c.isdigit() and self.node_of.get(int(c)) == n and isinstance(info, dict):
-                    out.fit[int(c)] = info
-        pending = self._feed(out, server, replies, rnd)
+                cid = client_key(c)
+                if cid is not None and self.node_of.get(cid) == n and isinstance(info, dict):
+                    if not isinstance(info.get("metrics", {}), dict):
+                        _log(f"round {rnd}: node {n} sent client {cid}'s metrics as {type(info['metrics']).__name__}; ignored")
+                        info = {k: v for k, v in info.items() if k != "metrics"}
+                    out.fit[cid] = info
         stage = 0
-        if self.on_stage:
-            self.on_stage(rnd, "fit", stage)
-
         try:
+            pending = self._feed(out, server, replies, rnd)
+            if self.on_stage:
+                self.on_stage(rnd, "fit", stage)
             while not server.done:
                 if pending:
                     stage += 1

@@ -35,6 +35,18 @@ REQUEST = "node/request"
 RESPONSE = "node/response"
 OPS = ("setup", "admit", "fit", "agg", "finish", "evaluate", "release")
 MAX_MESSAGES_PER_CLIENT = 4096
+MAX_ID_DIGITS = 18
+"""Longest decimal client id or message index in a tensor name or a per-client header key (fits int64)."""
+
+
+def client_key(text: object) -> int | None:
+    """``"17"`` -> 17; anything else (``"²"``, ``"-1"``, 5000 digits, not a string) -> None.
+
+    ``str.isdigit`` accepts Unicode digits that ``int`` refuses (``"²"``) and ``int`` refuses more
+    than 4300 digits with ValueError, so per-client keys from a peer are read only through this."""
+    if not isinstance(text, str) or not 0 < len(text) <= MAX_ID_DIGITS or not (text.isascii() and text.isdigit()):
+        return None
+    return int(text)
 
 
 @dataclass(frozen=True)
@@ -73,15 +85,16 @@ class NodeMessage:
             prefix, _, rest = name.partition("/")
             if prefix == "msg":
                 cid_s, _, idx_s = rest.partition("/")
-                if not (cid_s.isdigit() and idx_s.isdigit()) or int(idx_s) >= MAX_MESSAGES_PER_CLIENT:
-                    raise wire.WireError(f"{kind}: malformed message tensor name {name!r}")
-                messages.setdefault(int(cid_s), {})[int(idx_s)] = frame.blob(name)
+                cid, idx = client_key(cid_s), client_key(idx_s)
+                if cid is None or idx is None or idx >= MAX_MESSAGES_PER_CLIENT:
+                    raise wire.WireError(f"{kind}: malformed message tensor name {name[:80]!r}")
+                messages.setdefault(cid, {})[idx] = frame.blob(name)
             elif prefix == "blob" and rest:
                 blobs[rest] = frame.blob(name)
             elif prefix == "array" and rest:
                 arrays[rest] = frame.tensors[name]
             else:
-                raise wire.WireError(f"{kind}: unexpected tensor {name!r}")
+                raise wire.WireError(f"{kind}: unexpected tensor {name[:80]!r}")
         ordered: dict[int, list[bytes]] = {}
         for cid, by_idx in messages.items():
             if sorted(by_idx) != list(range(len(by_idx))):
@@ -99,6 +112,11 @@ class NodeMessage:
     def field(self, name: str, typ: type | tuple[type, ...]) -> Any:
         return wire.Frame(f"node/{self.op}", self.header).field(name, typ)
 
+    def blob(self, name: str) -> bytes:
+        if name not in self.blobs:
+            raise wire.WireError(f"node {self.op}: blob {name!r} is missing")
+        return self.blobs[name]
+
 
 class NodeUnusable(RunFailed):
     """A host's response the round core cannot use: a malformed frame, or the host's own refusal.
@@ -115,8 +133,11 @@ def read_response(data: bytes, what: str) -> NodeMessage:
         msg = NodeMessage.decode(data, RESPONSE)
     except wire.WireError as exc:
         raise NodeUnusable(f"sent a malformed {what} response ({exc})") from exc
+    except (ValueError, TypeError, RecursionError, OverflowError) as exc:  # pragma: no cover - the decoder bounds all of these
+        # defence in depth: whatever a decoder of a peer's bytes raises is that peer's malformed frame
+        raise NodeUnusable(f"sent a malformed {what} response ({type(exc).__name__}: {str(exc)[:200]})") from exc
     if "error" in msg.header:
-        raise NodeUnusable(f"refused the {what}: {msg.header['error']}")
+        raise NodeUnusable(f"refused the {what}: {str(msg.header['error'])[:500]}")
     return msg
 
 

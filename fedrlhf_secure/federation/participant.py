@@ -43,6 +43,7 @@ from ..tasks.base import FitConfig, Task, TaskClient, task_spec
 from . import aggregators
 from .messages import FitInstruction, Report
 from .node_protocol import REQUEST, RESPONSE, NodeMessage
+from .policy import NodePolicy, PolicyRefused
 from .update import UpdateCodec
 
 logger = logging.getLogger(__name__)
@@ -155,6 +156,11 @@ class ParticipantHost:
     or ``state_dir`` (on a node) is where the participants' privacy ledger lives: with DP on, ε is
     accounted and enforced here, on the clients' side, never by the server.
 
+    ``policy``: the participants' own :class:`~.policy.NodePolicy`, which the server cannot see or
+    change: a setup (or a round) asking for less protection is refused, and the node, not the
+    server, chooses its identity registry and ledger folder. In process it is the user's own config
+    (:meth:`NodePolicy.from_config`); on a deployment node, the node's policy file.
+
     ``embedded``: the host shares a process with the server of a simulation. A failure of the
     clients' own work (a privacy violation, a task error) then ends the run, as it would on a
     single machine, instead of being reported as one node's failure; and ``privacy.noise:
@@ -168,6 +174,7 @@ class ParticipantHost:
         keys_dir: Path | None = None,
         state_dir: Path | None = None,
         *,
+        policy: NodePolicy,
         task: Task | None = None,
         aggregator: Aggregator | None = None,
         ledger_dir: Path | None = None,
@@ -179,7 +186,10 @@ class ParticipantHost:
     ) -> None:
         if not client_ids or len(set(client_ids)) != len(client_ids):
             raise InputError(f"a participant host needs a non-empty list of distinct client ids, got {list(client_ids)}")
+        if not isinstance(policy, NodePolicy):
+            raise InputError(f"a participant host needs its own NodePolicy, got {type(policy).__name__}")
         self.client_ids = [int(c) for c in client_ids]
+        self.policy = policy
         self.data_dir = data_dir
         self.keys_dir = keys_dir
         self.state_dir = None if state_dir is None else Path(state_dir)
@@ -205,8 +215,8 @@ class ParticipantHost:
             req = NodeMessage.decode(data, REQUEST)
             op = req.op
             resp = getattr(self, f"_{req.op}")(req)
-        except (wire.WireError, ProtocolError, NodeError, InputError, ValueError, KeyError) as exc:
-            if self.embedded and not isinstance(exc, (wire.WireError, ProtocolError, NodeError)):
+        except (wire.WireError, ProtocolError, NodeError, PolicyRefused, InputError, ValueError, KeyError) as exc:
+            if self.embedded and not isinstance(exc, (wire.WireError, ProtocolError, NodeError, PolicyRefused)):
                 raise
             resp = NodeMessage(op, {"error": f"{type(exc).__name__}: {exc}"})
         except Exception as exc:  # a failing task or aggregator must not take a node's other clients down
@@ -217,8 +227,14 @@ class ParticipantHost:
         return resp.encode(RESPONSE)
 
     def _setup(self, req: NodeMessage) -> NodeMessage:
-        raw = yaml.safe_load(req.blobs.get("config", b"").decode("utf-8"))
-        config = build_config(raw, source="<config from the server>")
+        everyone = req.int_list("client_ids")
+        if "config" not in req.blobs:
+            raise NodeError("the setup request carries no run config")
+        try:
+            raw = yaml.safe_load(req.blobs["config"].decode("utf-8"))
+        except (UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise NodeError(f"the server's run config is not UTF-8 YAML ({exc})") from exc
+        config = self._policy_admits(build_config(raw, source="<config from the server>"), everyone)
         if config.privacy.mode == "client" and config.privacy.noise == "central" and not self.embedded:
             raise NodeError(
                 "privacy.noise 'central' adds the noise on the server, which then sees the un-noised sum; "
@@ -226,7 +242,6 @@ class ParticipantHost:
             )
         if config.privacy.mode != "none" and self.state_dir is None and self.ledger_dir is None:
             raise NodeError(f"privacy.mode {config.privacy.mode!r} needs a state directory for this node's ledger (--state-dir)")
-        everyone = req.int_list("client_ids")
         missing = sorted(set(self.client_ids) - set(everyone))
         if missing:
             raise NodeError(f"this node hosts clients {missing}, which the run does not have")
@@ -256,6 +271,13 @@ class ParticipantHost:
         # only which clients are here: example counts are FedAvg weights, which masking and CKKS keep
         # from the server (they travel inside the protected vector)
         return NodeMessage("setup", {"clients": list(self.client_ids), "dim": int(self.codec.dim)})
+
+    def _policy_admits(self, config: RunConfig, everyone: Sequence[int]) -> RunConfig:
+        """The server's config as this node will run it, or :class:`PolicyRefused` (see :mod:`.policy`)."""
+        return self.policy.admit_setup(config, len(everyone), embedded=self.embedded)
+
+    def _policy_admits_round(self, config: RunConfig, ctx: RoundContext) -> None:
+        self.policy.admit_round(config, len(ctx.participants))
 
     def _build_privacy(self, config: RunConfig, sizes: dict[int, int], num_clients: int) -> ClientPrivacy:
         """This host's half of the plan for its own clients: sizes stay here, only the client count is public."""
@@ -296,12 +318,11 @@ class ParticipantHost:
         config = self._require_setup()
         cids = req.int_list("clients")
         self._own(cids, "fit")
-        ctx = RoundContext(
-            bytes.fromhex(req.field("session", str)), req.field("round", int), tuple(req.int_list("participants")), req.field("dim", int)
-        )
+        ctx = _round_context(req)
         if ctx.dim != self.codec.dim:
             raise NodeError(f"round {ctx.round}: the server's vector dimension {ctx.dim} differs from this node's {self.codec.dim}")
-        fit = FitInstruction.decode(req.blobs["instruction"], self.names)
+        self._policy_admits_round(config, ctx)
+        fit = FitInstruction.decode(req.blob("instruction"), self.names)
         if fit.round != ctx.round:
             raise NodeError(f"fit instruction is for round {fit.round}, the round context for {ctx.round}")
         shared = self._shared(fit)
@@ -370,6 +391,13 @@ class ParticipantHost:
                 # the clients' distributed noise was sized for `need` survivors: fewer carry too little
                 # noise, so the aggregate is not used (the server's half discards it likewise)
                 header["discarded"] = f"{len(res.contributors)} contributors but the noise shares were sized for {need}"
+            elif self.held is not None and len(set(res.contributors)) < self.policy.ckks.min_contributors:
+                # one client's own ciphertext returned as "the aggregate" would decrypt to its update:
+                # this node's policy uses no aggregate of fewer distinct clients
+                header["discarded"] = (
+                    f"{len(set(res.contributors))} contributors, below this node's policy ckks.min_contributors = "
+                    f"{self.policy.ckks.min_contributors}"
+                )
             elif self.held is not None and self.held_round < rnd:
                 self.held = apply_aggregate(self.held, self.codec.decode(res), config.federation.server_lr)
                 self.held_round = rnd
@@ -392,7 +420,7 @@ class ParticipantHost:
         cids = req.int_list("clients")
         self._own(cids, "evaluation")
         rnd = req.field("round", int)
-        fit = FitInstruction.decode(req.blobs["shared"], self.names)
+        fit = FitInstruction.decode(req.blob("shared"), self.names)
         model_round = req.header.get("model_round", rnd)
         if self.held is not None and self.held_round != model_round:
             raise NodeError(f"round {rnd}: evaluation needs this node's model of round {model_round}, it holds round {self.held_round}")
@@ -441,6 +469,19 @@ class ParticipantHost:
         if held and self.held is not None:
             self.held = {k: np.asarray(v, dtype=np.float32) for k, v in held.items()}
             self.held_round = int(tensors["held_round"][0])
+
+
+def _round_context(req: NodeMessage) -> RoundContext:
+    """The round context a fit request states, checked field by field (a request is a peer's bytes)."""
+    session = req.field("session", str)
+    if len(session) != 32 or not all(ch in "0123456789abcdef" for ch in session):
+        raise NodeError(f"fit: session must be 32 lowercase hex digits, got {session[:40]!r}")
+    try:
+        return RoundContext(bytes.fromhex(session), req.field("round", int), tuple(req.int_list("participants")), req.field("dim", int))
+    except ValueError as exc:  # RoundContext's own checks: distinct, non-empty participants, a positive dim
+        if isinstance(exc, wire.WireError):
+            raise
+        raise NodeError(f"fit: {exc}") from exc
 
 
 def apply_aggregate(params: Mapping[str, np.ndarray], avg: Mapping[str, np.ndarray], server_lr: float) -> dict[str, np.ndarray]:

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
+import logging
+import math
 import platform
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..rundir import RunDirectory, atomic_write_json
+from ..tasks.base import Metric
+
+logger = logging.getLogger(__name__)
 
 _PACKAGES = ("fedrlhf-secure", "torch", "numpy", "opacus", "tenseal", "cryptography", "transformers", "trl", "peft", "flwr")
 
@@ -30,22 +36,32 @@ def run_baselines(task, names, federation=None) -> dict[str, dict[str, Any]]:
     if unknown:
         raise ValueError(f"baseline {unknown[0]!r} is not offered by task {task.name!r}; it offers {sorted(available)}")
     kwargs = {} if federation is None else {"rounds": federation.rounds, "local_epochs": federation.local_epochs}
-    return {name: dict(available[name](**kwargs)) for name in names}
+    out = {}
+    for i, name in enumerate(names):
+        logger.info("baseline %d/%d: %s ...", i + 1, len(names), name)
+        start = time.perf_counter()
+        out[name] = dict(available[name](**kwargs))
+        logger.info("baseline %d/%d: %s done in %.1f s", i + 1, len(names), name, time.perf_counter() - start)
+    return out
 
 
-def comparison_rows(final: Mapping[str, Any], baselines: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
-    rows = [{"model": "federated", "heldout_accuracy": final.get("heldout_accuracy"), "train_accuracy": final.get("train_accuracy")}]
-    for name, res in baselines.items():
-        rows.append({"model": name, "heldout_accuracy": res.get("heldout_accuracy"), "train_accuracy": res.get("train_accuracy")})
+def comparison_rows(
+    final: Mapping[str, Any], baselines: Mapping[str, Mapping[str, Any]], metrics: Sequence[Metric]
+) -> list[dict[str, Any]]:
+    """The federated model's headline numbers, then each baseline's, one row per model."""
+    rows = [{"model": "federated", **{m.key: final.get(m.key) for m in metrics}}]
+    rows += [{"model": name, **{m.key: res.get(m.key) for m in metrics}} for name, res in baselines.items()]
     return rows
 
 
-def format_table(rows: list[Mapping[str, Any]]) -> str:
-    def f(v: Any) -> str:
-        return f"{v:.4f}" if isinstance(v, float) else ("-" if v is None else str(v))
+def format_table(rows: Sequence[Mapping[str, Any]], metrics: Sequence[Metric]) -> str:
+    """A Markdown table a person reads in a terminal: one row per model, a column per metric."""
 
-    lines = ["| model | held-out accuracy | train accuracy |", "|---|---|---|"]
-    lines += [f"| {r['model']} | {f(r['heldout_accuracy'])} | {f(r['train_accuracy'])} |" for r in rows]
+    def cell(v: Any) -> str:
+        return f"{v:.4f}" if isinstance(v, float) and math.isfinite(v) else ("-" if v is None or isinstance(v, float) else str(v))
+
+    lines = ["| model | " + " | ".join(m.label for m in metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    lines += ["| " + " | ".join([str(r["model"]), *(cell(r.get(m.key)) for m in metrics)]) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -63,7 +79,8 @@ def write_summary(fed, run: RunDirectory, timing: Mapping[str, Any]) -> dict[str
         "final": final,
         "privacy": fed.privacy.summary(),
         "baselines": baselines,
-        "comparison": comparison_rows(final, baselines),
+        "headline_metrics": [dataclasses.asdict(m) for m in type(fed.task).metrics],
+        "comparison": comparison_rows(final, baselines, type(fed.task).metrics),
         "clients_final": {str(c): m for c, m in fed.final_clients.items()},
         "shared_parameters": int(fed.spec.size),
         "vector_dim": int(fed.codec.dim),
@@ -74,3 +91,33 @@ def write_summary(fed, run: RunDirectory, timing: Mapping[str, Any]) -> dict[str
     }
     atomic_write_json(run.path / "summary.json", summary)
     return summary
+
+
+def render_result(summary: Mapping[str, Any], path: Any) -> str:
+    """What ``fedrlhf run`` (and ``deploy local``, ``--resume``) print at the end of a run."""
+    metrics = [Metric(**m) for m in summary["headline_metrics"]]
+    final = summary.get("final", {})
+    lines = [format_table(summary["comparison"], metrics)]
+    per_client = sorted(
+        (int(k[len("shaped_reward_client") : -len("_mean")]), v)
+        for k, v in final.items()
+        if k.startswith("shaped_reward_client") and k.endswith("_mean") and isinstance(v, (int, float))
+    )
+    if per_client:
+        lines.append("shaped reward per client (own R0 + λ·H, last round): " + ", ".join(f"{c}: {v:.3f}" for c, v in per_client))
+    privacy = summary.get("privacy") or {}
+    if privacy.get("epsilon_spent_max") is not None:
+        budget = privacy.get("epsilon_budget")
+        lines.append(
+            f"privacy: ε spent (max over clients) = {privacy['epsilon_spent_max']:.3f}"
+            + (f" of a budget of {budget:g}" if isinstance(budget, (int, float)) else "")
+            + f", δ = {privacy.get('delta')}"
+        )
+    if summary.get("stopped_early"):
+        lines.append(f"stopped early: {summary['stopped_early']}")
+    lines.append(
+        f"rounds: {summary['rounds_completed']} of {summary['rounds_configured']}, seconds: {summary['seconds_total']:.1f}, "
+        f"bytes up/down per client (last round): {final.get('bytes_up_per_client') or 0:.0f}/{final.get('bytes_down_per_client') or 0:.0f}"
+    )
+    lines.append(f"results: {path}  (plots: {path}/plots)")
+    return "\n".join(lines)

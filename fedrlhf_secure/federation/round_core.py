@@ -43,7 +43,7 @@ from ..errors import RunFailed
 from ..privacy.server import ServerPrivacy
 from .messages import FitInstruction, Report
 from .node_driver import NodeLink, NodeRoundDriver, NodeRoundOutcome
-from .node_protocol import REQUEST, NodeMessage, NodeUnusable, read_response
+from .node_protocol import REQUEST, NodeMessage, NodeUnusable, client_key, read_response
 from .participant import apply_aggregate
 from .update import UpdateCodec
 
@@ -124,11 +124,13 @@ class RoundCore:
                 raise TransportError(f"node {n} did not answer the setup request")
             try:
                 msg = read_response(raw[n], "run")
+                dim, got = msg.field("dim", int), sorted(msg.int_list("clients"))
             except NodeUnusable as exc:
                 raise TransportError(f"node {n} {exc}") from exc
-            if msg.field("dim", int) != self.codec.dim:
-                raise TransportError(f"node {n} computes update vectors of {msg.header['dim']} values, the server {self.codec.dim}")
-            got = sorted(msg.int_list("clients"))
+            except wire.WireError as exc:
+                raise TransportError(f"node {n} sent a malformed run response ({exc})") from exc
+            if dim != self.codec.dim:
+                raise TransportError(f"node {n} computes update vectors of {dim} values, the server {self.codec.dim}")
             if expected is not None and got != sorted(expected):
                 raise TransportError(f"node {n} reports clients {got}, expected {sorted(expected)}")
             twice = sorted(set(got) & {c for cids in hosted.values() for c in cids})
@@ -167,8 +169,9 @@ class RoundCore:
             admitted.update(c for c in answer if c in wanted[n])
             spent = msg.header.get("epsilon_spent", {})
             for c, eps in spent.items() if isinstance(spent, dict) else ():
-                if isinstance(c, str) and c.isdigit() and self.node_of.get(int(c)) == n:
-                    self.privacy.report(int(c), eps)
+                cid = client_key(c)
+                if cid is not None and self.node_of.get(cid) == n:
+                    self.privacy.report(cid, eps)
         for c in selected:
             if c not in admitted:
                 self.privacy.refuse(c)
@@ -289,25 +292,43 @@ class RoundCore:
         return {c: per_client[c] for c in sorted(per_client)}
 
     def release_model(self, last_round: int) -> dict[str, np.ndarray]:
-        """The final model under CKKS: every host that holds it sends it, and all copies must agree."""
+        """The final model under CKKS: every host that holds it sends it; the copy a strict majority
+        of the answering hosts agree on is released. One host's different (or malformed) copy is
+        logged and outvoted, so it can neither change the release nor end the run; without a
+        majority nothing is released."""
         reqs = {n: NodeMessage("release", {}).encode(REQUEST) for n in self.nodes}
         raw = self.link.exchange(reqs, self.driver.stage_timeout)
-        copies = []
+        copies: list[tuple[int, dict[str, np.ndarray]]] = []
         for n, msg in usable_responses(raw, "model release", "", "ignored"):
-            if msg.header.get("round") != last_round:
-                logger.warning("node %d holds the model of round %s, not the last round's; ignored", n, msg.header.get("round"))
+            held = msg.header.get("round")
+            if isinstance(held, bool) or held != last_round:
+                logger.warning("node %d holds the model of round %.20r, not the last round's; ignored", n, held)
                 continue
             model = {k: np.asarray(v, dtype=np.float32) for k, v in msg.arrays.items()}
             if sorted(model) != sorted(self.global_params) or any(model[k].shape != self.global_params[k].shape for k in model):
                 logger.warning("node %d released a model of the wrong layout; ignored", n)
                 continue
-            copies.append(model)
+            copies.append((n, model))
         if not copies:
             raise TransportError("no node could release the final model it holds")
-        for other in copies[1:]:
-            if any(not np.array_equal(copies[0][k], other[k]) for k in other):
-                raise TransportError("the nodes hold different final models (an aggregate was applied inconsistently)")
-        return copies[0]
+        groups: list[list[tuple[int, dict[str, np.ndarray]]]] = []
+        for n, model in copies:
+            for group in groups:
+                if all(np.array_equal(group[0][1][k], model[k]) for k in model):
+                    group.append((n, model))
+                    break
+            else:
+                groups.append([(n, model)])
+        groups.sort(key=len, reverse=True)
+        if 2 * len(groups[0]) <= len(copies):
+            raise TransportError(
+                f"the nodes hold different final models and no copy has a majority "
+                f"({[sorted(n for n, _ in g) for g in groups]}; an aggregate was applied inconsistently)"
+            )
+        if len(groups) > 1:
+            dissent = sorted(n for g in groups[1:] for n, _ in g)
+            logger.warning("nodes %s released a final model that differs from the majority's; outvoted", dissent)
+        return groups[0][0][1]
 
 
 def usable_responses(raw: Mapping[int, bytes], what: str, where: str, consequence: str) -> Iterator[tuple[int, NodeMessage]]:

@@ -52,20 +52,19 @@ class RecordLevelPlan(BudgetedPlan):
         self.batches = {c: max(1, math.ceil(n / batch_size)) for c, n in client_sizes.items()}
         self._sigma: dict[int, float] = {}
         buckets = sorted(set(self.batches.values()))
-        from tqdm.auto import tqdm
+        from .. import progress
 
-        for b in tqdm(
-            buckets,
-            desc="calibrating DP-SGD noise",
-            unit="sample rate",
-            disable=noise_multiplier is not None or len(buckets) < 4,
-            leave=False,
-        ):
+        calibrating = progress.bar(
+            len(buckets), "calibrating DP-SGD noise", "sample rate", show=noise_multiplier is None and len(buckets) >= 4, leave=False
+        )
+        for b in buckets:
+            calibrating.update(1)
             if noise_multiplier is not None:
                 self._sigma[b] = float(noise_multiplier)
             else:
                 assert budget is not None
                 self._sigma[b] = gaussian_noise_multiplier(self.accountant, budget, delta, 1.0 / b, rounds * local_epochs * b)
+        calibrating.close()
 
     def sample_rate(self, client_id: int) -> float:
         return 1.0 / self.batches[client_id]

@@ -15,13 +15,14 @@ disk, like its ledger.
 from __future__ import annotations
 
 import hashlib
-import os
 import struct
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
+from safetensors.numpy import save as save_tensors
 
+from ..rundir import atomic_write_bytes
 from .plan import Release
 
 
@@ -46,7 +47,6 @@ class ReleaseStore:
         return self.directory / f"client-{client}.safetensors"
 
     def save(self, client: int, round: int, release: Release) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
         tensors = {
             "vector": np.ascontiguousarray(release.vector, dtype=np.float32),
             "round": np.asarray([round], dtype=np.int64),
@@ -54,17 +54,8 @@ class ReleaseStore:
         }
         if release.integer_noise is not None:
             tensors["integer_noise"] = np.ascontiguousarray(release.integer_noise, dtype=np.int64)
-        path = self._path(client)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(tensors, str(tmp))
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # the rename itself must survive a power loss, not only the file's bytes
-        finally:
-            os.close(dir_fd)
+        # write aside, fsync, rename, fsync the directory: the release must be on disk before its ledger entry
+        atomic_write_bytes(self._path(client), save_tensors(tensors))
 
     def load(self, client: int, round: int) -> Release | None:
         """The stored release of ``client`` for ``round``, or None."""

@@ -127,12 +127,31 @@ class TaskClient(ABC):
             raise NotImplementedError(f"{type(self).__name__} cannot restore personal state")
 
 
+@dataclass(frozen=True)
+class Metric:
+    """One headline number of a task: a key of ``metrics.jsonl`` rows and of baseline results.
+
+    The final table has a column per metric; the run's plot draws metrics with the same ``unit`` in
+    one panel (a rate and a KL in nats never share an axis), with the baselines as horizontal lines.
+    """
+
+    key: str
+    label: str
+    unit: str
+
+
+ACCURACY_UNIT = "fraction of ratings predicted right"
+
+
 class Task(ABC):
     """A federated RLHF task (MovieLens, IMDb...)."""
 
     name: ClassVar[str]
-    plot_metrics: ClassVar[tuple[str, ...]] = ("heldout_accuracy", "train_accuracy")
-    """Pooled per-round metrics (keys of ``metrics.jsonl``) the run's main plot shows."""
+    metrics: ClassVar[tuple[Metric, ...]] = (
+        Metric("heldout_accuracy", "held-out accuracy", ACCURACY_UNIT),
+        Metric("train_accuracy", "train accuracy", ACCURACY_UNIT),
+    )
+    """The task's headline numbers: the final table's columns and the run plot's lines."""
 
     @abstractmethod
     def client_ids(self) -> list[int]: ...

@@ -4,7 +4,13 @@ Used by ``fedrlhf deploy local``, the loopback test and the transport benchmark.
 same processes, with the same flags, as a multi-machine deployment (docs/deployment.md):
 TLS with a fresh deployment CA, SuperNode authentication with registered EC keys
 (``--enable-supernode-auth`` + ``flwr supernode register``), runtime dependency installation off
-(nothing is downloaded), each process on a free loopback port.
+(nothing is downloaded), each process on a free loopback port. Each node's client host is
+started with its own policy file (``workdir/policies/node-<i>.yaml``,
+:mod:`fedrlhf_secure.federation.policy`), written before any node starts: the server's setup frame
+cannot change it. The app bundle ``flwr run`` submits is signed with a fresh Ed25519 app-signing
+key (``workdir/app-signing``), and every SuperNode runs only bundles that key signed: its
+``flwr-clientapp`` is the verifying runner (:mod:`.verified_clientapp`, first on the node's
+``PATH``) and its node config names the trusted signers (``app-signers``).
 
 Every process is started in its own session (process group), so stopping it also stops the
 children Flower spawns (SuperExec, ``flwr-serverapp``, ``flwr-clientapp``); :meth:`close` runs
@@ -27,10 +33,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputError, RunFailed
+from ..federation.policy import NodePolicy, write_policy
+from .app_signing import SIGNATURE_FIELD, SIGNERS_FIELD, build_fab, create_signing_key, sign_fab, write_trusted_entities
 from .credentials import CertificatePaths, NodeKeyPaths, create_certificates, create_node_keys
+from .verified_clientapp import runner_path_env, write_runner
 
 APP_DIR = Path(__file__).resolve().parent / "flower-app"
 LOOPBACK = "127.0.0.1"
+APP_SIGNER = "fedrlhf-operator"
 
 
 class DeploymentError(RunFailed):
@@ -83,6 +93,7 @@ class LocalDeployment:
         data_dir: Path | None = None,
         start_timeout: float = 120.0,
         task_modules: Sequence[str] = (),
+        policy: NodePolicy | Sequence[NodePolicy] | None = None,
     ) -> None:
         if len(node_clients) < 1 or any(len(c) == 0 for c in node_clients):
             raise InputError("every SuperNode needs at least one client id")
@@ -91,16 +102,22 @@ class LocalDeployment:
         self.data_dir = Path(data_dir).resolve() if data_dir else None
         self.start_timeout = start_timeout
         self.task_modules = list(task_modules)
+        if policy is None:
+            policy = NodePolicy()  # the hardened default: masking or CKKS, never plain
+        self.policies = list(policy) if not isinstance(policy, NodePolicy) else [policy] * len(self.node_clients)
+        if len(self.policies) != len(self.node_clients):
+            raise InputError(f"{len(self.policies)} node policies for {len(self.node_clients)} SuperNodes")
         self.procs: list[_Proc] = []
         self.nodes: list[NodeHandle] = []
         self.port = 0
         self.certs: CertificatePaths | None = None
+        self.app_key: NodeKeyPaths | None = None
         self._closed = False
         self._previous_sigterm = None
 
     # ------------------------------------------------------------------ processes
-    def _env(self, home: Path) -> dict[str, str]:
-        env = dict(os.environ)
+    def _env(self, home: Path, base: dict[str, str] | None = None) -> dict[str, str]:
+        env = dict(os.environ if base is None else base)
         env.update(
             FLWR_HOME=str(home),
             FLWR_TELEMETRY_ENABLED="0",
@@ -116,11 +133,12 @@ class LocalDeployment:
         home.mkdir(parents=True, exist_ok=True)
         return env
 
-    def _spawn(self, name: str, cmd: list[str], home: Path) -> _Proc:
+    def _spawn(self, name: str, cmd: list[str], home: Path, base_env: dict[str, str] | None = None) -> _Proc:
         log = self.workdir / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         fh = open(log, "ab")
-        popen = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=self._env(home), cwd=self.workdir, start_new_session=True)
+        env = self._env(home, base_env)
+        popen = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=self.workdir, start_new_session=True)
         fh.close()
         proc = _Proc(name, popen, log)
         self.procs.append(proc)
@@ -198,6 +216,10 @@ class LocalDeployment:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.certs = create_certificates(self.workdir / "certs", ["localhost", LOOPBACK])
         keys = create_node_keys(self.workdir / "node-keys", [f"node-{i}" for i in range(len(self.node_clients))])
+        # the operator's app-signing key; every node trusts it (and only it) to sign the app bundle
+        self.app_key = create_signing_key(self.workdir / "app-signing", APP_SIGNER)
+        write_trusted_entities(self.app_signers, {APP_SIGNER: self.app_key.public_key})
+        write_runner(self.runner_dir)
         self.port = free_port()
         link = self._spawn(
             "superlink",
@@ -261,6 +283,8 @@ class LocalDeployment:
             str(ready),
             "--keys-dir",
             str(self.node_keys_dir(i)),
+            "--policy",
+            str(write_policy(self.policies[i], self.policy_path(i))),
         ]
         if self.data_dir:
             cmd += ["--data-dir", str(self.data_dir)]
@@ -292,15 +316,33 @@ class LocalDeployment:
                     "--auth-supernode-private-key",
                     str(node.keys.private_key),
                     "--node-config",
-                    f'client-host="{node.socket}"',
+                    f'client-host="{node.socket}" {SIGNERS_FIELD}="{self.app_signers}"',
                     "--host",
                     LOOPBACK,
                     "--port",
                     str(free_port()),
                 ],
                 self.workdir / f"flwr-node-{node.index}",
+                # Flower's SuperExec starts `flwr-clientapp` by name: the verifying runner comes first
+                runner_path_env(self.runner_dir),
             )
             node.procs = [host, supernode]
+
+    @property
+    def app_signers(self) -> Path:
+        return self.workdir / "app-signers.yaml"
+
+    @property
+    def runner_dir(self) -> Path:
+        return self.workdir / "bin"
+
+    def app_signature(self) -> str:
+        """The operator's signature over the bundle ``flwr run`` builds from the app directory."""
+        assert self.app_key is not None, "start() first"
+        return sign_fab(build_fab(APP_DIR), self.app_key.private_key, APP_SIGNER)
+
+    def policy_path(self, index: int) -> Path:
+        return self.workdir / "policies" / f"node-{index}.yaml"
 
     def node_keys_dir(self, index: int) -> Path:
         return self.workdir / "aggregation-keys" / f"node-{index}"
@@ -340,6 +382,7 @@ class LocalDeployment:
             "node-wait": self.start_timeout,
             "stage-timeout": float(stage_timeout),
             "fit-timeout": float(fit_timeout),
+            SIGNATURE_FIELD: self.app_signature(),
             **(extra or {}),
         }
         overrides = " ".join(f"{k}={_toml(v)}" for k, v in settings.items())

@@ -42,7 +42,7 @@ import torch
 from ...errors import InputError
 from ...privacy.dpsgd import DPSGDReport
 from ..auditable import AuditableTask, CanarySet, Candidates
-from ..base import FitConfig, FitResult, ParamEntry, ParamSpec, Task, TaskClient
+from ..base import FitConfig, FitResult, Metric, ParamEntry, ParamSpec, Task, TaskClient
 from .config import IMDbConfig
 from .data import IMDbSplit, Reviews, load_reviews, prompts_from, split_reviews
 from .evaluation import EvaluationClassifier
@@ -68,7 +68,12 @@ class IMDbTask(Task, AuditableTask):
     """
 
     name = "imdb"
-    plot_metrics = ("positive_rate_mean", "sentiment_score_mean", "shaped_reward_mean", "kl_to_initial_mean")
+    metrics = (
+        Metric("positive_rate_mean", "positive rate (judge)", "fraction of generations"),
+        Metric("sentiment_score_mean", "sentiment score", "judge P(positive)"),
+        Metric("shaped_reward_mean", "shaped reward", "reward (R0 + λ·H)"),
+        Metric("kl_to_initial_mean", "KL to initial policy", "nats per completion"),
+    )
 
     def __init__(self, config: IMDbConfig, data_dir: Path | None, seed: int, *, progress: bool = True) -> None:
         torch.set_num_threads(config.torch_threads)

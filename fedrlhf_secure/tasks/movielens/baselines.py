@@ -109,3 +109,22 @@ def local_only(task: MovieLensTask, rounds: int | None = None, local_epochs: int
         z_train = numpy_logits(own, user_rows[np.searchsorted(c.users, c.train.user)], c.train.item, cat.genres[c.train.item])
         per_client.append(evaluate_scores(z_test, c.test.rating, z_train, c.train.rating))
     return {**_pool(per_client), "rounds": rounds, "local_epochs": local_epochs, "seconds": time.perf_counter() - start}
+
+
+def majority(task: MovieLensTask, rounds: int | None = None, local_epochs: int | None = None) -> dict[str, Any]:
+    """Every record predicted as the training set's majority label: what a model with no signal scores.
+
+    The floor the plots draw: a federated model near it has learnt nothing. The schedule does not apply."""
+    start = time.perf_counter()
+    clients = [task.make_client(cid) for cid in task.client_ids()]
+    train = np.concatenate([labels(c.train.rating) for c in clients])
+    test = np.concatenate([labels(c.test.rating) for c in clients])
+    guess = float(train.mean() >= 0.5)
+    return {
+        "heldout_accuracy": float((test == guess).mean()) if test.size else float("nan"),
+        "train_accuracy": float((train == guess).mean()) if train.size else float("nan"),
+        "heldout_n": int(test.size),
+        "train_n": int(train.size),
+        "predicted_label": int(guess),
+        "seconds": time.perf_counter() - start,
+    }

@@ -135,14 +135,15 @@ class MovieLensTask(Task, AuditableTask):
         return MovieLensClient(self, client_id, users, self.split.train.subset(train_pos), self.split.test.subset(test_pos))
 
     def baselines(self) -> Mapping[str, Callable[..., dict[str, Any]]]:
-        """``{"centralized": fn, "local": fn}``; ``fn(rounds=None, local_epochs=None)`` (defaults:
+        """``{"centralized": fn, "local": fn, "majority": fn}``; ``fn(rounds=None, local_epochs=None)`` (defaults:
         ``baseline_rounds``/``baseline_local_epochs`` of the task config; the engine passes the
         federation's own so the comparison is at equal training)."""
-        from .baselines import centralized, local_only
+        from .baselines import centralized, local_only, majority
 
         return {
             "centralized": lambda rounds=None, local_epochs=None: centralized(self, rounds, local_epochs),
             "local": lambda rounds=None, local_epochs=None: local_only(self, rounds, local_epochs),
+            "majority": lambda rounds=None, local_epochs=None: majority(self, rounds, local_epochs),
         }
 
     # --- AuditableTask (membership-inference audits, :mod:`attacks`) --------------------------
