@@ -2,10 +2,12 @@
 
 The table :data:`EXPECTED` is the suite's verdict for each configuration on the current code. Rows
 marked in :data:`FLIPS` are attacks that recover today and must be refused once the named defence
-lands (issue 12: node-side policy, SecAgg consistency round + bounds + signatures by default, CKKS
-masks); whoever merges a defence changes its rows to ``refused`` here, and the test then holds the
-defence to it. Every attack also has a test against a deliberately weakened component
-(tests/test_redteam_weakened.py), so no attack is a check that cannot fail.
+lands (issue 12: SecAgg consistency round + bounds + signatures by default, CKKS masks); whoever
+merges a defence changes its rows to ``refused`` here, and the test then holds the defence to it.
+The node branch (node-side policy, robust server loop) is merged: its rows (``dictate-*``,
+``node-malformed-frames``) recovered on main before it (see the issue 12 report) and are refused now.
+Every attack also has a test against a deliberately weakened component (tests/test_redteam_weakened.py),
+so no attack is a check that cannot fail.
 """
 
 from __future__ import annotations
@@ -30,10 +32,10 @@ NO_DP = ("dictate-dp-off", "dictate-epsilon")  # configs/movielens.yaml runs wit
 EXPECTED: dict[str, dict[str, str]] = {
     "secagg": {
         "passive-server": "refused",
-        "dictate-plain": "recovered",
-        "dictate-threshold-1": "recovered",
+        "dictate-plain": "refused",
+        "dictate-threshold-1": "refused",
         "dictate-signatures-off": "skipped",  # signatures are off by default today: nothing weaker to ask for
-        "dictate-identity-dir": "recovered",
+        "dictate-identity-dir": "refused",
         **dict.fromkeys(NO_DP, "skipped"),
         "secagg-overlapping-lists": "refused",
         "secagg-split-view": "recovered",
@@ -41,34 +43,30 @@ EXPECTED: dict[str, dict[str, str]] = {
         "secagg-grinding": "recovered",
         **dict.fromkeys(CKKS_ONLY, "skipped"),
         "secagg-replay": "refused",
-        "node-malformed-frames": "recovered",
+        "node-malformed-frames": "refused",
     },
     "ckks": {
         "passive-server": "refused",
-        "dictate-plain": "recovered",
-        "dictate-threshold-1": "recovered",
+        "dictate-plain": "refused",
+        "dictate-threshold-1": "refused",
         "dictate-signatures-off": "skipped",
-        "dictate-identity-dir": "recovered",
+        "dictate-identity-dir": "refused",
         **dict.fromkeys(NO_DP, "skipped"),
         **dict.fromkeys(SECAGG_ONLY, "skipped"),
         "ckks-single-ciphertext": "recovered",
         "ckks-subset-aggregate": "recovered",
         "ckks-replay": "refused",
-        "node-malformed-frames": "recovered",
+        "node-malformed-frames": "refused",
     },
 }
 
 FLIPS = {
-    "dictate-plain": "node (node-side policy)",
-    "dictate-threshold-1": "node (node-side policy)",
-    "dictate-identity-dir": "node (node-side policy: trusted identities are the node's, not the server's)",
     "dictate-signatures-off": "secagg (signatures on by default: the row becomes applicable, and must be refused)",
     "secagg-split-view": "secagg (ConsistencyCheck round, t and k from the colluder/dropout bounds)",
     "secagg-key-substitution": "secagg (signatures on by default, identities from a key registry)",
     "secagg-grinding": "secagg (t and k from the colluder bound with failure probability <= 2^-40)",
     "ckks-single-ciphertext": "ckks (pairwise masks: anything but the agreed sum decrypts to noise)",
     "ckks-subset-aggregate": "ckks (pairwise masks, minimum number of contributors)",
-    "node-malformed-frames": "node (robust server loop: a wrong type in a fit summary's metrics ends the run today)",
 }
 """Rows that recover on the code this suite was written against, and the defence that must refuse them."""
 
@@ -113,7 +111,8 @@ def test_suite_verdicts_on_the_current_code_match_the_table(kind, tmp_path, caps
         assert (split["n"], split["k"], split["t"]) == (10, 9, 5)
         # 2t - k = 1: one colluder suffices (issue 12, item 2: n=10/k=9/t=5 with 1); none is not enough
         assert split["trials"]["0"]["recovered"] is False and split["trials"]["1"]["recovered"] is True
-        assert rows["dictate-plain"]["evidence"]["plain_read"]["max_abs_error"] == 0.0
+    for name in ("dictate-plain", "dictate-threshold-1"):  # refused by the node's policy, naming the field
+        assert "node policy refuses aggregation." in rows[name]["evidence"]["refusal"]
 
 
 def test_the_json_is_strict_and_the_schema_rejects_a_refusal_that_recovered(tmp_path):
@@ -161,10 +160,10 @@ def test_round_size_comes_from_the_config_or_the_option():
 
 
 @pytest.mark.slow
-def test_a_dp_config_adds_the_dp_dictation_rows_and_the_node_accepts_them_today(tmp_path):
+def test_a_dp_config_adds_the_dp_dictation_rows_and_the_node_policy_refuses_them(tmp_path):
     dp = ["--set", "privacy.mode=record", "--set", "privacy.epsilon=8", "--set", "privacy.delta=1e-5"]
     code, report = _run(tmp_path, "--set", "aggregation.kind=secagg", *dp, "--only", "dictation", *SMALL)
     rows = {a["name"]: a for a in report["attacks"]}
-    assert code == 1
-    assert rows["dictate-dp-off"]["verdict"] == "recovered" and rows["dictate-dp-off"]["evidence"]["node_runs"]["privacy_mode"] == "none"
-    assert rows["dictate-epsilon"]["verdict"] == "recovered" and rows["dictate-epsilon"]["evidence"]["asked"]["epsilon"] == 8000.0
+    assert code == 0 and rows["dictate-epsilon"]["evidence"]["asked"]["epsilon"] == 8000.0
+    for name in ("dictate-dp-off", "dictate-epsilon"):
+        assert rows[name]["verdict"] == "refused" and "node policy refuses privacy." in rows[name]["evidence"]["refusal"]

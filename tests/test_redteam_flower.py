@@ -10,8 +10,9 @@ started as in tests/test_flower_deployment.py, once for both attacks:
 * **malformed frame**: the project's real ServerApp runs a round while one SuperNode answers its
   fit request with a wrong type deep in the header (``attacks/redteam/flower-app-hostile-node``).
 
-:data:`EXPECTED` holds the verdicts on the current code; both are to flip to ``refused`` with the
-node-side policy and the robust server loop (issue 12).
+:data:`EXPECTED` holds the verdicts on the current code: both recovered on main at the start of
+issue 12 and are refused since the node-side policy and the robust server loop. (``deploy local``
+signs the submitted app with the operator's key; here the operator submits the attacker's apps.)
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ if shutil.which("flower-superlink") is None or shutil.which("flower-supernode") 
     pytest.skip("Flower's command-line tools are not on PATH", allow_module_level=True)
 
 EXPECTED = {
-    "dictate-plain": "recovered",  # flips with the node-side policy
-    "node-malformed-frames": "recovered",  # flips with the robust server loop: today the ServerApp ends on it
+    "dictate-plain": "refused",  # recovered before the node-side policy (error 0: the update in the clear)
+    "node-malformed-frames": "refused",  # recovered before the robust server loop (the ServerApp ended on the frame)
 }
 
 
@@ -53,7 +54,7 @@ def test_dictation_and_a_hostile_node_against_real_supernodes(tmp_path, monkeypa
                 "seed": 5,
                 "task": {"kind": "vector", "clients": 4, "dim": 16},
                 "aggregation": {"kind": "secagg"},
-                "federation": {"rounds": 1, "min_clients": 1},
+                "federation": {"rounds": 1, "min_clients": 2},
             }
         )
     )

@@ -1,5 +1,8 @@
 """``fedrlhf redteam --node-socket``: the dictation attacks against a running node process.
 
+Before the node-side policy (main at the start of issue 12) the same process accepted ``plain``
+and returned its client's update in the clear (error 0); with its policy file it refuses.
+
 The node is the real deployment process (``fedrlhf deploy client-host``, what a SuperNode's
 ClientApp relays every Flower message to), reached over its Unix socket with the same bytes a
 ServerApp's requests carry. The task is the synthetic ``vector`` task, so no data is needed.
@@ -19,6 +22,8 @@ import yaml
 
 import fedrlhf_secure.bench.vector_task  # noqa: F401  (registers task kind "vector" on the attacker's side too)
 from fedrlhf_secure import cli
+from fedrlhf_secure.config import load_config
+from fedrlhf_secure.federation.policy import NodePolicy, write_policy
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -32,7 +37,9 @@ def test_dictation_reaches_a_running_node_process_over_its_socket(tmp_path):
         )
     )
     sock, ready = tmp_path / "node.sock", tmp_path / "ready"
+    policy = write_policy(NodePolicy.from_config(load_config(config)), tmp_path / "node-policy.yaml")  # the node accepts no less
     cmd = [sys.executable, "-m", "fedrlhf_secure.cli", "deploy", "client-host", "--client-ids", "2", "--socket", str(sock)]
+    cmd += ["--policy", str(policy)]
     cmd += ["--task-module", "fedrlhf_secure.bench.vector_task", "--ready-file", str(ready), "--state-dir", str(tmp_path / "state")]
     proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=subprocess.PIPE, text=True)
     try:
@@ -48,11 +55,9 @@ def test_dictation_reaches_a_running_node_process_over_its_socket(tmp_path):
         proc.wait(timeout=30)
     report = json.loads((tmp_path / "redteam.json").read_text())
     rows = {a["name"]: a for a in report["attacks"]}
-    assert code == 1 and report["target"]["node_socket"] == str(sock)
-    plain = rows["dictate-plain"]
-    # the node process accepted plain aggregation and its client 2's update came back in the clear
-    assert plain["verdict"] == "recovered" and plain["evidence"]["setup_reply"]["clients"] == [2]
-    assert plain["evidence"]["plain_read"]["max_abs_error"] == 0.0 and plain["evidence"]["plain_read"]["update_peak"] > 0
-    assert rows["dictate-threshold-1"]["verdict"] == "recovered"
-    assert rows["dictate-identity-dir"]["verdict"] == "recovered"
-    assert "node_runs" not in plain["evidence"]  # nothing read from inside the node: only its replies
+    assert report["target"]["node_socket"] == str(sock)
+    # the node process, with its own policy file, refuses every weaker setup the server asks for, naming the field
+    assert code == 0, rows
+    for name in ("dictate-plain", "dictate-threshold-1"):
+        assert rows[name]["verdict"] == "refused" and "node policy refuses aggregation." in rows[name]["evidence"]["refusal"]
+    assert rows["dictate-identity-dir"]["verdict"] == "refused"

@@ -19,7 +19,6 @@ from aggregation.secagg.messages import SECRET_ELEMENTS, Unmask, UnmaskRequest
 from attacks.redteam import Target, ckks_attacks, dictation, malformed, passive, replay, secagg_attacks
 from fedrlhf_secure.config import load_config
 from fedrlhf_secure.federation.aggregators import build_aggregator
-from fedrlhf_secure.federation.participant import NodeError, ParticipantHost
 
 CONFIG = "configs/movielens.yaml"
 
@@ -87,28 +86,12 @@ def restamping(config, ids):
 
 
 def permissive_node(user_config, client_ids, task, workdir, **kwargs):
-    """A node with no policy of its own: it runs whatever the setup frame says."""
-    return ParticipantHost(list(client_ids), state_dir=workdir, task=task, **kwargs)
+    """A node that skips its policy (tests/weakened_host.py): it runs whatever the setup frame says."""
+    from weakened_host import ObedientHost
 
+    from fedrlhf_secure.federation.policy import NodePolicy
 
-class KindPinnedHost(ParticipantHost):
-    """A node that refuses a setup frame whose aggregation differs from its user's (a minimal policy)."""
-
-    def __init__(self, user_config, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.user_aggregation = user_config.aggregation.to_mapping()
-
-    def _setup(self, req):
-        import yaml
-
-        asked = yaml.safe_load(req.blobs["config"].decode())["aggregation"]
-        if asked != self.user_aggregation:
-            raise NodeError(f"aggregation {asked} differs from this node's {self.user_aggregation}")
-        return super()._setup(req)
-
-
-def pinned_node(user_config, client_ids, task, workdir, **kwargs):
-    return KindPinnedHost(user_config, list(client_ids), state_dir=workdir, task=task, **kwargs)
+    return ObedientHost(list(client_ids), state_dir=workdir, task=task, policy=NodePolicy.from_config(user_config), **kwargs)
 
 
 # ------------------------------------------------------------------------------- the tests
@@ -121,13 +104,13 @@ def test_passive_server_reads_an_update_when_the_masks_are_switched_off(tmp_path
     assert r.verdict == "recovered" and "masked-input" in r.summary
 
 
-def test_dictation_recovers_from_a_node_without_policy_and_is_refused_by_a_pinned_one(tmp_path):
+def test_dictation_recovers_from_a_node_without_policy_and_is_refused_by_the_shipped_one(tmp_path):
     rows = {r.name: r for r in dictation.dictation(_target(tmp_path, host_factory=permissive_node))}
     assert rows["dictate-plain"].verdict == "recovered" and rows["dictate-plain"].evidence["plain_read"]["max_abs_error"] == 0.0
     assert rows["dictate-threshold-1"].evidence["node_runs"]["aggregation"]["threshold"] == 1
-    rows = {r.name: r for r in dictation.dictation(_target(tmp_path, host_factory=pinned_node))}
-    for name in ("dictate-plain", "dictate-threshold-1", "dictate-identity-dir"):
-        assert rows[name].verdict == "refused" and "differs from this node's" in rows[name].evidence["refusal"]
+    rows = {r.name: r for r in dictation.dictation(_target(tmp_path))}  # the shipped node, its policy from the user's config
+    for name in ("dictate-plain", "dictate-threshold-1"):
+        assert rows[name].verdict == "refused" and "node policy refuses" in rows[name].evidence["refusal"]
 
 
 def test_overlapping_lists_recover_an_update_from_clients_that_skip_the_overlap_check(tmp_path):
@@ -178,10 +161,27 @@ def test_replay_is_accepted_by_clients_that_do_not_check_round_and_session(kind,
     assert weak.verdict == "recovered" and "client" in weak.summary
 
 
+def _reader_that_skips_only_wire_errors(data: bytes, what: str):
+    """The server loop's response reader as it was before the robust loop: only WireError is a bad frame."""
+    from fedrlhf_secure.federation.node_protocol import RESPONSE, NodeMessage, NodeUnusable
+
+    try:
+        msg = NodeMessage.decode(data, RESPONSE)
+    except wire.WireError as exc:
+        raise NodeUnusable(f"sent a malformed {what} response ({exc})") from exc
+    if "error" in msg.header:
+        raise NodeUnusable(f"refused the {what}: {msg.header['error']}")
+    return msg
+
+
 def test_malformed_frames_end_the_run_when_the_decoder_loses_its_bounds(tmp_path, monkeypatch):
+    from fedrlhf_secure.federation import node_driver, round_core
+
     monkeypatch.setattr(malformed, "MAX_CASES_PER_OP", 0)  # only the three raw frames per operation
     monkeypatch.setattr(wire, "MAX_HEADER_DEPTH", 10**9)
     monkeypatch.setattr(wire, "MAX_INT_DIGITS", 10**9)
+    for module in (node_driver, round_core):  # and the loop skips only WireError, as it did on main before issue 12
+        monkeypatch.setattr(module, "read_response", _reader_that_skips_only_wire_errors)
     r = malformed.malformed_frames(_target(tmp_path, "plain", 6))
     assert r.verdict == "recovered"
     ended = {(f["op"], f["frame"]): f["ended"] for f in r.evidence["failures"]}

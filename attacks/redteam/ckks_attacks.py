@@ -47,7 +47,7 @@ def _forge(target: Target, colluders: int) -> dict[str, Any]:
     agg.prepare(1)
     task = target.task()
     with tempfile.TemporaryDirectory(dir=target.workdir) as tmp:
-        host = target.make_host(honest, task, Path(tmp), aggregator=agg)
+        host = target.make_host(honest, task, Path(tmp), user_config=config, aggregator=agg)
         ans = node.setup(host, config, ids)
         if not ans.accepted:
             return {"stage": "setup", "refusal": ans.error}

@@ -105,9 +105,13 @@ class Target:
     def task(self, n: int | None = None) -> SyntheticTask:
         return SyntheticTask(self.n if n is None else n, self.dim)
 
-    def make_host(self, client_ids: Sequence[int], task: Task, workdir: Path, **kwargs: Any) -> ParticipantHost:
+    def make_host(
+        self, client_ids: Sequence[int], task: Task, workdir: Path, *, user_config: RunConfig | None = None, **kwargs: Any
+    ) -> ParticipantHost:
+        """A node of a user running ``user_config`` (default the target's; the protocol attacks pass the
+        config the round actually runs, e.g. without DP, so the node's own policy matches it)."""
         factory = self.host_factory or honest_node
-        return factory(self.config, client_ids, task, workdir, **kwargs)
+        return factory(user_config or self.config, client_ids, task, workdir, **kwargs)
 
     def _node_name(self) -> str | None:
         if self.node_socket is not None:
@@ -130,14 +134,15 @@ class Target:
 def honest_node(user_config: RunConfig, client_ids: Sequence[int], task: Task, workdir: Path, **kwargs: Any) -> ParticipantHost:
     """A deployment node of a user who runs ``user_config``: the host the server sends frames to.
 
-    This is the one place that says how a node is set up; a node-side policy (what the node accepts
-    whatever the server sends) belongs here, built from ``user_config``. On the code this suite was
-    written against, a host has no policy of its own and ``user_config`` is not consulted: it runs
-    whatever configuration the server's setup frame carries.
+    This is the one place that says how a node is set up: its own policy, which the server cannot
+    change, is the user's config (:meth:`~fedrlhf_secure.federation.policy.NodePolicy.from_config`,
+    what an in-process participant uses; a deployment node reads the same from its policy file).
     """
+    from fedrlhf_secure.federation.policy import NodePolicy
+
     state = workdir / "node-state"
     state.mkdir(parents=True, exist_ok=True)
-    return ParticipantHost(list(client_ids), state_dir=state, task=task, **kwargs)
+    return ParticipantHost(list(client_ids), state_dir=state, task=task, policy=NodePolicy.from_config(user_config), **kwargs)
 
 
 class SyntheticClient(TaskClient):

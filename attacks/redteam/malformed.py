@@ -120,7 +120,9 @@ def _round(target: Target, config, aggregator, workdir: Path, op: str | None, fo
     ids = list(range(n))
     task = target.task(n)
     groups = {h: ids[h::NODES] for h in range(NODES)}
-    hosts: dict[int, Any] = {h: target.make_host(groups[h], task, workdir / f"node{h}", aggregator=aggregator) for h in groups}
+    hosts: dict[int, Any] = {
+        h: target.make_host(groups[h], task, workdir / f"node{h}", user_config=config, aggregator=aggregator) for h in groups
+    }
     hostile = _Hostile(hosts[NODES - 1], op or "-", forge)
     hosts[NODES - 1] = hostile
     out: dict[str, Any] = {}
@@ -143,7 +145,7 @@ def malformed_frames(target: Target) -> AttackResult:
     name = "node-malformed-frames"
     config = target.protocol_config()
     raw = config.to_mapping()
-    raw["federation"] = {**raw["federation"], "min_clients": 1, "rounds": 1, "fraction": 1.0, "workers": 1, "dropout_rate": 0.0}
+    raw["federation"] = {**raw["federation"], "rounds": 1, "fraction": 1.0, "workers": 1, "dropout_rate": 0.0}
     from fedrlhf_secure.config import build_config
 
     config = build_config(raw, source="<redteam>")
