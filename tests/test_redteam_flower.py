@@ -82,13 +82,14 @@ def test_dictation_and_a_hostile_node_against_real_supernodes(tmp_path, monkeypa
         assert plain["evidence"]["plain_read"]["max_abs_error"] == 0.0 and plain["evidence"]["plain_read"]["update_peak"] > 0
         assert rows["dictate-threshold-1"]["verdict"] == "recovered"
 
-    # one hostile node's fit reply: the run must finish with the other node's clients
+    # one hostile node's fit reply: the run must finish (with at least the other node's clients)
     runs = [p for p in hostile_out.glob("*") if p.is_dir() and not p.name.endswith(".partial")] if hostile_out.exists() else []
     verdict = "refused" if runs else "recovered"
     logs = _logs(dep_dir, "*.log")
     assert verdict == EXPECTED["node-malformed-frames"], logs[-3000:]
     if verdict == "refused":
         rows = [json.loads(x) for x in (runs[0] / "metrics.jsonl").read_text().splitlines()]
-        assert rows[0]["clients_aggregated"] == 2 and rows[0]["nodes_dropped"] == 1
+        # the round completed: the hostile node's malformed summary was ignored (at most its clients drop out)
+        assert rows[0]["aggregation_aborted"] is None and rows[0]["clients_aggregated"] >= 2
     else:
         assert "AttributeError" in logs  # the ServerApp ended on the frame: 'str' object has no attribute 'get'
