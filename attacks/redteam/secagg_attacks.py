@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import math
 import os
 from typing import Any
 
@@ -64,10 +65,10 @@ def colluder_bound(target: Target, run: SecAggRun) -> tuple[int, str]:
         v = getattr(params, name, None)
         if isinstance(v, int) and not isinstance(v, bool):
             return min(v, run.degree), f"aggregation.{name}"
-    for name in ("colluder_fraction", "gamma"):
+    for name in ("colluders", "colluder_fraction", "gamma"):  # a fraction γ: ceil(γ n) clients of the round
         v = getattr(params, name, None)
         if isinstance(v, float):
-            return min(int(v * len(run.participants)), run.degree), f"aggregation.{name} × n"
+            return min(math.ceil(v * len(run.participants)), run.degree), f"ceil(aggregation.{name} × n)"
     return run.threshold - 1, "t − 1 (SECURITY.md: safe up to t − 1 colluders)"
 
 
@@ -85,6 +86,9 @@ def overlap(target: Target) -> AttackResult:
         return skipped
     from aggregation.secagg.messages import UnmaskRequest
 
+    if "dropped" not in getattr(UnmaskRequest, "__dataclass_fields__", {}):
+        why = "the unmask request names no per-client survivor/dropout lists (each client derives them from one signed set)"
+        return AttackResult(name, "skipped", why, OVERLAP_CLAIM)
     run = honest_run(target)
     holders = run.neighbours(VICTIM)
     server, clients = run.fork()
@@ -307,12 +311,13 @@ def grinding(target: Target, budget: int = GRIND_BUDGET) -> AttackResult:
     from aggregation.secagg.graph import neighbours_of
 
     params = target.config.aggregation.params
-    gamma = next((getattr(params, a) for a in ("colluder_fraction", "gamma") if isinstance(getattr(params, a, None), float)), None)
+    fractions = ("colluders", "colluder_fraction", "gamma")
+    gamma = next((getattr(params, a) for a in fractions if isinstance(getattr(params, a, None), float)), None)
     gamma = DEFAULT_COLLUDER_FRACTION if gamma is None else gamma
     ids = list(range(target.n))
     rng = np.random.default_rng(target.config.seed)
     others = np.array([c for c in ids if c != VICTIM])
-    colluders = set(int(c) for c in rng.choice(others, size=max(1, int(gamma * target.n)), replace=False))
+    colluders = set(int(c) for c in rng.choice(others, size=max(1, math.ceil(gamma * target.n - 1e-9)), replace=False))
     honest = [c for c in ids if c != VICTIM and c not in colluders]
     agg = target.aggregator(target.protocol_config(), ids)
     from aggregation.base import RoundContext
