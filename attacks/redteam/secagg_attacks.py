@@ -55,11 +55,21 @@ def honest_run(target: Target) -> SecAggRun:
 
 
 def colluder_bound(target: Target, run: SecAggRun) -> tuple[int, str]:
-    """The largest number of colluding clients the configuration claims to tolerate.
+    """The largest number of colluding *neighbours of the victim* the configuration claims to tolerate.
 
-    A configuration that states a colluder fraction (``colluder_fraction`` / ``gamma``) or count
-    (``max_colluders`` / ``colluders``) is held to it, capped at the victim's neighbourhood; otherwise
-    SECURITY.md's promise for t-of-k sharing, t − 1 colluders."""
+    A configuration that states a colluder fraction (``colluders`` / ``colluder_fraction`` /
+    ``gamma``) or count (``max_colluders`` / ``colluders``) is held to it, and always to t − 1:
+    t colluding neighbours hold t shares of both secrets without any split view, which a bounded
+    colluder fraction rules out only with high probability over their placement — what the
+    ``grinding`` entry attacks. Without a stated bound: SECURITY.md's promise for t-of-k sharing,
+    t − 1 colluders."""
+    c, source = _stated_bound(target, run)
+    if c > run.threshold - 1:
+        return run.threshold - 1, f"t − 1 (below {source} = {c}: t colluding neighbours are the grinding entry's case)"
+    return c, source
+
+
+def _stated_bound(target: Target, run: SecAggRun) -> tuple[int, str]:
     params = target.config.aggregation.params
     for name in ("max_colluders", "colluders"):
         v = getattr(params, name, None)
