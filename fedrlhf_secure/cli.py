@@ -45,6 +45,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "SecAgg k, t, quorum and failure probabilities for a config's colluder/dropout bounds",
     ),
     "deploy": ("fedrlhf_secure.commands.deploy:run", "Flower deployment helpers (certificates, node keys, launch)"),
+    "redteam": ("fedrlhf_secure.commands.redteam:run", "attack your config as a lying server; exit 1 if anything is recovered"),
 }
 
 DISTRIBUTION = "fedrlhf-secure"
