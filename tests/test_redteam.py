@@ -34,13 +34,14 @@ EXPECTED: dict[str, dict[str, str]] = {
         "passive-server": "refused",
         "dictate-plain": "refused",
         "dictate-threshold-1": "refused",
-        "dictate-signatures-off": "skipped",  # signatures are off by default today: nothing weaker to ask for
-        "dictate-identity-dir": "refused",
+        "dictate-colluder-bound": "refused",
+        "dictate-signatures-off": "skipped",  # signatures are always on: no config turns them off
+        "dictate-identity-dir": "skipped",  # identities come from the node's keys dir: no config key names them
         **dict.fromkeys(NO_DP, "skipped"),
-        "secagg-overlapping-lists": "refused",
-        "secagg-split-view": "recovered",
-        "secagg-key-substitution": "recovered",
-        "secagg-grinding": "recovered",
+        "secagg-overlapping-lists": "skipped",  # the unmask request carries one signed set, no per-client lists
+        "secagg-split-view": "refused",
+        "secagg-key-substitution": "refused",
+        "secagg-grinding": "refused",
         **dict.fromkeys(CKKS_ONLY, "skipped"),
         "secagg-replay": "refused",
         "node-malformed-frames": "refused",
@@ -49,25 +50,19 @@ EXPECTED: dict[str, dict[str, str]] = {
         "passive-server": "refused",
         "dictate-plain": "refused",
         "dictate-threshold-1": "refused",
+        "dictate-colluder-bound": "skipped",
         "dictate-signatures-off": "skipped",
-        "dictate-identity-dir": "refused",
+        "dictate-identity-dir": "skipped",
         **dict.fromkeys(NO_DP, "skipped"),
         **dict.fromkeys(SECAGG_ONLY, "skipped"),
-        "ckks-single-ciphertext": "recovered",
-        "ckks-subset-aggregate": "recovered",
+        "ckks-single-ciphertext": "refused",
+        "ckks-subset-aggregate": "refused",
         "ckks-replay": "refused",
         "node-malformed-frames": "refused",
     },
 }
 
-FLIPS = {
-    "dictate-signatures-off": "secagg (signatures on by default: the row becomes applicable, and must be refused)",
-    "secagg-split-view": "secagg (ConsistencyCheck round, t and k from the colluder/dropout bounds)",
-    "secagg-key-substitution": "secagg (signatures on by default, identities from a key registry)",
-    "secagg-grinding": "secagg (t and k from the colluder bound with failure probability <= 2^-40)",
-    "ckks-single-ciphertext": "ckks (pairwise masks: anything but the agreed sum decrypts to noise)",
-    "ckks-subset-aggregate": "ckks (pairwise masks, minimum number of contributors)",
-}
+FLIPS: dict[str, str] = {}
 """Rows that recover on the code this suite was written against, and the defence that must refuse them."""
 
 
@@ -108,9 +103,9 @@ def test_suite_verdicts_on_the_current_code_match_the_table(kind, tmp_path, caps
             assert ev["node_runs"]["aggregation"]["kind"] == ev["asked"]["aggregation"]["kind"]
     if kind == "secagg":
         split = rows["secagg-split-view"]["evidence"]
-        assert (split["n"], split["k"], split["t"]) == (10, 9, 5)
-        # 2t - k = 1: one colluder suffices (issue 12, item 2: n=10/k=9/t=5 with 1); none is not enough
-        assert split["trials"]["0"]["recovered"] is False and split["trials"]["1"]["recovered"] is True
+        # n=10 under γ = δ = 0.1: k=6, t=4 (fedrlhf secagg-params); every colluder count up to c_max is refused
+        assert (split["n"], split["k"], split["t"]) == (10, 6, 4)
+        assert all(trial["recovered"] is False for trial in split["trials"].values())
     for name in ("dictate-plain", "dictate-threshold-1"):  # refused by the node's policy, naming the field
         assert "node policy refuses aggregation." in rows[name]["evidence"]["refusal"]
 

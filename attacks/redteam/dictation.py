@@ -40,19 +40,11 @@ def _dictated(target: Target, aggregation: dict[str, Any] | None = None, privacy
 def _cases(target: Target, workdir: Path) -> list[tuple[str, Callable[[], RunConfig] | None, str]]:
     """(name, dictated config or None when it does not apply, why it does not apply)."""
     kind, priv = target.kind, target.config.privacy
-    params = target.config.aggregation.params
     secure = kind != "plain"
 
     def same_kind(k: str) -> dict[str, Any]:
         """The user's own aggregation keys when the dictated kind is the user's (noise_bound stays valid)."""
         return target.config.aggregation.to_mapping() if kind == k else {}
-
-    def identity_dir() -> RunConfig:
-        from aggregation.secagg import Identities
-
-        folder = workdir / "attacker-identities"
-        Identities.generate(range(target.n)).write(folder)  # keys the server made, private halves included
-        return _dictated(target, {**same_kind("secagg"), "kind": "secagg", "signatures": True, "identity_dir": str(folder)})
 
     cases: list[tuple[str, Callable[[], RunConfig] | None, str]] = [
         ("dictate-plain", (lambda: _dictated(target, {"kind": "plain"})) if secure else None, "the user runs plain aggregation"),
@@ -62,13 +54,16 @@ def _cases(target: Target, workdir: Path) -> list[tuple[str, Callable[[], RunCon
             "the user runs plain aggregation",
         ),
         (
-            "dictate-signatures-off",
-            (lambda: _dictated(target, {**target.config.aggregation.to_mapping(), "signatures": False, "identity_dir": None}))
-            if kind == "secagg" and getattr(params, "signatures", False)
+            "dictate-colluder-bound",
+            (lambda: _dictated(target, {**same_kind("secagg"), "kind": "secagg", "colluders": 0.0, "failure_exponent": 2}))
+            if kind == "secagg"
             else None,
-            "the user's config does not sign keys either" if kind == "secagg" else f"aggregation.kind is {kind}",
+            f"aggregation.kind is {kind}",
         ),
-        ("dictate-identity-dir", identity_dir if secure else None, "the user runs plain aggregation"),
+        # no config can turn signatures off or name an identity path: both keys are gone from the protocol,
+        # and a frame that sets them is refused as an unknown key (tests/test_node_policy.py)
+        ("dictate-signatures-off", None, "signatures are always on: no config turns them off"),
+        ("dictate-identity-dir", None, "identities come from the node's own keys dir; no config key names them"),
         (
             "dictate-dp-off",
             (lambda: _dictated(target, privacy={"mode": "none"})) if priv.mode != "none" else None,
@@ -120,18 +115,22 @@ def _fit_config(config: RunConfig, cid: int):
 
 
 def _node_keys(target: Target) -> dict[str, Any]:
-    """A CKKS node's key directory, from the real key ceremony (``fedrlhf keys``) for the user's config."""
-    if target.kind != "ckks":
+    """The node's key directory from the real key ceremony (``fedrlhf keys``) for the user's config:
+    the SecAgg identity registry of every client of the round (secagg, and ckks's mask round) and,
+    for ckks, the victim's key package."""
+    if target.kind not in ("ckks", "secagg"):
         return {}
-    if "ckks_node_keys" not in target._cache:
-        from fedrlhf_secure.keys import deal_run_keys
+    if "node_keys" not in target._cache:
+        from fedrlhf_secure.keys import deal_run_keys, deal_secagg_identities
 
-        root = target.workdir / "ckks-ceremony"
+        root = target.workdir / "key-ceremony"
         root.mkdir(parents=True, exist_ok=True)
         (root / "config.yaml").write_text(target.config.to_yaml(), encoding="utf-8")
         deal_run_keys(root / "config.yaml", [[VICTIM]], root / "server", [root / "node"], root / "dealer")
-        target._cache["ckks_node_keys"] = root / "node"
-    return {"keys_dir": target._cache["ckks_node_keys"]}
+        others = [c for c in range(target.n) if c != VICTIM]
+        deal_secagg_identities([[VICTIM], others], root / "server", [root / "node", root / "others"], root / "identities")
+        target._cache["node_keys"] = root / "node"
+    return {"keys_dir": target._cache["node_keys"]}
 
 
 def _node(target: Target, workdir: Path, keys: dict[str, Any]):
@@ -184,7 +183,7 @@ def dictation(target: Target) -> list[AttackResult]:
 
 
 def _short(asked: dict[str, Any]) -> str:
-    shown = ("kind", "threshold", "neighbours", "signatures", "identity_dir")
+    shown = ("kind", "threshold", "neighbours", "colluders", "failure_exponent")
     agg = {k: v for k, v in asked["aggregation"].items() if v is not None and k in shown}
     out = ", ".join(f"{k}={v}" for k, v in agg.items())
     out += f", privacy={asked['privacy_mode']}"
