@@ -44,7 +44,7 @@ class PlainServer(ServerHalf):
         self._closed = False
 
     def start(self) -> list[tuple[int, bytes]]:
-        msg = wire.encode(wire.Frame(REQUEST, {"round": self.ctx.round}))
+        msg = wire.encode(wire.Frame(REQUEST, {"round": self.ctx.round, "session": self.ctx.session_id.hex()}))
         return [(cid, msg) for cid in self.ctx.participants]
 
     def receive(self, sender: int, data: bytes) -> list[tuple[int, bytes]]:
@@ -53,6 +53,8 @@ class PlainServer(ServerHalf):
             frame = wire.decode(data, expect=UPDATE)
             if frame.field("round", int) != self.ctx.round:
                 raise ProtocolError(f"update from {sender} is for round {frame.header['round']}, not {self.ctx.round}")
+            if frame.field("session", str) != self.ctx.session_id.hex():
+                raise ProtocolError(f"update from {sender} belongs to another session (a replay from another run)")
             weight = float(frame.field("weight", (int, float)))
             vec = frame.tensor("vector", np.float32, (self.ctx.dim,))
         except wire.WireError as exc:
@@ -93,12 +95,14 @@ class PlainClient(ClientHalf):
         try:
             frame = wire.decode(data, expect=REQUEST)
             rnd = frame.field("round", int)
+            session = frame.field("session", str)
         except wire.WireError as exc:
             raise ProtocolError(str(exc)) from exc
-        if rnd != self.ctx.round or self._sent:
-            raise ProtocolError(f"unexpected request for round {rnd}")
+        if rnd != self.ctx.round or session != self.ctx.session_id.hex() or self._sent:
+            raise ProtocolError(f"unexpected request for round {rnd} (session {session[:16]})")
         self._sent = True
-        return [wire.encode(wire.Frame(UPDATE, {"round": rnd, "weight": self._weight}, {"vector": self._vector}))]
+        header = {"round": rnd, "session": session, "weight": self._weight}
+        return [wire.encode(wire.Frame(UPDATE, header, {"vector": self._vector}))]
 
     @property
     def done(self) -> bool:

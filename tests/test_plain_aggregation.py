@@ -36,20 +36,28 @@ def test_a_round_in_which_every_client_dropped_aborts_instead_of_releasing_an_em
         run_round(PlainAggregator(), ctx, inputs, drop_after={0: 0, 1: 0, 2: 0})
 
 
-def test_replayed_wrong_round_and_wrong_size_updates_are_rejected():
+def test_replayed_wrong_round_wrong_session_and_wrong_size_updates_are_rejected():
     ctx = _ctx()
     server = PlainAggregator().server(ctx)
     server.start()
-    good = wire.encode(wire.Frame(UPDATE, {"round": 0, "weight": 1.0}, {"vector": np.zeros(5, np.float32)}))
+    sid = ctx.session_id.hex()
+
+    def update(rnd=0, session=sid, vector=None):
+        vector = np.zeros(5, np.float32) if vector is None else vector
+        return wire.encode(wire.Frame(UPDATE, {"round": rnd, "session": session, "weight": 1.0}, {"vector": vector}))
+
+    good = update()
     server.receive(0, good)
     with pytest.raises(ProtocolError, match="already sent"):
         server.receive(0, good)
     with pytest.raises(ProtocolError, match="round 7"):
-        server.receive(1, wire.encode(wire.Frame(UPDATE, {"round": 7, "weight": 1.0}, {"vector": np.zeros(5, np.float32)})))
+        server.receive(1, update(rnd=7))
+    with pytest.raises(ProtocolError, match="another session"):  # a frame of an earlier run (redteam plain-replay)
+        server.receive(1, update(session="00" * 16))
     with pytest.raises(ProtocolError, match=r"shape \(5,\)"):
-        server.receive(1, wire.encode(wire.Frame(UPDATE, {"round": 0, "weight": 1.0}, {"vector": np.zeros(6, np.float32)})))
+        server.receive(1, update(vector=np.zeros(6, np.float32)))
     with pytest.raises(ProtocolError, match="non-finite"):
-        server.receive(1, wire.encode(wire.Frame(UPDATE, {"round": 0, "weight": 1.0}, {"vector": np.full(5, np.nan, np.float32)})))
+        server.receive(1, update(vector=np.full(5, np.nan, np.float32)))
     with pytest.raises(ProtocolError, match="not a participant"):
         server.receive(9, good)
     assert server.done is False
@@ -72,7 +80,7 @@ def test_aggregators_declare_capabilities_and_float_sums_refuse_an_integer_noise
         plain.client(ctx, 0, np.zeros(4, np.float32), 1.0, integer_noise=np.zeros(4, np.int64))
     secagg = spec_for("secagg").factory(SecAggConfig(), list(range(10)), 0)  # 2 clients cannot hold 1 colluder
     assert secagg.capabilities.integer_scale == secagg.quantizer.scale > 0
-    ckks = spec_for("ckks").factory(spec_for("ckks").config_cls(), [0, 1], 0)
+    ckks = spec_for("ckks").factory(spec_for("ckks").config_cls(), list(range(10)), 0)  # its mask round is SecAgg+
     assert not ckks.capabilities.server_reads_result and ckks.capabilities.integer_scale is None
     with pytest.raises(ProtocolError, match="takes no integer noise"):
         ckks.client(ctx, 0, np.zeros(4, np.float32), 1.0, integer_noise=np.zeros(4, np.int64))
