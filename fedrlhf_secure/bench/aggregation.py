@@ -108,7 +108,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--json", type=Path, default=Path("bench/aggregation.json"), help="where the JSON results go (default bench/aggregation.json)"
     )
     p.add_argument(
-        "--doc", type=Path, default=Path("BENCHMARKS.md"), help="Markdown file whose section gets the table (default BENCHMARKS.md)"
+        "--doc",
+        type=Path,
+        default=None,
+        help="also rewrite this Markdown file's section with the table (e.g. BENCHMARKS.md; default: print it)",
     )
 
 

@@ -37,7 +37,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--canaries", type=int, default=0, help="also run the one-run ε audit with this many canaries")
     p.add_argument("--json", type=Path, default=Path("bench/audit.json"), help="where the JSON results go (default bench/audit.json)")
     p.add_argument(
-        "--doc", type=Path, default=Path("BENCHMARKS.md"), help="Markdown file whose section gets the table (default BENCHMARKS.md)"
+        "--doc",
+        type=Path,
+        default=None,
+        help="also rewrite this Markdown file's section with the table (e.g. BENCHMARKS.md; default: print it)",
     )
     p.add_argument("--workers", type=int, default=None, help="worker processes for the audit's training runs (2 uses both cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

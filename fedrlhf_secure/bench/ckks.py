@@ -280,7 +280,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nvflare-max-n", type=int, default=10, help="NVFlare reference rows only for n up to this")
     parser.add_argument("--sweep-d", type=int, default=200_000, help="vector size of the data-prime sweep (0: skip)")
     parser.add_argument("--out", type=Path, default=Path("bench/ckks.json"))
-    parser.add_argument("--doc", type=Path, default=Path("BENCHMARKS.md"), help="Markdown file whose 'ckks' section is rewritten")
+    parser.add_argument("--doc", type=Path, default=None, help="also rewrite this Markdown file's ckks section (default: print the table)")
 
 
 def _plot_sweep(swept: list[dict[str, Any]], path: Path) -> None:

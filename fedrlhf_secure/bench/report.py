@@ -49,11 +49,18 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     return "\n".join(lines)
 
 
-def update_section(doc: Path, name: str, body: str) -> None:
-    """Replace (or append) the ``name`` section of ``doc``."""
+def update_section(doc: Path | None, name: str, body: str) -> None:
+    """Print the ``name`` table; with ``doc`` given, also replace (or append) its section there.
+
+    Only an explicit ``--doc`` writes a file: a bench run in any directory must not create or
+    rewrite a BENCHMARKS.md there."""
+    print(body.strip())
+    if doc is None:
+        return
     start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
     text = doc.read_text(encoding="utf-8") if doc.exists() else "# Benchmarks\n"
     block = f"{start}\n{body.strip()}\n{end}"
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _m: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     doc.write_text(text, encoding="utf-8")
+    print(f"(section {name!r} of {doc} rewritten)")

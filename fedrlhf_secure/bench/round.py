@@ -24,7 +24,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--aggregations", nargs="+", default=["plain"], help="aggregation kinds to time side by side")
     p.add_argument("--json", type=Path, default=Path("bench/round.json"), help="where the JSON results go (default bench/round.json)")
     p.add_argument(
-        "--doc", type=Path, default=Path("BENCHMARKS.md"), help="Markdown file whose section gets the table (default BENCHMARKS.md)"
+        "--doc",
+        type=Path,
+        default=None,
+        help="also rewrite this Markdown file's section with the table (e.g. BENCHMARKS.md; default: print it)",
     )
 
 
@@ -90,5 +93,5 @@ def run(args: argparse.Namespace) -> int:
         rows,
     )
     update_section(args.doc, "round", f"### One federation (`fedrlhf bench round --config {args.config}`)\n\n{table}")
-    print(f"results: {args.json} and {args.doc}")
+    print(f"results: {args.json}" + (f" and {args.doc}" if args.doc else ""))
     return 0

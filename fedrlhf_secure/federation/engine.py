@@ -64,6 +64,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
+IN_PROCESS_HOST_CLIENTS = 256
+"""Clients per in-process participant host (each host's replies travel as one node message)."""
+
+
 @dataclass
 class RunOptions:
     """How to run (not what to run: that is the config)."""
@@ -176,14 +180,25 @@ class Federation:
         workers = max(1, int(self.fed.workers))
         groups = [self.client_ids[w::workers] for w in range(workers)]
         groups = [g for g in groups if g]
-        if len(groups) > 1:
+        if len(groups) == 1 and len(self.client_ids) > IN_PROCESS_HOST_CLIENTS:
+            # one host answers for all its clients in one node message, which the wire caps at 2 GiB:
+            # 943 CKKS clients (2.8 MB each) would not fit, so large runs get several in-process hosts
+            # of contiguous clients (the same order of replies, so the same sums)
+            ids = self.client_ids
+            groups = [ids[i : i + IN_PROCESS_HOST_CLIENTS] for i in range(0, len(ids), IN_PROCESS_HOST_CLIENTS)]
+            if self.config.privacy.mode != "none" and not resume:
+                PrivacyLedger(self.run.path / "ledger", ledger_header(self.config), resume=False)
+                host_options["resume"] = True
+            hosts = {n: ParticipantHost(g, self.options.data_dir, **host_options) for n, g in enumerate(groups)}
+            link: Any = InProcessLink(hosts)
+        elif len(groups) > 1:
             # state every worker must share is made before they fork: the ledger's plan (each worker
             # then opens it, instead of racing to create it) and in-memory keys (CKKS's simulated dealer)
             if self.config.privacy.mode != "none" and not resume:
                 PrivacyLedger(self.run.path / "ledger", ledger_header(self.config), resume=False)
                 host_options["resume"] = True
             aggregator.prepare(self.fed.rounds)
-            link: Any = WorkerLink(lambda w: ParticipantHost(groups[w], self.options.data_dir, **host_options), len(groups))
+            link = WorkerLink(lambda w: ParticipantHost(groups[w], self.options.data_dir, **host_options), len(groups))
         else:
             link = InProcessLink({0: ParticipantHost(self.client_ids, self.options.data_dir, **host_options)})
         if self.fed.dropout_rate > 0:
