@@ -223,7 +223,8 @@ def test_silos_preset_at_epsilon_8_client_level(shared_datasets, tmp_path, capsy
     claim needs on plain-mean coordinates (``federation.sparse_rows: all``)."""
     cfg = load_config(
         "configs/movielens-silos.yaml",
-        ["privacy.mode=client", "federation.weighting=uniform", "federation.sparse_rows=all", "privacy.audit_canaries=30000"],
+        ["aggregation.kind=plain", "privacy.mode=client", "federation.weighting=uniform", "federation.sparse_rows=all"]
+        + ["privacy.audit_canaries=30000"],
     )
     assert (cfg.privacy.epsilon, cfg.privacy.delta) == (8, 1e-5)
     run = run_federation(cfg, RunOptions(data_dir=shared_datasets, out=tmp_path, progress=False, noise=SilentNoise() if broken else None))
