@@ -200,3 +200,21 @@ def test_on_policy_dpo_on_your_own_data_is_refused_with_the_way_out(tmp_path, ca
     config = build_config({"task": {"kind": "rlhf", "data": str(data), "model": "tiny", "tiny": TINY}})
     with pytest.raises(InputError, match="on_policy: false"):
         build_task(config, None)
+
+
+@pytest.mark.parametrize("reward", ["shaped", "model"])
+def test_a_grpo_round_with_the_shaped_reward_or_the_clients_own_reward_model_trains_b(tmp_path, cache_dir, reward):
+    task, _ = tiny_imdb(
+        tmp_path,
+        trainer="grpo",
+        reward=reward,
+        trainer_args={"learning_rate": 0.05, "per_device_train_batch_size": 4},
+        reward_args={"per_device_train_batch_size": 8, "max_length": 32, "num_train_epochs": 1},
+    )
+    client = task.make_client(1)
+    result = client.fit(task.initial_shared(), FitConfig(round=1, local_epochs=1, seed=5))
+    assert result.metrics["grpo_steps"] == 2  # 4 prompts × 2 generations, 4 completions per step
+    assert max(float(np.abs(v).max()) for v in result.delta.values()) > 0
+    if reward == "model":
+        assert result.metrics["rm_steps"] >= 1 and 0.0 <= result.metrics["rm_accuracy"] <= 1.0
+        assert client.reward_model is not None  # kept on the client for the next rounds
