@@ -218,3 +218,21 @@ def test_a_grpo_round_with_the_shaped_reward_or_the_clients_own_reward_model_tra
     if reward == "model":
         assert result.metrics["rm_steps"] >= 1 and 0.0 <= result.metrics["rm_accuracy"] <= 1.0
         assert client.reward_model is not None  # kept on the client for the next rounds
+
+
+@pytest.mark.parametrize("scheme", ["naive", "ffa"])
+def test_two_clients_trained_lora_factors_average_exactly_only_under_ffa(tmp_path, cache_dir, scheme):
+    """Trained adapters, not random ones: after one on-policy DPO round of two clients from the same
+    global model, naive factor averaging misses the mean update B·A; FFA-LoRA's shared frozen A hits it."""
+    task, _ = tiny_imdb(tmp_path, lora={"rank": 2, "alpha": 4, "targets": ["q_proj", "v_proj"], "scheme": scheme})
+    factors = []
+    for cid in (0, 1):
+        client = task.make_client(cid)
+        result = client.fit(task.initial_shared(), FitConfig(round=1, local_epochs=1, seed=11 + cid))
+        assert result.metrics["dpo_steps"] >= 1
+        factors.append(lora_factors(task.policy()))
+    errors = [product_error([f[m][0] for f in factors], [f[m][1] for f in factors]) for m in factors[0]]
+    if scheme == "naive":
+        assert max(e["naive"] for e in errors) > 1e-3
+    else:
+        assert max(e["ffa"] for e in errors) < 1e-12
