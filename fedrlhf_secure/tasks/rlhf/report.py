@@ -88,6 +88,10 @@ def plot_rounds(run: Path) -> Path:
     b.plot(x, kl, "o-", color="C3")
     b.set_xlabel("round (0 = base model)")
     b.set_ylabel("KL(π ‖ π_base) (nats / sequence)")
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (a, b):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     out = run / "plots" / "rlhf_rounds.png"
     out.parent.mkdir(exist_ok=True)
