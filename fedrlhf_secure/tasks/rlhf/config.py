@@ -112,7 +112,6 @@ class RLHFConfig:
     length_target: int = 12
     topic_words: tuple[str, ...] = IMDB_TOPIC_WORDS
     reward_window: int = 16
-    reward_epochs: int = 3
     reward_lr: float = 0.05
     reward_batch: int = 64
     eval_prompts: int = 20
@@ -140,8 +139,8 @@ class RLHFConfig:
                 raise ValueError(f"task.{name} must be >= 1, got {getattr(self, name)}")
         if self.num_generations < 2:
             raise ValueError(f"task.num_generations must be >= 2 (a pair needs two completions), got {self.num_generations}")
-        if self.reward_epochs < 0 or self.samples_per_client < 0:
-            raise ValueError("task.reward_epochs and task.samples_per_client must be >= 0")
+        if self.samples_per_client < 0:
+            raise ValueError(f"task.samples_per_client must be >= 0, got {self.samples_per_client}")
         if self.partition == "user" and not self.user_column:
             raise ValueError("task.partition: user needs task.user_column (the annotator column)")
         if not self.dirichlet_alpha > 0:
