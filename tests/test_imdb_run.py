@@ -94,10 +94,18 @@ def test_the_lora_vector_goes_through_every_aggregation_and_privacy_mode(tmp_pat
 @pytest.mark.slow
 @pytest.mark.integration
 def test_default_config_raises_the_positive_rate_and_higher_lambda_scores_higher_on_its_own_reward(shared_datasets, cache_dir, tmp_path):
-    """The CPU default (configs/imdb.yaml, pretraining included): the judge's positive rate on held-out
+    """The from-scratch GPT-2 preset (configs/imdb-scratch.yaml, pretraining included): the judge's positive rate on held-out
     prompts ends above the initial policy's, and client k's own shaped reward grows with λ_k."""
     rc = main(
-        ["run", str(REPO / "configs" / "imdb.yaml"), "--data-dir", str(shared_datasets), "--out", str(tmp_path / "runs"), "--no-progress"]
+        [
+            "run",
+            str(REPO / "configs" / "imdb-scratch.yaml"),
+            "--data-dir",
+            str(shared_datasets),
+            "--out",
+            str(tmp_path / "runs"),
+            "--no-progress",
+        ]
     )
     assert rc == 0
     run = next(p for p in (tmp_path / "runs").iterdir() if p.name.startswith("imdb") and p.is_dir() and not p.is_symlink())

@@ -191,7 +191,7 @@ def register_task(kind: str, config_cls: type, factory: Callable[..., Task]) -> 
 def task_spec(kind: str) -> TaskSpec:
     import importlib
 
-    for module in ("fedrlhf_secure.tasks.movielens", "fedrlhf_secure.tasks.imdb"):
+    for module in ("fedrlhf_secure.tasks.movielens", "fedrlhf_secure.tasks.imdb", "fedrlhf_secure.tasks.rlhf"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:
