@@ -32,7 +32,7 @@ import torch
 from ...errors import InputError
 from ...privacy.dpsgd import DPSGDReport
 from ..auditable import AuditableTask, CanarySet, Candidates
-from ..base import FitConfig, FitResult, ParamEntry, ParamSpec, Task, TaskClient
+from ..base import FitConfig, FitResult, Metric, ParamEntry, ParamSpec, Task, TaskClient
 from ..imdb.data import Reviews
 from ..imdb.evaluation import EvaluationClassifier
 from ..imdb.reward import SentimentClassifier, ShapedReward, encode, train_classifier, train_classifier_dp
@@ -56,7 +56,13 @@ class RLHFTask(Task, AuditableTask):
     client's reward) or a preference row of the loaded data (``label`` 0) otherwise."""
 
     name = "rlhf"
-    plot_metrics = ("positive_rate_mean", "kl_to_base_mean")
+    metrics = (
+        Metric("positive_rate_mean", "positive rate (independent judge)", "fraction of held-out generations"),
+        Metric("lexicon_positive_rate_mean", "positive rate (lexicon judge)", "fraction of held-out generations"),
+        Metric("judge_score_mean", "judge P(positive)", "judge probability"),
+        Metric("shaped_reward_mean", "shaped reward", "reward R_k = λ_k·R_sentiment + (1−λ_k)·H_k"),
+        Metric("kl_to_base_mean", "KL to base model", "nats per completion"),
+    )
 
     def __init__(self, config: RLHFConfig, data_dir: Path | None, seed: int) -> None:
         torch.set_num_threads(config.torch_threads)
