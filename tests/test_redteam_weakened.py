@@ -235,12 +235,29 @@ def test_grinding_places_colluders_unless_the_threshold_and_quorum_hold(tmp_path
     assert strict.evidence["colluding_neighbours_best"] == weak.evidence["colluding_neighbours_best"]
 
 
+def unmasked_ckks(config, ids):
+    """CKKS clients as before issue 12 (tests/ckks_rounds.WeakCKKSClient): no mask on the plaintext, no
+    check that the aggregate is the claimed sum, no flooding noise on what they release."""
+    from ckks_rounds import weak_client
+
+    agg = build_aggregator(config, ids)
+    agg.client = lambda ctx, cid, vector, weight, **kw: weak_client(
+        agg, ctx, cid, vector, weight, unmasked=True, skip_check=True, skip_flooding=True
+    )
+    return agg
+
+
 def test_ckks_oracle_returns_one_update_or_a_subset_as_the_aggregate(tmp_path):
-    single = ckks_attacks.single_ciphertext(_target(tmp_path, "ckks"))
+    single = ckks_attacks.single_ciphertext(_target(tmp_path, "ckks", aggregator_factory=unmasked_ckks))
     assert single.verdict == "recovered" and single.evidence["summed_ciphertexts"] == 1 and single.evidence["claimed_contributors"] == 10
-    subset = ckks_attacks.subset(_target(tmp_path, "ckks"))
+    subset = ckks_attacks.subset(_target(tmp_path, "ckks", aggregator_factory=unmasked_ckks))
     assert subset.verdict == "recovered" and subset.evidence["summed_ciphertexts"] == 3
-    assert max(single.evidence["max_abs_error"], subset.evidence["max_abs_error"]) < 1e-6
+    for r in (single, subset):  # the victim's update up to CKKS precision
+        assert r.evidence["max_abs_error"] <= r.evidence["tolerance"]
+    for attack in (ckks_attacks.single_ciphertext, ckks_attacks.subset):  # the shipped client: masked, checked
+        shipped = attack(_target(tmp_path, "ckks"))
+        assert shipped.verdict == "refused" and shipped.evidence["stage"] == "finish"
+        assert "is not the sum of its 10 claimed contributors" in shipped.evidence["refusal"]
 
 
 @pytest.mark.parametrize("kind", ["secagg", "ckks"])
