@@ -1,10 +1,11 @@
 """Every redteam attack succeeds against a deliberately weakened component, so none is a check that
 cannot fail; and where the current code already defends, the same attack is refused by it.
 
-The weakened components are written here, next to the test that uses them: a SecAgg client that
-answers an overlapping unmask request with both shares, a threshold with 2t = k, a client that
-does not check a frame's round and session, masks switched off, a node without any policy, a wire
-decoder without its depth and integer bounds.
+The weakened components are written here, next to the test that uses them: SecAgg clients that
+skip the consistency check or the key-directory signatures, a client/server pair with t = k/2 and a
+quorum of half the round, a client that does not check a frame's round and session, CKKS clients
+without masks or the aggregate check, masks switched off, a node without any policy, a wire decoder
+without its depth and integer bounds.
 """
 
 from __future__ import annotations

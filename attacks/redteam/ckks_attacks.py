@@ -13,8 +13,9 @@ A client must decrypt only an aggregate that provably combines at least the poli
 number of distinct honest clients (e.g. pairwise masks that cancel only in the agreed sum). This
 is a chosen-ciphertext setting stronger than IND-CPA-D (Li and Micciancio, Eurocrypt 2021).
 
-The attack goes through the real node: setup, fit (the host's participants encrypt), a ``finish``
-request carrying the forged aggregate, then the ``release`` request, and reads the victim's
+The attack goes through the real node: setup, fit, the mask round's SecAgg+ stages (``agg``
+requests; the host's participants mask and encrypt), a ``finish`` request carrying the forged
+aggregate instead of the honest one, then the ``release`` request, and reads the victim's
 update from the released model.
 """
 
