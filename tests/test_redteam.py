@@ -117,7 +117,9 @@ def test_the_json_is_strict_and_the_schema_rejects_a_refusal_that_recovered(tmp_
     assert "NaN" not in text and "Infinity" not in text
     jsonschema.validate(report, _schema())
     forged = json.loads(text)
-    forged["attacks"][0]["evidence"]["recovered"] = True  # a "refused" row whose evidence says recovered
+    # a "refused" row whose evidence says recovered (overlap is 'skipped' on the merged protocol, without evidence)
+    refused = next(i for i, a in enumerate(forged["attacks"]) if a["verdict"] == "refused")
+    forged["attacks"][refused]["evidence"]["recovered"] = True
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(forged, _schema())
     forged = json.loads(text)
