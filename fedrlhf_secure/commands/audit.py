@@ -74,6 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workers", type=int, default=None, help="worker processes for the audit's training runs (default: the run's federation.workers)"
     )
+    parser.add_argument(
+        "--quick", action="store_true", help="LOSS attack and the ε audit only (--shadows 0): one extra training run instead of 17"
+    )
     parser.add_argument("--no-plots", action="store_true", help="skip the ROC plots")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -82,11 +85,13 @@ def run(args: argparse.Namespace) -> int:
     run_dir: Path = args.run_dir
     if not run_dir.is_dir():
         raise InputError(f"run directory not found: {run_dir}")
+    shadows = 0 if args.quick else args.shadows
+    print(estimated_cost(run_dir, shadows, args.server_view), flush=True)
     report = audit_with_progress(
         run_dir,
         args.data_dir,
         show_progress=not args.no_progress,
-        num_shadows=args.shadows,
+        num_shadows=shadows,
         num_canaries=args.canaries,
         gradient_canaries=args.gradient_canaries,
         require_power=args.require_power,
@@ -105,13 +110,27 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_CLAIM_REFUTED if report["verdict"] == "fail" else 0
 
 
+def estimated_cost(run_dir: Path, shadows: int, server_view: bool) -> str:
+    """What the audit will train, and about how long, from the run's own duration (printed first)."""
+    import json
+
+    runs = shadows + 1 + int(server_view)
+    try:
+        seconds = float(json.loads((run_dir / "summary.json").read_text())["seconds_total"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"audit plan: {runs} training run(s) of this config ({shadows} shadows); --quick trains one"
+    minutes = runs * seconds / 60
+    quick = "" if shadows == 0 else f"; --quick (LOSS + the ε audit) trains one, about {seconds / 60:.1f} min"
+    return f"audit plan: {runs} training run(s) of this config ({shadows} shadows), about {minutes:.1f} min at the run's own pace{quick}"
+
+
 def audit_with_progress(run_dir: Path, data_dir: Path | None, *, show_progress: bool = True, noise=None, **settings) -> dict:
     """:func:`attacks.audit.audit_run` with :class:`~attacks.audit.AuditSettings` ``settings`` and a
-    progress bar on stderr; the one way the runtime reaches the attacks (``fedrlhf bench audit`` too)."""
-    from tqdm.auto import tqdm
+    progress display on stderr; the one way the runtime reaches the attacks (``fedrlhf bench audit`` too)."""
+    from .. import progress
 
     resolved = AuditSettings(**settings)
-    bar = tqdm(total=progress_steps(resolved), desc="audit", unit="run", disable=not show_progress, file=sys.stderr)
+    bar = progress.bar(progress_steps(resolved), "audit", "training run", show=show_progress)
     try:
         return audit_run(
             run_dir, data_dir, resolved, progress=bar.set_postfix_str, step=lambda: bar.update(1), noise=noise, announce=_announce
@@ -133,11 +152,18 @@ def format_report(report: dict) -> str:
     lines.append(
         f"released parameters: {rp['members']} members / {rp['candidates'] - rp['members']} non-members, {rp['shadow_runs']} shadow runs"
     )
+    non_members = rp["candidates"] - rp["members"]
+
+    def tpr(m: dict, key: str, fpr: float) -> str:
+        # a TPR at an FPR below 1/non-members rests on less than one false positive: not resolvable
+        return f"{m[key]:.4f}" if fpr * non_members >= 1 else f"- (needs ≥ {int(round(1 / fpr))} non-members)"
+
     lines.append("| attack | AUC | balanced acc. | TPR@0.1%FPR | TPR@1%FPR |")
     lines.append("|---|---|---|---|---|")
     for name, m in rp["attacks"].items():
         lines.append(
-            f"| {name} | {m['auc']:.4f} | {m['balanced_accuracy']:.4f} | {m['tpr_at_0_1pct_fpr']:.4f} | {m['tpr_at_1pct_fpr']:.4f} |"
+            f"| {name} | {m['auc']:.4f} | {m['balanced_accuracy']:.4f} | {tpr(m, 'tpr_at_0_1pct_fpr', 0.001)} | "
+            f"{tpr(m, 'tpr_at_1pct_fpr', 0.01)} |"
         )
     if "server_view" in report:
         sv = report["server_view"]
