@@ -20,7 +20,7 @@ from aggregation.base import ProtocolError, RoundContext
 from aggregation.ckks import CKKSConfig, codec, factory
 from aggregation.ckks.params import new_secret_context
 
-CLIENTS = (0, 1, 2)
+CLIENTS = tuple(range(6))  # the mask round is SecAgg+: 6 clients hold its default bounds (3 cannot)
 DIM = 3000
 CFG = CKKSConfig()
 
@@ -161,7 +161,7 @@ def test_hundreds_of_corruptions_do_not_crash_the_process():
         from aggregation.ckks import CKKSConfig, factory
         from aggregation.ckks import codec
         from aggregation import wire
-        cfg = CKKSConfig(); clients = (0, 1); dim = 2500
+        cfg = CKKSConfig(); clients = tuple(range(6)); dim = 2500
         agg = factory(cfg, clients, 0); ctx = RoundContext(os.urandom(16), 0, clients, dim)
         server, _, ups = to_updates(agg, ctx, {{c: (np.ones(dim, np.float32) * 0.01, 3.0) for c in clients}})
         frame = wire.decode(ups[0])
