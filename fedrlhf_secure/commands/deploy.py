@@ -193,9 +193,19 @@ def _app_signing(args: argparse.Namespace) -> int:
 
 
 def _run_local(args: argparse.Namespace) -> int:
+    """Start the deployment, run the config, print the result table ``fedrlhf run`` prints.
+
+    Start-up takes a minute or two (a SuperLink, the client hosts loading the task, the
+    SuperNodes): each step is logged as it completes, then one progress display per run with a
+    step per round (tqdm on a terminal, log lines elsewhere), so the command is never silent."""
+    import json
+
+    from .. import progress
     from ..config import load_config
     from ..federation.engine import build_task, resolve_data_dir
     from ..federation.policy import NodePolicy, load_policy
+    from ..federation.results import render_result
+    from ..rundir import point_latest
     from ..transport.local_deployment import LocalDeployment, partition
 
     config = load_config(args.config)
@@ -206,8 +216,35 @@ def _run_local(args: argparse.Namespace) -> int:
     groups = partition(client_ids, args.nodes)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="fedrlhf-deploy-"))
     logger.info("deployment files and logs: %s", workdir)
-    with LocalDeployment(workdir, groups, data_dir=data_dir, policy=policy) as dep:
-        logger.info("SuperLink on 127.0.0.1:%d (TLS, SuperNode authentication); %d SuperNodes", dep.port, len(groups))
-        path = dep.run(args.config, args.out, stage_timeout=args.stage_timeout)
-    print(f"run directory: {path}")
+    steps = [0]
+
+    def started(text: str) -> None:
+        steps[0] += 1
+        logger.info("deploy local: start-up %d/%d: %s", steps[0], total_steps, text)
+
+    dep = LocalDeployment(workdir, groups, data_dir=data_dir, policy=policy, on_step=started)
+    total_steps = dep.start_steps
+    with dep:
+        logger.info(
+            "SuperLink on 127.0.0.1:%d (TLS, SuperNode authentication); %d SuperNodes; running %d rounds of %s · %s",
+            dep.port,
+            len(groups),
+            config.federation.rounds,
+            config.task.kind,
+            config.aggregation.kind,
+        )
+        bar = progress.bar(config.federation.rounds, f"deploy local · {config.task.kind} · {config.aggregation.kind}", "round")
+        done = [0]
+
+        def rounds(n: int) -> None:
+            bar.update(n - done[0])
+            done[0] = n
+            bar.set_postfix_str(f"round {n - 1} done")
+
+        try:
+            path = dep.run(args.config, args.out, stage_timeout=args.stage_timeout, on_round=rounds)
+        finally:
+            bar.close()
+    print(render_result(json.loads((path / "summary.json").read_text()), path))
+    point_latest(path)
     return 0

@@ -28,7 +28,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,6 +94,7 @@ class LocalDeployment:
         start_timeout: float = 120.0,
         task_modules: Sequence[str] = (),
         policy: NodePolicy | Sequence[NodePolicy] | None = None,
+        on_step: Callable[[str], None] | None = None,
     ) -> None:
         if len(node_clients) < 1 or any(len(c) == 0 for c in node_clients):
             raise InputError("every SuperNode needs at least one client id")
@@ -114,6 +115,20 @@ class LocalDeployment:
         self.app_key: NodeKeyPaths | None = None
         self._closed = False
         self._previous_sigterm = None
+        self._on_step = on_step
+        """Told each start-up step as it completes (``deploy local`` prints them: start-up takes minutes under load)."""
+
+    START_STEPS_FIXED = 3
+    """Start-up steps besides the per-node ones: credentials, SuperLink listening, nodes registered."""
+
+    @property
+    def start_steps(self) -> int:
+        """How many times :meth:`start` calls ``on_step``: the fixed steps, then a client host and a SuperNode per node."""
+        return self.START_STEPS_FIXED + 2 * len(self.node_clients)
+
+    def _step(self, text: str) -> None:
+        if self._on_step is not None:
+            self._on_step(text)
 
     # ------------------------------------------------------------------ processes
     def _env(self, home: Path, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -220,6 +235,7 @@ class LocalDeployment:
         self.app_key = create_signing_key(self.workdir / "app-signing", APP_SIGNER)
         write_trusted_entities(self.app_signers, {APP_SIGNER: self.app_key.public_key})
         write_runner(self.runner_dir)
+        self._step("credentials written (deployment CA, node keys, app-signing key)")
         self.port = free_port()
         link = self._spawn(
             "superlink",
@@ -241,6 +257,7 @@ class LocalDeployment:
             self.workdir / "flwr-superlink",
         )
         _wait_port(self.port, link.popen, link.log, self.start_timeout)
+        self._step(f"SuperLink listening on {LOOPBACK}:{self.port}")
         (self.cli_home).mkdir(parents=True, exist_ok=True)
         (self.cli_home / "config.toml").write_text(
             '[superlink]\ndefault = "local"\n\n[superlink.local]\n'
@@ -252,6 +269,7 @@ class LocalDeployment:
             sock = self.workdir / "sockets" / f"node-{i}.sock"
             sock.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             self.nodes.append(NodeHandle(i, cids, sock, keys[i]))
+        self._step(f"{len(self.nodes)} SuperNode keys registered")
         self._start_nodes()
 
     def _register(self, key: NodeKeyPaths) -> None:
@@ -303,6 +321,7 @@ class LocalDeployment:
                 if time.monotonic() > deadline:
                     raise DeploymentError(f"client host {node.index} not ready after {self.start_timeout:.0f} s; see {host.log}")
                 time.sleep(0.1)
+            self._step(f"client host {node.index} ready (clients {_ids_text(node.client_ids)})")
         assert self.certs is not None
         for (host, _), node in zip(hosts, self.nodes, strict=True):
             supernode = self._spawn(
@@ -327,6 +346,7 @@ class LocalDeployment:
                 runner_path_env(self.runner_dir),
             )
             node.procs = [host, supernode]
+            self._step(f"SuperNode {node.index} started")
 
     @property
     def app_signers(self) -> Path:
@@ -401,16 +421,31 @@ class LocalDeployment:
         self.procs.append(_Proc("flwr-run", popen, log))
         return popen
 
-    def run(self, config: Path, out: Path, *, timeout: float = 1800.0, **kwargs) -> Path:
-        """Run ``config`` to completion and return its run directory."""
+    def run(self, config: Path, out: Path, *, timeout: float = 1800.0, on_round: Callable[[int], None] | None = None, **kwargs) -> Path:
+        """Run ``config`` to completion and return its run directory.
+
+        ``on_round(n)`` is called whenever the run directory being written (``OUT/NAME.partial``,
+        on this machine's disk) shows ``n`` completed rounds in its ``metrics.jsonl``."""
         out = Path(out)
         before = set(out.iterdir()) if out.exists() else set()
         proc = self.submit(config, out, **kwargs)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired as exc:
-            raise DeploymentError(f"flwr run did not finish in {timeout:.0f} s; see {self.workdir / 'logs'}") from exc
-        return finished_run(out, before, self.workdir / "logs")
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while proc.poll() is None:
+            if time.monotonic() > deadline:
+                raise DeploymentError(f"flwr run did not finish in {timeout:.0f} s; see {self.workdir / 'logs'}")
+            if on_round is not None:
+                done = rounds_written(out, before)
+                if done > seen:
+                    seen = done
+                    on_round(done)
+            time.sleep(0.5)
+        path = finished_run(out, before, self.workdir / "logs")
+        if on_round is not None:
+            done = _lines(path / "metrics.jsonl")
+            if done > seen:
+                on_round(done)
+        return path
 
 
 def _exit_on_sigterm(signum, frame) -> None:
@@ -434,6 +469,24 @@ def descendants(pid: int) -> list[int]:
         found.extend(sorted(kids))
         frontier = kids
     return found
+
+
+def _lines(path: Path) -> int:
+    try:
+        return path.read_bytes().count(b"\n")
+    except OSError:
+        return 0
+
+
+def rounds_written(out: Path, before: set[Path]) -> int:
+    """Completed rounds of the run being written into ``out`` (a directory that was not in ``before``)."""
+    if not out.exists():
+        return 0
+    return max((_lines(p / "metrics.jsonl") for p in set(out.iterdir()) - before if p.is_dir()), default=0)
+
+
+def _ids_text(ids: Sequence[int]) -> str:
+    return ", ".join(map(str, ids)) if len(ids) <= 8 else f"{len(ids)} clients, {ids[0]}..{ids[-1]}"
 
 
 def finished_run(out: Path, before: set[Path], logs: Path) -> Path:
