@@ -615,3 +615,29 @@ def test_the_per_message_clientapp_process_imports_no_torch_no_task_and_not_the_
     assert res.returncode == 0, res.stderr[-3000:]
     assert "ARGS 127.0.0.1:9094 7" in res.stdout
     assert "BAD []" in res.stdout, res.stdout
+
+
+def test_the_supernode_runner_caps_flowers_idle_poll_and_nothing_else(tmp_path, monkeypatch):
+    """flwr 1.42's SuperNode sleeps 3 s when idle (hard-coded); the runner caps that module's sleeps
+    at 0.3 s, leaves every other use of ``time`` alone, and refuses a nonsensical interval."""
+    import time as real_time
+
+    from flwr.supernode import start_client_internal
+
+    from fedrlhf_secure.transport import supernode_runner as sr
+
+    slept: list[float] = []
+    fake = type("T", (), {"sleep": staticmethod(slept.append), "time": staticmethod(lambda: 42.0)})
+    capped = sr.CappedSleep(fake, 0.3)
+    capped.sleep(3)
+    capped.sleep(0.1)
+    assert slept == [0.3, 0.1] and capped.time() == 42.0
+    monkeypatch.setattr(start_client_internal, "time", real_time)
+    sr.patch(sr.poll_interval({}))
+    assert isinstance(start_client_internal.time, sr.CappedSleep) and start_client_internal.time.cap == sr.DEFAULT_POLL_S
+    assert sr.poll_interval({sr.ENV: "3"}) == 3.0
+    for bad in ("0", "inf", "x"):
+        with pytest.raises(SystemExit, match=sr.ENV):
+            sr.poll_interval({sr.ENV: bad})
+    path = sr.write_supernode_runner(tmp_path / "bin")
+    assert path.name == "flower-supernode" and os.access(path, os.X_OK) and "supernode_runner import main" in path.read_text()
