@@ -47,26 +47,21 @@ _TIMING_KEYS = ("process_start", "handler", "relay_s", "reply_at")
 
 
 def process_start_time() -> float | None:
-    """When this process was started (Unix time, 10 ms resolution), from ``/proc``; None elsewhere."""
+    """When this process was started (Unix time, 10 ms resolution), from ``/proc``; None elsewhere.
+
+    ``/proc/self/stat`` gives the start in clock ticks since boot; ``/proc/uptime`` the time since
+    boot now (10 ms), so the start is ``now - (uptime - start)`` (``btime`` is whole seconds only)."""
     import os
 
     try:
         with open("/proc/self/stat", encoding="ascii") as fh:
             ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/stat", encoding="ascii") as fh:
-            boot = next(int(line.split()[1]) for line in fh if line.startswith("btime "))
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
+        now = time.time()
+        with open("/proc/uptime", encoding="ascii") as fh:
+            uptime = float(fh.read().split()[0])
+        return now - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
         return None
-
-
-def unpack(content: RecordDict) -> bytes:
-    if RECORD not in content.config_records:
-        raise ValueError(f"message has no {RECORD!r} config record")
-    value = content.config_records[RECORD].get(FIELD)
-    if not isinstance(value, bytes):
-        raise ValueError(f"message record {RECORD!r} has no bytes field {FIELD!r}")
-    return value
 
 
 @app.query(MESSAGE_ACTION)
