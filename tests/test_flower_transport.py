@@ -592,7 +592,7 @@ def test_exchange_timing_splits_the_wall_time_at_the_slowest_nodes_stamps():
 
 
 def test_the_per_message_clientapp_process_imports_no_torch_no_task_and_not_the_whole_supernode(tmp_path):
-    """Flower starts a fresh process per message: it must only relay (issue 16). The runner is
+    """Flower starts a fresh process per message: it must only relay (issue 16; numpy is Flower's own). The runner is
     started as SuperExec starts it, with Flower's run_clientapp replaced by a stub that loads our app."""
     import subprocess
     import sys
@@ -607,7 +607,7 @@ def test_the_per_message_clientapp_process_imports_no_torch_no_task_and_not_the_
         "sys.argv = ['flwr-clientapp', '--runtime-api-address', '127.0.0.1:9094', '--token', 't', '--insecure', '--parent-pid', '7']\n"
         "from fedrlhf_secure.transport.verified_clientapp import main\n"
         "main()\n"
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy', 'aggregation', 'tenseal', 'opacus')"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'aggregation', 'tenseal', 'opacus', 'transformers')"
         " or m.startswith(('fedrlhf_secure.federation', 'fedrlhf_secure.tasks', 'flwr.supernode.cli')))\n"
         "print('BAD', bad)\n"
     )
@@ -641,3 +641,44 @@ def test_the_supernode_runner_caps_flowers_idle_poll_and_nothing_else(tmp_path, 
             sr.poll_interval({sr.ENV: bad})
     path = sr.write_supernode_runner(tmp_path / "bin")
     assert path.name == "flower-supernode" and os.access(path, os.X_OK) and "supernode_runner import main" in path.read_text()
+
+
+def test_the_clientapp_launcher_runs_the_verifying_runner_forked_from_the_zygote_with_its_streams_and_exit_code(tmp_path):
+    """The per-message `flwr-clientapp` hands its argv and standard streams to the warm zygote, whose
+    child runs the same verifying runner (here: Flower's argument parser answering --help / refusing
+    a bad flag) and reports its exit code; the launcher exits with it. Without a zygote the launcher
+    runs the runner itself, with the same result."""
+    import subprocess
+    import sys
+    import time
+
+    from fedrlhf_secure.transport.verified_clientapp import write_runner
+
+    sock = tmp_path / "z.sock"
+    runner = write_runner(tmp_path / "bin", zygote=sock)
+
+    def launch(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(runner), *args], capture_output=True, text=True, timeout=300)
+
+    direct_help, direct_bad = launch("--help"), launch("--bogus")
+    assert direct_help.returncode == 0 and "--runtime-api-address" in direct_help.stdout
+    assert direct_bad.returncode == 2 and "--token" in direct_bad.stderr
+    ready = tmp_path / "ready"
+    zygote = subprocess.Popen(
+        [sys.executable, "-m", "fedrlhf_secure.cli", "deploy", "clientapp-zygote", "--socket", str(sock), "--ready-file", str(ready)],
+        cwd=Path(__file__).parents[1],
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not ready.exists():
+            assert zygote.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+        forked_help, forked_bad = launch("--help"), launch("--bogus")
+        assert forked_help.returncode == 0 and "fedrlhf: app bundle signature verified first" in forked_help.stdout
+        assert forked_help.stdout.split()[:4] == direct_help.stdout.split()[:4]  # (line wrapping follows the terminal)
+        assert forked_bad.returncode == 2 and forked_bad.stderr.strip().endswith(direct_bad.stderr.strip().splitlines()[-1])
+        assert zygote.poll() is None  # the zygote outlives its children
+    finally:
+        zygote.terminate()
+        zygote.wait(timeout=30)

@@ -70,6 +70,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--task-module", action="append", default=[], help="import this module first (a task plug-in that registers its kind)")
     p.add_argument("--ready-file", type=Path, default=None, help=argparse.SUPPRESS)
 
+    p = sub.add_parser(
+        "clientapp-zygote",
+        help="a warm ClientApp process the node's flwr-clientapp launcher forks from (optional: saves Flower's imports per message)",
+    )
+    p.add_argument("--socket", type=Path, required=True, help="Unix socket path (the one deploy app-runner's launcher names)")
+    p.add_argument("--ready-file", type=Path, default=None, help=argparse.SUPPRESS)
+
     p = sub.add_parser("policy", help="write a node policy that accepts no less protection than a config")
     p.add_argument("--config", type=Path, required=True, help="the fedrlhf YAML config the node's operator accepts")
     p.add_argument("--out", type=Path, required=True, help="the policy file to write (give it to client-host --policy)")
@@ -153,6 +160,14 @@ def run(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             pass
         return 0
+    if cmd == "clientapp-zygote":
+        from ..transport.clientapp_zygote import serve as serve_zygote
+
+        try:
+            serve_zygote(args.socket, ready_file=args.ready_file)
+        except KeyboardInterrupt:
+            pass
+        return 0
     if cmd == "policy":
         import dataclasses
 
@@ -192,10 +207,11 @@ def _app_signing(args: argparse.Namespace) -> int:
             raise InputError(f"--signer expects ID=PUBKEY_FILE, got {item!r}")
         signers[key_id] = Path(pub)
     trusted = app_signing.write_trusted_entities(args.out / "app-signers.yaml", signers)
-    runner = write_runner(args.out)
+    runner = write_runner(args.out, zygote=args.out / "clientapp-zygote.sock")
     supernode = write_supernode_runner(args.out)
     print(f'{runner} (first on the SuperNode\'s PATH)  {trusted} (node config {app_signing.SIGNERS_FIELD}="{trusted.resolve()}")')
     print(f"{supernode} (optional: Flower's SuperNode polling every 0.3 s instead of 3 s; start it instead of flower-supernode)")
+    print(f"optional, faster messages: fedrlhf deploy clientapp-zygote --socket {(args.out / 'clientapp-zygote.sock').resolve()}")
     return 0
 
 

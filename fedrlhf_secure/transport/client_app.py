@@ -46,6 +46,15 @@ def unpack_timing(content: RecordDict) -> dict[str, float]:
 _TIMING_KEYS = ("process_start", "handler", "relay_s", "reply_at")
 
 
+def unpack(content: RecordDict) -> bytes:
+    if RECORD not in content.config_records:
+        raise ValueError(f"message has no {RECORD!r} config record")
+    value = content.config_records[RECORD].get(FIELD)
+    if not isinstance(value, bytes):
+        raise ValueError(f"message record {RECORD!r} has no bytes field {FIELD!r}")
+    return value
+
+
 def process_start_time() -> float | None:
     """When this process was started (Unix time, 10 ms resolution), from ``/proc``; None elsewhere.
 

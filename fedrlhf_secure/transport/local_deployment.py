@@ -235,7 +235,7 @@ class LocalDeployment:
         # the operator's app-signing key; every node trusts it (and only it) to sign the app bundle
         self.app_key = create_signing_key(self.workdir / "app-signing", APP_SIGNER)
         write_trusted_entities(self.app_signers, {APP_SIGNER: self.app_key.public_key})
-        write_runner(self.runner_dir)
+        write_runner(self.runner_dir, zygote=self.zygote_socket)
         write_supernode_runner(self.runner_dir)
         self._step("credentials written (deployment CA, node keys, app-signing key)")
         self.port = free_port()
@@ -312,9 +312,22 @@ class LocalDeployment:
             cmd += ["--task-module", module]
         return self._spawn(f"client-host-{i}", cmd, self.workdir / f"flwr-node-{i}"), ready
 
+    @property
+    def zygote_socket(self) -> Path:
+        return self.workdir / "sockets" / "clientapp-zygote.sock"
+
+    def _start_zygote(self) -> tuple[_Proc, Path]:
+        """The warm ClientApp zygote every node's ``flwr-clientapp`` launcher forks from (:mod:`.clientapp_zygote`)."""
+        ready = self.workdir / "sockets" / "clientapp-zygote.ready"
+        if ready.exists():
+            ready.unlink()
+        cmd = [sys.executable, "-m", "fedrlhf_secure.cli", "deploy", "clientapp-zygote", "--socket", str(self.zygote_socket)]
+        return self._spawn("clientapp-zygote", [*cmd, "--ready-file", str(ready)], self.workdir / "flwr-zygote"), ready
+
     def _start_nodes(self) -> None:
         """Client hosts first (all at once: each loads the task), then one SuperNode per host."""
         hosts = [self._start_client_host(node) for node in self.nodes]
+        zygote, zygote_ready = self._start_zygote()
         deadline = time.monotonic() + self.start_timeout
         for (host, ready), node in zip(hosts, self.nodes, strict=True):
             while not ready.exists():
@@ -324,6 +337,12 @@ class LocalDeployment:
                     raise DeploymentError(f"client host {node.index} not ready after {self.start_timeout:.0f} s; see {host.log}")
                 time.sleep(0.1)
             self._step(f"client host {node.index} ready (clients {_ids_text(node.client_ids)})")
+        while not zygote_ready.exists():
+            if zygote.popen.poll() is not None:
+                raise DeploymentError(f"the ClientApp zygote exited with code {zygote.popen.returncode}; see {zygote.log}")
+            if time.monotonic() > deadline:
+                raise DeploymentError(f"the ClientApp zygote is not ready after {self.start_timeout:.0f} s; see {zygote.log}")
+            time.sleep(0.1)
         assert self.certs is not None
         for (host, _), node in zip(hosts, self.nodes, strict=True):
             supernode = self._spawn(

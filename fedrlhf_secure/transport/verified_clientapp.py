@@ -102,18 +102,24 @@ def flower_clientapp() -> None:
     )
 
 
-def write_runner(bin_dir: Path) -> Path:
-    """``BIN_DIR/flwr-clientapp``: this runner under Flower's command name, for the SuperNode's ``PATH``."""
+def write_runner(bin_dir: Path, *, zygote: Path | None = None) -> Path:
+    """``BIN_DIR/flwr-clientapp``: this runner under Flower's command name, for the SuperNode's ``PATH``.
+
+    With ``zygote`` (a socket of :mod:`.clientapp_zygote`), the command is a small launcher that has
+    the warm zygote fork the same runner, and runs it itself when no zygote answers."""
     bin_dir = Path(bin_dir)
     bin_dir.mkdir(parents=True, exist_ok=True)
     path = bin_dir / "flwr-clientapp"
-    path.write_text(
-        f"#!{sys.executable}\n"
-        "# fedrlhf: Flower's ClientApp runner, verifying the app bundle's signature first\n"
-        "from fedrlhf_secure.transport.verified_clientapp import main\n\n"
-        "main()\n",
-        encoding="utf-8",
-    )
+    if zygote is not None:
+        text = LAUNCHER.format(python=sys.executable, socket=str(Path(zygote).resolve()))
+    else:
+        text = (
+            f"#!{sys.executable}\n"
+            "# fedrlhf: Flower's ClientApp runner, verifying the app bundle's signature first\n"
+            "from fedrlhf_secure.transport.verified_clientapp import main\n\n"
+            "main()\n"
+        )
+    path.write_text(text, encoding="utf-8")
     path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     return path
 
@@ -123,3 +129,41 @@ def runner_path_env(bin_dir: Path, env: dict[str, str] | None = None) -> dict[st
     env = dict(os.environ if env is None else env)
     env["PATH"] = os.pathsep.join([str(Path(bin_dir).resolve()), env.get("PATH", "")])
     return env
+
+
+LAUNCHER = """#!{python}
+# fedrlhf: Flower's ClientApp runner (app bundle signature verified first), forked from this node's
+# warm ClientApp zygote at {socket} when it runs, else started here
+import json, os, signal, socket, struct, sys
+
+def _direct():
+    from fedrlhf_secure.transport.verified_clientapp import main
+    main()
+    sys.exit(0)
+
+try:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect({socket!r})
+except OSError:
+    _direct()
+body = json.dumps({{"argv": sys.argv, "env": dict(os.environ), "cwd": os.getcwd()}}).encode()
+socket.send_fds(s, [b"F"], [0, 1, 2])
+s.sendall(struct.pack(">Q", len(body)) + body)
+
+def _read4():
+    buf = b""
+    while len(buf) < 4:
+        chunk = s.recv(4 - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return struct.unpack(">i", buf)[0]
+
+child = _read4()
+if child is None:
+    sys.exit(1)
+for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, lambda n, f: os.kill(child, n))
+code = _read4()
+sys.exit(1 if code is None else code)
+"""
