@@ -9,13 +9,17 @@ Subcommands::
     fedrlhf deploy app-key --out keys --name operator                 # operator: Ed25519 app-signing key
     fedrlhf deploy sign-app --key keys/operator --key-id operator      # -> app-signature for flwr run
     fedrlhf deploy app-runner --out /opt/fedrlhf/bin --signer operator=operator.pub   # each SuperNode
+    fedrlhf deploy clientapp-zygote --socket /opt/fedrlhf/bin/clientapp-zygote.sock   # optional, each SuperNode
     fedrlhf deploy local --config configs/movielens-tiny.yaml --nodes 3 --data-dir DATA --out runs
 
 ``client-host`` checks every setup the server sends against the node's own policy file
 (:mod:`fedrlhf_secure.federation.policy`) and refuses one that asks for less protection.
 ``local`` starts a TLS SuperLink with SuperNode authentication, registers the node keys, starts
 one client host and one SuperNode per node on free loopback ports, runs the config with
-``flwr run`` and stops every process afterwards, also when something fails.
+``flwr run`` and stops every process afterwards, also when something fails; it logs each start-up
+step and each round, prints the result table ``fedrlhf run`` prints and points ``runs/latest`` at
+the run. ``clientapp-zygote`` is a process that imported Flower once and forks the node's verifying
+ClientApp runner for each message (:mod:`fedrlhf_secure.transport.clientapp_zygote`).
 """
 
 from __future__ import annotations
