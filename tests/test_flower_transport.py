@@ -382,7 +382,7 @@ def test_a_deployment_that_fails_to_start_leaves_no_process_behind(tmp_path):
     with pytest.raises(DeploymentError, match="client host 0 exited"):
         with dep:
             pass
-    assert [p.name for p in dep.procs] == ["superlink", "client-host-0"]
+    assert [p.name for p in dep.procs] == ["superlink", "client-host-0", "clientapp-zygote"]
     for proc in dep.procs:
         assert proc.popen.poll() is not None
         assert _live_members(proc.popen.pid) == []
