@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -81,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     from ..transport.local_deployment import LocalDeployment, partition
 
     results = []
+    load_start = os.getloadavg()[0]  # the machine may be shared: its load belongs beside the timings
     with tempfile.TemporaryDirectory(prefix="fedrlhf-bench-flower-") as tmp_s:
         tmp = Path(tmp_s)
         groups = partition(list(range(args.clients)), args.nodes)
@@ -140,13 +142,14 @@ def run(args: argparse.Namespace) -> int:
                 results.append(res)
                 print(json.dumps({k: v for k, v in res.items() if not k.endswith("rounds_s")}))
         bar.close()
-    write_json(args.json, {"deployment_startup_s": startup, "results": results})
-    write_report(args.doc, results, startup)
+    load = f"{load_start:.1f} → {os.getloadavg()[0]:.1f}"
+    write_json(args.json, {"deployment_startup_s": startup, "load_average_1min": load, "results": results})
+    write_report(args.doc, results, startup, load)
     print(f"results: {args.json} and {args.doc}")
     return 0
 
 
-def write_report(doc: Path, results: list[dict], startup: float) -> None:
+def write_report(doc: Path, results: list[dict], startup: float, load: str = "not recorded") -> None:
     """The ``flower`` section of BENCHMARKS.md from this benchmark's results."""
     rows = [
         [
@@ -203,14 +206,16 @@ def write_report(doc: Path, results: list[dict], startup: float) -> None:
         f"### Flower transport vs in-process (`fedrlhf bench flower`)\n\n{table}\n\n"
         f"Medians over {rounds} rounds, measured side by side in one run (synthetic `vector` task: local training is a "
         "seeded draw, so the time is transport and aggregation). Exchanges: the fit stage, the aggregation stages and "
-        "the evaluation; each is one Flower Message per SuperNode, handled by a fresh `flwr-clientapp` process. "
+        "the evaluation; each is one Flower Message per SuperNode, handled by a `flwr-clientapp` process forked from the node's "
+        "warm ClientApp zygote. "
         f"Deployment start-up (SuperLink, {nodes} SuperNodes, client hosts, TLS, node registration): {startup:.1f} s, once.\n\n"
         f"Where an exchange's time goes (medians over the run's exchanges, the node that answered last):\n\n{split_table}\n\n"
-        "Node poll: from the ServerApp's push until Flower started the node's `flwr-clientapp` (the SuperNode's idle "
-        "poll, 3 s hard-coded in flwr 1.42, then the SuperExec's task poll, `FLWR_SUPEREXEC_TASK_POLL_INTERVAL`). "
-        "Process start: interpreter, Flower's imports and the app-bundle signature check, up to our handler. "
-        "Our compute: the relay to the client host and its work. Reply back: the ClientApp's push, the SuperNode's "
-        "0.5 s reply poll and the ServerApp's pull back-off (50-250 ms). Stamps from the ServerApp's and ClientApp's "
-        "clocks, comparable because loopback runs on one machine."
+        "Node poll: from the ServerApp's push until the node's `flwr-clientapp` started (the SuperNode's idle "
+        "poll, 3 s hard-coded in flwr 1.42 and capped at 0.3 s by our SuperNode runner, then the SuperExec's task poll, "
+        "`FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.2`). Process start: the launcher's interpreter, the fork from the zygote, "
+        "Flower pulling, verifying (signature) and installing the app bundle, up to our handler. Our compute: the relay "
+        "to the client host and its work. Reply back: the ClientApp's push, the SuperNode's reply poll (0.3 s cap) "
+        "and the ServerApp's pull back-off (50-250 ms). Stamps from the ServerApp's and ClientApp's clocks, comparable "
+        f"because loopback runs on one machine. Load average (1 min) at the start and end of the benchmark: {load}."
     )
     update_section(doc, "flower", body)
