@@ -264,9 +264,9 @@ def _run_local(args: argparse.Namespace) -> int:
         done = [0]
 
         def rounds(n: int) -> None:
+            bar.set_postfix_str(f"round {n - 1} done")  # rounds are 0-based, as in metrics.jsonl
             bar.update(n - done[0])
             done[0] = n
-            bar.set_postfix_str(f"round {n - 1} done")
 
         try:
             path = dep.run(args.config, args.out, stage_timeout=args.stage_timeout, on_round=rounds)
