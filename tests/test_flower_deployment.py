@@ -221,3 +221,38 @@ def test_a_supernode_stopped_mid_round_drops_out_and_the_round_still_completes(d
     got, want = load_tensors(run / "model.safetensors"), load_tensors(ref / "model.safetensors")
     for k in want:
         np.testing.assert_allclose(got[k], want[k], atol=2e-3, rtol=0)
+
+
+def test_deploy_local_reports_progress_prints_the_result_table_and_points_runs_latest(tmp_path, data_dir):
+    """`fedrlhf deploy local` piped to files, as a newcomer's log would be (issue 14): start-up steps
+    and rounds are logged as plain lines (no carriage returns), stdout ends with the same table
+    `fedrlhf run` prints for that run directory, and `runs/latest` names it."""
+    import os
+    import subprocess
+    import sys
+
+    from fedrlhf_secure.federation.results import render_result
+
+    cfg = _config(tmp_path, "plain", 2)
+    out = tmp_path / "runs"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    res = subprocess.run(
+        [sys.executable, "-m", "fedrlhf_secure.cli", "deploy", "local", "--config", str(cfg), "--nodes", "2"]
+        + ["--data-dir", str(data_dir), "--out", str(out), "--workdir", str(tmp_path / "work")],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert "\r" not in res.stdout and "\r" not in res.stderr
+    steps = [line for line in res.stderr.splitlines() if "deploy local: start-up" in line]
+    assert len(steps) == 3 + 2 * 2 and steps[-1].startswith("deploy local: start-up 7/7")
+    assert any("deploy local · movielens · plain: 2/2 rounds" in line for line in res.stderr.splitlines()), res.stderr[-3000:]
+    latest = out / "latest"
+    assert latest.is_symlink()
+    run = latest.resolve()
+    assert run.parent == out.resolve() and (run / "summary.json").exists() and len(_rows(run)) == 2
+    table = render_result(json.loads((run / "summary.json").read_text()), run)
+    assert res.stdout.rstrip().endswith(table.rstrip())

@@ -398,7 +398,7 @@ def test_a_deployment_that_fails_to_start_leaves_no_process_behind(tmp_path):
     with pytest.raises(DeploymentError, match="client host 0 exited"):
         with dep:
             pass
-    assert [p.name for p in dep.procs] == ["superlink", "client-host-0"]
+    assert [p.name for p in dep.procs] == ["superlink", "client-host-0", "clientapp-zygote"]
     for proc in dep.procs:
         assert proc.popen.poll() is not None
         assert _live_members(proc.popen.pid) == []
@@ -500,7 +500,6 @@ def test_the_runner_refuses_at_installation_so_flower_still_answers_the_message(
     import importlib
     from types import SimpleNamespace
 
-    cli = importlib.import_module("flwr.supernode.cli.flwr_clientapp")  # the package re-exports a function of that name
     runtime = importlib.import_module("flwr.supernode.runtime.run_clientapp")
 
     from fedrlhf_secure.transport import verified_clientapp
@@ -519,7 +518,7 @@ def test_the_runner_refuses_at_installation_so_flower_still_answers_the_message(
         assert message == "message"
         runtime.install_from_fab(got.content, skip_prompt=True)
 
-    monkeypatch.setattr(cli, "flwr_clientapp", flower_runner)
+    monkeypatch.setattr(verified_clientapp, "flower_clientapp", flower_runner)
     if signed:
         verified_clientapp.main()
         assert installed == [fab]
@@ -527,3 +526,175 @@ def test_the_runner_refuses_at_installation_so_flower_still_answers_the_message(
         with pytest.raises(AppRefused, match="carries no signature"):
             verified_clientapp.main()
         assert installed == []
+
+
+class _FakeGrid:
+    """Flower's Grid API as the ServerApp uses it: replies appear after ``ready_after`` pulls; node 9 never answers."""
+
+    def __init__(self, ready_after: int, nodes=(1, 2, 9)) -> None:
+        self.ready_after, self.nodes, self.pulls, self.pushed = ready_after, nodes, 0, {}
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def push_messages(self, messages):
+        ids = []
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = m.object_id  # as Flower's grid does
+            self.pushed[m.object_id] = m
+            ids.append(m.object_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        from flwr.app import Message
+
+        from fedrlhf_secure.transport.client_app import pack, unpack
+
+        self.pulls += 1
+        if self.pulls < self.ready_after:
+            return []
+        out = []
+        for mid in message_ids:
+            req = self.pushed[mid]
+            if req.metadata.dst_node_id == 9:
+                continue
+            t = {"process_start": 100.0, "handler": 101.5, "relay_s": 0.25, "reply_at": 102.0}
+            reply = Message(pack(unpack(req.content)[::-1], t), reply_to=req)
+            reply.metadata.__dict__["_src_node_id"] = req.metadata.dst_node_id
+            out.append(reply)
+        return out
+
+
+def test_the_server_link_pulls_with_a_short_back_off_and_stops_at_the_deadline(monkeypatch):
+    """Replies after the 6th pull: the link's sleeps start at 50 ms and never exceed 250 ms (Flower's
+    send_and_receive sleeps 3 s); a node that never answers is waited for until the deadline only."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedrlhf_secure.transport import server_app
+
+    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):  # what a ServerApp process has
+        monkeypatch.setattr(TaskIdentity, attr, value)
+    slept: list[float] = []
+    monkeypatch.setattr(server_app.time, "sleep", lambda s: slept.append(s))
+    grid = _FakeGrid(ready_after=6, nodes=(1, 2))
+    link = server_app.GridLink(grid)
+    got = link.exchange({1: b"abc", 2: b"xyz"}, timeout=30.0)
+    assert got == {1: b"cba", 2: b"zyx"}
+    assert grid.pulls == 6 and len(slept) == 5
+    assert slept[0] == pytest.approx(0.05) and max(slept) <= 0.25 and slept == sorted(slept)
+    (t,) = link.timings
+    assert (t["asked"], t["answered"], t["pulls"]) == (2, 2, 6)
+    assert t["process_start"] == pytest.approx(1.5) and t["compute"] == pytest.approx(0.25)
+
+    clock = iter(range(0, 10_000))
+    monkeypatch.setattr(server_app.time, "monotonic", lambda: float(next(clock)))
+    link = server_app.GridLink(_FakeGrid(ready_after=1))
+    assert link.exchange({1: b"a", 9: b"b"}, timeout=5.0) == {1: b"a"}
+    assert link.timings[0]["answered"] == 1 and link.timings[0]["pulls"] <= 6
+
+
+def test_exchange_timing_splits_the_wall_time_at_the_slowest_nodes_stamps():
+    from fedrlhf_secure.transport.server_app import exchange_timing
+
+    nodes = {
+        1: {"process_start": 12.0, "handler": 15.0, "relay_s": 0.5, "reply_at": 15.6, "pulled": 16.0},
+        2: {"process_start": 11.0, "handler": 13.0, "relay_s": 0.9, "reply_at": 14.0, "pulled": 14.2},
+    }
+    t = exchange_timing(10.0, 10.5, 16.1, nodes, asked=2, pulls=9)
+    assert t["wall"] == pytest.approx(6.1) and t["push"] == pytest.approx(0.5)
+    assert (t["node_poll"], t["process_start"], t["compute"], t["return"]) == pytest.approx((1.5, 3.0, 0.5, 0.4))
+    assert t["compute_max"] == pytest.approx(0.9)
+    assert "node_poll" not in exchange_timing(10.0, 10.5, 16.1, {1: {"pulled": 16.0}}, asked=1, pulls=1)
+
+
+def test_the_per_message_clientapp_process_imports_no_torch_no_task_and_not_the_whole_supernode(tmp_path):
+    """Flower starts a fresh process per message: it must only relay (issue 16; numpy is Flower's own). The runner is
+    started as SuperExec starts it, with Flower's run_clientapp replaced by a stub that loads our app."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "import flwr.supernode.runtime.run_clientapp as rc\n"
+        "def stub(**kw):\n"
+        "    import fedrlhf_secure.transport.client_app  # what Flower's load_app imports\n"
+        "    print('ARGS', kw['runtime_api_address'], kw['parent_pid'])\n"
+        "rc.run_clientapp = stub\n"
+        "sys.argv = ['flwr-clientapp', '--runtime-api-address', '127.0.0.1:9094', '--token', 't', '--insecure', '--parent-pid', '7']\n"
+        "from fedrlhf_secure.transport.verified_clientapp import main\n"
+        "main()\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'aggregation', 'tenseal', 'opacus', 'transformers')"
+        " or m.startswith(('fedrlhf_secure.federation', 'fedrlhf_secure.tasks', 'flwr.supernode.cli')))\n"
+        "print('BAD', bad)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "ARGS 127.0.0.1:9094 7" in res.stdout
+    assert "BAD []" in res.stdout, res.stdout
+
+
+def test_the_supernode_runner_caps_flowers_idle_poll_and_nothing_else(tmp_path, monkeypatch):
+    """flwr 1.42's SuperNode sleeps 3 s when idle (hard-coded); the runner caps that module's sleeps
+    at 0.3 s, leaves every other use of ``time`` alone, and refuses a nonsensical interval."""
+    import time as real_time
+
+    from flwr.supernode import start_client_internal
+
+    from fedrlhf_secure.transport import supernode_runner as sr
+
+    slept: list[float] = []
+    fake = type("T", (), {"sleep": staticmethod(slept.append), "time": staticmethod(lambda: 42.0)})
+    capped = sr.CappedSleep(fake, 0.3)
+    capped.sleep(3)
+    capped.sleep(0.1)
+    assert slept == [0.3, 0.1] and capped.time() == 42.0
+    monkeypatch.setattr(start_client_internal, "time", real_time)
+    sr.patch(sr.poll_interval({}))
+    assert isinstance(start_client_internal.time, sr.CappedSleep) and start_client_internal.time.cap == sr.DEFAULT_POLL_S
+    assert sr.poll_interval({sr.ENV: "3"}) == 3.0
+    for bad in ("0", "inf", "x"):
+        with pytest.raises(SystemExit, match=sr.ENV):
+            sr.poll_interval({sr.ENV: bad})
+    path = sr.write_supernode_runner(tmp_path / "bin")
+    assert path.name == "flower-supernode" and os.access(path, os.X_OK) and "supernode_runner import main" in path.read_text()
+
+
+def test_the_clientapp_launcher_runs_the_verifying_runner_forked_from_the_zygote_with_its_streams_and_exit_code(tmp_path):
+    """The per-message `flwr-clientapp` hands its argv and standard streams to the warm zygote, whose
+    child runs the same verifying runner (here: Flower's argument parser answering --help / refusing
+    a bad flag) and reports its exit code; the launcher exits with it. Without a zygote the launcher
+    runs the runner itself, with the same result."""
+    import subprocess
+    import sys
+    import time
+
+    from fedrlhf_secure.transport.verified_clientapp import write_runner
+
+    sock = tmp_path / "z.sock"
+    runner = write_runner(tmp_path / "bin", zygote=sock)
+
+    def launch(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(runner), *args], capture_output=True, text=True, timeout=300)
+
+    direct_help, direct_bad = launch("--help"), launch("--bogus")
+    assert direct_help.returncode == 0 and "--runtime-api-address" in direct_help.stdout
+    assert direct_bad.returncode == 2 and "--token" in direct_bad.stderr
+    ready = tmp_path / "ready"
+    zygote = subprocess.Popen(
+        [sys.executable, "-m", "fedrlhf_secure.cli", "deploy", "clientapp-zygote", "--socket", str(sock), "--ready-file", str(ready)],
+        cwd=Path(__file__).parents[1],
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not ready.exists():
+            assert zygote.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+        forked_help, forked_bad = launch("--help"), launch("--bogus")
+        assert forked_help.returncode == 0 and "fedrlhf: app bundle signature verified first" in forked_help.stdout
+        assert forked_help.stdout.split()[:4] == direct_help.stdout.split()[:4]  # (line wrapping follows the terminal)
+        assert forked_bad.returncode == 2 and forked_bad.stderr.strip().endswith(direct_bad.stderr.strip().splitlines()[-1])
+        assert zygote.poll() is None  # the zygote outlives its children
+    finally:
+        zygote.terminate()
+        zygote.wait(timeout=30)

@@ -9,13 +9,17 @@ Subcommands::
     fedrlhf deploy app-key --out keys --name operator                 # operator: Ed25519 app-signing key
     fedrlhf deploy sign-app --key keys/operator --key-id operator      # -> app-signature for flwr run
     fedrlhf deploy app-runner --out /opt/fedrlhf/bin --signer operator=operator.pub   # each SuperNode
+    fedrlhf deploy clientapp-zygote --socket /opt/fedrlhf/bin/clientapp-zygote.sock   # optional, each SuperNode
     fedrlhf deploy local --config configs/movielens-tiny.yaml --nodes 3 --data-dir DATA --out runs
 
 ``client-host`` checks every setup the server sends against the node's own policy file
 (:mod:`fedrlhf_secure.federation.policy`) and refuses one that asks for less protection.
 ``local`` starts a TLS SuperLink with SuperNode authentication, registers the node keys, starts
 one client host and one SuperNode per node on free loopback ports, runs the config with
-``flwr run`` and stops every process afterwards, also when something fails.
+``flwr run`` and stops every process afterwards, also when something fails; it logs each start-up
+step and each round, prints the result table ``fedrlhf run`` prints and points ``runs/latest`` at
+the run. ``clientapp-zygote`` is a process that imported Flower once and forks the node's verifying
+ClientApp runner for each message (:mod:`fedrlhf_secure.transport.clientapp_zygote`).
 """
 
 from __future__ import annotations
@@ -70,6 +74,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--task-module", action="append", default=[], help="import this module first (a task plug-in that registers its kind)")
     p.add_argument("--ready-file", type=Path, default=None, help=argparse.SUPPRESS)
 
+    p = sub.add_parser(
+        "clientapp-zygote",
+        help="a warm ClientApp process the node's flwr-clientapp launcher forks from (optional: saves Flower's imports per message)",
+    )
+    p.add_argument("--socket", type=Path, required=True, help="Unix socket path (the one deploy app-runner's launcher names)")
+    p.add_argument("--ready-file", type=Path, default=None, help=argparse.SUPPRESS)
+
     p = sub.add_parser("policy", help="write a node policy that accepts no less protection than a config")
     p.add_argument("--config", type=Path, required=True, help="the fedrlhf YAML config the node's operator accepts")
     p.add_argument("--out", type=Path, required=True, help="the policy file to write (give it to client-host --policy)")
@@ -83,8 +94,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--key-id", required=True, help="the key id the nodes trust it under")
     p.add_argument("--app", type=Path, default=None, help="the Flower app directory (default: the one shipped with fedrlhf)")
 
-    p = sub.add_parser("app-runner", help="install a SuperNode's verifying flwr-clientapp and its trusted app signers")
-    p.add_argument("--out", type=Path, required=True, help="directory for flwr-clientapp and app-signers.yaml (put it first on PATH)")
+    p = sub.add_parser(
+        "app-runner", help="install a SuperNode's verifying flwr-clientapp, its trusted app signers and a faster-polling flower-supernode"
+    )
+    p.add_argument(
+        "--out", type=Path, required=True, help="directory for flwr-clientapp, flower-supernode and app-signers.yaml (put it first on PATH)"
+    )
     p.add_argument("--signer", action="append", required=True, metavar="ID=PUBKEY", help="a trusted app signer (repeatable)")
 
     p = sub.add_parser("local", help="run a config on a SuperLink + N SuperNodes on this machine (TLS, node auth)")
@@ -148,6 +163,14 @@ def run(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             pass
         return 0
+    if cmd == "clientapp-zygote":
+        from ..transport.clientapp_zygote import serve as serve_zygote
+
+        try:
+            serve_zygote(args.socket, ready_file=args.ready_file)
+        except KeyboardInterrupt:
+            pass
+        return 0
     if cmd == "policy":
         from ..config import load_config
         from ..federation.policy import NodePolicy, write_policy
@@ -164,6 +187,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _app_signing(args: argparse.Namespace) -> int:
     from ..transport import app_signing
+    from ..transport.supernode_runner import write_supernode_runner
     from ..transport.verified_clientapp import write_runner
 
     if args.deploy_command == "app-key":
@@ -182,15 +206,28 @@ def _app_signing(args: argparse.Namespace) -> int:
             raise InputError(f"--signer expects ID=PUBKEY_FILE, got {item!r}")
         signers[key_id] = Path(pub)
     trusted = app_signing.write_trusted_entities(args.out / "app-signers.yaml", signers)
-    runner = write_runner(args.out)
+    runner = write_runner(args.out, zygote=args.out / "clientapp-zygote.sock")
+    supernode = write_supernode_runner(args.out)
     print(f'{runner} (first on the SuperNode\'s PATH)  {trusted} (node config {app_signing.SIGNERS_FIELD}="{trusted.resolve()}")')
+    print(f"{supernode} (optional: Flower's SuperNode polling every 0.3 s instead of 3 s; start it instead of flower-supernode)")
+    print(f"optional, faster messages: fedrlhf deploy clientapp-zygote --socket {(args.out / 'clientapp-zygote.sock').resolve()}")
     return 0
 
 
 def _run_local(args: argparse.Namespace) -> int:
+    """Start the deployment, run the config, print the result table ``fedrlhf run`` prints.
+
+    Start-up takes a minute or two (a SuperLink, the client hosts loading the task, the
+    SuperNodes): each step is logged as it completes, then one progress display per run with a
+    step per round (tqdm on a terminal, log lines elsewhere), so the command is never silent."""
+    import json
+
+    from .. import progress
     from ..config import load_config
     from ..federation.engine import build_task, resolve_data_dir
     from ..federation.policy import NodePolicy, load_policy
+    from ..federation.results import render_result
+    from ..rundir import point_latest
     from ..transport.local_deployment import LocalDeployment, partition
 
     config = load_config(args.config)
@@ -201,8 +238,35 @@ def _run_local(args: argparse.Namespace) -> int:
     groups = partition(client_ids, args.nodes)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="fedrlhf-deploy-"))
     logger.info("deployment files and logs: %s", workdir)
-    with LocalDeployment(workdir, groups, data_dir=data_dir, policy=policy) as dep:
-        logger.info("SuperLink on 127.0.0.1:%d (TLS, SuperNode authentication); %d SuperNodes", dep.port, len(groups))
-        path = dep.run(args.config, args.out, stage_timeout=args.stage_timeout)
-    print(f"run directory: {path}")
+    steps = [0]
+
+    def started(text: str) -> None:
+        steps[0] += 1
+        logger.info("deploy local: start-up %d/%d: %s", steps[0], total_steps, text)
+
+    dep = LocalDeployment(workdir, groups, data_dir=data_dir, policy=policy, on_step=started)
+    total_steps = dep.start_steps
+    with dep:
+        logger.info(
+            "SuperLink on 127.0.0.1:%d (TLS, SuperNode authentication); %d SuperNodes; running %d rounds of %s · %s",
+            dep.port,
+            len(groups),
+            config.federation.rounds,
+            config.task.kind,
+            config.aggregation.kind,
+        )
+        bar = progress.bar(config.federation.rounds, f"deploy local · {config.task.kind} · {config.aggregation.kind}", "round")
+        done = [0]
+
+        def rounds(n: int) -> None:
+            bar.set_postfix_str(f"round {n - 1} done")  # rounds are 0-based, as in metrics.jsonl
+            bar.update(n - done[0])
+            done[0] = n
+
+        try:
+            path = dep.run(args.config, args.out, stage_timeout=args.stage_timeout, on_round=rounds)
+        finally:
+            bar.close()
+    print(render_result(json.loads((path / "summary.json").read_text()), path))
+    point_latest(path)
     return 0

@@ -24,6 +24,7 @@ Run config keys (``[tool.flwr.app.config]`` in the app's pyproject.toml, overrid
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -34,9 +35,10 @@ from flwr.serverapp import Grid, ServerApp
 
 from ..config import load_config
 from ..federation.engine import RunOptions, run_remote_federation
-from .client_app import MESSAGE_ACTION, pack, unpack
+from .client_app import MESSAGE_ACTION, pack, unpack, unpack_timing
 
 app = ServerApp()
+TIMING_FILE = "flower_timing.json"
 
 DEFAULTS = {
     "task-modules": "",
@@ -52,11 +54,27 @@ DEFAULTS = {
 }
 
 
-class GridLink:
-    """A :class:`~fedrlhf_secure.federation.node_driver.NodeLink` over Flower: one Message per node, replies by deadline."""
+POLL_FIRST_S = 0.05
+POLL_MAX_S = 0.25
+"""The ServerApp's pull back-off: first retry after 50 ms, growing ×1.5 to at most 250 ms.
 
-    def __init__(self, grid: Grid) -> None:
+``Grid.send_and_receive`` sleeps 3 s between pulls in flwr 1.42 (1.5 s lost per exchange on
+average); Flower's own ``InMemoryGrid`` pulls every 0.1 s. A pull is one small RPC to the
+SuperLink, so a short back-off costs little and an exchange ends at most 0.25 s after its last reply."""
+
+
+class GridLink:
+    """A :class:`~fedrlhf_secure.federation.node_driver.NodeLink` over Flower: one Message per node, replies by deadline.
+
+    Each exchange pushes all requests (``Grid.push_messages``) and pulls the replies
+    (``Grid.pull_messages``) with the short back-off above. :attr:`timings` keeps one record per
+    exchange (see :func:`exchange_timing`) for ``fedrlhf bench flower``."""
+
+    def __init__(self, grid: Grid, *, poll_first: float = POLL_FIRST_S, poll_max: float = POLL_MAX_S) -> None:
         self.grid = grid
+        self.poll_first = poll_first
+        self.poll_max = poll_max
+        self.timings: list[dict] = []
 
     def exchange(self, requests: Mapping[int, bytes], timeout: float) -> dict[int, bytes]:
         # a node the SuperLink already reports offline cannot answer: do not wait a deadline for it
@@ -71,20 +89,71 @@ class GridLink:
         ]
         if not msgs:
             return {}
+        t_start = time.time()
+        deadline = time.monotonic() + timeout
+        ids = list(self.grid.push_messages(msgs))
+        t_pushed = time.time()
+        pending = {mid: int(m.metadata.dst_node_id) for mid, m in zip(ids, msgs, strict=True) if mid}
+        for m, mid in zip(msgs, ids, strict=True):
+            if not mid:
+                print(f"node {m.metadata.dst_node_id}: the SuperLink did not accept the request", file=sys.stderr, flush=True)
         out: dict[int, bytes] = {}
-        for reply in self.grid.send_and_receive(msgs, timeout=timeout):
-            src = int(reply.metadata.src_node_id)
-            if reply.has_error():
-                print(f"node {src}: ClientApp error: {reply.error.reason}", file=sys.stderr, flush=True)
-                continue
-            try:
-                data = unpack(reply.content)
-            except ValueError as exc:
-                print(f"node {src}: unreadable reply ({exc})", file=sys.stderr, flush=True)
-                continue
-            if src in requests:
+        nodes: dict[int, dict] = {}
+        pulls = 0
+        delay = self.poll_first
+        while pending:
+            pulls += 1
+            for reply in self.grid.pull_messages(list(pending)):
+                src = pending.pop(reply.metadata.reply_to_message_id, None)
+                if src is None:
+                    continue
+                if int(reply.metadata.src_node_id) != src:  # only the node asked may answer its request
+                    print(f"node {reply.metadata.src_node_id} answered a request for node {src}; ignored", file=sys.stderr, flush=True)
+                    continue
+                t_pulled = time.time()
+                if reply.has_error():
+                    print(f"node {src}: ClientApp error: {reply.error.reason}", file=sys.stderr, flush=True)
+                    continue
+                try:
+                    data = unpack(reply.content)
+                except ValueError as exc:
+                    print(f"node {src}: unreadable reply ({exc})", file=sys.stderr, flush=True)
+                    continue
                 out[src] = data
+                nodes[src] = {**unpack_timing(reply.content), "pulled": t_pulled}
+            left = deadline - time.monotonic()
+            if not pending or left <= 0:
+                break
+            time.sleep(min(delay, left))
+            delay = min(delay * 1.5, self.poll_max)
+        self.timings.append(exchange_timing(t_start, t_pushed, time.time(), nodes, len(msgs), pulls))
         return out
+
+
+def exchange_timing(t_start: float, t_pushed: float, t_end: float, nodes: Mapping[int, dict], asked: int, pulls: int) -> dict:
+    """One exchange's wall time split into where it went, from the slowest node's point of view.
+
+    From the ServerApp's clock: ``push`` (requests to the SuperLink) and ``wall``. From the
+    ClientApp's reply (:func:`~.client_app.timing_record`, wall-clock stamps): ``node_poll`` (from
+    the push until Flower started the ``flwr-clientapp`` process: the SuperNode's idle poll, which
+    is 3 s hard-coded in flwr 1.42, its object pull and the SuperExec's task poll), ``process_start``
+    (interpreter, Flower imports, app bundle check, up to our handler), ``compute`` (our relay to the
+    client host and its work) and ``return`` (from our reply until the ServerApp had it: the
+    ClientApp's push, the SuperNode's 0.5 s reply poll, our pull back-off). Stamps from two clocks
+    are only comparable on one machine (loopback); on several machines read ``wall`` and ``compute``.
+    """
+    rec: dict = {"wall": t_end - t_start, "push": t_pushed - t_start, "asked": asked, "answered": len(nodes), "pulls": pulls}
+    timed = [t for t in nodes.values() if {"process_start", "handler", "relay_s", "reply_at"} <= t.keys()]
+    if timed:
+        last = max(timed, key=lambda t: t["pulled"])
+        rec.update(
+            node_poll=last["process_start"] - t_pushed,
+            process_start=last["handler"] - last["process_start"],
+            compute=last["relay_s"],
+            **{"return": last["pulled"] - last["reply_at"]},
+            compute_max=max(t["relay_s"] for t in timed),
+        )
+    return rec
 
 
 def _setting(context: Context, key: str):
@@ -153,4 +222,6 @@ def main(grid: Grid, context: Context) -> None:
         keys_dir=Path(str(_setting(context, "keys-dir"))) if _setting(context, "keys-dir") else None,
         on_stage=_fault_hook(str(_setting(context, "fault-dir")), str(_setting(context, "fault-stop"))),
     )
+    # the per-exchange timing (issue 16): wall-clock splits, no content; read by `fedrlhf bench flower`
+    (path / TIMING_FILE).write_text(json.dumps({"exchanges": link.timings}, indent=1), encoding="utf-8")
     print(f"fedrlhf: run directory {path}", flush=True)
