@@ -57,9 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overhead-clients", type=int, default=24, help="overhead: clients timed")
     p.add_argument("--repeats", type=int, default=3, help="overhead: timed repetitions per client (median kept)")
     p.add_argument("--json", type=Path, default=None, help="default bench/dp.json or bench/dp_utility.json")
-    p.add_argument(
-        "--doc", type=Path, default=Path("BENCHMARKS.md"), help="Markdown file whose section gets the table (default BENCHMARKS.md)"
-    )
+    p.add_argument("--doc", type=Path, default=None, help="also rewrite this Markdown file's section (e.g. BENCHMARKS.md; default: print)")
     p.add_argument(
         "--section",
         default=None,
@@ -350,5 +348,5 @@ def _section_header(title: str, args: argparse.Namespace) -> str:
     return f"### {title}\n\nConfig `{args.config}` {' '.join('--set ' + o for o in args.overrides)}\n\n"
 
 
-def _update_doc(doc: Path, name: str, body: str) -> None:
+def _update_doc(doc: Path | None, name: str, body: str) -> None:
     update_section(doc, name, body)

@@ -43,9 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--modes", nargs="+", default=["plain", "secagg"], choices=["plain", "secagg"], help="aggregations to measure over Flower"
     )
     p.add_argument("--json", type=Path, default=Path("bench/flower.json"), help="where the JSON results go (default bench/flower.json)")
-    p.add_argument(
-        "--doc", type=Path, default=Path("BENCHMARKS.md"), help="Markdown file whose section gets the table (default BENCHMARKS.md)"
-    )
+    p.add_argument("--doc", type=Path, default=None, help="also rewrite this Markdown file's section (e.g. BENCHMARKS.md; default: print)")
 
 
 def _rows(run: Path) -> list[dict]:
@@ -145,11 +143,11 @@ def run(args: argparse.Namespace) -> int:
     load = f"{load_start:.1f} → {os.getloadavg()[0]:.1f}"
     write_json(args.json, {"deployment_startup_s": startup, "load_average_1min": load, "results": results})
     write_report(args.doc, results, startup, load)
-    print(f"results: {args.json} and {args.doc}")
+    print(f"results: {args.json}" + (f" and {args.doc}" if args.doc else ""))
     return 0
 
 
-def write_report(doc: Path, results: list[dict], startup: float, load: str = "not recorded") -> None:
+def write_report(doc: Path | None, results: list[dict], startup: float, load: str = "not recorded") -> None:
     """The ``flower`` section of BENCHMARKS.md from this benchmark's results."""
     rows = [
         [
