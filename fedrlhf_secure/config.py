@@ -124,8 +124,13 @@ def build_config(raw: Mapping[str, Any], *, source: str | None = None) -> RunCon
         raise ConfigError("missing required section 'task'", source=source)
     task = _plugin("task", raw["task"], task_spec, source)
     aggregation = _plugin("aggregation", raw.get("aggregation", {"kind": "plain"}), spec_for, source)
-    federation = from_mapping(FederationConfig, raw.get("federation"), key="federation", source=source)
     privacy = from_mapping(PrivacyConfig, raw.get("privacy"), key="privacy", source=source)
+    fed_raw = dict(raw.get("federation") or {})
+    if privacy.mode == "client" and "weighting" not in fed_raw:
+        # client-level DP calibrates its noise for a plain mean of clipped updates: unless the user
+        # says otherwise (and is then told why not), the federation weights clients uniformly
+        fed_raw["weighting"] = "uniform"
+    federation = from_mapping(FederationConfig, fed_raw, key="federation", source=source)
     seed = convert(int, raw.get("seed", 0), key="seed", source=source)
     baselines = tuple(convert(list[str], raw.get("baselines", []), key="baselines", source=source))
     return RunConfig(task, aggregation, federation, privacy, seed, baselines, source)

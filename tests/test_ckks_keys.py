@@ -169,15 +169,20 @@ def test_keys_cli_round_trip_and_rejection(tmp_path, capsys):
 def test_dealt_key_files_drive_a_round_where_the_server_reads_only_the_public_context(tmp_path):
     import os
 
-    from aggregation.base import RoundContext
-    from aggregation.ckks import CKKSAggregator
+    from aggregation.base import RoundContext, spec_for
+    from aggregation.ckks import CKKSAggregator, masking, masking_config
     from fedrlhf_secure.keys import DealtKeyFiles
 
+    cfg = CKKSConfig(masking={"colluders": 0.0, "dropouts": 0.0})  # two clients: no colluder bound to hold
     _key_ceremony(tmp_path, (0, 1))
     dealer_pub = tmp_path / "dealer" / "dealer.pub"
-    server_side = CKKSAggregator(CFG, DealtKeyFiles(CFG, tmp_path / "deal", dealer_pub), (0, 1))
+    # the mask round's SecAgg+ identities are one registry for all parties (a deployment loads it from its keys dir)
+    masks = spec_for("secagg").factory(masking_config(cfg, masking.plan(cfg, 2)), [0, 1], 0)
+    server_side = CKKSAggregator(cfg, DealtKeyFiles(cfg, tmp_path / "deal", dealer_pub), (0, 1), masks)
     client_side = {
-        cid: CKKSAggregator(CFG, DealtKeyFiles(CFG, tmp_path / "deal", dealer_pub, tmp_path / f"c{cid}" / f"client-{cid}.key"), (0, 1))
+        cid: CKKSAggregator(
+            cfg, DealtKeyFiles(cfg, tmp_path / "deal", dealer_pub, tmp_path / f"c{cid}" / f"client-{cid}.key"), (0, 1), masks
+        )
         for cid in (0, 1)
     }
     ctx = RoundContext(os.urandom(16), 0, (0, 1), 10)

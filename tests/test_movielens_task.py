@@ -192,7 +192,7 @@ def test_federated_rounds_improve_training_fit_on_fixture(data_dir):
 def test_baselines_run_on_the_same_split(data_dir):
     task = task_of(data_dir)
     out = {name: fn() for name, fn in task.baselines().items()}
-    assert set(out) == {"centralized", "local"}
+    assert set(out) == {"centralized", "local", "majority"}
     n_test = sum(len(task.make_client(c).test) for c in task.client_ids())
     for res in out.values():
         assert res["heldout_n"] == n_test

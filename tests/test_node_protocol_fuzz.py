@@ -462,7 +462,11 @@ def test_real_secagg_rounds_complete_without_the_node_that_sends_a_malformed_fra
     }
     op, frame = frames[frame_name]
     policy = NodePolicy.from_config(config_from_dict(raw))
-    hosts = {n: ParticipantHost(c, None, policy=policy) for n, c in nodes.items()}
+    from fedrlhf_secure.keys import deal_secagg_identities
+
+    server_keys, node_keys = tmp_path / "keys-server", {n: tmp_path / f"keys-{n}" for n in nodes}
+    deal_secagg_identities(list(nodes.values()), server_keys, list(node_keys.values()), tmp_path / "registry")
+    hosts = {n: ParticipantHost(c, None, node_keys[n], policy=policy) for n, c in nodes.items()}
     if frame is None:  # the fit answer is real, but client 1's metrics are a list and client 4's key is "٤"
 
         class _Summary(_GarbleAfterSetup):
@@ -475,7 +479,7 @@ def test_real_secagg_rounds_complete_without_the_node_that_sends_a_malformed_fra
         link = InProcessLink({**hosts, 1: _Summary(hosts[1], op, b"")})
     else:
         link = InProcessLink({**hosts, 1: _GarbleAfterSetup(hosts[1], op, frame)})
-    run = run_remote_federation(config_from_dict(raw), link, nodes, RunOptions(out=tmp_path, progress=False))
+    run = run_remote_federation(config_from_dict(raw), link, nodes, RunOptions(out=tmp_path / "runs", progress=False), keys_dir=server_keys)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1]
     if frame is None:  # its updates still count: only the malformed metrics were ignored
