@@ -160,8 +160,13 @@ class Federation:
         self.history: list[dict[str, Any]] = []
         self.final_clients: dict[int, dict[str, float]] = {}
         self.stopped: str | None = None
+        self._clients_bar: Any = None
         if resume:
             self._load_checkpoint()
+
+    def _client_done(self, client_id: int) -> None:
+        if self._clients_bar is not None:
+            self._clients_bar.update(1)
 
     def _embedded_participants(self, aggregator: Aggregator, resume: bool) -> tuple[NodeLink, dict[int, list[int]]]:
         """Participant hosts on this machine: one in this process, or one per worker process."""
@@ -189,7 +194,9 @@ class Federation:
             if self.config.privacy.mode != "none" and not resume:
                 PrivacyLedger(self.run.path / "ledger", ledger_header(self.config), resume=False)
                 host_options["resume"] = True
-            hosts = {n: ParticipantHost(g, self.options.data_dir, **host_options) for n, g in enumerate(groups)}
+            hosts = {
+                n: ParticipantHost(g, self.options.data_dir, on_client_fit=self._client_done, **host_options) for n, g in enumerate(groups)
+            }
             link: Any = InProcessLink(hosts)
         elif len(groups) > 1:
             # state every worker must share is made before they fork: the ledger's plan (each worker
@@ -200,7 +207,8 @@ class Federation:
             aggregator.prepare(self.fed.rounds)
             link = WorkerLink(lambda w: ParticipantHost(groups[w], self.options.data_dir, **host_options), len(groups))
         else:
-            link = InProcessLink({0: ParticipantHost(self.client_ids, self.options.data_dir, **host_options)})
+            host = ParticipantHost(self.client_ids, self.options.data_dir, on_client_fit=self._client_done, **host_options)
+            link = InProcessLink({0: host})
         if self.fed.dropout_rate > 0:
             link = SimulatedDropouts(link, self.fed.dropout_rate, self.config.seed)
         return link, dict(enumerate(groups))
@@ -280,12 +288,19 @@ class Federation:
         t_start = time.perf_counter()
         try:
             for r in range(self.start_round, self.fed.rounds):
+                # clients done / total within the round (in process; worker processes report per round)
+                self._clients_bar = progress.bar(
+                    len(self.client_ids), f"round {r}: local RLHF", "client", show=self.options.progress, leave=False
+                )
                 try:
                     log = self.core.run_round(r, bar.set_postfix_str)
                 except RoundStopped as stop:
                     self.stopped = str(stop)
                     logger.warning("%s", self.stopped)
                     break
+                finally:
+                    self._clients_bar.close()
+                    self._clients_bar = None
                 if self.embedded and self.config.privacy.mode != "none":
                     adopt_local_metrics(log, self.run.path)  # under DP the numbers stay client-side
                 self.history.append(log.row)

@@ -229,6 +229,7 @@ class ParticipantHost:
         noise: NoiseSource | None = None,
         on_commit: CommitHook | None = None,
         embedded: bool = False,
+        on_client_fit: Callable[[int], None] | None = None,
     ) -> None:
         if not client_ids or len(set(client_ids)) != len(client_ids):
             raise InputError(f"a participant host needs a non-empty list of distinct client ids, got {list(client_ids)}")
@@ -245,6 +246,8 @@ class ParticipantHost:
         self.noise = noise
         self.on_commit = on_commit
         self.embedded = embedded
+        self.on_client_fit = on_client_fit
+        """Called with a client id after each client's release (the embedded run's progress within a round)."""
         self._task = task
         self._aggregator = aggregator
         self.config: RunConfig | None = None
@@ -398,6 +401,8 @@ class ParticipantHost:
             summary[str(c)] = {"metrics": self.plaintext.fit_metrics(out.metrics)}
             if out.epsilon_spent is not None:
                 summary[str(c)]["epsilon_spent"] = float(out.epsilon_spent)
+            if self.on_client_fit is not None:
+                self.on_client_fit(c)
         self.round = _Round(ctx, halves)
         replies = {c: self._deliver(c, msgs) for c, msgs in req.messages.items()}
         return NodeMessage("fit", {"round": ctx.round, "fit": summary}, replies)
