@@ -9,6 +9,7 @@ source of ε, is unchanged by either.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -174,3 +175,16 @@ def test_server_adam_and_scaled_indicators_leave_the_ledger_unchanged_but_change
     assert adam_summary["privacy"]["epsilon_spent_max"] == eps and 0 < eps <= 8
     m0, m1 = load_tensors(base_run / "model.safetensors"), load_tensors(adam_run / "model.safetensors")
     assert any(not np.allclose(m0[k], m1[k]) for k in m0)
+
+
+# ---------------------------------------------------------------------------------------------- the bench grid
+def test_the_utility_grid_applies_the_levers_per_mode_and_no_levers_reproduces_the_plain_mechanisms():
+    from fedrlhf_secure.bench.dp import USER_LEVEL_LEVERS, _run_overrides
+
+    with_levers = _run_overrides("client", 8.0, "plain", 1e-5)
+    assert set(USER_LEVEL_LEVERS["client"]) <= set(with_levers) and USER_LEVEL_LEVERS["client"]
+    plain = _run_overrides("client", 8.0, "plain", 1e-5, levers=False)
+    assert not any(o.startswith(("federation.touch", "federation.server")) for o in plain)
+    assert _run_overrides("client", math.inf, "plain", 1e-5) == ["aggregation.kind=plain", "privacy.mode=none"]
+    config = load_config(ROOT / "configs" / "movielens.yaml", with_levers)
+    assert config.federation.touch_scale < 1 and config.privacy.mode == "client"
