@@ -29,6 +29,31 @@ __all__ = ["ConfigError", "FederationConfig", "RunConfig", "load_config", "parse
 
 
 @dataclass(frozen=True)
+class ServerOptimizerConfig:
+    """How the server turns the released mean update Δ̄ into a model step (``federation.server_optimizer``).
+
+    ``sgd``: FedAvg's ``θ ← θ + η·Δ̄``. ``momentum``: FedAvgM (Hsu, Qi & Brown 2019),
+    ``m ← β₁·m + Δ̄``, ``θ ← θ + η·m``. ``adam``: FedAdam (Reddi et al. 2021, Alg. 2; with DP noise
+    on Δ̄ this is DP-FedAdam), ``m ← β₁·m + (1−β₁)·Δ̄``, ``v ← β₂·v + (1−β₂)·Δ̄²``,
+    ``θ ← θ + η·m/(√v + τ)``. η is ``federation.server_lr``. Every kind reads only the released
+    (noised) aggregate, so it is post-processing: it costs no privacy and the ledger is unchanged.
+    """
+
+    kind: Literal["sgd", "momentum", "adam"] = "sgd"
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.beta1 < 1:
+            raise ValueError(f"federation.server_optimizer.beta1 must be in [0, 1), got {self.beta1}")
+        if not 0 <= self.beta2 < 1:
+            raise ValueError(f"federation.server_optimizer.beta2 must be in [0, 1), got {self.beta2}")
+        if not self.tau > 0:
+            raise ValueError(f"federation.server_optimizer.tau must be > 0, got {self.tau}")
+
+
+@dataclass(frozen=True)
 class FederationConfig:
     """The round loop.
 
@@ -45,6 +70,15 @@ class FederationConfig:
     server_lr: float = 1.0
     weighting: Literal["examples", "uniform"] = "examples"
     sparse_rows: Literal["touched", "all"] = "touched"
+    touch_scale: float = 1.0
+    """The touch indicators enter the update vector as ``touch_scale × 1`` (the engine divides their
+    sum back by it). Under client-level DP they share the clip norm with the model delta: a small
+    scale leaves the delta most of the norm at the price of noisier per-row counts
+    (:mod:`.federation.update`)."""
+    touch_floor: float = 0.5
+    """A row's update is divided by at least this many (estimated) touching clients: noisy counts
+    near zero must not blow a row's update up."""
+    server_optimizer: ServerOptimizerConfig = field(default_factory=ServerOptimizerConfig)
     workers: int = 1
     dropout_rate: float = 0.0
     """Simulated probability that a selected client drops out during aggregation."""
@@ -62,6 +96,10 @@ class FederationConfig:
             raise ValueError(f"federation.workers must be >= 1, got {self.workers}")
         if not 0 <= self.dropout_rate < 1:
             raise ValueError(f"federation.dropout_rate must be in [0, 1), got {self.dropout_rate}")
+        if not 0 < self.touch_scale <= 1:
+            raise ValueError(f"federation.touch_scale must be in (0, 1], got {self.touch_scale}")
+        if not self.touch_floor > 0:
+            raise ValueError(f"federation.touch_floor must be > 0, got {self.touch_floor}")
 
 
 @dataclass(frozen=True)

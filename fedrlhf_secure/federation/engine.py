@@ -119,7 +119,7 @@ class Federation:
         self.fed = config.federation
         self.task = options.task if options.task is not None else build_task(config, options.data_dir)
         self.spec = self.task.shared_spec()
-        self.codec = UpdateCodec(self.spec, self.fed.sparse_rows)
+        self.codec = UpdateCodec.for_federation(self.spec, self.fed)
         self.client_ids = list(self.task.client_ids())
         if len(self.client_ids) < self.fed.min_clients:
             raise ConfigError(
@@ -231,6 +231,8 @@ class Federation:
         ck = self.run.path / "checkpoint"
         ck.mkdir(exist_ok=True)
         atomic_save_tensors(ck / "global.safetensors", self.core.global_params)
+        if self.core.server_opt.state():  # momentum / Adam state: a resume continues the same server step
+            atomic_save_tensors(ck / "server_optimizer.safetensors", self.core.server_opt.state())
         clients = self.link.client_state()
         atomic_save_tensors(ck / "clients.safetensors", clients or {"_empty": np.zeros(1, np.float32)})
         state = {
@@ -252,6 +254,8 @@ class Federation:
             return  # crashed during round 0: start over (the ledger keeps what was spent)
         state = json.loads(state_path.read_text())
         self.core.global_params = load_tensors(ck / "global.safetensors")
+        if (ck / "server_optimizer.safetensors").exists():
+            self.core.server_opt.load_state(load_tensors(ck / "server_optimizer.safetensors"))
         self.link.restore_client_state(self._checkpointed_client_state(ck, int(state["completed_round"])))
         self.core.rng.bit_generator.state = state["rng"]
         self.core.session_id = bytes.fromhex(state["session_id"])

@@ -45,6 +45,7 @@ from . import aggregators
 from .messages import FitInstruction, Report
 from .node_protocol import REQUEST, RESPONSE, NodeMessage
 from .policy import NodePolicy, PolicyRefused
+from .server_optimizer import ServerOptimizer
 from .update import UpdateCodec
 
 logger = logging.getLogger(__name__)
@@ -302,7 +303,7 @@ class ParticipantHost:
         self.config = config
         self.task = task
         self.names = task.shared_spec().names()
-        self.codec = UpdateCodec(task.shared_spec(), config.federation.sparse_rows)
+        self.codec = UpdateCodec.for_federation(task.shared_spec(), config.federation)
         if self._aggregator is not None:
             self.aggregator = self._aggregator
         else:
@@ -317,6 +318,7 @@ class ParticipantHost:
         # CKKS: the server cannot read the aggregate, so the global model is held here (the initial
         # one is public; later ones are what these clients decrypted) and never sent by the server
         self.held, self.held_round = None, -1
+        self.server_opt = ServerOptimizer(config.federation.server_optimizer, config.federation.server_lr)
         if not self.aggregator.server_can_read_result:
             self.held = {k: np.asarray(v, dtype=np.float32).copy() for k, v in task.initial_shared().items()}
         # only which clients are here: example counts are FedAvg weights, which masking and CKKS keep
@@ -432,7 +434,7 @@ class ParticipantHost:
 
     def _finish(self, req: NodeMessage) -> NodeMessage:
         """Deliver the server's last messages; a host holding the model applies the aggregate its clients read."""
-        config = self._require_setup()
+        self._require_setup()
         self._check_round(req)
         for c, msgs in req.messages.items():
             self._deliver(c, msgs)
@@ -456,7 +458,7 @@ class ParticipantHost:
                     f"{self.policy.ckks.min_contributors}"
                 )
             elif self.held is not None and self.held_round < rnd:
-                self.held = apply_aggregate(self.held, self.codec.decode(res), config.federation.server_lr)
+                self.held = self.server_opt.step(self.held, self.codec.decode(res))
                 self.held_round = rnd
             return NodeMessage("finish", header)
         return NodeMessage("finish", {"round": rnd})
@@ -516,11 +518,13 @@ class ParticipantHost:
         if self.held is not None:
             out.update({f"held/{k}": v for k, v in self.held.items()})
             out["held_round"] = np.asarray([self.held_round], dtype=np.int64)
+            out.update({f"opt/{k}": v for k, v in self.server_opt.state().items()})
         return out
 
     def restore_client_state(self, tensors: Mapping[str, np.ndarray]) -> None:
         personal: dict[int, dict[str, np.ndarray]] = {}
         held: dict[str, np.ndarray] = {}
+        opt: dict[str, np.ndarray] = {}
         for key, arr in tensors.items():
             kind, _, rest = key.partition("/")
             if kind == "personal":
@@ -529,11 +533,14 @@ class ParticipantHost:
                     personal.setdefault(int(cid), {})[name] = arr
             elif kind == "held":
                 held[rest] = arr
+            elif kind == "opt":
+                opt[rest] = arr
         for cid, state in personal.items():
             self.participants[cid].task_client.load_personal_state(state)
         if held and self.held is not None:
             self.held = {k: np.asarray(v, dtype=np.float32) for k, v in held.items()}
             self.held_round = int(tensors["held_round"][0])
+            self.server_opt.load_state(opt)
 
 
 def _round_context(req: NodeMessage) -> RoundContext:
@@ -547,9 +554,3 @@ def _round_context(req: NodeMessage) -> RoundContext:
         if isinstance(exc, wire.WireError):
             raise
         raise NodeError(f"fit: {exc}") from exc
-
-
-def apply_aggregate(params: Mapping[str, np.ndarray], avg: Mapping[str, np.ndarray], server_lr: float) -> dict[str, np.ndarray]:
-    """The one place an aggregate becomes a model: ``θ ← θ + η·Δ̄`` (FedAvg's server step, η = ``server_lr``).
-    The server applies it when it can read the aggregate; under CKKS each host applies what it decrypted."""
-    return {k: (params[k] + server_lr * avg[k]).astype(np.float32) for k in params}

@@ -13,7 +13,7 @@ FedRLHF (arXiv 2412.15538), Algorithm 1, server part, with secure aggregation an
    aggregator messages; later stages relay the protocol until the server half is done;
 5. **release** the aggregate: the server's privacy half adds central noise or discards an aggregate
    with too few survivors, then the average delta (sparse rows normalised by their touch weight,
-   :mod:`.update`) is applied with ``server_lr`` (:func:`.participant.apply_aggregate`);
+   :mod:`.update`) is applied by the server optimizer (:mod:`.server_optimizer`, η = ``server_lr``);
 6. **collect reports**: every host evaluates the new model on its clients' held-out data. Under
    DP the reports carry no numbers (the participant's ``PlaintextPolicy`` keeps them on the
    client), so the pooled accuracy and ``train_loss_mean`` are absent or NaN here; the in-process
@@ -47,7 +47,7 @@ from ..privacy.server import ServerPrivacy
 from .messages import FitInstruction, Report
 from .node_driver import NodeLink, NodeRoundDriver, NodeRoundOutcome
 from .node_protocol import REQUEST, NodeMessage, NodeUnusable, client_key, read_response
-from .participant import apply_aggregate
+from .server_optimizer import ServerOptimizer
 from .update import UpdateCodec
 
 logger = logging.getLogger(__name__)
@@ -113,6 +113,8 @@ class RoundCore:
         """The server's copy of the global model; under CKKS the public initial one (the hosts hold the rest)."""
         self.model_round = -1
         """The last round whose aggregate was applied (-1: none yet)."""
+        self.server_opt = ServerOptimizer(self.fed.server_optimizer, self.fed.server_lr)
+        """θ ← θ + η·Δ̄, or momentum / Adam on the released (noised) mean: post-processing (:mod:`.server_optimizer`)."""
 
     # ------------------------------------------------------------------ set-up
     def _setup_nodes(self, nodes: Mapping[int, Sequence[int] | None]) -> dict[int, list[int]]:
@@ -264,7 +266,7 @@ class RoundCore:
         if result is None:
             raise AggregationAborted(f"round {r}: the aggregation produced no result")
         result = self.privacy.finalize(r, result, admitted)
-        self.global_params = apply_aggregate(self.global_params, self.codec.decode(result), self.fed.server_lr)
+        self.global_params = self.server_opt.step(self.global_params, self.codec.decode(result))
         self.model_round = r
         return result.contributors
 

@@ -13,6 +13,15 @@ engine divide each row by the weight of the clients that touched it, using only 
 any secure aggregator already returns — so the same normalisation works under masking and CKKS.
 The price is that the touch pattern's *sum* is revealed (how many clients rated each item), no
 more than the weighted sum of the deltas already reveals; individual touch sets stay hidden.
+
+Under client-level DP the indicators are inside the clipped vector and share its L2 norm with the
+model delta. On MovieLens (one client per user, ~100 rated items each) they take a median 88% of
+the squared norm, so at C = 1 the delta kept only 0.34 of its median 2.24. ``touch_scale`` s
+(``federation.touch_scale``) sends ``s·touched`` instead: the indicators' share of the squared norm
+drops by s², and the decoder divides the summed indicators by s to get the (noisy) count back. No
+new release and no new accounting: the vector is still one client's whole contribution, clipped to
+C and noised as before, so the ledger is unchanged; the count estimate's noise grows by 1/s, which
+``touch_floor`` bounds (a row is divided by at least that many clients).
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import numpy as np
 
 from aggregation.base import AggregateResult
 
+from ..config import FederationConfig
 from ..tasks.base import FitResult, ParamSpec
 
 MIN_ROW_WEIGHT = 0.5
@@ -31,11 +41,28 @@ under client-level DP the indicators are noisy and a near-zero denominator must 
 
 
 class UpdateCodec:
-    def __init__(self, spec: ParamSpec, sparse_rows: Literal["touched", "all"] = "touched") -> None:
+    def __init__(
+        self,
+        spec: ParamSpec,
+        sparse_rows: Literal["touched", "all"] = "touched",
+        touch_scale: float = 1.0,
+        touch_floor: float = MIN_ROW_WEIGHT,
+    ) -> None:
+        if not 0 < touch_scale <= 1:
+            raise ValueError(f"touch_scale must be in (0, 1], got {touch_scale}")
+        if not touch_floor > 0:
+            raise ValueError(f"touch_floor must be > 0, got {touch_floor}")
         self.spec = spec
+        self.touch_scale = float(touch_scale)
+        self.touch_floor = float(touch_floor)
         self.sparse = [e for e in spec.entries if e.sparse_rows] if sparse_rows == "touched" else []
         self._rows = {e.name: e.shape[0] for e in self.sparse}
         self.dim = spec.size + sum(self._rows.values())
+
+    @classmethod
+    def for_federation(cls, spec: ParamSpec, fed: FederationConfig) -> UpdateCodec:
+        """The codec a run's ``federation`` section asks for (server and clients build the same one)."""
+        return cls(spec, fed.sparse_rows, fed.touch_scale, fed.touch_floor)
 
     def encode(self, fit: FitResult) -> np.ndarray:
         vec = np.empty(self.dim, dtype=np.float32)
@@ -48,7 +75,7 @@ class UpdateCodec:
             touched = np.asarray(touched, dtype=bool)
             if touched.shape != (e.shape[0],):
                 raise ValueError(f"touched_rows[{e.name}] has shape {touched.shape}, expected ({e.shape[0]},)")
-            vec[pos : pos + e.shape[0]] = touched
+            vec[pos : pos + e.shape[0]] = touched * np.float32(self.touch_scale)
             pos += e.shape[0]
         return vec
 
@@ -65,11 +92,12 @@ class UpdateCodec:
         sums = self.spec.unflatten(s[: self.spec.size].astype(np.float32)) if self.sparse else {}
         for e in self.sparse:
             rows = e.shape[0]
-            touch = s[pos : pos + rows]
+            touch = s[pos : pos + rows] / self.touch_scale  # estimated (weighted) count of touching clients
             pos += rows
             summed = sums[e.name].astype(np.float64)
             ok = touch >= MIN_ROW_WEIGHT
             out = np.zeros_like(summed)
-            out[ok] = summed[ok] / touch[ok].reshape((-1,) + (1,) * (summed.ndim - 1))
+            denom = np.maximum(touch[ok], self.touch_floor)
+            out[ok] = summed[ok] / denom.reshape((-1,) + (1,) * (summed.ndim - 1))
             params[e.name] = out.astype(np.float32)
         return params
