@@ -202,15 +202,20 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[tuple[list[str], An
     return raw
 
 
+def read_yaml(path: Path, what: str = "config") -> Any:
+    """The parsed YAML of ``path``; a missing file or bad YAML is a :class:`ConfigError` naming it."""
+    if not path.is_file():
+        raise ConfigError(f"{what} file not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"not valid YAML ({exc})", source=str(path)) from exc
+
+
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
     """Read a YAML config, apply ``--set`` overrides, validate every section."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"not valid YAML ({exc})", source=str(path)) from exc
+    raw = read_yaml(path)
     base = dict(raw or {})
     parsed = parse_overrides(overrides)
     try:

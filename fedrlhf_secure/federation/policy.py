@@ -38,7 +38,7 @@ import yaml
 from aggregation.errors import AggregationConfigError
 from aggregation.secagg.params import DEFAULT_COLLUDERS, DEFAULT_FAILURE_EXPONENT, evaluate
 
-from ..config import RunConfig
+from ..config import RunConfig, read_yaml
 from ..configtypes import ConfigError, from_mapping, to_mapping
 from ..errors import RunFailed
 
@@ -234,12 +234,7 @@ class NodePolicy:
 def load_policy(path: str | Path) -> NodePolicy:
     """Read and validate a node policy file (YAML); any problem is a :class:`ConfigError` naming the key."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"node policy file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"not valid YAML ({exc})", source=str(path)) from exc
+    raw = read_yaml(path, "node policy")
     if not isinstance(raw, dict):
         raise ConfigError("a node policy must be a YAML mapping", source=str(path))
     if "source" in raw:
