@@ -24,6 +24,7 @@ import fedrlhf_secure.bench.vector_task  # noqa: F401  (registers task kind "vec
 from fedrlhf_secure import cli
 from fedrlhf_secure.config import load_config
 from fedrlhf_secure.federation.policy import NodePolicy, write_policy
+from fedrlhf_secure.keys import deal_secagg_identities
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +40,11 @@ def test_dictation_reaches_a_running_node_process_over_its_socket(tmp_path):
     sock, ready = tmp_path / "node.sock", tmp_path / "ready"
     policy = write_policy(NodePolicy.from_config(load_config(config)), tmp_path / "node-policy.yaml")  # the node accepts no less
     cmd = [sys.executable, "-m", "fedrlhf_secure.cli", "deploy", "client-host", "--client-ids", "2", "--socket", str(sock)]
-    cmd += ["--policy", str(policy)]
+    # the node's SecAgg identity registry (all 8 clients; the node holds client 2's key), as `fedrlhf keys` makes it
+    keys = tmp_path / "node-keys"
+    others = [c for c in range(8) if c != 2]
+    deal_secagg_identities([[2], others], tmp_path / "server-keys", [keys, tmp_path / "other-keys"], tmp_path / "registry")
+    cmd += ["--policy", str(policy), "--keys-dir", str(keys)]
     cmd += ["--task-module", "fedrlhf_secure.bench.vector_task", "--ready-file", str(ready), "--state-dir", str(tmp_path / "state")]
     proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=subprocess.PIPE, text=True)
     try:
@@ -58,6 +63,7 @@ def test_dictation_reaches_a_running_node_process_over_its_socket(tmp_path):
     assert report["target"]["node_socket"] == str(sock)
     # the node process, with its own policy file, refuses every weaker setup the server asks for, naming the field
     assert code == 0, rows
-    for name in ("dictate-plain", "dictate-threshold-1"):
+    for name in ("dictate-plain", "dictate-threshold-1", "dictate-colluder-bound"):
         assert rows[name]["verdict"] == "refused" and "node policy refuses aggregation." in rows[name]["evidence"]["refusal"]
-    assert rows["dictate-identity-dir"]["verdict"] == "refused"
+    # no config can switch signatures off or name an identity path any more: nothing to dictate
+    assert rows["dictate-identity-dir"]["verdict"] == rows["dictate-signatures-off"]["verdict"] == "skipped"
