@@ -57,7 +57,10 @@ def _assert_same_run(flower: Path, local: Path, atol: float, data: Path) -> None
     assert [r["round"] for r in a] == [r["round"] for r in b] == [0, 1]
     for ra, rb in zip(a, b, strict=False):
         assert ra["clients_aggregated"] == rb["clients_aggregated"] == 6
-        assert ra["heldout_accuracy"] == pytest.approx(rb["heldout_accuracy"], abs=1e-9)
+        # CKKS floods each decryption with noise keyed by its own run's key (docs/ckks.md): metrics agree
+        # to what a model difference of atol allows, not to the last bit
+        metric_tol = 1e-9 if atol < 1e-3 else 2e-3
+        assert ra["heldout_accuracy"] == pytest.approx(rb["heldout_accuracy"], abs=metric_tol)
         # timings, byte counts and the transport's own envelope (one in-process host vs 3 SuperNodes) differ by design
         shared = [k for k in rb if k in ra and not k.startswith(("seconds", "bytes", "privacy", "transport"))]
         assert len(shared) >= 8
@@ -65,7 +68,7 @@ def _assert_same_run(flower: Path, local: Path, atol: float, data: Path) -> None
             if ra[k] is None or rb[k] is None:  # e.g. aggregation_aborted: null in both when the round aggregated
                 assert ra[k] == rb[k], k
             else:
-                assert ra[k] == pytest.approx(rb[k], rel=1e-3, abs=1e-6, nan_ok=True), k
+                assert ra[k] == pytest.approx(rb[k], rel=1e-3, abs=max(1e-6, metric_tol), nan_ok=True), k
     ma, mb = load_tensors(flower / "model.safetensors"), load_tensors(local / "model.safetensors")
     assert sorted(ma) == sorted(mb)
     init = build_task(load_config(flower / "config.yaml"), data).initial_shared()
@@ -133,9 +136,12 @@ def test_record_level_dp_over_flower_keeps_the_engines_ledger_on_the_nodes(deplo
     for ledger in sorted((dep.workdir / "sockets").glob("*.state/privacy/run-*/ledger")):
         nodes.update(read_ledger(ledger)[1])
     _, engine = read_ledger(local / "ledger")
-    key = lambda es: [(e.round, e.noise_multiplier, e.sample_rate, e.steps, e.epsilon_after) for e in es]  # noqa: E731
+    key = lambda es: [(e.round, e.noise_multiplier, e.sample_rate, e.steps) for e in es]  # noqa: E731
     assert sorted(nodes) == sorted(engine) and len(engine) == 6
     assert {c: key(es) for c, es in nodes.items()} == {c: key(es) for c, es in engine.items()}
+    # ε after each release: the same accountant on the same mechanism, equal to float precision
+    for c, es in engine.items():
+        assert [e.epsilon_after for e in nodes[c]] == pytest.approx([e.epsilon_after for e in es], rel=1e-12)
     assert _rows(flower)[0]["privacy_epsilon_spent_max"] == pytest.approx(_rows(local)[0]["privacy_epsilon_spent_max"])
 
 
@@ -201,7 +207,10 @@ def test_a_supernode_stopped_mid_round_drops_out_and_the_round_still_completes(d
     assert set(summary["clients_final"]) == {str(c) for n in dep.nodes[:victim] for c in n.client_ids}
     # the same drop at the same protocol point, with the nodes in process, gives the same model:
     # the survivors' aggregate was recovered exactly (up to SecAgg's stochastic rounding)
-    hosts = {n.index: ParticipantHost(n.client_ids, shared_datasets, policy=dep.policies[n.index]) for n in dep.nodes}
+    # the in-process reference signs under the deployment's identity registry, as the nodes did
+    hosts = {
+        n.index: ParticipantHost(n.client_ids, shared_datasets, dep.node_keys_dir(n.index), policy=dep.policies[n.index]) for n in dep.nodes
+    }
     link = InProcessLink(hosts)
 
     def drop(rnd: int, op: str, stage: int) -> None:
@@ -214,6 +223,7 @@ def test_a_supernode_stopped_mid_round_drops_out_and_the_round_still_completes(d
         {n.index: n.client_ids for n in dep.nodes},
         RunOptions(out=tmp / "local-dropout", progress=False, data_dir=shared_datasets),
         on_stage=drop,
+        keys_dir=dep.workdir / "aggregation-keys" / "server",
     )
     (ref_row,) = _rows(ref)
     assert ref_row["clients_aggregated"] == 4
