@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from pathlib import Path
 
 from ..federation.participant import NodeError, ParticipantHost
-from .local_socket import recv_frame, send_frame
+from .local_socket import listen_private, recv_frame, send_frame
 
 __all__ = ["NodeError", "ParticipantHost", "serve"]
 
@@ -37,16 +36,7 @@ logger = logging.getLogger(__name__)
 def serve(host: ParticipantHost, socket_path: Path, *, ready_file: Path | None = None, max_requests: int | None = None) -> None:
     """Answer requests on ``socket_path`` (mode 0600) until killed (or ``max_requests`` were served)."""
     socket_path = Path(socket_path)
-    if socket_path.exists():
-        socket_path.unlink()
-    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)
-    try:
-        srv.bind(str(socket_path))
-    finally:
-        os.umask(old)
-    os.chmod(socket_path, 0o600)
-    srv.listen(8)
+    srv = listen_private(socket_path, 8)
     if ready_file is not None:
         Path(ready_file).write_text(str(os.getpid()))
     logger.info("participant host for clients %s listening on %s", host.client_ids, socket_path)

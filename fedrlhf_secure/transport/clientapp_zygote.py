@@ -30,7 +30,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from .local_socket import recv_frame
+from .local_socket import listen_private, recv_frame
 
 logger = logging.getLogger(__name__)
 
@@ -52,16 +52,7 @@ def serve(socket_path: Path, *, ready_file: Path | None = None) -> None:
     """Fork one verifying ClientApp runner per connection on ``socket_path`` until killed."""
     warm_up()
     socket_path = Path(socket_path)
-    if socket_path.exists():
-        socket_path.unlink()
-    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)
-    try:
-        srv.bind(str(socket_path))
-    finally:
-        os.umask(old)
-    os.chmod(socket_path, 0o600)
-    srv.listen(16)
+    srv = listen_private(socket_path, 16)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel; the launcher reports their code
     if ready_file is not None:
         Path(ready_file).write_text(str(os.getpid()))

@@ -7,6 +7,7 @@ starts a new ClientApp process for every message.
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 from pathlib import Path
@@ -43,3 +44,20 @@ def relay(socket_path: Path, data: bytes, timeout: float | None = None) -> bytes
         sock.connect(str(socket_path))
         send_frame(sock, data)
         return recv_frame(sock)
+
+
+def listen_private(socket_path: Path, backlog: int) -> socket.socket:
+    """A listening Unix socket at ``socket_path`` only this user can open (created 0600 under a umask,
+    so it is never world-accessible, not even between bind and chmod)."""
+    socket_path = Path(socket_path)
+    if socket_path.exists():
+        socket_path.unlink()
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        srv.bind(str(socket_path))
+    finally:
+        os.umask(old)
+    os.chmod(socket_path, 0o600)
+    srv.listen(backlog)
+    return srv
