@@ -417,29 +417,10 @@ class RLHFClient(TaskClient):
         reviews = self.data.reviews
         ids, mask = encode(reviews.text, REVIEW_WORDS)
         labels = torch.as_tensor(reviews.label, dtype=torch.long)
+        common = {"epochs": config.local_epochs, "lr": cfg.reward_lr, "seed": config.seed, "window": cfg.reward_window}
         if config.dp_sgd is None:
-            return train_classifier(
-                self.classifier,
-                ids,
-                mask,
-                labels,
-                epochs=config.local_epochs,
-                lr=cfg.reward_lr,
-                batch=cfg.reward_batch,
-                seed=config.seed,
-                window=cfg.reward_window,
-            )
-        return train_classifier_dp(
-            self.classifier,
-            ids,
-            mask,
-            labels,
-            epochs=config.local_epochs,
-            lr=cfg.reward_lr,
-            dp=config.dp_sgd,
-            seed=config.seed,
-            window=cfg.reward_window,
-        )
+            return train_classifier(self.classifier, ids, mask, labels, batch=cfg.reward_batch, **common)
+        return train_classifier_dp(self.classifier, ids, mask, labels, dp=config.dp_sgd, **common)
 
     def fit(self, shared: Mapping[str, np.ndarray], config: FitConfig) -> FitResult:
         from . import trainers
