@@ -285,7 +285,10 @@ class ParticipantHost:
         except (UnicodeDecodeError, yaml.YAMLError) as exc:
             raise NodeError(f"the server's run config is not UTF-8 YAML ({exc})") from exc
         config = self._policy_admits(build_config(raw, source="<config from the server>"), everyone)
-        if config.privacy.mode == "client" and config.privacy.noise == "central" and not self.embedded:
+        central = (config.privacy.mode == "client" and config.privacy.noise == "central") or (
+            config.privacy.mode == "record" and config.privacy.record_noise == "central"
+        )
+        if central and not self.embedded:
             raise NodeError(
                 "privacy.noise 'central' adds the noise on the server, which then sees the un-noised sum; "
                 "over nodes use privacy.noise: distributed (each node adds its clients' noise shares)"

@@ -98,8 +98,14 @@ class DPPolicy:
     max_epsilon: float | None = None
     """Largest per-client budget ε for the run; None: no cap (a config without ε is then accepted)."""
     max_delta: float = 1e-5
+    record_noise: tuple[Literal["local", "distributed", "central"], ...] = ("local", "distributed")
+    """Where record-level noise may be added (``privacy.record_noise``, :mod:`..privacy.distributed_dpsgd`):
+    ``central`` trusts the server with every client's un-noised clipped gradient sum, so a node's
+    default policy does not accept it."""
 
     def __post_init__(self) -> None:
+        if not self.record_noise:
+            raise ValueError("privacy.record_noise must name at least one placement")
         if not self.modes:
             raise ValueError("privacy.modes must name at least one mode")
         if self.required and set(self.modes) == {"none"}:
@@ -139,7 +145,13 @@ class NodePolicy:
         if config.aggregation.kind == "secagg":
             secagg = SecAggPolicy(colluders=params.colluders, failure_exponent=params.failure_exponent)
         p = config.privacy
-        privacy = DPPolicy(required=p.mode != "none", modes=(p.mode,), max_epsilon=p.epsilon, max_delta=p.delta)
+        privacy = DPPolicy(
+            required=p.mode != "none",
+            modes=(p.mode,),
+            max_epsilon=p.epsilon,
+            max_delta=p.delta,
+            record_noise=(p.record_noise,) if p.mode == "record" else DPPolicy.record_noise,
+        )
         m = config.federation.min_clients
         return cls(
             aggregation=(config.aggregation.kind,),
@@ -192,6 +204,8 @@ class NodePolicy:
             raise self._refuse("privacy.mode", p.mode, "privacy.modes", list(dp.modes))
         if p.mode == "none":
             return
+        if p.mode == "record" and p.record_noise not in dp.record_noise:
+            raise self._refuse("privacy.record_noise", p.record_noise, "privacy.record_noise", list(dp.record_noise))
         if dp.max_epsilon is not None:
             if p.epsilon is None:
                 raise self._refuse("privacy.epsilon", None, "privacy.max_epsilon", dp.max_epsilon, "a run without a budget has no cap")

@@ -38,6 +38,11 @@ class PrivacyConfig:
     noise_multiplier: float | None = None
     batch_size: int = 16
     survivor_fraction: float = 1.0
+    record_noise: Literal["local", "distributed", "central"] = "local"
+    """Record level only: ``local`` = Opacus DP-SGD inside each client (:mod:`.record_level`);
+    ``distributed`` / ``central`` = one DP-SGD step per round on the sum of all clients' per-record
+    clipped gradients, noised by the clients' shares or by the server
+    (:mod:`.distributed_dpsgd`; needs ``federation.weighting: uniform``)."""
     audit_canaries: int = 0
     """White-box gradient canaries inserted into this run for ``fedrlhf audit RUN`` (client level
     only; :mod:`fedrlhf_secure.privacy.canaries`). 0: none."""

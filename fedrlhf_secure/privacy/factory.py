@@ -21,6 +21,7 @@ from aggregation.base import Aggregator
 from ..configtypes import ConfigError
 from .accountants import RELATION
 from .client_level import ClientLevelPlan, IntegerDomain, dp_fedavg_noise_multiplier, share_divisor
+from .distributed_dpsgd import DistributedRecordPlan
 from .ledger import PrivacyLedger
 from .noise import NoiseSource
 from .plan import ClientPrivacy, NoClientPrivacy
@@ -42,14 +43,15 @@ def check_noise_headroom(config: Any, integer: IntegerDomain | None) -> None:
     p = config.privacy
     z = dp_fedavg_noise_multiplier(p.accountant, p.epsilon, p.delta, config.federation.rounds, p.noise_multiplier)
     m = share_divisor(max(1, config.federation.min_clients))
-    share_std = z * integer.scale * p.clip_norm / math.sqrt(m) * 1.01
+    clip = p.max_grad_norm if p.mode == "record" else p.clip_norm  # record level: the per-record clip of the gradient sum
+    share_std = z * integer.scale * clip / math.sqrt(m) * 1.01
     need = math.ceil(10 * share_std)
     bound = int(getattr(config.aggregation.params, "noise_bound", 0))
     if bound < need:
         raise ConfigError(
             f"noise_bound={bound} is too small for the distributed Skellam noise: a client's share may have std "
             f"{share_std:.3g} quantised units (noise multiplier {z:.3f} x scale {integer.scale:g} x clip "
-            f"{p.clip_norm:g} / sqrt({m}) shares at least: m - 1 of m survivors); set aggregation.noise_bound >= {need}",
+            f"{clip:g} / sqrt({m}) shares at least: m - 1 of m survivors); set aggregation.noise_bound >= {need}",
             source=config.source,
             key="aggregation.noise_bound",
         )
@@ -68,11 +70,42 @@ def ledger_header(config: Any) -> dict[str, Any]:
         "batch_size": p.batch_size if p.mode == "record" else None,
         "clip_norm": p.clip_norm if p.mode == "client" else None,
         "noise": p.noise if p.mode == "client" else None,
-        "survivor_fraction": p.survivor_fraction if p.mode == "client" else None,
+        "survivor_fraction": p.survivor_fraction if (p.mode == "client" or distributed_record(p)) else None,
         "aggregation": config.aggregation.kind,
         "rounds": config.federation.rounds,
         "local_epochs": config.federation.local_epochs,
+        **({"record_noise": p.record_noise} if p.mode == "record" and p.record_noise != "local" else {}),
     }
+
+
+def distributed_record(p: Any) -> bool:
+    """Record level with the noise added once for the federation (:mod:`.distributed_dpsgd`)."""
+    return p.mode == "record" and getattr(p, "record_noise", "local") != "local"
+
+
+def check_record_noise(config: Any, aggregator: Aggregator) -> None:
+    """``privacy.record_noise`` distributed/central: the combinations that would not protect what they claim exit 2."""
+    p = config.privacy
+    src = config.source
+    if config.federation.weighting != "uniform":
+        raise ConfigError(
+            f"privacy.record_noise: {p.record_noise} sums the clients' clipped gradients (one record moves the sum by at "
+            "most 2 x max_grad_norm); example weights would scale one client's records; set federation.weighting: uniform",
+            source=src,
+            key="federation.weighting",
+        )
+    if p.record_noise == "central" and not aggregator.capabilities.server_reads_result:
+        from .server import central_noise_unreadable
+
+        raise central_noise_unreadable(config, aggregator)
+    if p.record_noise == "distributed" and aggregator.kind == "plain":
+        raise ConfigError(
+            "privacy.record_noise: distributed under aggregation: plain would show the server each client's gradient sum "
+            "with only 1/sqrt(m-1) of the noise (m = the round's survivors): use aggregation: secagg or ckks, or "
+            "privacy.record_noise: central (the server adds the noise and is trusted with the un-noised sum)",
+            source=src,
+            key="privacy.record_noise",
+        )
 
 
 def check_inputs(config: Any, client_sizes: Mapping[int, int], num_clients: int | None = None) -> None:
@@ -141,6 +174,25 @@ def build_client_privacy(
     check_inputs(config, client_sizes, total)
     ledger_dir = Path(ledger_dir)
     releases = ReleaseStore(ledger_dir.parent / "checkpoint" / "privacy-releases")
+    if distributed_record(p):
+        check_record_noise(config, aggregator)
+        integer = integer_domain(aggregator) if p.record_noise == "distributed" else None
+        check_noise_headroom(config, integer)
+        return DistributedRecordPlan(
+            rounds=config.federation.rounds,
+            max_grad_norm=p.max_grad_norm,
+            noise=p.record_noise,
+            budget=p.epsilon,
+            delta=p.delta,
+            accountant=p.accountant,
+            noise_multiplier=p.noise_multiplier,
+            survivor_fraction=p.survivor_fraction,
+            min_clients=config.federation.min_clients,
+            integer=integer,
+            ledger=PrivacyLedger(ledger_dir, ledger_header(config), resume=resume),
+            releases=releases,
+            noise_source=noise,
+        )
     if p.mode == "record":
         ledger = PrivacyLedger(ledger_dir, ledger_header(config), resume=resume)
         return RecordLevelPlan(

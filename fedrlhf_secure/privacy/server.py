@@ -44,7 +44,8 @@ class ServerPrivacy:
         self.noise = noise or NoiseSource()
         self.min_clients = int(config.federation.min_clients)
         self.survivor_fraction = float(getattr(p, "survivor_fraction", 1.0))
-        self.distributed = p.mode == "client" and p.noise == "distributed"
+        record_noise = getattr(p, "record_noise", "local") if p.mode == "record" else None
+        self.distributed = (p.mode == "client" and p.noise == "distributed") or record_noise == "distributed"
         self.central_std = 0.0
         self.public: dict[str, Any] = {}
         if p.mode != "none":
@@ -60,6 +61,13 @@ class ServerPrivacy:
                 self.central_std = float(z) * float(p.clip_norm)
         elif p.mode == "record":
             self.public.update(max_grad_norm=p.max_grad_norm)
+            if record_noise != "local":  # one DP-SGD step per round on the clients' summed clipped gradients (.distributed_dpsgd)
+                z = dp_fedavg_noise_multiplier(p.accountant, p.epsilon, p.delta, config.federation.rounds, p.noise_multiplier)
+                self.public.update(record_noise=record_noise, noise_multiplier=float(z))
+                if record_noise == "central":
+                    if aggregator is not None and not aggregator.capabilities.server_reads_result:
+                        raise central_noise_unreadable(config, aggregator)
+                    self.central_std = float(z) * float(p.max_grad_norm)
         self.spent: dict[int, float] = {}
         self.refused: set[int] = set()
 

@@ -25,6 +25,7 @@ import torch
 
 from ...configtypes import ConfigError
 from ...errors import InputError
+from ...privacy.distributed_dpsgd import GradientSumSettings
 from ...privacy.dpsgd import DPSGDReport
 from ...privacy.randomness import secret_key
 from ..auditable import AuditableTask, CanarySet, Candidates
@@ -32,6 +33,7 @@ from ..base import FitConfig, FitResult, ParamSpec, Task, TaskClient
 from .config import MovieLensConfig
 from .data import MovieLensSplit, Ratings, load_split
 from .feedback import FeedbackProfile, KeyedHumanNoise, draw_profiles, labels
+from .gradients import gradient_sum_fit
 from .metrics import evaluate_scores
 from .model import ITEM_EMBEDDING, PolicyDims, build_policy, numpy_logits
 from .train import LocalData, ProfileTable, TrainSettings, fit_personal, train_epochs, train_epochs_dp
@@ -333,6 +335,8 @@ class MovieLensClient(TaskClient):
         spec = self.task.shared_spec()
         rng = np.random.default_rng([config.seed, config.round, self.client_id, 0xF17])
         num_items = self.task.dims.num_items
+        if isinstance(config.dp_sgd, GradientSumSettings):  # distributed DP-SGD: one clipped gradient sum, no local steps
+            return gradient_sum_fit(self, shared, config, rng)
         if len(self.train) == 0:
             delta = {e.name: np.zeros(e.shape, dtype=np.float32) for e in spec.entries}
             touched = np.zeros(num_items, dtype=bool) if config.dp_sgd is None else np.ones(num_items, dtype=bool)
