@@ -41,11 +41,13 @@ class GradientCanaryScores:
 
 
 def score_canaries(placement: CanaryPlacement, initial: dict[str, np.ndarray], released: dict[str, np.ndarray], spec) -> np.ndarray:
-    """``s_j · (θ_released − θ_initial)[c_j]`` for every canary (float64)."""
+    """``s_j · (θ_released − θ_initial)[c_j]`` for every canary (float64); record level
+    ``-s_j · (...)``: there a canary is a *gradient*, and the optimizer steps against it."""
     change = spec.flatten(released).astype(np.float64) - spec.flatten(initial).astype(np.float64)
     if change.size != placement.dim:
         raise InputError(f"the released model has {change.size} shared coordinates, the canary plan {placement.dim}")
-    return placement.signs.astype(np.float64) * change[placement.coordinates]
+    direction = -1.0 if placement.mechanism == "record" else 1.0
+    return direction * placement.signs.astype(np.float64) * change[placement.coordinates]
 
 
 def run_canary_scores(run_dir: Path, data_dir: Path | None) -> GradientCanaryScores | None:
