@@ -14,13 +14,15 @@ Steps (each a separate, reproducible piece; ``seed`` fixes every coin the audit 
    (:func:`plan_epsilon_audit`):
 
    * **the run itself** when it was trained with ``privacy.audit_canaries: m``: its white-box Dirac
-     gradient canaries (inserted after clipping, before the noise, coins kept secret beside the
-     run's ledger) are scored on the released model (:mod:`.gradient_canaries`). This audits the
-     production run, not a re-run of its config;
-   * else, for a client-level run, a **re-run** of its config with ``m`` gradient canaries
-     (``--gradient-canaries``; default: the smallest m on :data:`.bounds.CANARY_LADDER` whose
-     ceiling exceeds the claim);
-   * else (record level) a re-run with ``--canaries`` record canaries (:func:`.shadows.run_canaries`).
+     gradient canaries (client level: added after clipping; record level: Poisson-sampled records
+     inside each DP-SGD step; both before the noise, coins kept secret beside the run's ledger) are
+     scored on the released model (:mod:`.gradient_canaries`). This audits the production run, not
+     a re-run of its config;
+   * else a **re-run** of its config (client or record level) with ``m`` gradient canaries in the
+     audit block (``--gradient-canaries``; default: the smallest m on :data:`.bounds.CANARY_LADDER`
+     whose ceiling exceeds the claim);
+   * else (``--gradient-canaries 0``) a re-run with ``--canaries`` record canaries
+     (:func:`.shadows.run_canaries`; record level; weak: their ceiling is 5.27 at m = 1,000).
 
    The one-run bound (Steinke, Nasr & Jagielski 2023) is ε̂. Every audit announces the largest ε it
    could refute at its m (:func:`.bounds.refutable_ceiling`) and the m the claim needs. There is
@@ -184,7 +186,7 @@ class EpsilonPlan:
             return "ε audit: none (no canaries)"
         what = {
             "run": "the run's own gradient canaries (privacy.audit_canaries), scored on its released model",
-            "gradient": "a re-run of the config with white-box gradient canaries",
+            "gradient": "a re-run of the config with white-box gradient canaries (privacy.audit_canaries)",
             "record": "a re-run of the config with record canaries",
         }[self.kind]
         claim = "no DP claim" if math.isinf(self.claim.epsilon) else f"claimed ε = {self.claim.epsilon:.3f} (δ = {self.claim.delta:g})"
@@ -229,11 +231,12 @@ def plan_epsilon_audit(run_dir: Path, config: RunConfig, claim: Claim, settings:
 
         m = int(json.loads(plan_path.read_text())["canaries"])
         return EpsilonPlan("run", m, bounds.refutable_ceiling(m, delta, conf), grad_need, claim, conf)
-    if config.privacy.mode == "client" and settings.gradient_canaries != 0:
+    if config.privacy.mode in ("client", "record") and settings.gradient_canaries != 0:
         m = settings.gradient_canaries
         if m is None:
-            room = _linear_room(config, data_dir)
-            m = min(grad_need or bounds.CANARY_LADDER[-1], room)
+            m = grad_need or bounds.CANARY_LADDER[-1]
+            if config.privacy.audit_coordinates == "model":
+                m = min(m, _linear_room(config, data_dir))
         return EpsilonPlan("gradient", m, bounds.refutable_ceiling(m, delta, conf), grad_need, claim, conf)
     if settings.num_canaries:
         m = settings.num_canaries
