@@ -42,14 +42,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--canaries",
         type=int,
-        default=d.num_canaries,
-        help=f"record canaries of the re-run ε audit of a record-level run (0: none; default {d.num_canaries})",
+        default=None,
+        help="record canaries: a re-run with M extra ratings instead of the gradient-canary audit (0: no ε audit; "
+        "weak: 1,000 can refute at most ε = 5.27)",
     )
     parser.add_argument(
         "--gradient-canaries",
         type=int,
         default=None,
-        help="white-box gradient canaries of the re-run ε audit of a client-level run (default: sized to the claim; 0: none). "
+        help="white-box gradient canaries of the re-run ε audit (client or record level; default: sized to the claim; 0: none). "
         "A run trained with privacy.audit_canaries is audited on its own canaries instead",
     )
     parser.add_argument(
