@@ -125,6 +125,8 @@ def estimated_cost(run_dir: Path, shadows: int, server_view: bool) -> str:
         seconds = float(json.loads((run_dir / "summary.json").read_text())["seconds_total"])
     except (OSError, ValueError, KeyError, TypeError):
         return f"audit plan: {runs} training run(s) of this config ({shadows} shadows; {canary})"
+    if runs == 0:
+        return f"audit plan: no training ({canary}; {shadows} shadows)"
     minutes = runs * seconds / 60
     quick = "" if shadows == 0 else f"; --quick (LOSS + the ε audit) trains {int(not own)}"
     pace = f"about {minutes:.1f} min at the run's own pace"
