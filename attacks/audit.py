@@ -14,13 +14,16 @@ Steps (each a separate, reproducible piece; ``seed`` fixes every coin the audit 
    (:func:`plan_epsilon_audit`):
 
    * **the run itself** when it was trained with ``privacy.audit_canaries: m``: its white-box Dirac
-     gradient canaries (inserted after clipping, before the noise, coins kept secret beside the
-     run's ledger) are scored on the released model (:mod:`.gradient_canaries`). This audits the
-     production run, not a re-run of its config;
-   * else, for a client-level run, a **re-run** of its config with ``m`` gradient canaries
-     (``--gradient-canaries``; default: the smallest m on :data:`.bounds.CANARY_LADDER` whose
-     ceiling exceeds the claim);
-   * else (record level) a re-run with ``--canaries`` record canaries (:func:`.shadows.run_canaries`).
+     gradient canaries (client level: added after clipping; record level: Poisson-sampled records
+     inside each DP-SGD step; both before the noise, coins kept secret beside the run's ledger) are
+     scored on the released model (:mod:`.gradient_canaries`). This audits the production run, not
+     a re-run of its config;
+   * else a **re-run** of its config (client or record level) with ``m`` gradient canaries in the
+     audit block (``--gradient-canaries``; default: the smallest m on :data:`.bounds.CANARY_LADDER`
+     whose ceiling exceeds the claim);
+   * else (``--canaries M`` asked for without ``--gradient-canaries``, or ``--gradient-canaries 0``)
+     a re-run with M record canaries (default 1,000; :func:`.shadows.run_canaries`; weak: their
+     ceiling is 5.27 at m = 1,000).
 
    The one-run bound (Steinke, Nasr & Jagielski 2023) is ε̂. Every audit announces the largest ε it
    could refute at its m (:func:`.bounds.refutable_ceiling`) and the m the claim needs. There is
@@ -64,8 +67,10 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class AuditSettings:
     num_shadows: int = 16
-    num_canaries: int = 1000
-    """Record canaries of the re-run audit of a record-level run (0: none)."""
+    num_canaries: int | None = None
+    """Record canaries of a re-run (``--canaries``): given without ``gradient_canaries`` it selects the
+    record-canary audit instead of the gradient one (0: no ε audit); None: not asked for (1,000 when
+    ``gradient_canaries`` is 0)."""
     gradient_canaries: int | None = None
     """Gradient canaries of the re-run audit of a client-level run (None: sized to the claim; 0: none)."""
     require_power: bool = False
@@ -84,7 +89,7 @@ class AuditSettings:
         """Bad settings are bad user input (``fedrlhf audit`` exits 2), refused before any training run."""
         if self.num_shadows < 0 or self.num_shadows == 1:
             raise InputError(f"--shadows must be 0 (LOSS attack only) or >= 2, got {self.num_shadows}")
-        if self.num_canaries < 0 or 0 < self.num_canaries < 20:
+        if self.num_canaries is not None and (self.num_canaries < 0 or 0 < self.num_canaries < 20):
             raise InputError(f"--canaries must be 0 (no ε audit) or >= 20, got {self.num_canaries}")
         if self.gradient_canaries is not None and (self.gradient_canaries < 0 or 0 < self.gradient_canaries < 20):
             raise InputError(f"--gradient-canaries must be 0 (none) or >= 20, got {self.gradient_canaries}")
@@ -184,7 +189,7 @@ class EpsilonPlan:
             return "ε audit: none (no canaries)"
         what = {
             "run": "the run's own gradient canaries (privacy.audit_canaries), scored on its released model",
-            "gradient": "a re-run of the config with white-box gradient canaries",
+            "gradient": "a re-run of the config with white-box gradient canaries (privacy.audit_canaries)",
             "record": "a re-run of the config with record canaries",
         }[self.kind]
         claim = "no DP claim" if math.isinf(self.claim.epsilon) else f"claimed ε = {self.claim.epsilon:.3f} (δ = {self.claim.delta:g})"
@@ -217,7 +222,7 @@ def _linear_room(config: RunConfig, data_dir: Path | None) -> int:
 
 def plan_epsilon_audit(run_dir: Path, config: RunConfig, claim: Claim, settings: AuditSettings, data_dir: Path | None) -> EpsilonPlan:
     """The fixed policy (module docstring, step 2): the run's own canaries, else a gradient re-run
-    (client level), else a record re-run; m from the run, the flag, or sized to the claim."""
+    (client or record level), else a record re-run; m from the run, the flag, or sized to the claim."""
     from fedrlhf_secure.privacy.canaries import CANARY_DIR, PLAN_FILE
 
     conf, delta = settings.confidence, claim.delta
@@ -229,14 +234,16 @@ def plan_epsilon_audit(run_dir: Path, config: RunConfig, claim: Claim, settings:
 
         m = int(json.loads(plan_path.read_text())["canaries"])
         return EpsilonPlan("run", m, bounds.refutable_ceiling(m, delta, conf), grad_need, claim, conf)
-    if config.privacy.mode == "client" and settings.gradient_canaries != 0:
+    record_asked = settings.num_canaries is not None and settings.gradient_canaries is None
+    if config.privacy.mode in ("client", "record") and settings.gradient_canaries != 0 and not record_asked:
         m = settings.gradient_canaries
         if m is None:
-            room = _linear_room(config, data_dir)
-            m = min(grad_need or bounds.CANARY_LADDER[-1], room)
+            m = grad_need or bounds.CANARY_LADDER[-1]
+            if config.privacy.audit_coordinates == "model":
+                m = min(m, _linear_room(config, data_dir))
         return EpsilonPlan("gradient", m, bounds.refutable_ceiling(m, delta, conf), grad_need, claim, conf)
-    if settings.num_canaries:
-        m = settings.num_canaries
+    m = 1000 if settings.num_canaries is None else settings.num_canaries
+    if m:
         grid = bounds.DEFAULT_GUESS_FRACTIONS
         need = bounds.canaries_needed(claim.epsilon, delta, conf, grid) if finite else None
         return EpsilonPlan("record", m, bounds.refutable_ceiling(m, delta, conf, grid), need, claim, conf)

@@ -1,15 +1,16 @@
 """The white-box gradient-canary ε audit of one run (Steinke, Nasr & Jagielski 2023, §6 white-box;
 Nasr et al. 2023 Dirac canaries): read the run's canaries, score them on its released model, bound ε.
 
-The run inserted ``m`` Dirac canaries ``s_j·C·e_{c_j}`` after clipping and before the noise
+The run inserted ``m`` Dirac canaries ``s_j·C·e_{c_j}`` before the noise
 (``privacy.audit_canaries``, :mod:`fedrlhf_secure.privacy.canaries`), each kept by a secret fair
-coin. Every released model change is a post-processing of the noised sums, so the projection of
-the total change ``θ_released − θ_initial`` onto a canary's direction,
+coin: client level after clipping, in every round its holder takes part in; record level as a
+record of the holder's DP-SGD, Poisson-sampled into each step, a dropped canary being the kept one's
+mirror image ``-s_j·C·e_{c_j}``. Every released model change is a post-processing of the noised
+sums, so the projection of the total change ``θ_released − θ_initial`` onto a canary's direction,
 
-    score_j = s_j · (θ_released − θ_initial)[c_j],
+    score_j = s_j · (θ_released − θ_initial)[c_j]     (record level: −s_j · ..., the optimizer descends),
 
-is the auditor's test statistic (the sum over rounds of the per-round changes on that coordinate:
-an included canary adds ``+C`` to the noised sum of every round its holder takes part in). Under
+is the auditor's test statistic (the sum over rounds of the per-round changes on that coordinate). Under
 the claimed ε the guesses "in" for the ``⌊0.45 m⌋`` highest scores and "out" for the ``⌊0.45 m⌋``
 lowest may be right no more often than the one-run bound allows (:func:`.bounds.one_run_audit`
 with the single fixed guess fraction :data:`.bounds.GRADIENT_CANARY_FRACTION`).
@@ -41,11 +42,13 @@ class GradientCanaryScores:
 
 
 def score_canaries(placement: CanaryPlacement, initial: dict[str, np.ndarray], released: dict[str, np.ndarray], spec) -> np.ndarray:
-    """``s_j · (θ_released − θ_initial)[c_j]`` for every canary (float64)."""
+    """``s_j · (θ_released − θ_initial)[c_j]`` for every canary (float64); record level
+    ``-s_j · (...)``: there a canary is a *gradient*, and the optimizer steps against it."""
     change = spec.flatten(released).astype(np.float64) - spec.flatten(initial).astype(np.float64)
     if change.size != placement.dim:
         raise InputError(f"the released model has {change.size} shared coordinates, the canary plan {placement.dim}")
-    return placement.signs.astype(np.float64) * change[placement.coordinates]
+    direction = -1.0 if placement.mechanism == "record" else 1.0
+    return direction * placement.signs.astype(np.float64) * change[placement.coordinates]
 
 
 def run_canary_scores(run_dir: Path, data_dir: Path | None) -> GradientCanaryScores | None:
@@ -77,12 +80,17 @@ def gradient_canary_audit(canaries: GradientCanaryScores, delta: float, confiden
         "confidence": confidence,
         "method": "one-run (Steinke, Nasr & Jagielski 2023) on white-box Dirac gradient canaries, fixed guess fraction "
         f"{bounds.GRADIENT_CANARY_FRACTION}",
+        "mechanism": canaries.placement.mechanism,
         "canary_kind": "gradient",
         "ceiling": bounds.refutable_ceiling(m, delta, confidence),
         "one_run": one.to_dict(),
         "score_means": {
             "included": float(canaries.scores[inc].mean()) if inc.any() else None,
             "excluded": float(canaries.scores[~inc].mean()) if (~inc).any() else None,
+        },
+        "score_separation": {  # noise off on the audit block: every included score above every excluded one
+            "included_min": float(canaries.scores[inc].min()) if inc.any() else None,
+            "excluded_max": float(canaries.scores[~inc].max()) if (~inc).any() else None,
         },
         "canary_norm": canaries.placement.norm,
         "canary_runs": 1,

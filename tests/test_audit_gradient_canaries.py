@@ -28,7 +28,15 @@ from fedrlhf_secure.config import config_from_dict, load_config
 from fedrlhf_secure.configtypes import ConfigError, InputError
 from fedrlhf_secure.federation.engine import RunOptions, run_federation
 from fedrlhf_secure.federation.update import UpdateCodec
-from fedrlhf_secure.privacy.canaries import CANARY_DIR, GradientCanaries, build_canaries, linear_ranges, place_canaries, read_canaries
+from fedrlhf_secure.privacy.canaries import (
+    AUDIT_BLOCK,
+    CANARY_DIR,
+    GradientCanaries,
+    build_canaries,
+    linear_ranges,
+    place_canaries,
+    read_canaries,
+)
 
 CANARIES = 25_000
 
@@ -112,19 +120,25 @@ def test_sparse_rows_averaged_by_touch_count_carry_no_canary(data):
     assert linear_ranges(UpdateCodec(spec, "all")) == [(0, spec.size)]
 
 
-def test_canaries_need_client_level_dp_and_room(tmp_path, data):
-    cfg = canary_config()
+def test_model_coordinates_need_room_and_the_audit_block_has_it(tmp_path, data):
     from dataclasses import replace
 
     from fedrlhf_secure.federation.engine import build_task
 
-    codec = UpdateCodec(build_task(cfg, data).shared_spec(), "all")
-    record = replace(cfg, privacy=replace(cfg.privacy, mode="record"))
-    with pytest.raises(ConfigError, match="privacy.audit_canaries"):
-        build_canaries(record, [0, 1], [0, 1], codec, tmp_path / "ledger", False)
-    huge = replace(cfg, privacy=replace(cfg.privacy, audit_canaries=codec.spec.size + 1))
+    cfg = canary_config()
+    model = replace(cfg, privacy=replace(cfg.privacy, audit_coordinates="model"))
+    plain = build_task(replace(cfg, privacy=replace(cfg.privacy, audit_canaries=0)), data).shared_spec()
+    codec = UpdateCodec(plain, "all")
+    huge = replace(model, privacy=replace(model.privacy, audit_canaries=codec.spec.size + 1))
     with pytest.raises(ConfigError, match="coordinates whose aggregate is a plain mean"):
         build_canaries(huge, [0, 1], [0, 1], codec, tmp_path / "ledger", False)
+    # the audit block is sized to m: the task built for the config carries exactly m more coordinates
+    big = replace(cfg, privacy=replace(cfg.privacy, audit_canaries=codec.spec.size + 1))
+    spec = build_task(big, data).shared_spec()
+    assert spec.size == plain.size + codec.spec.size + 1 and spec.names()[-1] == AUDIT_BLOCK
+    # a codec without the block (a task not built by build_task) is refused, naming the key
+    with pytest.raises(ConfigError, match="audit block"):
+        build_canaries(big, [0, 1], [0, 1], codec, tmp_path / "ledger", False)
 
 
 def test_coins_are_written_once_reused_on_resume_and_a_missing_coin_file_is_refused(tmp_path, data):
@@ -212,29 +226,51 @@ def test_an_audit_that_cannot_refute_the_claim_is_inconclusive_or_refused(data, 
     assert "CANNOT refute" in captured.out and "INCONCLUSIVE" in captured.err
 
 
-# ------------------------------------------------------------------ the default config, real data (slow)
+# ------------------------------------------------------------------ the default configs, real data (slow)
+
+
+def _gate(run: Path, data: Path, capsys) -> tuple[int, dict, str]:
+    code = audit_cli(run, data)
+    out = capsys.readouterr().out
+    print(out)
+    return code, json.loads((run / "audit.json").read_text()), out
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("broken", [True, False], ids=["noise-off-fails", "honest-passes"])
-def test_silos_preset_at_epsilon_8_client_level(shared_datasets, tmp_path, capsys, broken):
-    """configs/movielens-silos.yaml (the README's main job: 19 data holders of 50 users, ε = 8,
-    δ = 1e-5) with client-level DP, where the gradient canaries go in, and the 30,000 canaries the
-    claim needs on plain-mean coordinates (``federation.sparse_rows: all``)."""
-    cfg = load_config(
-        "configs/movielens-silos.yaml",
-        ["aggregation.kind=plain", "privacy.mode=client", "federation.weighting=uniform", "federation.sparse_rows=all"]
-        + ["privacy.audit_canaries=30000"],
-    )
-    assert (cfg.privacy.epsilon, cfg.privacy.delta) == (8, 1e-5)
+def test_one_client_per_user_at_epsilon_8_client_level(shared_datasets, tmp_path, capsys, broken):
+    """``configs/movielens.yaml --set privacy.mode=client --epsilon 8`` (943 clients, one per user),
+    with ``privacy.audit_canaries: auto`` (20,000 at ε = 8, δ = 1e-5) in the audit block: with the
+    canaries on the model's own coordinates even a noise-off run could not be failed here (the real
+    updates are as large as a canary; docs/audits.md)."""
+    cfg = load_config("configs/movielens.yaml", ["privacy.mode=client", "privacy.epsilon=8", "privacy.audit_canaries=auto"])
     run = run_federation(cfg, RunOptions(data_dir=shared_datasets, out=tmp_path, progress=False, noise=SilentNoise() if broken else None))
-    code = audit_cli(run, shared_datasets)
-    out = capsys.readouterr().out
-    print(out)
-    report = json.loads((run / "audit.json").read_text())
+    code, report, out = _gate(run, shared_datasets, capsys)
     e = report["epsilon"]
+    assert e["plan"]["kind"] == "run" and e["one_run"]["canaries"] == 20_000 and e["mechanism"] == "client"
     assert e["ceiling"] > 8.0 and math.isclose(report["claimed"]["epsilon"], 8.0, abs_tol=1e-6)
+    assert "largest ε it can refute: 8.091" in out
     if broken:
+        assert e["estimate"] > 8.0 and report["verdict"] == "fail" and code == 1
+    else:
+        assert e["estimate"] <= 8.0 and report["verdict"] == "pass" and code == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("broken", [True, False], ids=["noise-off-fails", "honest-passes"])
+def test_silos_main_job_at_epsilon_8_record_level(shared_datasets, tmp_path, capsys, broken):
+    """The README's main job as configured (``configs/movielens-silos.yaml``: 19 silos, record-level
+    DP-SGD, SecAgg+, ε = 8, δ = 1e-5, ``privacy.audit_canaries: auto``): the run carries 20,000
+    Dirac canaries inside its DP-SGD steps and ``fedrlhf audit RUN`` audits that run."""
+    cfg = load_config("configs/movielens-silos.yaml")
+    assert (cfg.privacy.mode, cfg.privacy.epsilon, cfg.privacy.delta, cfg.aggregation.kind) == ("record", 8, 1e-5, "secagg")
+    assert cfg.privacy.audit_canary_count() == 20_000
+    run = run_federation(cfg, RunOptions(data_dir=shared_datasets, out=tmp_path, progress=False, noise=SilentNoise() if broken else None))
+    code, report, out = _gate(run, shared_datasets, capsys)
+    e = report["epsilon"]
+    assert e["plan"]["kind"] == "run" and e["mechanism"] == "record" and e["ceiling"] > 8.0
+    if broken:
+        assert e["one_run"]["correct"] == e["one_run"]["guesses"]
         assert e["estimate"] > 8.0 and report["verdict"] == "fail" and code == 1
     else:
         assert e["estimate"] <= 8.0 and report["verdict"] == "pass" and code == 0

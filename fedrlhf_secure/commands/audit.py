@@ -42,14 +42,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--canaries",
         type=int,
-        default=d.num_canaries,
-        help=f"record canaries of the re-run ε audit of a record-level run (0: none; default {d.num_canaries})",
+        default=None,
+        help="record canaries: a re-run with M extra ratings instead of the gradient-canary audit (0: no ε audit; "
+        "weak: 1,000 can refute at most ε = 5.27)",
     )
     parser.add_argument(
         "--gradient-canaries",
         type=int,
         default=None,
-        help="white-box gradient canaries of the re-run ε audit of a client-level run (default: sized to the claim; 0: none). "
+        help="white-box gradient canaries of the re-run ε audit (client or record level; default: sized to the claim; 0: none). "
         "A run trained with privacy.audit_canaries is audited on its own canaries instead",
     )
     parser.add_argument(
@@ -111,17 +112,25 @@ def run(args: argparse.Namespace) -> int:
 
 
 def estimated_cost(run_dir: Path, shadows: int, server_view: bool) -> str:
-    """What the audit will train, and about how long, from the run's own duration (printed first)."""
+    """What the audit will train, and about how long, from the run's own duration (printed first).
+    A run that carries its own canaries (``privacy.audit_canaries``) needs no canary re-run."""
     import json
 
-    runs = shadows + 1 + int(server_view)
+    from ..privacy.canaries import CANARY_DIR, PLAN_FILE
+
+    own = (run_dir / CANARY_DIR / PLAN_FILE).is_file()
+    runs = shadows + int(not own) + int(server_view)
+    canary = "the ε audit scores the run's own canaries" if own else "one canary re-run"
     try:
         seconds = float(json.loads((run_dir / "summary.json").read_text())["seconds_total"])
     except (OSError, ValueError, KeyError, TypeError):
-        return f"audit plan: {runs} training run(s) of this config ({shadows} shadows); --quick trains one"
+        return f"audit plan: {runs} training run(s) of this config ({shadows} shadows; {canary})"
+    if runs == 0:
+        return f"audit plan: no training ({canary}; {shadows} shadows)"
     minutes = runs * seconds / 60
-    quick = "" if shadows == 0 else f"; --quick (LOSS + the ε audit) trains one, about {seconds / 60:.1f} min"
-    return f"audit plan: {runs} training run(s) of this config ({shadows} shadows), about {minutes:.1f} min at the run's own pace{quick}"
+    quick = "" if shadows == 0 else f"; --quick (LOSS + the ε audit) trains {int(not own)}"
+    pace = f"about {minutes:.1f} min at the run's own pace"
+    return f"audit plan: {runs} training run(s) of this config ({shadows} shadows; {canary}), {pace}{quick}"
 
 
 def audit_with_progress(run_dir: Path, data_dir: Path | None, *, show_progress: bool = True, noise=None, **settings) -> dict:
@@ -174,9 +183,11 @@ def format_report(report: dict) -> str:
     claim = report["claimed"]["epsilon"]
     if "epsilon" in report:
         e = report["epsilon"]
+        level = f" at {e['mechanism']} level" if e.get("mechanism") else ""
         lines.append(
-            f"ε̂ = {e['estimate']:.3f} ({e['confidence']:.0%} confidence, one-run, {e['one_run']['canaries']} {e['canary_kind']} canaries, "
-            f"{e['one_run']['correct']}/{e['one_run']['guesses']} guesses right); largest ε this m can refute: {e['ceiling']:.3f}"
+            f"ε̂ = {e['estimate']:.3f} ({e['confidence']:.0%} confidence, one-run, {e['one_run']['canaries']} {e['canary_kind']} canaries"
+            f"{level}, {e['one_run']['correct']}/{e['one_run']['guesses']} guesses right); "
+            f"largest ε this m can refute: {e['ceiling']:.3f}"
         )
     lines.append(f"claimed ε = {'none (no DP)' if claim is None else f'{claim:.3f}'}; verdict: {report['verdict'].upper()}")
     return "\n".join(lines)

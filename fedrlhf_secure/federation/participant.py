@@ -36,12 +36,13 @@ from aggregation.base import Aggregator, ClientHalf, ProtocolError, RoundContext
 
 from ..config import RunConfig, build_config
 from ..errors import FedRLHFError, InputError
-from ..privacy.canaries import build_canaries
+from ..privacy.canaries import audit_block_size, build_canaries
 from ..privacy.factory import build_client_privacy
 from ..privacy.noise import NoiseSource
 from ..privacy.plan import ClientPrivacy, NoClientPrivacy
 from ..tasks.base import FitConfig, Task, TaskClient, task_spec
 from . import aggregators
+from .audit_block import with_audit_block
 from .messages import FitInstruction, Report
 from .node_protocol import REQUEST, RESPONSE, NodeMessage
 from .policy import NodePolicy, PolicyRefused
@@ -65,8 +66,10 @@ def client_seed(run_seed: int, round: int, cid: int) -> int:
 
 
 def build_task(config: RunConfig, data_dir: Path | None) -> Task:
+    """The config's task; with ``privacy.audit_canaries`` in an audit block, its shared parameters
+    carry the block (:func:`.audit_block.with_audit_block`)."""
     spec = task_spec(config.task.kind)
-    return spec.factory(config.task.params, data_dir, config.seed)
+    return with_audit_block(spec.factory(config.task.params, data_dir, config.seed), audit_block_size(config))
 
 
 def _split_metrics(metrics: Mapping[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
@@ -162,9 +165,10 @@ class Participant:
         update leaves a client."""
         cid, r = self.client_id, fit.round
         # 1. local RLHF with the client's own shaped reward R_k = R0_k + λ_k·H_k (DP-SGD inside when record-level)
-        config = FitConfig(
-            round=r, local_epochs=fit.local_epochs, seed=client_seed(fit.seed, r, cid), dp_sgd=self.privacy.dpsgd_settings(cid, r)
-        )
+        dp_sgd = self.privacy.dpsgd_settings(cid, r)
+        if self.privacy.canaries is not None:  # record level: the audit canaries go in inside each DP-SGD step
+            dp_sgd = self.privacy.canaries.for_dpsgd(cid, dp_sgd)
+        config = FitConfig(round=r, local_epochs=fit.local_epochs, seed=client_seed(fit.seed, r, cid), dp_sgd=dp_sgd)
         result = self.task_client.fit(shared, config)
         update = self.codec.encode(result)
         weight = float(result.num_examples) if self.weighting == "examples" else 1.0

@@ -23,9 +23,21 @@ Who knows what:
   (``<run>/audit-canaries/client-<id>.npz``); only the auditor, who reads them after the run, uses
   them. A resumed run reads them back instead of drawing new ones.
 
-Only ``privacy.mode: client`` inserts gradient canaries: record-level DP adds its noise inside
-each DP-SGD step of the task's local training, where a canary would have to be a Poisson-sampled
-per-sample gradient (not implemented here; ``fedrlhf audit`` then uses its record canaries).
+**Record level** (``privacy.mode: record``): the noise is added inside every DP-SGD step, so the
+canaries go in there (:class:`~.dpsgd.RecordCanaries`, :class:`~.dpsgd.AuditBlock`): canary j is a
+record whose clipped gradient is ``±C·e_{c_j}`` (C = ``max_grad_norm``), Poisson-sampled into each
+step at the plan's rate q like every record, added to the step's sum of clipped gradients before
+Opacus adds the noise. Its two worlds are the record and its mirror image (``+s_j`` kept, ``-s_j``
+dropped): the replace-one accountant's dominating pair, so the run's ε covers each canary as one
+rating.
+
+**Where** (``privacy.audit_coordinates``): ``block`` (the default) puts every canary on its own
+coordinate of a dedicated **audit block** (:data:`AUDIT_BLOCK`, m coordinates appended to the
+shared parameters by :func:`with_audit_block`): the model never reads it, no record's or client's
+gradient moves it, but the clip → noise → aggregate → release path treats it like every other
+coordinate. ``model`` (client level only) puts them on the model's own plain-mean coordinates,
+where the real updates confound them (docs/audits.md has the measurements). What a block canary
+tests and what it does not: docs/audits.md.
 """
 
 from __future__ import annotations
@@ -35,7 +47,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +60,15 @@ logger = logging.getLogger(__name__)
 CANARY_DIR = "audit-canaries"
 PLAN_FILE = "plan.json"
 _PLACEMENT_TAG = 0xCA7A
+AUDIT_BLOCK = "audit.canary_block"
+"""The shared parameter that holds the audit block (``privacy.audit_coordinates: block``)."""
+
+
+def audit_block_size(config) -> int:
+    """Coordinates of the audit block a run's shared parameters get (0: none)."""
+    p = config.privacy
+    m = p.audit_canary_count()
+    return m if m and p.audit_coordinates == "block" else 0
 
 
 @dataclass(frozen=True)
@@ -60,13 +81,18 @@ class CanaryPlacement:
     norm: float
     seed: int
     dim: int
+    mechanism: str = "client"
+    """``client`` (added after client-level clipping; dropped canaries are absent) or ``record``
+    (inside DP-SGD; a dropped canary is the kept one's mirror image, see :class:`~.dpsgd.RecordCanaries`)."""
 
     @property
     def size(self) -> int:
         return int(self.coordinates.size)
 
 
-def place_canaries(m: int, ranges: Sequence[Sequence[int]], dim: int, client_ids: Sequence[int], norm: float, seed: int) -> CanaryPlacement:
+def place_canaries(
+    m: int, ranges: Sequence[Sequence[int]], dim: int, client_ids: Sequence[int], norm: float, seed: int, mechanism: str = "client"
+) -> CanaryPlacement:
     """Canary ``j`` sits on coordinate ``c_j`` (distinct, uniform over the coordinates in ``ranges``:
     ``[start, stop)`` spans of the ``dim`` shared-parameter coordinates), with sign ``s_j`` and holder
     ``client_ids[j mod n]`` (sorted ids, so every host of a federation agrees); drawn from ``seed``
@@ -83,7 +109,7 @@ def place_canaries(m: int, ranges: Sequence[Sequence[int]], dim: int, client_ids
     coords = eligible[rng.choice(eligible.size, size=m, replace=False)]
     signs = np.where(rng.random(m) < 0.5, -1, 1).astype(np.int8)
     holders = ids[np.arange(m) % ids.size]
-    return CanaryPlacement(coords, signs, holders, float(norm), int(seed), int(dim))
+    return CanaryPlacement(coords, signs, holders, float(norm), int(seed), int(dim), mechanism)
 
 
 def linear_ranges(codec) -> list[tuple[int, int]]:
@@ -103,22 +129,49 @@ def linear_ranges(codec) -> list[tuple[int, int]]:
     return out
 
 
+def block_ranges(codec) -> list[tuple[int, int]]:
+    """The span of :data:`AUDIT_BLOCK` in the flat update (empty when the run has no block)."""
+    pos = 0
+    for e in codec.spec.entries:
+        if e.name == AUDIT_BLOCK:
+            return [(pos, pos + e.size)]
+        pos += e.size
+    return []
+
+
 class GradientCanaries:
     """The canaries held by one host's clients, with their secret coins; :meth:`insert` is the pipeline step."""
 
-    def __init__(self, placement: CanaryPlacement, included: dict[int, np.ndarray]) -> None:
+    def __init__(self, placement: CanaryPlacement, included: dict[int, np.ndarray], block_start: int = 0) -> None:
         self.placement = placement
+        self.block_start = int(block_start)
         self._mine: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         for cid, coins in included.items():
             sel = np.flatnonzero(placement.holders == cid)
             coins = np.asarray(coins, dtype=bool)
             if coins.shape != sel.shape:
                 raise ValueError(f"client {cid}: {coins.size} canary coins for {sel.size} canaries")
-            kept = sel[coins]
-            self._mine[int(cid)] = (placement.coordinates[kept], placement.signs[kept].astype(np.float64) * placement.norm)
+            if placement.mechanism == "record":  # every canary is a record: s_j when kept, its mirror image when dropped
+                signs = placement.signs[sel].astype(np.float64) * np.where(coins, 1.0, -1.0)
+                self._mine[int(cid)] = (placement.coordinates[sel], signs * placement.norm)
+            else:
+                kept = sel[coins]
+                self._mine[int(cid)] = (placement.coordinates[kept], placement.signs[kept].astype(np.float64) * placement.norm)
+
+    def for_dpsgd(self, client_id: int, settings):
+        """Record level: ``settings`` carrying this client's canaries, as offsets into the audit block."""
+        from .dpsgd import RecordCanaries
+
+        if self.placement.mechanism != "record" or settings is None:
+            return settings
+        coords, values = self._mine.get(int(client_id), (np.zeros(0, np.int64), np.zeros(0)))
+        return replace(settings, canaries=RecordCanaries(coords - self.block_start, values.astype(np.float32)))
 
     def insert(self, client_id: int, round: int, clipped: np.ndarray) -> np.ndarray:
-        """``clipped + Σ_{kept j held by client_id} s_j C e_{c_j}`` (a copy; ``round`` only for the log)."""
+        """Client level: ``clipped + Σ_{kept j held by client_id} s_j C e_{c_j}`` (a copy; ``round`` only
+        for the log). Record level: ``clipped`` (the canaries went in inside DP-SGD, :meth:`for_dpsgd`)."""
+        if self.placement.mechanism == "record":
+            return clipped
         coords, values = self._mine.get(int(client_id), (None, None))
         if coords is None or coords.size == 0:
             return clipped
@@ -159,38 +212,50 @@ def build_canaries(
     ledger entries (new coins would void the audit of the rounds it released). ``resume`` is
     accepted for the caller's symmetry; worker processes of a fresh run are set up as resuming."""
     p = config.privacy
-    m = int(getattr(p, "audit_canaries", 0) or 0)
+    m = p.audit_canary_count()
     if m == 0:
         return None
-    if p.mode != "client":
+    mechanism = p.mode
+    if mechanism not in ("client", "record"):
         raise ConfigError(
-            f"gradient canaries are inserted after client-level clipping; privacy.mode is {p.mode!r} (use privacy.mode: client, "
-            "or audit a record-level run with `fedrlhf audit --canaries`)",
-            source=config.source,
-            key="privacy.audit_canaries",
+            f"audit canaries need a DP mode (client or record), privacy.mode is {p.mode!r}", source=config.source, key="privacy.mode"
         )
-    ranges = linear_ranges(codec)
     dim = int(codec.spec.size)
-    room = sum(b - a for a, b in ranges)
-    if m > room:
-        raise ConfigError(
-            f"{m} canaries but the update has only {room} coordinates whose aggregate is a plain mean"
-            + (" (federation.sparse_rows: all adds the sparse rows)" if codec.sparse else ""),
-            source=config.source,
-            key="privacy.audit_canaries",
-        )
+    if p.audit_coordinates == "block":
+        ranges = block_ranges(codec)
+        if sum(b - a for a, b in ranges) != m:
+            raise ConfigError(
+                f"{m} canaries but the update's audit block ({AUDIT_BLOCK}) has {sum(b - a for a, b in ranges)} coordinates "
+                "(the task must be built with fedrlhf_secure.federation.participant.build_task)",
+                source=config.source,
+                key="privacy.audit_canaries",
+            )
+    else:
+        ranges = linear_ranges(codec)
+        room = sum(b - a for a, b in ranges)
+        if m > room:
+            raise ConfigError(
+                f"{m} canaries but the update has only {room} coordinates whose aggregate is a plain mean"
+                + (" (federation.sparse_rows: all adds the sparse rows)" if codec.sparse else "")
+                + "; privacy.audit_coordinates: block has room for any m",
+                source=config.source,
+                key="privacy.audit_canaries",
+            )
+    norm = float(p.max_grad_norm if mechanism == "record" else p.clip_norm)
     if ledger_dir is None:
         raise InputError("privacy.audit_canaries needs a ledger directory to keep the canary coins in")
-    placement = place_canaries(m, ranges, dim, all_clients, p.clip_norm, config.seed)
+    placement = place_canaries(m, ranges, dim, all_clients, norm, config.seed, mechanism)
     folder = Path(ledger_dir).parent / CANARY_DIR
     folder.mkdir(parents=True, exist_ok=True)
     plan = {
         "canaries": m,
         "dim": dim,
         "ranges": [[int(a), int(b)] for a, b in ranges],
-        "norm": float(p.clip_norm),
+        "norm": norm,
         "seed": int(config.seed),
         "client_ids": sorted(int(c) for c in all_clients),
+        "mechanism": mechanism,
+        "coordinates": p.audit_coordinates,
     }
     plan_path = folder / PLAN_FILE
     if plan_path.is_file():
@@ -216,7 +281,7 @@ def build_canaries(
             np.savez(buf, included=coins, index=sel.astype(np.int64))
             _write_atomic(path, buf.getvalue())
         included[int(cid)] = coins
-    return GradientCanaries(placement, included)
+    return GradientCanaries(placement, included, ranges[0][0] if p.audit_coordinates == "block" else 0)
 
 
 def read_canaries(run_dir: Path) -> tuple[CanaryPlacement, np.ndarray] | None:
@@ -230,7 +295,9 @@ def read_canaries(run_dir: Path) -> tuple[CanaryPlacement, np.ndarray] | None:
         return None
     plan = json.loads(plan_path.read_text())
     m = int(plan["canaries"])
-    placement = place_canaries(m, plan["ranges"], int(plan["dim"]), plan["client_ids"], float(plan["norm"]), int(plan["seed"]))
+    placement = place_canaries(
+        m, plan["ranges"], int(plan["dim"]), plan["client_ids"], float(plan["norm"]), int(plan["seed"]), plan.get("mechanism", "client")
+    )
     included = np.zeros(m, dtype=bool)
     seen = np.zeros(m, dtype=bool)
     for cid in sorted(set(int(c) for c in placement.holders)):

@@ -43,9 +43,15 @@ class PrivacyConfig:
     ``distributed`` / ``central`` = one DP-SGD step per round on the sum of all clients' per-record
     clipped gradients, noised by the clients' shares or by the server
     (:mod:`.distributed_dpsgd`; needs ``federation.weighting: uniform``)."""
-    audit_canaries: int = 0
-    """White-box gradient canaries inserted into this run for ``fedrlhf audit RUN`` (client level
-    only; :mod:`fedrlhf_secure.privacy.canaries`). 0: none."""
+    audit_canaries: int | Literal["auto"] = 0
+    """White-box gradient (Dirac) canaries inserted into this run for ``fedrlhf audit RUN``
+    (:mod:`fedrlhf_secure.privacy.canaries`): client level after clipping, record level inside each
+    DP-SGD step. 0: none; ``auto``: the smallest m whose ceiling exceeds ``epsilon``
+    (:func:`.audit_power.canaries_needed`; 20,000 at ε = 8, δ = 1e-5)."""
+    audit_coordinates: Literal["block", "model"] = "block"
+    """Where the canaries sit: ``block`` (a dedicated block of released coordinates the model never
+    reads, clipped and noised like every other coordinate; no data gradient confounds them) or
+    ``model`` (the model's own plain-mean coordinates; client level only)."""
 
     def __post_init__(self) -> None:
         if self.mode != "none" and self.epsilon is None and self.noise_multiplier is None:
@@ -62,7 +68,25 @@ class PrivacyConfig:
             raise ValueError(f"privacy.noise_multiplier must be >= 0, got {self.noise_multiplier}")
         if not 0 < self.survivor_fraction <= 1:
             raise ValueError(f"privacy.survivor_fraction must be in (0, 1], got {self.survivor_fraction}")
-        if self.audit_canaries < 0:
-            raise ValueError(f"privacy.audit_canaries must be >= 0, got {self.audit_canaries}")
+        if self.audit_canaries != "auto" and self.audit_canaries < 0:
+            raise ValueError(f"privacy.audit_canaries must be >= 0 or 'auto', got {self.audit_canaries}")
+        if self.audit_canaries == "auto" and self.epsilon is None:
+            raise ValueError("privacy.audit_canaries: auto sizes m from privacy.epsilon, which is not set")
+        if self.audit_canaries and self.mode == "record" and self.audit_coordinates != "block":
+            raise ValueError(
+                "privacy.audit_coordinates: model is client level only; record-level canaries go in the audit block "
+                "(privacy.audit_coordinates: block)"
+            )
         if self.batch_size < 1:
             raise ValueError(f"privacy.batch_size must be >= 1, got {self.batch_size}")
+
+    def audit_canary_count(self) -> int:
+        """m, with ``auto`` resolved from the claim (0 without DP or without canaries)."""
+        if self.mode == "none" or not self.audit_canaries:
+            return 0
+        if self.audit_canaries != "auto":
+            return int(self.audit_canaries)
+        from .audit_power import CANARY_LADDER, canaries_needed
+
+        assert self.epsilon is not None
+        return canaries_needed(float(self.epsilon), self.delta) or CANARY_LADDER[-1]
