@@ -230,9 +230,35 @@ class RewardModel:
         return self.score([p + c for p, c in zip(prompts, completions, strict=True)]).tolist()
 
 
+class ShapedModelReward:
+    """FedRLHF's shaped reward (arXiv 2412.15538, eq. 3) with the client's own reward model as the
+    task reward: R_k = λ_k·σ(r_φ,k(x, y)) + (1−λ_k)·H_k(y).
+
+    σ maps the Bradley-Terry score to (0, 1), the scale of H_k (length, topic or fluency preference),
+    so λ_k weighs like terms: σ(r_φ(x, y)) is the Bradley-Terry probability that y beats a completion
+    scored 0 (Ouyang et al. 2022, eq. 1). Used with ``reward: model`` on the IMDb preset, where every
+    client has its own H_k; with your own data the reward model alone is the reward."""
+
+    __name__ = "shaped_reward_model"
+
+    def __init__(self, shaped, model: RewardModel) -> None:
+        self.shaped = shaped
+        self.model = model
+
+    def components(self, prompts: list[str], completions: list[str], completion_ids) -> dict[str, np.ndarray]:
+        parts = self.shaped.components(completions, completion_ids)
+        rm = 1.0 / (1.0 + np.exp(-self.model.score([p + c for p, c in zip(prompts, completions, strict=True)])))
+        lam = self.shaped.lam
+        return {"reward_model": rm, "preference": parts["preference"], "shaped": lam * rm + (1 - lam) * parts["preference"]}
+
+    def __call__(self, prompts=None, completions=None, completion_ids=None, **_: Any) -> list[float]:
+        return self.components(list(prompts), list(completions), completion_ids)["shaped"].tolist()
+
+
 def grpo(client: RLHFClient, config: FitConfig) -> dict[str, float]:
     """TRL's GRPOTrainer (Shao et al. 2024) on ``prompts_per_round`` of the client's prompts, with its
-    shaped reward R_k (``reward: shaped``) or its own reward model (``reward: model``)."""
+    shaped reward R_k (``reward: shaped``) or its own reward model (``reward: model``; on the IMDb
+    preset shaped by λ_k and H_k, :class:`ShapedModelReward`)."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
@@ -250,7 +276,7 @@ def grpo(client: RLHFClient, config: FitConfig) -> dict[str, float]:
                     "seconds_rm": client.reward_model.seconds,
                 }
             )
-        reward = client.reward_model
+        reward = client.reward_model if client.reward is None else ShapedModelReward(client.reward, client.reward_model)
     else:
         reward = client.reward
     rng = np.random.default_rng(config.seed)
@@ -289,6 +315,7 @@ def grpo(client: RLHFClient, config: FitConfig) -> dict[str, float]:
             "loss": float(out.training_loss),
             "grpo_steps": float(trainer.state.global_step),
             "rl_reward": _last(logs, "reward"),
+            "grpo_kl": _last(logs, "kl"),
             "seconds_train": seconds,
             "seconds_per_step": seconds / steps,
         }
