@@ -83,6 +83,21 @@ def _last(logs: list[dict[str, Any]], key: str) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
+def _keep_ffa_frozen(policy) -> None:
+    """Only the federated LoRA tensors train (FFA-LoRA: A stays at its shared seeded value)."""
+    for name, p in policy.model.named_parameters():
+        if "lora_" in name:
+            p.requires_grad_(name in policy.trainable)
+
+
+def _drop_reference(policy) -> None:
+    """Remove TRL's "ref" adapter copy and make the live adapter active again with A frozen."""
+    if "ref" in getattr(policy.model, "peft_config", {}):
+        policy.model.delete_adapter("ref")
+    policy.model.set_adapter("default")
+    _keep_ffa_frozen(policy)  # set_adapter marks A trainable again: FFA-LoRA keeps it frozen
+
+
 def run_dpo(client: RLHFClient, rows: dict[str, list[str]], config: FitConfig) -> dict[str, float]:
     """TRL's DPOTrainer on ``rows`` (prompt/chosen/rejected) with the live policy. TRL makes the
     reference a frozen copy of the adapters as they are when the trainer is built, i.e. the global
@@ -105,12 +120,7 @@ def run_dpo(client: RLHFClient, rows: dict[str, list[str]], config: FitConfig) -
         finally:
             # TRL copies the live adapter into a frozen "ref" adapter: the round's reference policy is
             # the global policy the round started from (iterative DPO). Drop it so the next round copies anew.
-            if "ref" in getattr(policy.model, "peft_config", {}):
-                policy.model.delete_adapter("ref")
-            policy.model.set_adapter("default")
-            for name, p in policy.model.named_parameters():  # set_adapter marks A trainable again: FFA-LoRA keeps it frozen
-                if "lora_" in name:
-                    p.requires_grad_(name in policy.trainable)
+            _drop_reference(policy)
     policy.model.eval()
     steps = max(1, trainer.state.global_step)
     return {
@@ -297,17 +307,23 @@ def grpo(client: RLHFClient, config: FitConfig) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix=f"fedrlhf-grpo-{client.client_id}-") as tmp:
         args = _args(GRPOConfig, defaults, cfg.trainer_args, tmp, config, cfg.torch_device(), "trainer_args")
         args.num_train_epochs = cfg.trainer_args.get("num_train_epochs", 1)
-        with _quiet():
-            trainer = GRPOTrainer(
-                model=policy.model,
-                reward_funcs=[reward],
-                args=args,
-                train_dataset=Dataset.from_dict({"prompt": [prompts_all[i] for i in idx]}),
-                processing_class=task.tokenizer,
-            )
-        t = time.perf_counter()
-        out, logs = _train(trainer)
-        seconds = time.perf_counter() - t
+        try:
+            with _quiet():
+                trainer = GRPOTrainer(
+                    model=policy.model,
+                    reward_funcs=[reward],
+                    args=args,
+                    train_dataset=Dataset.from_dict({"prompt": [prompts_all[i] for i in idx]}),
+                    processing_class=task.tokenizer,
+                )
+            _keep_ffa_frozen(policy)
+            t = time.perf_counter()
+            out, logs = _train(trainer)
+            seconds = time.perf_counter() - t
+        finally:
+            # As for DPO: with beta > 0 TRL copies the live adapter into a frozen "ref" adapter (the
+            # KL anchor is the round's global policy); the next client and round must copy anew.
+            _drop_reference(policy)
     policy.model.eval()
     steps = max(1, trainer.state.global_step)
     metrics.update(
