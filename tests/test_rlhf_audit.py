@@ -3,8 +3,8 @@ jsonl, no network): the LOSS attack scores the clients' preference rows (prompt 
 one-run canary bound re-runs the config with preference-row canaries.
 
 The claim tested is the audit's, not a privacy claim: on an ordinary run the attack is near chance
-and ε̂ is 0; against a deliberately weakened run (an SFT term on the chosen text, many epochs on few
-rows: memorisation) the same attack must clearly succeed, or the audit could not see a leak at all.
+and ε̂ is 0. The weakened control (a run that memorises its rows, where the same attack must succeed)
+is not here yet: see docs/rlhf.md, Audits, for the attempts measured and why they did not count.
 """
 
 from __future__ import annotations
