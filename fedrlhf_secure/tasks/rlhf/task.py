@@ -235,9 +235,9 @@ class RLHFTask(Task, AuditableTask):
             used[np.asarray(r.ids, np.int64)] = True
         if self.config.imdb:
             used[self.split.extras["public_ids"]] = True
-        else:
-            for p in self.split.eval_pairs:  # held-out rows are evaluation data, not candidates
-                used[p.ids] = True
+        # With your own data every row is dealt to a client, so the rows no part of the run trains on
+        # are the held-out evaluation rows: same distribution as the members, never in a gradient
+        # (only scored), hence valid non-members and canaries.
         return np.flatnonzero(~used)
 
     def _concat(self, parts):

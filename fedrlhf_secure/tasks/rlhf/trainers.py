@@ -83,6 +83,21 @@ def _last(logs: list[dict[str, Any]], key: str) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
+def _keep_ffa_frozen(policy) -> None:
+    """Only the federated LoRA tensors train (FFA-LoRA: A stays at its shared seeded value)."""
+    for name, p in policy.model.named_parameters():
+        if "lora_" in name:
+            p.requires_grad_(name in policy.trainable)
+
+
+def _drop_reference(policy) -> None:
+    """Remove TRL's "ref" adapter copy and make the live adapter active again with A frozen."""
+    if "ref" in getattr(policy.model, "peft_config", {}):
+        policy.model.delete_adapter("ref")
+    policy.model.set_adapter("default")
+    _keep_ffa_frozen(policy)  # set_adapter marks A trainable again: FFA-LoRA keeps it frozen
+
+
 def run_dpo(client: RLHFClient, rows: dict[str, list[str]], config: FitConfig) -> dict[str, float]:
     """TRL's DPOTrainer on ``rows`` (prompt/chosen/rejected) with the live policy. TRL makes the
     reference a frozen copy of the adapters as they are when the trainer is built, i.e. the global
@@ -105,12 +120,7 @@ def run_dpo(client: RLHFClient, rows: dict[str, list[str]], config: FitConfig) -
         finally:
             # TRL copies the live adapter into a frozen "ref" adapter: the round's reference policy is
             # the global policy the round started from (iterative DPO). Drop it so the next round copies anew.
-            if "ref" in getattr(policy.model, "peft_config", {}):
-                policy.model.delete_adapter("ref")
-            policy.model.set_adapter("default")
-            for name, p in policy.model.named_parameters():  # set_adapter marks A trainable again: FFA-LoRA keeps it frozen
-                if "lora_" in name:
-                    p.requires_grad_(name in policy.trainable)
+            _drop_reference(policy)
     policy.model.eval()
     steps = max(1, trainer.state.global_step)
     return {
@@ -230,9 +240,35 @@ class RewardModel:
         return self.score([p + c for p, c in zip(prompts, completions, strict=True)]).tolist()
 
 
+class ShapedModelReward:
+    """FedRLHF's shaped reward (arXiv 2412.15538, eq. 3) with the client's own reward model as the
+    task reward: R_k = λ_k·σ(r_φ,k(x, y)) + (1−λ_k)·H_k(y).
+
+    σ maps the Bradley-Terry score to (0, 1), the scale of H_k (length, topic or fluency preference),
+    so λ_k weighs like terms: σ(r_φ(x, y)) is the Bradley-Terry probability that y beats a completion
+    scored 0 (Ouyang et al. 2022, eq. 1). Used with ``reward: model`` on the IMDb preset, where every
+    client has its own H_k; with your own data the reward model alone is the reward."""
+
+    __name__ = "shaped_reward_model"
+
+    def __init__(self, shaped, model: RewardModel) -> None:
+        self.shaped = shaped
+        self.model = model
+
+    def components(self, prompts: list[str], completions: list[str], completion_ids) -> dict[str, np.ndarray]:
+        parts = self.shaped.components(completions, completion_ids)
+        rm = 1.0 / (1.0 + np.exp(-self.model.score([p + c for p, c in zip(prompts, completions, strict=True)])))
+        lam = self.shaped.lam
+        return {"reward_model": rm, "preference": parts["preference"], "shaped": lam * rm + (1 - lam) * parts["preference"]}
+
+    def __call__(self, prompts=None, completions=None, completion_ids=None, **_: Any) -> list[float]:
+        return self.components(list(prompts), list(completions), completion_ids)["shaped"].tolist()
+
+
 def grpo(client: RLHFClient, config: FitConfig) -> dict[str, float]:
     """TRL's GRPOTrainer (Shao et al. 2024) on ``prompts_per_round`` of the client's prompts, with its
-    shaped reward R_k (``reward: shaped``) or its own reward model (``reward: model``)."""
+    shaped reward R_k (``reward: shaped``) or its own reward model (``reward: model``; on the IMDb
+    preset shaped by λ_k and H_k, :class:`ShapedModelReward`)."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
@@ -250,7 +286,7 @@ def grpo(client: RLHFClient, config: FitConfig) -> dict[str, float]:
                     "seconds_rm": client.reward_model.seconds,
                 }
             )
-        reward = client.reward_model
+        reward = client.reward_model if client.reward is None else ShapedModelReward(client.reward, client.reward_model)
     else:
         reward = client.reward
     rng = np.random.default_rng(config.seed)
@@ -271,17 +307,23 @@ def grpo(client: RLHFClient, config: FitConfig) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix=f"fedrlhf-grpo-{client.client_id}-") as tmp:
         args = _args(GRPOConfig, defaults, cfg.trainer_args, tmp, config, cfg.torch_device(), "trainer_args")
         args.num_train_epochs = cfg.trainer_args.get("num_train_epochs", 1)
-        with _quiet():
-            trainer = GRPOTrainer(
-                model=policy.model,
-                reward_funcs=[reward],
-                args=args,
-                train_dataset=Dataset.from_dict({"prompt": [prompts_all[i] for i in idx]}),
-                processing_class=task.tokenizer,
-            )
-        t = time.perf_counter()
-        out, logs = _train(trainer)
-        seconds = time.perf_counter() - t
+        try:
+            with _quiet():
+                trainer = GRPOTrainer(
+                    model=policy.model,
+                    reward_funcs=[reward],
+                    args=args,
+                    train_dataset=Dataset.from_dict({"prompt": [prompts_all[i] for i in idx]}),
+                    processing_class=task.tokenizer,
+                )
+            _keep_ffa_frozen(policy)
+            t = time.perf_counter()
+            out, logs = _train(trainer)
+            seconds = time.perf_counter() - t
+        finally:
+            # As for DPO: with beta > 0 TRL copies the live adapter into a frozen "ref" adapter (the
+            # KL anchor is the round's global policy); the next client and round must copy anew.
+            _drop_reference(policy)
     policy.model.eval()
     steps = max(1, trainer.state.global_step)
     metrics.update(
@@ -289,6 +331,7 @@ def grpo(client: RLHFClient, config: FitConfig) -> dict[str, float]:
             "loss": float(out.training_loss),
             "grpo_steps": float(trainer.state.global_step),
             "rl_reward": _last(logs, "reward"),
+            "grpo_kl": _last(logs, "kl"),
             "seconds_train": seconds,
             "seconds_per_step": seconds / steps,
         }
