@@ -59,6 +59,7 @@ MAX_INT_DIGITS = 64
 """Longest integer literal a header may hold (field elements of GF(2^61 − 1) have 19 digits). Beyond
 4,300 digits ``int()`` raises ValueError; long ones also cost quadratic time to parse."""
 _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_LONG_DIGITS = re.compile(rb"[0-9]{%d,}" % (MAX_INT_DIGITS + 1))
 DEFAULT_MAX_FRAME_BYTES = 1 << 31
 MAX_TENSOR_HEADER_BYTES = 100_000_000
 """The safetensors header limit (the ``safetensors`` package refuses larger headers too)."""
@@ -154,6 +155,19 @@ def _check_depth(raw: bytes, kind: str) -> None:
         raise WireError(f"{kind}: header nests {depth} levels deep, limit {MAX_HEADER_DEPTH}")
 
 
+def _loads(raw: bytes, kind: str, **kwargs: Any) -> Any:
+    """``json.loads`` of UTF-8 bytes with every integer literal at most :data:`MAX_INT_DIGITS` digits.
+
+    Only a header holding a run of more digits than that (one regex scan in C) is parsed with the
+    per-integer check, which then raises naming the length; any other header is parsed with
+    Python's native integers, as the check would have accepted every one of them.
+    """
+    text = raw.decode("utf-8")
+    if _LONG_DIGITS.search(raw):
+        return json.loads(text, parse_int=lambda digits: _bounded_int(digits, kind), **kwargs)
+    return json.loads(text, **kwargs)
+
+
 def _bounded_int(digits: str, kind: str) -> int:
     if len(digits.lstrip("-")) > MAX_INT_DIGITS:
         raise WireError(f"{kind}: header holds an integer of {len(digits.lstrip('-'))} digits, limit {MAX_INT_DIGITS}")
@@ -227,7 +241,7 @@ def _load_tensors(data: bytes, start: int, kind: str) -> dict[str, np.ndarray]:
         raise WireError(f"{kind}: payload is not valid safetensors (header does not start with '{{')")
     _check_depth(raw, kind)
     try:
-        header = json.loads(raw.decode("utf-8"), parse_int=lambda digits: _bounded_int(digits, kind), object_pairs_hook=_unique_keys(kind))
+        header = _loads(raw, kind, object_pairs_hook=_unique_keys(kind))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise WireError(f"{kind}: payload is not valid safetensors (header is not UTF-8 JSON: {exc})") from exc
     if not isinstance(header, dict):
@@ -314,7 +328,7 @@ def decode(
     raw_header = data[pos : pos + hlen]
     _check_depth(raw_header, kind)
     try:
-        header = json.loads(raw_header.decode("utf-8"), parse_int=lambda digits: _bounded_int(digits, kind))
+        header = _loads(raw_header, kind)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise WireError(f"{kind}: header is not UTF-8 JSON ({exc})") from exc
     if not isinstance(header, dict):
