@@ -17,8 +17,8 @@ keystream of a fresh ``os.urandom`` key (:class:`.prg.Keystream`, the same vette
 never numpy's generator): ``q = floor(s + u / 2^32)`` rounds ``s`` up with probability within
 2^-32 of its fractional part, and the float64 sum adds at most the rounding of ``s`` itself
 (below 2^-21 of a unit at the largest 32-bit headroom, |s| < 2^31). The whole encoding runs in
-cache-sized pieces with per-thread scratch (issue 16: 1.3 ms per client for float64 scaling +
-``rng.random(d)`` before).
+cache-sized pieces with per-thread scratch (issue 16: the float64 ``rng.random(d)`` coins were the
+largest arithmetic cost of a client's encoding).
 
 Why a headroom check: with ``N`` clients the exact sum is recovered from Z_{2^bits} only when
 ``sum_k |q_k| < 2^(bits-1)``. Every client is therefore held to the per-client bound
