@@ -217,4 +217,3 @@ def test_seeded_ciphertexts_halve_the_upload_and_decrypt_like_tenseals_own():
     # a short vector after a long one: the in-memory file is truncated by every save
     short = codec.encrypt(x[:10], ctx, CFG)
     np.testing.assert_allclose(codec.decrypt(codec.load_chunks(short, ctx, CFG, 10)), x[:10], atol=1e-5)
-
