@@ -193,3 +193,27 @@ def test_hundreds_of_corruptions_do_not_crash_the_process():
     assert proc.returncode == 0, proc.stderr[-2000:]
     rejected, accepted = map(int, proc.stdout.split()[-2:])
     assert rejected + accepted == 200 and rejected >= 100
+
+
+def test_seeded_ciphertexts_halve_the_upload_and_decrypt_like_tenseals_own():
+    """Seeded symmetric ciphertexts (SEAL's encrypt_symmetric + save): half TenSEAL's full bytes, the
+    same checks on load, and the same values after a server-side sum of one of each kind."""
+    from aggregation.ckks.params import load_context, public_context_bytes
+
+    ctx = new_secret_context(CFG)
+    server_ctx = load_context(public_context_bytes(ctx), CFG, secret=False)
+    x = np.random.default_rng(1).normal(size=LENGTH) * 1e-2
+    seeded = codec.encrypt(x, ctx, CFG)
+    full = codec.encrypt(x, ctx, CFG, seeded=False)
+    assert len(seeded) == len(full) == len(codec.chunk_lengths(CFG, LENGTH))
+    ratio = sum(map(len, seeded)) / sum(map(len, full))
+    assert 0.45 < ratio < 0.55
+    assert sum(map(len, seeded)) / (4 * CFG.slots * len(seeded)) < 4.2  # expansion over float32 per full chunk
+    acc = codec.load_chunks(seeded, server_ctx, CFG, LENGTH)
+    for a, c in zip(acc, codec.load_chunks(full, server_ctx, CFG, LENGTH), strict=True):
+        a.add_(c)
+    total = codec.decrypt(codec.load_chunks([c.serialize() for c in acc], ctx, CFG, LENGTH))
+    np.testing.assert_allclose(total, 2 * x, atol=1e-5)
+    # a short vector after a long one: the in-memory file is truncated by every save
+    short = codec.encrypt(x[:10], ctx, CFG)
+    np.testing.assert_allclose(codec.decrypt(codec.load_chunks(short, ctx, CFG, 10)), x[:10], atol=1e-5)

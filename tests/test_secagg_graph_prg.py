@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from aggregation.secagg import prg
 from aggregation.secagg.graph import neighbours, neighbours_of
 from aggregation.secagg.prg import expand
 
@@ -54,3 +55,17 @@ def test_mask_expansion_refuses_short_seeds_and_other_dtypes():
         expand(b"\0" * 16, 10, np.uint32)
     with pytest.raises(ValueError, match="uint32 or uint64"):
         expand(b"\0" * 32, 10, np.int32)
+
+
+@pytest.mark.parametrize("dtype", [np.uint32, np.uint64])
+@pytest.mark.parametrize("length", [1, 65_535, 65_536, 65_537, 100_001, 300_000])
+def test_add_mask_in_pieces_equals_one_expanded_mask(dtype, length):
+    """add_mask works in CHUNK_BYTES pieces; the sum must be exactly acc ± expand(seed) at every size."""
+    seed = bytes(range(32))
+    base = np.arange(length, dtype=dtype) * dtype(2654435761)
+    mask = prg.expand(seed, length, dtype)
+    plus, minus = base.copy(), base.copy()
+    prg.add_mask(plus, seed, +1)
+    prg.add_mask(minus, seed, -1)
+    np.testing.assert_array_equal(plus, base + mask)
+    np.testing.assert_array_equal(minus, base - mask)

@@ -98,3 +98,34 @@ def test_bad_inputs_are_refused_clearly():
     ]:
         with pytest.raises(ValueError, match=msg):
             SecAggConfig(**bad)
+
+
+@pytest.mark.parametrize("frac", [0.001, 0.25, 0.5, 0.999])
+def test_keystream_coins_round_up_with_the_fractional_part_across_pieces(frac):
+    """Unbiased to within sampling error at several fractions, on a vector spanning many cache pieces."""
+    from aggregation.secagg import quantize
+
+    q = SecAggConfig(levels=4, clip_range=1.0, max_weight=1.0).quantizer(2)
+    n = 5 * quantize._PIECE + 123
+    x = np.full(n, (1 + frac) / 4)  # 1 + frac units
+    units = q.encode(x, 1.0)[:-1].view(np.int32)
+    assert set(np.unique(units)) <= {1, 2}
+    up = float((units == 2).mean())
+    assert abs(up - frac) < 5 * np.sqrt(frac * (1 - frac) / n) + 1e-9
+    # the keystream continues across pieces (never restarts): no two pieces repeat the same coins
+    pieces = [units[i : i + quantize._PIECE] for i in range(0, n - quantize._PIECE, quantize._PIECE)]
+    assert all(abs(float((p == 2).mean()) - frac) < 5 * np.sqrt(frac * (1 - frac) / p.size) + 1e-9 for p in pieces)
+
+
+def test_the_coins_are_the_aes_ctr_keystream_of_the_coin_key():
+    from aggregation.secagg import prg
+
+    q = SecAggConfig(levels=4, clip_range=1.0, max_weight=1.0).quantizer(2)
+    x = np.full(70_000, 0.3)  # 1.2 units
+    key = bytes(range(32))
+    a, b = q.encode(x, 1.0, coin_key=key), q.encode(x, 1.0, coin_key=key)
+    np.testing.assert_array_equal(a, b)
+    u = prg.expand(key, x.size, np.uint32).astype(np.float64) * 2.0**-32
+    expected = np.floor(1.2 * np.ones(x.size) + u).astype(np.int32)
+    np.testing.assert_array_equal(a[:-1].view(np.int32), expected)
+    assert not np.array_equal(q.encode(x, 1.0), a)  # the default key is fresh from os.urandom

@@ -122,3 +122,97 @@ def test_header_integers_are_bounded_in_length(digits, ok):
     else:
         with pytest.raises(wire.WireError, match="digits"):
             wire.decode(_raw(header))
+
+
+# ---------------------------------------------------------------- zero-copy safetensors payload (issue 16)
+
+
+@given(frames())
+@settings(max_examples=100, deadline=None)
+def test_the_payload_is_safetensors_both_ways(frame):
+    """Our writer's payload loads with the safetensors package, and its payload decodes with ours."""
+    from safetensors.numpy import load, save
+
+    raw = wire.encode(frame)
+    klen = raw[5]
+    hlen = struct.unpack_from(">I", raw, 6 + klen)[0]
+    start = 6 + klen + 4 + hlen + 4
+    if frame.tensors:
+        theirs = load(raw[start:])
+        assert set(theirs) == set(frame.tensors)
+        for k, v in frame.tensors.items():
+            np.testing.assert_array_equal(theirs[k], v)
+            assert theirs[k].dtype == v.dtype
+        payload = save(dict(frame.tensors))
+        head = raw[: start - 4] + struct.pack(">I", len(payload)) + payload
+        back = wire.decode(head)
+        for k, v in frame.tensors.items():
+            np.testing.assert_array_equal(back.tensors[k], v)
+            assert back.tensors[k].dtype == v.dtype
+
+
+def test_a_decoded_tensor_is_a_read_only_view_of_the_frame():
+    raw = wire.encode(wire.Frame("k", {}, {"v": np.arange(100_001, dtype=np.uint32)}))
+    v = wire.decode(raw).tensors["v"]
+    assert not v.flags.writeable and not v.flags.owndata
+    assert np.shares_memory(v, np.frombuffer(raw, dtype=np.uint8))
+    np.testing.assert_array_equal(v, np.arange(100_001, dtype=np.uint32))
+
+
+def _with_tensor_header(entries: dict, body: bytes) -> bytes:
+    head = json.dumps(entries).encode()
+    payload = struct.pack("<Q", len(head)) + head + body
+    return (
+        wire.MAGIC
+        + struct.pack(">BB", wire.WIRE_VERSION, 1)
+        + b"k"
+        + struct.pack(">I", 2)
+        + b"{}"
+        + struct.pack(">I", len(payload))
+        + payload
+    )
+
+
+@pytest.mark.parametrize(
+    "entries, body, match",
+    [
+        ({"a": {"dtype": "U32", "shape": [3], "data_offsets": [0, 12]}}, b"\0" * 8, "outside the 8 bytes"),
+        ({"a": {"dtype": "U32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, "shape"),
+        ({"a": {"dtype": "U32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8, "non-negative"),
+        ({"a": {"dtype": "U32", "shape": [2.0], "data_offsets": [0, 8]}}, b"\0" * 8, "non-negative"),
+        ({"a": {"dtype": "U32", "shape": [True, 2], "data_offsets": [0, 8]}}, b"\0" * 8, "non-negative"),
+        ({"a": {"dtype": "BF16", "shape": [4], "data_offsets": [0, 8]}}, b"\0" * 8, "does not carry"),
+        ({"a": {"dtype": "U32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 8, "after the last tensor"),
+        (
+            {"a": {"dtype": "U32", "shape": [2], "data_offsets": [0, 8]}, "b": {"dtype": "U32", "shape": [1], "data_offsets": [4, 8]}},
+            b"\0" * 8,
+            "gap or overlap",
+        ),
+        ({"a": {"dtype": "U32", "shape": [1], "data_offsets": [0, 4], "x": 1}}, b"\0" * 4, "exactly dtype"),
+        ({"__metadata__": {"a": 1}}, b"", "__metadata__"),
+    ],
+)
+def test_a_forged_tensor_header_is_refused_before_any_view_is_made(entries, body, match):
+    with pytest.raises(wire.WireError, match=match):
+        wire.decode(_with_tensor_header(entries, body))
+
+
+def test_a_tensor_header_length_past_the_payload_and_duplicate_names_are_refused():
+    raw = bytearray(_with_tensor_header({"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}, b"\0"))
+    start = len(raw) - 1 - len(json.dumps({"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}})) - 8
+    struct.pack_into("<Q", raw, start, 2**63)
+    with pytest.raises(wire.WireError, match="header length"):
+        wire.decode(bytes(raw))
+    dup = '{"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}, "a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}'
+    payload = struct.pack("<Q", len(dup)) + dup.encode() + b"\0"
+    frame = (
+        wire.MAGIC
+        + struct.pack(">BB", wire.WIRE_VERSION, 1)
+        + b"k"
+        + struct.pack(">I", 2)
+        + b"{}"
+        + struct.pack(">I", len(payload))
+        + payload
+    )
+    with pytest.raises(wire.WireError, match="same key twice"):
+        wire.decode(frame)

@@ -12,14 +12,31 @@ header *before* any C++ code runs, and checks the chunk sizes, the declared leng
 an upper bound on each inflated size against what the parameter set allows. Only then is the
 vector deserialized, and the result's ciphertexts are checked again (2 polynomials, ring degree,
 number of primes, NTT form, scale). Every failure is a :class:`ValueError` naming the problem.
+
+Seeded ciphertexts (issue 16): a fresh symmetric CKKS ciphertext is ``(c0, c1)`` with ``c1`` uniform,
+drawn from a PRNG; SEAL can save it with the 64-byte PRNG seed in place of ``c1`` (``Encryptor::
+encrypt_symmetric`` returning ``Serializable<Ciphertext>``), halving the upload. ``CKKSVector``
+keeps a plain ``seal::Ciphertext`` and so always serializes both polynomials (7.6-8.0× a float32
+vector); TenSEAL's low-level ``sealapi`` does bind the seeded overload, but its
+``SerializableCiphertext`` can only ``save`` to a file path. :func:`encrypt` therefore encodes with
+``sealapi.CKKSEncoder``, encrypts with the secret key into a seeded ciphertext, saves it to an
+in-memory file (``memfd``; a private temporary file where there is none) and wraps the bytes in
+the same ``CKKSVectorProto`` TenSEAL writes. Receivers are unchanged: ``ckks_vector_from`` (SEAL's
+``Ciphertext::load``) expands the seed, and every check above runs first. Same key, same noise
+distribution (SEAL draws ``c1`` from a seeded PRNG either way), half the bytes: 4.0× a float32
+vector at the default parameters. Public-key ciphertexts (``c1 = u·pk1 + e1``) cannot be seeded.
 """
 
 from __future__ import annotations
 
+import os
 import struct
+import tempfile
+import threading
 
 import numpy as np
 import tenseal as ts
+import tenseal.sealapi as sealapi
 
 from .params import CKKSConfig
 
@@ -163,19 +180,74 @@ def chunk_lengths(config: CKKSConfig, length: int) -> list[int]:
     return [slots] * (length // slots) + ([length % slots] if length % slots else [])
 
 
-def encrypt(values: np.ndarray, ctx: ts.Context, config: CKKSConfig) -> list[bytes]:
+def encrypt(values: np.ndarray, ctx: ts.Context, config: CKKSConfig, *, seeded: bool = True) -> list[bytes]:
     """Encrypt a float vector as one single-ciphertext ``CKKSVector`` per ``N/2`` values.
 
     Chunking here rather than in TenSEAL keeps every wire object a one-ciphertext vector (so the
     bounds checked per object are tight) and avoids TenSEAL's multi-chunk path, which prints a
-    warning to the process's stdout.
+    warning to the process's stdout. With a secret-key context (every client of the protocol) the
+    ciphertexts are seeded (module docstring: half the bytes); ``seeded=False`` or a context without
+    the secret key gives TenSEAL's own full serialization.
     """
     values = np.asarray(values, dtype=np.float64)
+    lengths = chunk_lengths(config, values.size)
+    if seeded and ctx.is_private():
+        return _encrypt_seeded(values, lengths, ctx, config)
     out, start = [], 0
-    for n in chunk_lengths(config, values.size):
+    for n in lengths:
         out.append(ts.ckks_vector(ctx, values[start : start + n].tolist()).serialize())
         start += n
     return out
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch_file() -> tuple[int, str]:
+    """A per-thread, per-process in-memory file SEAL can ``save`` to by path (a fork gets its own)."""
+    if getattr(_SCRATCH, "pid", None) != os.getpid():
+        if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
+            fd = os.memfd_create("fedrlhf-ckks", getattr(os, "MFD_CLOEXEC", 0))
+            path = f"/proc/self/fd/{fd}"
+        else:  # no memfd: a private temporary file, removed at once (the open descriptor keeps it)
+            directory = tempfile.mkdtemp(prefix="fedrlhf-ckks-")
+            path = os.path.join(directory, "ct")
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        _SCRATCH.fd, _SCRATCH.path, _SCRATCH.pid = fd, path, os.getpid()
+    return _SCRATCH.fd, _SCRATCH.path
+
+
+def _encrypt_seeded(values: np.ndarray, lengths: list[int], ctx: ts.Context, config: CKKSConfig) -> list[bytes]:
+    seal_ctx = ctx.seal_context().data
+    encoder = sealapi.CKKSEncoder(seal_ctx)
+    encryptor = sealapi.Encryptor(seal_ctx, ctx.secret_key().data)
+    fd, path = _scratch_file()
+    out, start = [], 0
+    for n in lengths:
+        plain = sealapi.Plaintext()
+        encoder.encode(values[start : start + n].tolist(), config.scale, plain)
+        encryptor.encrypt_symmetric(plain).save(path)
+        blob = os.pread(fd, os.fstat(fd).st_size, 0)
+        out.append(_vector_proto(n, blob, config.scale))
+        start += n
+    return out
+
+
+def _pb_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        out.append(low | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _vector_proto(size: int, ciphertext: bytes, scale: float) -> bytes:
+    """TenSEAL's ``CKKSVectorProto`` (field 1: packed sizes, 2: ciphertext bytes, 3: scale as a double)."""
+    sizes = _pb_varint(size)
+    return b"".join(
+        (b"\x0a", _pb_varint(len(sizes)), sizes, b"\x12", _pb_varint(len(ciphertext)), ciphertext, b"\x19", struct.pack("<d", scale))
+    )
 
 
 def load_chunks(blobs: list[bytes], ctx: ts.Context, config: CKKSConfig, length: int) -> list[ts.CKKSVector]:

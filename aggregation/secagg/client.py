@@ -222,7 +222,7 @@ class SecAggClient(ClientHalf):
     # ---------------------------------------------------------------- stage 3: consistency check
     def _consistency(self, data: bytes) -> list[bytes]:
         r = ConsistencyRequest.decode(data, self.ctx, self.id)
-        survivors = tuple(int(i) for i in r.survivors)
+        survivors = tuple(r.survivors.tolist())
         if self.id not in survivors:
             raise ProtocolError(f"survivor set omits client {self.id}, which sent its masked input: refusing to sign it")
         if len(survivors) < max(self.quorum, self.t):
@@ -236,14 +236,14 @@ class SecAggClient(ClientHalf):
 
     def _check_consistency(self, r: UnmaskRequest) -> frozenset[int]:
         """S must be the set this client signed, endorsed by ``quorum`` distinct members of S."""
-        survivors = tuple(int(i) for i in r.survivors)
+        survivors = tuple(r.survivors.tolist())
         if survivors != self._signed_set:
             raise ProtocolError(
                 f"unmask request names a survivor set of {len(survivors)} clients that is not the set of "
                 f"{len(self._signed_set)} client {self.id} signed: refusing to unmask (split view?)"
             )
         members = set(survivors)
-        signers = [int(i) for i in r.signers]
+        signers = r.signers.tolist()
         outsiders = sorted(set(signers) - members)
         if outsiders:
             raise ProtocolError(f"signatures on the survivor set come from {outsiders[:5]}, who are not in it")

@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -99,9 +100,9 @@ def advertise_payload(session_id: bytes, round_index: int, client_id: int, c_pk:
 def consistency_payload(session_id: bytes, round_index: int, survivors: Iterable[int]) -> bytes:
     """What a client signs in the consistency round (Bonawitz et al. 2017, Fig. 4, Round 4): the
     session, the round and SHA-256 of the sorted survivor set (so the payload is fixed-size)."""
-    ids = sorted(int(i) for i in survivors)
-    digest = hashlib.sha256(struct.pack(f">{len(ids)}q", *ids)).digest()
-    return CONSISTENCY_SIG_LABEL + session_id + struct.pack(">qq", round_index, len(ids)) + digest
+    ids = np.sort(np.asarray(survivors if isinstance(survivors, (np.ndarray, tuple, list)) else list(survivors), dtype=np.int64))
+    digest = hashlib.sha256(ids.astype(">i8").tobytes()).digest()  # the big-endian int64s, as struct ">q" packs them
+    return CONSISTENCY_SIG_LABEL + session_id + struct.pack(">qq", round_index, ids.size) + digest
 
 
 @dataclass

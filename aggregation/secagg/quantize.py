@@ -12,8 +12,13 @@ sent as the vector ``[q_k, u_k]`` of length d + 1, so the server learns only the
 
 Why stochastic rounding: ``E[q_k] = w_k x_k scale`` exactly, so quantisation adds zero-mean noise
 of at most one unit per client instead of a bias (Gupta et al., ICML 2015; Kairouz et al.,
-ICML 2021 "The distributed discrete Gaussian"). The rounding coins are not key material; they
-come from numpy seeded from ``os.urandom``.
+ICML 2021 "The distributed discrete Gaussian"). The coins are 32-bit integers from the AES-256-CTR
+keystream of a fresh ``os.urandom`` key (:class:`.prg.Keystream`, the same vetted PRF as the masks;
+never numpy's generator): ``q = floor(s + u / 2^32)`` rounds ``s`` up with probability within
+2^-32 of its fractional part, and the float64 sum adds at most the rounding of ``s`` itself
+(below 2^-21 of a unit at the largest 32-bit headroom, |s| < 2^31). The whole encoding runs in
+cache-sized pieces with per-thread scratch (issue 16: the float64 ``rng.random(d)`` coins were the
+largest arithmetic cost of a client's encoding).
 
 Why a headroom check: with ``N`` clients the exact sum is recovered from Z_{2^bits} only when
 ``sum_k |q_k| < 2^(bits-1)``. Every client is therefore held to the per-client bound
@@ -27,16 +32,28 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import AggregationConfigError
+from . import prg
 
 MAX_LEVELS = 1 << 24
 """Above 2^24 levels float32 inputs carry no more precision."""
 MIN_AUTO_LEVELS_32 = 1 << 10
 """``bits: auto`` moves to 64-bit arithmetic when 32 bits would leave fewer levels than this."""
+_PIECE = prg.CHUNK_BYTES // 8
+"""Coordinates encoded per piece: two float64 scratch buffers of 256 KiB each stay in cache."""
+_LOCAL = threading.local()
+
+
+def _float_scratch() -> tuple[np.ndarray, np.ndarray]:
+    bufs = getattr(_LOCAL, "bufs", None)
+    if bufs is None:
+        bufs = _LOCAL.bufs = (np.empty(_PIECE, np.float64), np.empty(_PIECE, np.float64))
+    return bufs
 
 
 class HeadroomError(AggregationConfigError):
@@ -111,25 +128,36 @@ class Quantizer:
         *,
         integer_noise: np.ndarray | None = None,
         rng: np.random.Generator | None = None,
+        coin_key: bytes | None = None,
     ) -> np.ndarray:
-        """``[q, u]`` as ``dtype`` (two's complement), ready to be masked."""
+        """``[q, u]`` as ``dtype`` (two's complement), ready to be masked.
+
+        ``coin_key`` (32 bytes) keys the rounding coins' keystream; by default a fresh
+        ``os.urandom`` key. ``rng`` exists for reproducible tests only: the key is then drawn from it.
+        """
         vec = np.asarray(vector)
         if vec.ndim != 1:
             raise ValueError(f"update must be a flat vector, got shape {vec.shape}")
         units = self.check(vec.size, weight, integer_noise)
         if not np.all(np.isfinite(vec)):
             raise ValueError("update contains NaN or infinity")
-        rng = rng or np.random.default_rng(int.from_bytes(os.urandom(16), "little"))
+        if coin_key is None:
+            coin_key = rng.bytes(prg.SEED_BYTES) if rng is not None else os.urandom(prg.SEED_BYTES)
+        coins = prg.Keystream(coin_key)
         factor = units * self.weight_resolution * self.scale
         bound = self.clip * factor
-        scaled = np.multiply(vec, factor, dtype=np.float64)
-        np.clip(scaled, -bound, bound, out=scaled)
-        # float32 coins: 24 random bits per coordinate, a rounding bias below 2^-24 of a unit.
-        scaled += rng.random(scaled.size, dtype=np.float32)
-        np.floor(scaled, out=scaled)
-        out = np.empty(scaled.size + 1, dtype=self.dtype)
+        out = np.empty(vec.size + 1, dtype=self.dtype)
         signed = out.view(np.int32 if self.bits == 32 else np.int64)  # two's complement view of Z_{2^bits}
-        np.copyto(signed[:-1], scaled, casting="unsafe")  # |q| <= client_bound (check above): no overflow
+        scaled_buf, coin_buf = _float_scratch()
+        for start in range(0, vec.size, _PIECE):
+            stop = min(vec.size, start + _PIECE)
+            scaled, u = scaled_buf[: stop - start], coin_buf[: stop - start]
+            np.multiply(vec[start:stop], factor, out=scaled, dtype=np.float64)
+            np.clip(scaled, -bound, bound, out=scaled)
+            np.multiply(coins.uint32(stop - start), 2.0**-32, out=u)  # u in [0, 1), 32 random bits
+            scaled += u
+            np.floor(scaled, out=scaled)
+            np.copyto(signed[start:stop], scaled, casting="unsafe")  # |q| <= client_bound (check above): no overflow
         if integer_noise is not None:
             np.add(signed[:-1], integer_noise, out=signed[:-1], casting="unsafe")
         signed[-1] = units

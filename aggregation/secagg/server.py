@@ -136,28 +136,31 @@ class SecAggServer(ServerHalf):
             return []
         return step()
 
-    def _expected(self) -> set[int]:
+    def _expected(self) -> set[int] | dict:
         if self._stage is _Stage.ADVERTISE:
             return self._participants
         if self._stage is _Stage.SHARE:
-            return set(self._keys)
+            return self._keys
         if self._stage is _Stage.MASK:
-            return set(self._shared_to)
+            return self._shared_to
         if self._stage is _Stage.CONSISTENCY:
-            return set(self._masked)
-        return set(self._requested)
+            return self._masked
+        return self._requested
 
-    def _answered(self) -> set[int]:
+    def _answered(self) -> set[int] | dict:
         return {
-            _Stage.ADVERTISE: set(self._keys),
-            _Stage.SHARE: set(self._shared_to),
+            _Stage.ADVERTISE: self._keys,
+            _Stage.SHARE: self._shared_to,
             _Stage.MASK: self._masked,
-            _Stage.CONSISTENCY: set(self._consistency),
-            _Stage.UNMASK: set(self._unmask),
+            _Stage.CONSISTENCY: self._consistency,
+            _Stage.UNMASK: self._unmask,
         }.get(self._stage, set())
 
     def _all_answered(self) -> bool:
-        return self._stage is not _Stage.DONE and self._answered() >= self._expected()
+        """Every expected client answered. Each handler accepts only an expected sender (participant,
+        advertised keys, shared, masked, asked to unmask) and refuses repeats, so the answers are a
+        subset of the expected clients and comparing sizes is enough: O(1) per message, not O(n)."""
+        return self._stage is not _Stage.DONE and len(self._answered()) >= len(self._expected())
 
     def _refuse_repeat(self, sender: int, answered: set[int] | dict) -> None:
         if sender in answered:

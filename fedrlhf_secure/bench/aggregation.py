@@ -24,6 +24,18 @@ insecure against a lying server and never used outside this bench). k and t are 
 parameters of the default bounds (10% colluders, 10% dropouts, 2^-40) unless ``--k`` is given.
 
 CKKS rows come from ``fedrlhf_secure.bench.ckks.measure(n, d)`` when that module exists.
+
+The floor (issue 16): beside every secagg row the bench prints the CPU seconds the protocol's
+required cryptography and arithmetic cost on the machine running it (:func:`measure_unit_costs`,
+timed in this process right before the cell, so machine load inflates the floor and the round
+alike) and the ratio ours / floor. :func:`floor_seconds` counts, for the round as it ran (n, k,
+the quorum q, who dropped), every X25519 key generation and agreement, HKDF derivation, AES-GCM
+share encryption and decryption, Ed25519 signature and verification (the defences: k key
+signatures and q survivor-set signatures checked by every client, n + |U3| by the server),
+AES-256-CTR keystream byte and masked-vector add (k + 1 masks per client, one stochastic-rounding
+coin stream and one rounding pass per client, the server's sum, self-mask and dropped-pair
+removals). Left out (so the floor is a lower bound): Shamir sharing and interpolation, hashing the
+survivor set, and all framing and Python.
 """
 
 from __future__ import annotations
@@ -79,6 +91,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=True,
         help="also run the three target cells (n=100/1000 k=auto, full graph n=100; d=1e5) vs Flower",
     )
+    p.add_argument("--target-n", type=int, nargs="+", default=None, help="run only the target cells with these n")
     p.add_argument("--grid", action=argparse.BooleanOptionalAction, default=True, help="run the n x d x dropout grid")
     p.add_argument(
         "--flower",
@@ -104,6 +117,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckks-max-nd", type=float, default=1e6, help="largest n*d cell given to the CKKS measure")
     p.add_argument("--max-memory-gb", type=float, default=4.0, help="skip cells whose inputs + state would exceed this")
     p.add_argument("--repeats", type=int, default=1, help="rounds per cell and kind; medians are reported")
+    p.add_argument(
+        "--flower-repeats",
+        type=int,
+        default=None,
+        help="rounds of Flower per cell (default: --repeats; Flower's n=1000 round costs ~10 CPU minutes)",
+    )
     p.add_argument(
         "--json", type=Path, default=Path("bench/aggregation.json"), help="where the JSON results go (default bench/aggregation.json)"
     )
@@ -196,6 +215,7 @@ def _ours(kind: str, aggregator: Aggregator, inputs, drops, stage_names) -> dict
     err = float(np.abs(res.average - expected_average(inputs, res.contributors)).max())
     st = out.stats
     per_stage = {s: (statistics.median(v) if v else 0.0) for s, v in timer.seconds.items()}
+    load_end = os.getloadavg()[0]
     client_total = sum(st.client_seconds.values())
     return {
         "kind": kind,
@@ -210,6 +230,7 @@ def _ours(kind: str, aggregator: Aggregator, inputs, drops, stage_names) -> dict
         "bytes_down_per_client": float(np.mean([st.bytes_down[c] for c in res.contributors])),
         "contributors": len(res.contributors),
         "max_abs_error_of_average": err,
+        "loadavg_1min_end": load_end,
     }
 
 
@@ -228,7 +249,9 @@ def _flower(inputs, drops, k: int, t: int) -> dict[str, Any]:
     err = float(np.abs(r.aggregate - expected_average(inputs, survivors)).max())
     live = [c + 1 for c in survivors]
     n = len(inputs)
+    load_end = os.getloadavg()[0]
     return {
+        "loadavg_1min_end": load_end,
         "kind": "flower-secagg+",
         "seconds_round": r.seconds_total,
         "seconds_round_with_serde": wall,
@@ -246,6 +269,134 @@ def _flower(inputs, drops, k: int, t: int) -> dict[str, Any]:
     }
 
 
+# ------------------------------------------------------------------------------------ the floor
+
+
+def measure_unit_costs(d: int, *, repeats: int = 5) -> dict[str, float]:
+    """Median CPU seconds of each primitive the protocol needs, measured now on this machine.
+
+    Each figure is the median of ``repeats`` batches, process CPU time per operation. Keys differ
+    from one operation to the next (as in the protocol: every verification is of another client's
+    key), and the keystream and add work on one masked vector of ``d + 1`` uint32 at a time.
+    """
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    def per_op(fn, ops: int) -> float:
+        samples = []
+        for _ in range(repeats):
+            c0 = time.process_time()
+            fn(ops)
+            samples.append((time.process_time() - c0) / ops)
+        return statistics.median(samples)
+
+    keys = [Ed25519PrivateKey.generate() for _ in range(64)]
+    payload = os.urandom(16 + 8 + 32 + len(b"fedrlhf/secagg/v1/consistency"))
+    signed = [(k.public_key(), k.sign(payload)) for k in keys]
+    xs = [X25519PrivateKey.generate() for _ in range(64)]
+    x_pubs = [x.public_key().public_bytes_raw() for x in xs]
+    nbytes = 4 * (d + 1)
+    zeros, buf = bytearray(nbytes), bytearray(nbytes + 15)
+    acc = np.zeros(d + 1, np.uint32)
+    mask = np.frombuffer(os.urandom(nbytes), np.uint32)
+    vec = np.random.default_rng(0).uniform(-1, 1, d).astype(np.float32)
+    scaled, ints = np.empty(d), np.empty(d, np.int32)
+    gcm_key, share = AESGCM(os.urandom(32)), os.urandom(96)
+    sealed = gcm_key.encrypt(bytes(12), share, b"ad")
+
+    def verify(ops):
+        for i in range(ops):
+            pk, sig = signed[i % 64]
+            pk.verify(sig, payload)
+
+    def sign(ops):
+        for i in range(ops):
+            keys[i % 64].sign(payload)
+
+    def agree(ops):
+        for i in range(ops):
+            xs[i % 64].exchange(X25519PublicKey.from_public_bytes(x_pubs[(i + 1) % 64]))
+
+    def keygen(ops):
+        for _ in range(ops):
+            X25519PrivateKey.generate().public_key().public_bytes_raw()
+
+    def hkdf(ops):
+        for i in range(ops):
+            HKDF(hashes.SHA256(), 32, salt=payload[:16], info=payload[:40]).derive(payload[i % 8 : i % 8 + 32])
+
+    def gcm(ops):  # one op = one share encryption or decryption (pairs timed, halved)
+        for _ in range(ops // 2):
+            gcm_key.encrypt(bytes(12), share, b"ad")
+            gcm_key.decrypt(bytes(12), sealed, b"ad")
+
+    def keystream(ops):
+        for _ in range(ops):
+            Cipher(algorithms.AES(os.urandom(32)), modes.CTR(bytes(16))).encryptor().update_into(zeros, buf)
+
+    def add(ops):
+        for _ in range(ops):
+            np.add(acc, mask, out=acc)
+
+    def rounding(ops):  # the least a rounding pass does: scale d floats, floor, store d integers
+        for _ in range(ops):
+            np.multiply(vec, 3.0, out=scaled)
+            np.floor(scaled, out=scaled)
+            np.copyto(ints, scaled, casting="unsafe")
+
+    big = max(1, 4_000_000 // max(nbytes, 1))
+    return {
+        "ed25519_verify": per_op(verify, 200),
+        "ed25519_sign": per_op(sign, 200),
+        "x25519_agree": per_op(agree, 200),
+        "x25519_keygen": per_op(keygen, 200),
+        "hkdf": per_op(hkdf, 200),
+        "aes_gcm_share": per_op(gcm, 200),
+        "keystream_mask": per_op(keystream, big),
+        "add_mask": per_op(add, 4 * big),
+        "rounding_pass": per_op(rounding, big),
+    }
+
+
+def operation_counts(n: int, k: int, quorum: int, dropped: int, *, consistency: bool = True) -> dict[str, float]:
+    """How many of each primitive one round needs (SecAgg+, auto degree k, the ``dropped`` clients
+    leaving after the share-keys stage as in this bench). Every client: 2 key pairs, 1 key signature,
+    k key-signature checks (the defences), k share agreements + derivations + encryptions; every
+    survivor additionally k share decryptions, k mask agreements + derivations, a coin stream and a
+    rounding pass, k + 1 masks (keystream + add), 1 survivor-set signature and q checks; the server
+    n + |U3| signature checks, |U3| masked-vector adds, |U3| self-mask removals and, per dropped
+    client, one key rebuild (a key generation's cost) and a mask removal per surviving neighbour
+    (agreement + derivation + keystream + add). Without ``consistency`` (the bench-only baseline):
+    no signatures at all."""
+    survivors = n - dropped
+    pair_removals = dropped * k  # each dropped client's neighbours all survived (one dropout)
+    counts = {
+        "x25519_keygen": 2 * n + dropped,
+        "x25519_agree": n * k + survivors * k + pair_removals,
+        "hkdf": n * k + survivors * k + pair_removals,
+        "aes_gcm_share": n * k + survivors * k,  # every client seals k shares, every survivor opens k
+        "keystream_mask": survivors * (k + 2) + survivors + pair_removals,  # k pair + self + coins; server self + pairs
+        "add_mask": survivors * (k + 1) + survivors + survivors + pair_removals,  # client masks; server sum, self, pairs
+        "rounding_pass": survivors,
+        "ed25519_sign": 0,
+        "ed25519_verify": 0,
+    }
+    if consistency:
+        counts["ed25519_sign"] = n + survivors
+        counts["ed25519_verify"] = n * k + survivors * quorum + n + survivors
+    return counts
+
+
+def floor_seconds(costs: dict[str, float], counts: dict[str, float]) -> dict[str, float]:
+    """The floor, total and by primitive (CPU seconds)."""
+    parts = {name: counts[name] * costs[name] for name in counts}
+    return {"total": sum(parts.values()), **parts}
+
+
 def _median_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
     if len(rows) == 1:
         return rows[0]
@@ -253,7 +404,10 @@ def _median_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
     for key, val in rows[0].items():
         if isinstance(val, float):
             out[key] = statistics.median(r[key] for r in rows)
+        elif isinstance(val, dict) and val and all(isinstance(v, float) for v in val.values()):
+            out[key] = {k: statistics.median(r[key][k] for r in rows) for k in val}
     out["repeats"] = len(rows)
+    out["loadavg_1min_each"] = [r.get("loadavg_1min_end") for r in rows]
     return out
 
 
@@ -317,7 +471,9 @@ class _UnauthenticatedBaseline(SecAggAggregator):
         return _NoConsistencyClient(ctx, client_id, vector, weight, self.quantizer, p.k, p.t, ids, integer_noise, quorum=p.quorum)
 
 
-def measure_cell(n: int, d: int, drops: list[int], *, k: int, flower: bool, repeats: int) -> list[dict[str, Any]]:
+def measure_cell(
+    n: int, d: int, drops: list[int], *, k: int, flower: bool, repeats: int, flower_repeats: int | None = None
+) -> list[dict[str, Any]]:
     """Rows for plain, secagg (degree k; 0 = auto), the unauthenticated baseline and optionally
     Flower SecAgg+ at one cell, same inputs."""
     from aggregation.secagg import Identities
@@ -340,12 +496,32 @@ def measure_cell(n: int, d: int, drops: list[int], *, k: int, flower: bool, repe
     ]
     if flower:
         kinds.append(("flower-secagg+", lambda: _flower(inputs, drops, min(k + 1, n), t)))
+    counts = {
+        "secagg": operation_counts(n, k, params.quorum, len(drops)),
+        "secagg-no-consistency": operation_counts(n, k, params.quorum, len(drops), consistency=False),
+    }
+
+    def with_floor(kind, fn):
+        """One repeat, with the unit costs measured right before it (same load as the round)."""
+        costs = measure_unit_costs(d)
+        row = fn()
+        floor = floor_seconds(costs, counts[kind])
+        return {
+            **row,
+            "floor_cpu_seconds": floor["total"],
+            "floor_breakdown": floor,
+            "unit_costs": costs,
+            "cpu_over_floor": row["cpu_seconds_round"] / floor["total"],
+        }
+
     for kind, fn in kinds:
         # the 1-minute load average says how contended the (shared) machine was: wall seconds inflate
         # with it, process CPU seconds do not
         load = {"loadavg_1min": os.getloadavg()[0]}
         try:
-            rows.append({**meta, **load, **_median_rows([fn() for _ in range(repeats)])})
+            times = flower_repeats if kind == "flower-secagg+" and flower_repeats else repeats
+            runs = [with_floor(kind, fn) if kind in counts else fn() for _ in range(times)]
+            rows.append({**meta, **load, **_median_rows(runs)})
         except AggregationAborted as exc:  # a real outcome (e.g. a client lost t of its k neighbours): recorded
             rows.append({**meta, **load, "kind": kind, "aborted": str(exc)})
     return rows
@@ -374,6 +550,8 @@ def run(args: argparse.Namespace) -> int:
     cells: list[tuple[str, int, int, int, list[int], bool]] = []
     if args.targets:
         for label, n, d, k, ndrop, with_flower in TARGETS:
+            if args.target_n and n not in args.target_n:
+                continue
             flower_here = run_flower and (with_flower or args.flower_full_graph)
             cells.append((label, n, d, k, dropped_clients(n, ndrop / n), flower_here))
     if args.grid:
@@ -405,11 +583,13 @@ def run(args: argparse.Namespace) -> int:
         "ckks": previous.get("ckks", []),
         "ckks_note": previous.get("ckks_note", "CKKS rows pending"),
         "complete": False,
+        "loadavg_at_start": list(os.getloadavg()),
     }
     # Cheapest cells first, and results written after every cell: on a shared machine a long grid can
     # be stopped at any point and still leave every finished cell in the JSON and the table.
-    grid_cells = sorted(cells[len(TARGETS) if args.targets else 0 :], key=lambda c: (c[1] * c[2], c[1]))
-    ordered = cells[: len(TARGETS) if args.targets else 0] + grid_cells
+    n_targets = sum(1 for c in cells if not c[0].startswith("grid "))
+    grid_cells = sorted(cells[n_targets:], key=lambda c: (c[1] * c[2], c[1]))
+    ordered = cells[:n_targets] + grid_cells
     ordered = [c for c in ordered if (c[0], c[1], c[2]) not in done]
     for label, n, d, k, drops, use_flower in tqdm(ordered, desc="aggregation bench", unit="cell"):
         if _memory_gb(n, d, False) > args.max_memory_gb:
@@ -425,7 +605,7 @@ def run(args: argparse.Namespace) -> int:
                 }
             )
             use_flower = False
-        for row in measure_cell(n, d, drops, k=k, flower=use_flower, repeats=args.repeats):
+        for row in measure_cell(n, d, drops, k=k, flower=use_flower, repeats=args.repeats, flower_repeats=args.flower_repeats):
             results.append({"cell": label, **row})
         payload["targets"] = _target_ratios(results)
         _write(args, payload)
@@ -477,6 +657,9 @@ def _target_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "secagg_seconds_compute": ours["seconds_compute"],
             "secagg_bytes_up_per_client": ours["bytes_up_per_client"],
             "secagg_cpu_seconds_round": ours["cpu_seconds_round"],
+            "secagg_floor_cpu_seconds": ours.get("floor_cpu_seconds"),
+            "secagg_cpu_over_floor": ours.get("cpu_over_floor"),
+            "loadavg_1min": ours.get("loadavg_1min"),
         }
         base = rows.get("secagg-no-consistency")
         if base:
@@ -484,6 +667,8 @@ def _target_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 {
                     "no_consistency_seconds_round": base["seconds_round"],
                     "no_consistency_cpu_seconds_round": base["cpu_seconds_round"],
+                    "no_consistency_floor_cpu_seconds": base.get("floor_cpu_seconds"),
+                    "no_consistency_cpu_over_floor": base.get("cpu_over_floor"),
                     "defences_cpu_overhead": ours["cpu_seconds_round"] / base["cpu_seconds_round"],
                     "defences_upload_overhead": ours["bytes_up_per_client"] / base["bytes_up_per_client"],
                     "defences_download_overhead": ours["bytes_down_per_client"] / base["bytes_down_per_client"],
@@ -521,6 +706,8 @@ def _markdown(payload: dict[str, Any]) -> str:
         "round s",
         "compute s",
         "CPU s",
+        "floor CPU s",
+        "CPU / floor",
         "server s",
         "client s (median)",
         *[f"client {s} s" for s in STAGES],
@@ -548,6 +735,8 @@ def _markdown(payload: dict[str, Any]) -> str:
                 r["seconds_round"],
                 r["seconds_compute"],
                 r["cpu_seconds_round"],
+                r.get("floor_cpu_seconds", ""),
+                r.get("cpu_over_floor", ""),
                 r["seconds_server"],
                 r["seconds_client_median"],
                 *[st.get(s, "") for s in STAGES],
@@ -573,9 +762,14 @@ def _markdown(payload: dict[str, Any]) -> str:
     if payload["targets"]:
         th = [
             "target cell",
+            "load (1 min)",
             "ours round s",
             "ours CPU s",
+            "floor CPU s",
+            "ours / floor",
             "no-consistency CPU s",
+            "its floor",
+            "its / floor",
             "defences CPU ×",
             "defences down B ×",
             "Flower round s",
@@ -587,9 +781,14 @@ def _markdown(payload: dict[str, Any]) -> str:
         tr = [
             [
                 t["cell"],
+                t.get("loadavg_1min", "n/a"),
                 t["secagg_seconds_round"],
                 t["secagg_cpu_seconds_round"],
+                t.get("secagg_floor_cpu_seconds") or "n/a",
+                t.get("secagg_cpu_over_floor") or "n/a",
                 t.get("no_consistency_cpu_seconds_round", "n/a"),
+                t.get("no_consistency_floor_cpu_seconds") or "n/a",
+                t.get("no_consistency_cpu_over_floor") or "n/a",
                 t.get("defences_cpu_overhead", "n/a"),
                 t.get("defences_download_overhead", "n/a"),
                 t.get("flower_seconds_round", "n/a"),

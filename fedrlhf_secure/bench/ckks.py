@@ -36,6 +36,27 @@ DEFAULT = ("ckks", CKKSConfig())
 LEGACY = ("ckks-before-issue-12", CKKSConfig(coeff_mod_bit_sizes=(56, 40), scale_bits=34))
 """Today's round before issue 12 (its default parameters; no masks, check or flooding), for the overhead."""
 NVFLARE = ("ckks-nvflare-default", CKKSConfig(poly_modulus_degree=8192, coeff_mod_bit_sizes=(60, 40, 40), scale_bits=40))
+"""NVFlare's HE defaults, run as NVFlare runs them (issue 16): its clients hold a context made with
+TenSEAL's default ``encryption_type`` (asymmetric), so ``ts.ckks_vector`` encrypts with the PUBLIC
+key (a full, unseedable ciphertext); the server sums and the clients decrypt — no masks, check
+slots or flooding (the round of :func:`_legacy_round`)."""
+
+
+def _nvflare_contexts(config: CKKSConfig) -> tuple[Any, Any]:
+    """(client context: secret + public key, encrypts with the public key; server context: public only)."""
+    import tenseal as ts
+
+    ctx = ts.context(
+        ts.SCHEME_TYPE.CKKS,
+        config.poly_modulus_degree,
+        coeff_mod_bit_sizes=list(config.coeff_mod_bit_sizes),
+        encryption_type=ts.ENCRYPTION_TYPE.ASYMMETRIC,
+        n_threads=config.threads,
+    )
+    ctx.global_scale = config.scale
+    server = ctx.copy()
+    server.make_context_public()
+    return ctx, server
 
 
 def _client_input(seed: int, cid: int, d: int, uniform: bool = False) -> tuple[np.ndarray, float]:
@@ -52,6 +73,8 @@ def _full_round(label: str, config: CKKSConfig, n: int, d: int, seed: int, unifo
     decryption), every message delivered as soon as it is sent, through :func:`aggregation.driver.run_round`."""
     if label == LEGACY[0]:
         return _legacy_round(config, n, d, seed, uniform)
+    if label == NVFLARE[0]:
+        return _legacy_round(config, n, d, seed, uniform, public_key=True)
     clients = tuple(range(n))
     inputs = {cid: _client_input(seed, cid, d, uniform) for cid in clients}
     plain_sum = sum(w * vec.astype(np.float64) for vec, w in inputs.values())
@@ -81,27 +104,41 @@ def _round_row(avg, plain_avg, seconds, cpu_seconds, t_server, t_client, up_byte
     }
 
 
-def _legacy_round(config: CKKSConfig, n: int, d: int, seed: int, uniform: bool = False) -> dict[str, Any]:
+def _legacy_round(config: CKKSConfig, n: int, d: int, seed: int, uniform: bool = False, *, public_key: bool = False) -> dict[str, Any]:
     """The CKKS round as it was before issue 12 (commit b46270a), re-enacted with the same codec and
     wire code: each client encrypts ``[w x, w]`` and sends it in one frame, the server parses, checks
     and adds the ciphertexts and sends the sum back, each client parses and decrypts it — no mask
-    round, no check slots, no flooding (and the decryption oracle of issue 12 open)."""
+    round, no check slots, no flooding (and the decryption oracle of issue 12 open).
+
+    ``public_key``: NVFlare's way — every client encrypts with the shared context's public key
+    (:func:`_nvflare_contexts`; full ciphertexts) instead of the dealer's symmetric key."""
     clients = tuple(range(n))
     session, t_client, t_server, up_bytes = os.urandom(16), 0.0, 0.0, []
     plain_sum, plain_w = np.zeros(d), 0.0
     t_round, c_round = time.perf_counter(), time.process_time()
-    dealer = SimulatedDealer(config, list(clients))
-    dealer.deal_ahead([0])
-    server_ctx = dealer.public(0).load(config)
-    header = {"round": 0, "session": session.hex(), "key_id": dealer.public(0).key_id.hex()}
+    if public_key:
+        client_ctx, server_ctx = _nvflare_contexts(config)
+
+        def context_of(_cid: int):
+            return client_ctx
+
+        header = {"round": 0, "session": session.hex(), "key_id": "nvflare"}
+    else:
+        dealer = SimulatedDealer(config, list(clients))
+        dealer.deal_ahead([0])
+        server_ctx = dealer.public(0).load(config)
+
+        def context_of(cid: int):
+            return dealer.client_key(cid, 0).context
+
+        header = {"round": 0, "session": session.hex(), "key_id": dealer.public(0).key_id.hex()}
     acc = None
     for cid in clients:
         vec, w = _client_input(seed, cid, d, uniform)
         plain_sum += w * vec.astype(np.float64)
         plain_w += w
         t0 = time.perf_counter()
-        key = dealer.client_key(cid, 0)
-        data, lengths = codec.join(codec.encrypt(np.append(w * vec.astype(np.float64), w), key.context, config))
+        data, lengths = codec.join(codec.encrypt(np.append(w * vec.astype(np.float64), w), context_of(cid), config, seeded=not public_key))
         update = wire.encode(wire.Frame("ckks/update", header, {"ciphertexts": data, "lengths": lengths}))
         t1 = time.perf_counter()
         frame = wire.decode(update, expect="ckks/update")
@@ -124,7 +161,7 @@ def _legacy_round(config: CKKSConfig, n: int, d: int, seed: int, uniform: bool =
         t0 = time.perf_counter()
         frame = wire.decode(aggregate, expect="ckks/aggregate")
         blobs = codec.split(frame.tensors["ciphertexts"], frame.tensors["lengths"], config, d + 1)
-        values = codec.decrypt(codec.load_chunks(blobs, dealer.client_key(cid, 0).context, config, d + 1))
+        values = codec.decrypt(codec.load_chunks(blobs, context_of(cid), config, d + 1))
         t_client += time.perf_counter() - t0
     seconds, cpu_seconds = time.perf_counter() - t_round, time.process_time() - c_round
     return _round_row(values[:d] / values[d], plain_sum / plain_w, seconds, cpu_seconds, t_server, t_client, up_bytes, len(aggregate), d)
@@ -133,27 +170,30 @@ def _legacy_round(config: CKKSConfig, n: int, d: int, seed: int, uniform: bool =
 class _PartyTimer:
     """One client's vector under one parameter set, ready to time encrypt / server add / decrypt."""
 
-    def __init__(self, config: CKKSConfig, d: int, seed: int) -> None:
-        self.config, self.d = config, d
-        agg = factory(config, tuple(range(10)), seed)  # keys only; the mask round needs enough clients for its bounds
-        self.key = agg.keys.client_key(0, 0)
-        self.server_ctx = agg.keys.public(0).load(config)
+    def __init__(self, config: CKKSConfig, d: int, seed: int, *, public_key: bool = False) -> None:
+        self.config, self.d, self.seeded = config, d, not public_key
+        if public_key:  # NVFlare: encrypt with the public key of a shared asymmetric context
+            self.client_ctx, self.server_ctx = _nvflare_contexts(config)
+        else:
+            agg = factory(config, tuple(range(10)), seed)  # keys only; the mask round needs enough clients for its bounds
+            self.client_ctx = agg.keys.client_key(0, 0).context
+            self.server_ctx = agg.keys.public(0).load(config)
         vec, w = _client_input(seed, 0, d)
         self.payload = np.append(w * vec.astype(np.float64), w)
-        self.blobs = codec.encrypt(self.payload, self.key.context, config)
+        self.blobs = codec.encrypt(self.payload, self.client_ctx, config, seeded=self.seeded)
         self.acc = codec.load_chunks(self.blobs, self.server_ctx, config, d + 1)
         self.times: dict[str, list[float]] = {"encrypt": [], "aggregate": [], "decrypt": []}
         self.cpu: dict[str, list[float]] = {"encrypt": [], "aggregate": [], "decrypt": []}
 
     def encrypt(self) -> None:
-        codec.encrypt(self.payload, self.key.context, self.config)
+        codec.encrypt(self.payload, self.client_ctx, self.config, seeded=self.seeded)
 
     def aggregate(self) -> None:
         for a, c in zip(self.acc, codec.load_chunks(self.blobs, self.server_ctx, self.config, self.d + 1), strict=False):
             a.add_(c)
 
     def decrypt(self) -> None:
-        codec.decrypt(codec.load_chunks(self.blobs, self.key.context, self.config, self.d + 1))
+        codec.decrypt(codec.load_chunks(self.blobs, self.client_ctx, self.config, self.d + 1))
 
     def medians_per_1e6(self) -> dict[str, float]:
         scale = 1e6 / self.d
@@ -164,7 +204,7 @@ class _PartyTimer:
 
 def _per_party(configs: Sequence[tuple[str, CKKSConfig]], d: int, seed: int, repeats: int) -> dict[str, dict[str, float]]:
     """Medians for one client's vector, the parameter sets interleaved so machine load hits them alike."""
-    timers = {label: _PartyTimer(cfg, d, seed) for label, cfg in configs}
+    timers = {label: _PartyTimer(cfg, d, seed, public_key=label == NVFLARE[0]) for label, cfg in configs}
     for _ in range(repeats):
         for timer in timers.values():
             for stage in ("encrypt", "aggregate", "decrypt"):
@@ -238,6 +278,67 @@ def sweep(d: int, *, n: int = 10, seed: int = 0, data_bits: Sequence[int] = (44,
     return rows
 
 
+def serialisation_options(d: int = 100_000, *, config: CKKSConfig | None = None, repeats: int = 5, seed: int = 0) -> list[dict[str, Any]]:
+    """Bytes and CPU of each way TenSEAL can put one client's encrypted vector of ``d`` values on the wire.
+
+    Measured (medians of ``repeats``, process CPU seconds scaled to 1e6 values): the shipped seeded
+    symmetric ciphertexts (:func:`codec.encrypt`), TenSEAL's own ``CKKSVector.serialize`` of a
+    symmetric ciphertext, and public-key encryption as NVFlare does it, all at ``config`` (the
+    default parameters). 'load' is the receiver's work: the structural checks, SEAL's zstd inflate
+    (and seed expansion), deserialization. TenSEAL offers no other choice: ``serialize`` and
+    ``save`` take no compression argument (SEAL's default, zstd, every time). Then the floors,
+    computed: polynomial data bit-packed at the data primes' width, both polynomials (full) and one
+    plus the 64-byte seed (seeded).
+    """
+    config = config or DEFAULT[1]
+    x = np.random.default_rng(seed).standard_normal(d) * 1e-3
+    agg = factory(config, tuple(range(10)), seed)
+    sym_ctx, sym_server = agg.keys.client_key(0, 0).context, agg.keys.public(0).load(config)
+    pk_ctx, pk_server = _nvflare_contexts(config)
+    options = [
+        ("seeded symmetric (shipped: sealapi encrypt_symmetric, saved with its seed)", sym_ctx, sym_server, True),
+        ("full symmetric (TenSEAL CKKSVector.serialize)", sym_ctx, sym_server, False),
+        ("full public-key (NVFlare's way; cannot be seeded)", pk_ctx, pk_server, False),
+    ]
+    rows = []
+    scale = 1e6 / d
+    for label, ctx, server, seeded in options:
+        enc, load = [], []
+        blobs: list[bytes] = []
+        for _ in range(repeats):
+            c0 = time.process_time()
+            blobs = codec.encrypt(x, ctx, config, seeded=seeded)
+            enc.append(time.process_time() - c0)
+            c0 = time.process_time()
+            codec.load_chunks(blobs, server, config, d)
+            load.append(time.process_time() - c0)
+        rows.append(
+            {
+                "option": label,
+                "expansion_vs_float32": sum(map(len, blobs)) / (4.0 * d),
+                "encrypt_cpu_s_per_1e6": statistics.median(enc) * scale,
+                "load_cpu_s_per_1e6": statistics.median(load) * scale,
+            }
+        )
+    chunks = config.chunks(d)
+    bits = sum(config.coeff_mod_bit_sizes[: config.data_primes])
+    packed = chunks * 2 * config.poly_modulus_degree * bits / 8
+    rows.append({"option": f"floor: full ciphertext bit-packed ({bits}-bit data modulus)", "expansion_vs_float32": packed / (4.0 * d)})
+    seeded_packed = packed / 2 + 64 * chunks
+    rows.append({"option": "floor: seeded ciphertext bit-packed (c0 + 64-byte seed)", "expansion_vs_float32": seeded_packed / (4.0 * d)})
+    return rows
+
+
+SERIALISATION_HEADERS = ("serialisation", "expansion ×f32", "encrypt CPU s/1e6", "load CPU s/1e6")
+
+
+def serialisation_table_rows(rows: Sequence[dict[str, Any]]) -> list[list[Any]]:
+    return [
+        [r["option"], r["expansion_vs_float32"], r.get("encrypt_cpu_s_per_1e6", "(computed)"), r.get("load_cpu_s_per_1e6", "")]
+        for r in rows
+    ]
+
+
 TABLE_HEADERS = (
     "mode",
     "N",
@@ -279,6 +380,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-nvflare", action="store_true", help="skip the NVFlare-default reference rows")
     parser.add_argument("--nvflare-max-n", type=int, default=10, help="NVFlare reference rows only for n up to this")
     parser.add_argument("--sweep-d", type=int, default=200_000, help="vector size of the data-prime sweep (0: skip)")
+    parser.add_argument("--serialisation-d", type=int, default=200_000, help="vector size of the serialisation comparison (0: skip)")
     parser.add_argument("--out", type=Path, default=Path("bench/ckks.json"))
     parser.add_argument("--doc", type=Path, default=None, help="also rewrite this Markdown file's ckks section (default: print the table)")
 
@@ -315,16 +417,27 @@ def run(args: argparse.Namespace) -> int:
         nvflare = not args.no_nvflare and n <= args.nvflare_max_n
         rows += measure(n, args.d, repeats=args.repeats, include_nvflare=nvflare)["rows"]
     swept = sweep(args.sweep_d) if args.sweep_d else []
-    write_json(args.out, {"rows": rows, "sweep": swept})
+    serial = serialisation_options(args.serialisation_d, repeats=args.repeats) if args.serialisation_d else []
+    load = list(os.getloadavg())
+    write_json(args.out, {"rows": rows, "sweep": swept, "serialisation": serial, "loadavg_at_end": load})
     parts = [
         "### CKKS aggregation (`python -m fedrlhf_secure.bench.ckks`)",
         "",
         "Default parameters and NVFlare's (N=8192, [60,40,40], 2^40) in one run, per-party timings interleaved; "
         "medians of the per-party timings; wall seconds with process CPU seconds in brackets (a shared machine "
-        "inflates wall time). 'round s' runs every client and the server in one process, one after another.",
+        "inflates wall time). 'round s' runs every client and the server in one process, one after another. "
+        "The NVFlare row runs NVFlare's round (no masks, check slots or flooding) with its clients encrypting "
+        f"under the public key, as NVFlare does. Load average (1, 5, 15 min) at the end: {', '.join(f'{v:.1f}' for v in load)}.",
         "",
         markdown_table(TABLE_HEADERS, table_rows(rows)),
     ]
+    if serial:
+        parts += [
+            "",
+            f"Serialisation options at the default parameters (d={args.serialisation_d}, medians of {args.repeats}, process CPU):",
+            "",
+            markdown_table(SERIALISATION_HEADERS, serialisation_table_rows(serial)),
+        ]
     if swept:
         _plot_sweep(swept, args.out.with_name("ckks_sweep.png"))
         parts += [
