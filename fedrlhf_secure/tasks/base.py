@@ -16,6 +16,7 @@ instead of diluting it by all clients (see :mod:`fedrlhf_secure.federation.updat
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ class ParamEntry:
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape)) if self.shape else 1
+        return math.prod(self.shape)  # 1 for a scalar; math.prod is ~10x cheaper than np.prod on a tuple
 
 
 @dataclass(frozen=True)

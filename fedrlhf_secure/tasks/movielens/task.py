@@ -33,7 +33,7 @@ from .config import MovieLensConfig
 from .data import MovieLensSplit, Ratings, load_split
 from .feedback import FeedbackProfile, KeyedHumanNoise, draw_profiles, labels
 from .metrics import evaluate_scores
-from .model import ITEM_EMBEDDING, PolicyDims, build_policy, numpy_logits
+from .model import ITEM_EMBEDDING, PolicyDims, build_policy, numpy_logits, torch_logits
 from .train import LocalData, ProfileTable, TrainSettings, draw_phase, fit_personal, train_epochs, train_epochs_dp
 
 if TYPE_CHECKING:
@@ -443,7 +443,7 @@ class MovieLensClient(TaskClient):
 
     def scores(self, shared: Mapping[str, np.ndarray], ratings: Ratings, genres: np.ndarray) -> np.ndarray:
         user_vectors = self._user_rows[np.searchsorted(self.users, ratings.user)]
-        return numpy_logits(shared, user_vectors, ratings.item, genres)
+        return torch_logits(shared, user_vectors, ratings.item, genres)
 
     def evaluate(self, shared: Mapping[str, np.ndarray]) -> dict[str, float]:
         """Held-out ``correct``/``n``/``accuracy``, training ``train_correct``/``train_n``/``train_accuracy``
