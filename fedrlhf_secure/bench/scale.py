@@ -52,7 +52,7 @@ def _cpu() -> float:
 
 def measure(config: Any, split: Any, num_clients: int, rounds: int, out: Path) -> dict[str, Any]:
     """Set-up and per-round CPU/wall seconds of ``rounds`` rounds with ``num_clients`` synthetic users."""
-    from ..federation.engine import IN_PROCESS_HOST_CLIENTS, Federation, RunOptions
+    from ..federation.engine import Federation, RunOptions
     from ..rundir import RunDirectory
     from ..tasks.movielens.data import resample_users
     from ..tasks.movielens.task import MovieLensTask
@@ -64,6 +64,7 @@ def measure(config: Any, split: Any, num_clients: int, rounds: int, out: Path) -
     run = RunDirectory.create(out, f"scale-{num_clients}")
     fed = Federation(config, run, RunOptions(out=out, progress=False, task=task))
     setup_cpu, setup_wall = _cpu() - c0, time.perf_counter() - w0
+    hosts = len(getattr(getattr(fed.link, "inner", fed.link), "hosts", {0: None}))  # in-process participant hosts
     round_cpu, round_wall, accuracy = [], [], None
     try:
         for r in range(rounds):
@@ -79,7 +80,7 @@ def measure(config: Any, split: Any, num_clients: int, rounds: int, out: Path) -
     return {
         "clients": num_clients,
         "records": len(synthetic.train),
-        "in_process_hosts": -(-num_clients // IN_PROCESS_HOST_CLIENTS) if num_clients > IN_PROCESS_HOST_CLIENTS else 1,
+        "in_process_hosts": hosts,
         "setup_cpu_seconds": setup_cpu,
         "setup_wall_seconds": setup_wall,
         "round_cpu_seconds": round_cpu,
