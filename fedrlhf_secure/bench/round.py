@@ -42,6 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="another checkout of the project (e.g. a clone of main) to time with the same commands, interleaved",
     )
     p.add_argument("--json", type=Path, default=Path("bench/round.json"), help="where the JSON results go (default bench/round.json)")
+    p.add_argument("--render-only", action="store_true", help="run nothing: print (and with --doc, write) the table of --json")
     p.add_argument(
         "--doc",
         type=Path,
@@ -93,37 +94,9 @@ def time_run(tree: Path, config: str, overrides: list[str], data_dir: Path | Non
     }
 
 
-def run(args: argparse.Namespace) -> int:
-    here = Path.cwd()
-    trees = {"this": here}
-    if args.baseline_tree is not None:
-        if not (args.baseline_tree / "fedrlhf_secure").is_dir():
-            from ..errors import InputError
-
-            raise InputError(f"--baseline-tree {args.baseline_tree}: no fedrlhf_secure package there")
-        trees["baseline"] = args.baseline_tree
-    data_dir = args.data_dir.resolve() if args.data_dir is not None else None
-    config = str(Path(args.config).resolve())
-    samples: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for rep in range(max(1, args.repeats)):
-        for kind in args.aggregations:
-            for name, tree in trees.items():
-                res = time_run(tree, config, [*args.overrides, f"aggregation.kind={kind}"], data_dir)
-                samples.setdefault((name, kind), []).append(res)
-                print(json.dumps({"repeat": rep, "tree": name, "aggregation": kind, **res}), flush=True)
-    results = []
-    for (name, kind), runs in samples.items():
-        med = {k: statistics.median(r[k] for r in runs) for k in runs[0] if isinstance(runs[0][k], (int, float)) and runs[0][k] is not None}
-        results.append({"tree": name, "path": str(trees[name]), "aggregation": kind, "repeats": len(runs), "median": med, "runs": runs})
-    by = {(r["tree"], r["aggregation"]): r["median"] for r in results}
-    for r in results:
-        plain = by.get((r["tree"], "plain"))
-        r["cpu_vs_plain"] = r["median"]["cpu_seconds"] / plain["cpu_seconds"] if plain else None
-        base = by.get(("baseline", r["aggregation"]))
-        r["baseline_cpu_over_this"] = base["cpu_seconds"] / r["median"]["cpu_seconds"] if base and r["tree"] == "this" else None
-    write_json(
-        args.json, {"config": args.config, "overrides": args.overrides, "trees": {k: str(v) for k, v in trees.items()}, "results": results}
-    )
+def render(payload: dict[str, Any], doc: Path | None) -> None:
+    """Print the table of a results payload (as written to ``--json``); with ``doc``, rewrite its section."""
+    results = payload["results"]
     rows = []
     for r in results:
         m = r["median"]
@@ -164,6 +137,43 @@ def run(args: argparse.Namespace) -> int:
         ],
         rows,
     )
-    update_section(args.doc, "round", f"### One federation (`fedrlhf bench round --config {args.config}`)\n\n{table}")
+    sets = "".join(f" --set {o}" for o in payload.get("overrides", []))
+    update_section(doc, "round", f"### One federation (`fedrlhf bench round --config {payload['config']}{sets}`)\n\n{table}")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.render_only:
+        render(json.loads(args.json.read_text()), args.doc)
+        return 0
+    here = Path.cwd()
+    trees = {"this": here}
+    if args.baseline_tree is not None:
+        if not (args.baseline_tree / "fedrlhf_secure").is_dir():
+            from ..errors import InputError
+
+            raise InputError(f"--baseline-tree {args.baseline_tree}: no fedrlhf_secure package there")
+        trees["baseline"] = args.baseline_tree
+    data_dir = args.data_dir.resolve() if args.data_dir is not None else None
+    config = str(Path(args.config).resolve())
+    samples: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for rep in range(max(1, args.repeats)):
+        for kind in args.aggregations:
+            for name, tree in trees.items():
+                res = time_run(tree, config, [*args.overrides, f"aggregation.kind={kind}"], data_dir)
+                samples.setdefault((name, kind), []).append(res)
+                print(json.dumps({"repeat": rep, "tree": name, "aggregation": kind, **res}), flush=True)
+    results = []
+    for (name, kind), runs in samples.items():
+        med = {k: statistics.median(r[k] for r in runs) for k in runs[0] if isinstance(runs[0][k], (int, float)) and runs[0][k] is not None}
+        results.append({"tree": name, "path": str(trees[name]), "aggregation": kind, "repeats": len(runs), "median": med, "runs": runs})
+    by = {(r["tree"], r["aggregation"]): r["median"] for r in results}
+    for r in results:
+        plain = by.get((r["tree"], "plain"))
+        r["cpu_vs_plain"] = r["median"]["cpu_seconds"] / plain["cpu_seconds"] if plain else None
+        base = by.get(("baseline", r["aggregation"]))
+        r["baseline_cpu_over_this"] = base["cpu_seconds"] / r["median"]["cpu_seconds"] if base and r["tree"] == "this" else None
+    payload = {"config": args.config, "overrides": args.overrides, "trees": {k: str(v) for k, v in trees.items()}, "results": results}
+    write_json(args.json, payload)
+    render(payload, args.doc)
     print(f"results: {args.json}" + (f" and {args.doc}" if args.doc else ""))
     return 0

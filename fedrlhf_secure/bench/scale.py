@@ -17,6 +17,7 @@ log-log fit (1 = linear). The issue's target, "10,000 clients complete a round, 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import statistics
@@ -43,6 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, default=Path("bench/scale.json"), help="where the JSON results go (default bench/scale.json)")
     p.add_argument("--plot", type=Path, default=Path("bench/scale.png"), help="where the plot goes (default bench/scale.png)")
     p.add_argument("--doc", type=Path, default=None, help="also rewrite this Markdown file's section (e.g. BENCHMARKS.md)")
+    p.add_argument("--render-only", action="store_true", help="run nothing: print (and with --doc, write) the table of --json")
 
 
 def _cpu() -> float:
@@ -138,40 +140,9 @@ def plot(path: Path, rows: list[dict[str, Any]], growth: dict[str, Any], kind: s
     plt.close(fig)
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..config import load_config
-    from ..federation.engine import build_task, resolve_data_dir
-
-    config = load_config(args.config, [*args.overrides, f"federation.rounds={args.rounds}"])
-    if config.task.kind != "movielens":
-        from ..errors import InputError
-
-        raise InputError(f"{args.config}: bench scale resamples MovieLens users; task.kind is {config.task.kind!r}")
-    split = build_task(config, resolve_data_dir(args.data_dir)).split  # the real users the synthetic ones are drawn from
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for n in sorted(args.clients):
-            res = measure(config, split, n, args.rounds, Path(tmp))
-            rows.append(res)
-            print(
-                f"{n} clients: round {res['round_cpu_seconds_median']:.2f} CPU s ({res['cpu_seconds_per_1000_clients']:.2f} per 1,000), "
-                f"set-up {res['setup_cpu_seconds']:.2f} CPU s, load {res['load_before']:.1f}",
-                flush=True,
-            )
-    growth = fit_growth([r["clients"] for r in rows], [r["round_cpu_seconds_median"] for r in rows])
-    kind = config.aggregation.kind
-    largest = rows[-1]
-    target = {
-        "cpu_seconds_per_1000_clients_max": TARGET_CPU_PER_1000,
-        "largest_clients": largest["clients"],
-        "largest_completed": True,
-        "met": all(r["cpu_seconds_per_1000_clients"] <= TARGET_CPU_PER_1000 for r in rows),
-    }
-    write_json(
-        args.json,
-        {"config": args.config, "overrides": args.overrides, "aggregation": kind, "rows": rows, "growth": growth, "target": target},
-    )
-    plot(args.plot, rows, growth, kind)
+def render(payload: dict[str, Any], doc: Path | None) -> None:
+    """Print the table of a results payload (as written to ``--json``); with ``doc``, rewrite its section."""
+    rows, growth = payload["rows"], payload["growth"]
     table = markdown_table(
         [
             "clients",
@@ -208,11 +179,59 @@ def run(args: argparse.Namespace) -> int:
         if growth["loglog_exponent"] is not None
         else ""
     )
-    update_section(
-        args.doc,
-        "scale",
-        f"### Scale (`fedrlhf bench scale --config {args.config}`, {kind}, {args.rounds} round(s) per size)\n\n{table}\n\n{fit}\n\n"
-        f"![round CPU vs clients]({args.plot})",
+    rounds = max(len(r["round_cpu_seconds"]) for r in rows)
+    sizes = " ".join(str(r["clients"]) for r in rows)
+    heading = (
+        f"### Scale (`fedrlhf bench scale --config {payload['config']} --clients {sizes} --rounds {rounds}`, {payload['aggregation']})"
     )
+    plot_path = payload.get("plot", "bench/scale.png")
+    update_section(doc, "scale", f"{heading}\n\n{table}\n\n{fit}\n\n![round CPU vs clients]({plot_path})")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.render_only:
+        render(json.loads(args.json.read_text()), args.doc)
+        return 0
+    from ..config import load_config
+    from ..federation.engine import build_task, resolve_data_dir
+
+    config = load_config(args.config, [*args.overrides, f"federation.rounds={args.rounds}"])
+    if config.task.kind != "movielens":
+        from ..errors import InputError
+
+        raise InputError(f"{args.config}: bench scale resamples MovieLens users; task.kind is {config.task.kind!r}")
+    split = build_task(config, resolve_data_dir(args.data_dir)).split  # the real users the synthetic ones are drawn from
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in sorted(args.clients):
+            res = measure(config, split, n, args.rounds, Path(tmp))
+            rows.append(res)
+            print(
+                f"{n} clients: round {res['round_cpu_seconds_median']:.2f} CPU s ({res['cpu_seconds_per_1000_clients']:.2f} per 1,000), "
+                f"set-up {res['setup_cpu_seconds']:.2f} CPU s, load {res['load_before']:.1f}",
+                flush=True,
+            )
+    growth = fit_growth([r["clients"] for r in rows], [r["round_cpu_seconds_median"] for r in rows])
+    kind = config.aggregation.kind
+    largest = rows[-1]
+    target = {
+        "cpu_seconds_per_1000_clients_max": TARGET_CPU_PER_1000,
+        "largest_clients": largest["clients"],
+        "largest_completed": True,
+        "met": all(r["cpu_seconds_per_1000_clients"] <= TARGET_CPU_PER_1000 for r in rows),
+    }
+    payload = {
+        "config": args.config,
+        "overrides": args.overrides,
+        "rounds": args.rounds,
+        "plot": str(args.plot),
+        "aggregation": kind,
+        "rows": rows,
+        "growth": growth,
+        "target": target,
+    }
+    write_json(args.json, payload)
+    plot(args.plot, rows, growth, kind)
+    render(payload, args.doc)
     print(f"results: {args.json}, {args.plot}" + (f" and {args.doc}" if args.doc else ""))
     return 0
