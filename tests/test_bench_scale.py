@@ -25,11 +25,12 @@ def test_bench_scale_times_each_size_fits_the_growth_and_writes_strict_json_and_
     monkeypatch.setattr("fedrlhf_secure.federation.engine.IN_PROCESS_HOST_CLIENTS", 16)  # 40 clients: 3 in-process hosts
     out, png, doc = tmp_path / "scale.json", tmp_path / "scale.png", tmp_path / "B.md"
     args = ["bench", "scale", "--config", str(cfg), "--data-dir", str(tmp_path), "--clients", "40", "8", "--json", str(out)]
-    assert main([*args, "--plot", str(png), "--doc", str(doc)]) == 0
+    assert main([*args, "--plot", str(png), "--doc", str(doc), "--real-users"]) == 0
     result = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
     rows = result["rows"]
     assert [r["clients"] for r in rows] == [8, 40]  # sorted
     assert [r["in_process_hosts"] for r in rows] == [1, 3]
+    assert [r["users"] for r in rows] == ["real", "resampled"]  # the fixture has 10 real users
     for r in rows:
         assert r["round_cpu_seconds_median"] > 0 and len(r["round_cpu_seconds"]) == 1
         assert r["cpu_seconds_per_1000_clients"] == pytest.approx(r["round_cpu_seconds_median"] / r["clients"] * 1000)

@@ -23,6 +23,7 @@ import resource
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, default=Path("bench/scale.json"), help="where the JSON results go (default bench/scale.json)")
     p.add_argument("--plot", type=Path, default=Path("bench/scale.png"), help="where the plot goes (default bench/scale.png)")
     p.add_argument("--doc", type=Path, default=None, help="also rewrite this Markdown file's section (e.g. BENCHMARKS.md)")
+    p.add_argument(
+        "--real-users",
+        action="store_true",
+        help="sizes up to the data's user count use the real users (a seeded sample; all at 943 on ML-100K) instead of resampled ones",
+    )
     p.add_argument("--render-only", action="store_true", help="run nothing: print (and with --doc, write) the table of --json")
 
 
@@ -52,8 +58,10 @@ def _cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def measure(config: Any, split: Any, num_clients: int, rounds: int, out: Path) -> dict[str, Any]:
-    """Set-up and per-round CPU/wall seconds of ``rounds`` rounds with ``num_clients`` synthetic users."""
+def measure(config: Any, split: Any, num_clients: int, rounds: int, out: Path, *, real_users: bool = False) -> dict[str, Any]:
+    """Set-up and per-round CPU/wall seconds of ``rounds`` rounds with ``num_clients`` synthetic users
+    (with ``real_users``, when the data has at least ``num_clients`` users: a seeded sample of the
+    real ones, all of them at the data's user count, as ``task.num_clients`` picks them)."""
     from ..federation.engine import Federation, RunOptions
     from ..rundir import RunDirectory
     from ..tasks.movielens.data import resample_users
@@ -61,8 +69,13 @@ def measure(config: Any, split: Any, num_clients: int, rounds: int, out: Path) -
 
     load_before = os.getloadavg()[0]
     c0, w0 = _cpu(), time.perf_counter()
-    synthetic = resample_users(split, num_clients, config.seed)
-    task = MovieLensTask(config.task.params, synthetic, config.seed)
+    real = real_users and num_clients <= split.catalogue.num_users
+    if real:
+        users = split.catalogue.num_users
+        task = MovieLensTask(replace(config.task.params, num_clients=None if num_clients == users else num_clients), split, config.seed)
+    else:
+        task = MovieLensTask(config.task.params, resample_users(split, num_clients, config.seed), config.seed)
+    records = len(task.training_records())
     run = RunDirectory.create(out, f"scale-{num_clients}")
     fed = Federation(config, run, RunOptions(out=out, progress=False, task=task))
     setup_cpu, setup_wall = _cpu() - c0, time.perf_counter() - w0
@@ -81,7 +94,8 @@ def measure(config: Any, split: Any, num_clients: int, rounds: int, out: Path) -
     cpu = statistics.median(round_cpu)
     return {
         "clients": num_clients,
-        "records": len(synthetic.train),
+        "users": "real" if real else "resampled",
+        "records": records,
         "in_process_hosts": hosts,
         "setup_cpu_seconds": setup_cpu,
         "setup_wall_seconds": setup_wall,
@@ -146,6 +160,7 @@ def render(payload: dict[str, Any], doc: Path | None) -> None:
     table = markdown_table(
         [
             "clients",
+            "users",
             "records",
             "hosts",
             "round CPU s",
@@ -159,6 +174,7 @@ def render(payload: dict[str, Any], doc: Path | None) -> None:
         [
             [
                 r["clients"],
+                r.get("users", "resampled"),
                 r["records"],
                 r["in_process_hosts"],
                 r["round_cpu_seconds_median"],
@@ -204,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in sorted(args.clients):
-            res = measure(config, split, n, args.rounds, Path(tmp))
+            res = measure(config, split, n, args.rounds, Path(tmp), real_users=args.real_users)
             rows.append(res)
             print(
                 f"{n} clients: round {res['round_cpu_seconds_median']:.2f} CPU s ({res['cpu_seconds_per_1000_clients']:.2f} per 1,000), "
