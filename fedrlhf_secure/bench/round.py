@@ -141,6 +141,22 @@ def render(payload: dict[str, Any], doc: Path | None) -> None:
     update_section(doc, "round", f"### One federation (`fedrlhf bench round --config {payload['config']}{sets}`)\n\n{table}")
 
 
+def summarise(samples: dict[tuple[str, str], list[dict[str, Any]]], trees: dict[str, Path], args: argparse.Namespace) -> dict[str, Any]:
+    """Medians per (tree, aggregation) and the same-run ratios, as written to ``--json``."""
+    results = []
+    for (name, kind), runs in samples.items():
+        med = {k: statistics.median(r[k] for r in runs) for k in runs[0] if isinstance(runs[0][k], (int, float)) and runs[0][k] is not None}
+        results.append({"tree": name, "path": str(trees[name]), "aggregation": kind, "repeats": len(runs), "median": med, "runs": runs})
+    by = {(r["tree"], r["aggregation"]): r["median"] for r in results}
+    for r in results:
+        plain = by.get((r["tree"], "plain"))
+        r["cpu_vs_plain"] = r["median"]["cpu_seconds"] / plain["cpu_seconds"] if plain else None
+        base = by.get(("baseline", r["aggregation"]))
+        r["baseline_cpu_over_this"] = base["cpu_seconds"] / r["median"]["cpu_seconds"] if base and r["tree"] == "this" else None
+    payload = {"config": args.config, "overrides": args.overrides, "trees": {k: str(v) for k, v in trees.items()}, "results": results}
+    return payload
+
+
 def run(args: argparse.Namespace) -> int:
     if args.render_only:
         render(json.loads(args.json.read_text()), args.doc)
@@ -161,18 +177,9 @@ def run(args: argparse.Namespace) -> int:
             for name, tree in trees.items():
                 res = time_run(tree, config, [*args.overrides, f"aggregation.kind={kind}"], data_dir)
                 samples.setdefault((name, kind), []).append(res)
+                write_json(args.json, summarise(samples, trees, args))  # partial results survive an interrupted bench
                 print(json.dumps({"repeat": rep, "tree": name, "aggregation": kind, **res}), flush=True)
-    results = []
-    for (name, kind), runs in samples.items():
-        med = {k: statistics.median(r[k] for r in runs) for k in runs[0] if isinstance(runs[0][k], (int, float)) and runs[0][k] is not None}
-        results.append({"tree": name, "path": str(trees[name]), "aggregation": kind, "repeats": len(runs), "median": med, "runs": runs})
-    by = {(r["tree"], r["aggregation"]): r["median"] for r in results}
-    for r in results:
-        plain = by.get((r["tree"], "plain"))
-        r["cpu_vs_plain"] = r["median"]["cpu_seconds"] / plain["cpu_seconds"] if plain else None
-        base = by.get(("baseline", r["aggregation"]))
-        r["baseline_cpu_over_this"] = base["cpu_seconds"] / r["median"]["cpu_seconds"] if base and r["tree"] == "this" else None
-    payload = {"config": args.config, "overrides": args.overrides, "trees": {k: str(v) for k, v in trees.items()}, "results": results}
+    payload = summarise(samples, trees, args)
     write_json(args.json, payload)
     render(payload, args.doc)
     print(f"results: {args.json}" + (f" and {args.doc}" if args.doc else ""))
