@@ -115,7 +115,8 @@ def render(payload: dict[str, Any], doc: Path | None) -> None:
                 m["seconds_aggregation_median"],
                 m["seconds_eval_median"],
                 m["heldout_accuracy"],
-                f"{min(x['load_before'] for x in r['runs']):.1f}–{max(x['load_after'] for x in r['runs']):.1f}",
+                f"{min(min(x['load_before'], x['load_after']) for x in r['runs']):.1f}–"
+                f"{max(max(x['load_before'], x['load_after']) for x in r['runs']):.1f}",
             ]
         )
     table = markdown_table(
