@@ -40,7 +40,7 @@ from ..privacy.canaries import audit_block_size, build_canaries
 from ..privacy.factory import build_client_privacy
 from ..privacy.noise import NoiseSource
 from ..privacy.plan import ClientPrivacy, NoClientPrivacy
-from ..tasks.base import FitConfig, Task, TaskClient, task_spec
+from ..tasks.base import FitConfig, FitResult, Task, TaskClient, task_spec
 from . import aggregators
 from .audit_block import with_audit_block
 from .messages import FitInstruction, Report
@@ -160,16 +160,29 @@ class Participant:
         self.weighting = weighting
         self.on_commit = on_commit
 
-    def release(self, shared: Mapping[str, np.ndarray], fit: FitInstruction, ctx: RoundContext, aggregator: Aggregator) -> FitOutcome:
-        """Local RLHF, then the privacy layer, then the aggregator's client half: the only way an
-        update leaves a client."""
+    def fit_config(self, fit: FitInstruction) -> FitConfig:
+        """What this client's local RLHF is asked to do in the round of ``fit``."""
         cid, r = self.client_id, fit.round
-        # 1. local RLHF with the client's own shaped reward R_k = R0_k + λ_k·H_k (DP-SGD inside when record-level)
         dp_sgd = self.privacy.dpsgd_settings(cid, r)
         if self.privacy.canaries is not None:  # record level: the audit canaries go in inside each DP-SGD step
             dp_sgd = self.privacy.canaries.for_dpsgd(cid, dp_sgd)
-        config = FitConfig(round=r, local_epochs=fit.local_epochs, seed=client_seed(fit.seed, r, cid), dp_sgd=dp_sgd)
-        result = self.task_client.fit(shared, config)
+        return FitConfig(round=r, local_epochs=fit.local_epochs, seed=client_seed(fit.seed, r, cid), dp_sgd=dp_sgd)
+
+    def release(
+        self,
+        shared: Mapping[str, np.ndarray],
+        fit: FitInstruction,
+        ctx: RoundContext,
+        aggregator: Aggregator,
+        result: FitResult | None = None,
+    ) -> FitOutcome:
+        """Local RLHF (or its ``result``, when the host trained this client together with others:
+        :meth:`~fedrlhf_secure.tasks.base.Task.fit_clients` of ``fit_config(fit)``), then the privacy
+        layer, then the aggregator's client half: the only way an update leaves a client."""
+        cid, r = self.client_id, fit.round
+        # 1. local RLHF with the client's own shaped reward R_k = R0_k + λ_k·H_k (DP-SGD inside when record-level)
+        if result is None:
+            result = self.task_client.fit(shared, self.fit_config(fit))
         update = self.codec.encode(result)
         weight = float(result.num_examples) if self.weighting == "examples" else 1.0
         # 2. privacy layer: clip → noise (or the release stored before a crash, sent again unchanged)
@@ -404,8 +417,10 @@ class ParticipantHost:
         self.privacy.begin_round(ctx.round, len(ctx.participants))
         summary: dict[str, Any] = {}
         halves: dict[int, ClientHalf] = {}
-        for c in cids:
-            out = self.participants[c].release(shared, fit, ctx, self.aggregator)
+        # the host's clients train together (a task may batch them), then each releases its own update
+        fitted = self.task.fit_clients([(self.participants[c].task_client, self.participants[c].fit_config(fit)) for c in cids], shared)
+        for c, result in zip(cids, fitted, strict=True):
+            out = self.participants[c].release(shared, fit, ctx, self.aggregator, result)
             halves[c] = out.half
             summary[str(c)] = {"metrics": self.plaintext.fit_metrics(out.metrics)}
             if out.epsilon_spent is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import csv
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -350,3 +350,62 @@ def load_split(data_dir: Path | str | None, split: str, holdout_fraction: float 
         catalogue, ratings = read_latest_small(directory)
         train, test = random_split(ratings, holdout_fraction, seed)
     return MovieLensSplit(catalogue, train, test, directory, split)
+
+
+def resample_users(split: MovieLensSplit, num_users: int, seed: int) -> MovieLensSplit:
+    """``num_users`` synthetic users made from the real ones, for scale benchmarks (``fedrlhf bench scale``).
+
+    Procedure (documented in docs/movielens.md): synthetic user ``s`` is a bootstrap draw of one
+    real user (uniformly, with replacement, among users with at least one training rating) and
+    takes that user's training and held-out ratings, with every item replaced through a random
+    permutation of the catalogue *within genre signature* (items whose genre flags are identical
+    are exchanged; one permutation per synthetic user, so a synthetic user still rates each item
+    at most once). A synthetic user thus keeps a real user's number of ratings, star distribution,
+    train/held-out sizes and genre profile, while item popularity is spread over each genre class
+    and no two synthetic users copy the same items. Deterministic in ``seed``.
+    """
+    if num_users < 1:
+        raise ValueError(f"num_users must be >= 1, got {num_users}")
+    cat = split.catalogue
+    rng = np.random.default_rng([seed, 0x5CA1E])
+    real = np.unique(split.train.user)
+    source = rng.choice(real, size=num_users, replace=True)
+    # genre signature class of each item, and the items of the catalogue sorted by class
+    _, klass = np.unique(cat.genres.astype(np.uint8), axis=0, return_inverse=True)
+    klass = klass.reshape(-1).astype(np.float64)
+    by_class = np.argsort(klass, kind="stable")
+    slot = np.empty(cat.num_items, dtype=np.int64)
+    slot[by_class] = np.arange(cat.num_items)  # item -> its position in the class-sorted order
+
+    def records(ratings: Ratings) -> tuple[np.ndarray, np.ndarray]:
+        order = np.argsort(ratings.user, kind="stable")
+        starts = np.searchsorted(ratings.user[order], np.arange(cat.num_users + 1))
+        return order, starts
+
+    train_order, train_starts = records(split.train)
+    test_order, test_starts = records(split.test)
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("tu", "ti", "tr", "hu", "hi", "hr")}
+    chunk = 512
+    for c0 in range(0, num_users, chunk):
+        users = np.arange(c0, min(c0 + chunk, num_users))
+        # one within-class permutation per synthetic user: items sorted by (class, random key)
+        perm = np.argsort(klass[None, :] + rng.random((len(users), cat.num_items)), axis=1)  # row s: class-sorted, shuffled in class
+        for s_local, s in enumerate(users):
+            u = source[s]
+            mapping = perm[s_local][slot]  # item i -> the item at i's class-sorted position in this user's shuffle
+            for ratings, order, starts, (ku, ki, kr) in (
+                (split.train, train_order, train_starts, ("tu", "ti", "tr")),
+                (split.test, test_order, test_starts, ("hu", "hi", "hr")),
+            ):
+                rows = order[starts[u] : starts[u + 1]]
+                parts[ku].append(np.full(len(rows), s, dtype=np.int64))
+                parts[ki].append(mapping[ratings.item[rows]])
+                parts[kr].append(ratings.rating[rows])
+
+    def cat_parts(key: str, dtype: type) -> np.ndarray:
+        return np.concatenate(parts[key]).astype(dtype) if parts[key] else np.zeros(0, dtype=dtype)
+
+    train = Ratings(cat_parts("tu", np.int64), cat_parts("ti", np.int64), cat_parts("tr", np.float32))
+    test = Ratings(cat_parts("hu", np.int64), cat_parts("hi", np.int64), cat_parts("hr", np.float32))
+    catalogue = replace(cat, user_ids=np.arange(1, num_users + 1, dtype=np.int64))
+    return MovieLensSplit(catalogue, train, test, split.source, f"{split.split}-resampled-{num_users}")

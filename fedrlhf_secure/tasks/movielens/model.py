@@ -165,3 +165,17 @@ def numpy_logits(shared: Mapping[str, np.ndarray], user_vectors: np.ndarray, ite
     x = np.concatenate([user_vectors, shared[ITEM_EMBEDDING][items], g], axis=1)
     h = np.maximum(x @ shared[HIDDEN_WEIGHT].T + shared[HIDDEN_BIAS], 0.0)
     return (h @ shared[OUT_WEIGHT].T + shared[OUT_BIAS])[:, 0].astype(np.float32)
+
+
+def torch_logits(shared: Mapping[str, np.ndarray], user_vectors: np.ndarray, items: np.ndarray, genres: np.ndarray) -> np.ndarray:
+    """:func:`numpy_logits` computed by torch (float32, the same operations): a client's evaluation
+    runs on torch's thread setting (``task.torch_threads``) rather than OpenBLAS's own pool, whose
+    threads spin-wait between small matrix products and cost ~20× the CPU time of the products on a
+    shared machine (measured: 1.2 CPU s against 0.05 s for 300 clients' evaluations)."""
+    with torch.no_grad():
+        t = {k: torch.from_numpy(np.asarray(shared[k], dtype=np.float32)) for k in DENSE_NAMES}
+        g = torch.nn.functional.linear(torch.from_numpy(np.asarray(genres, dtype=np.float32)), t[GENRE_WEIGHT], t[GENRE_BIAS])
+        rows = torch.from_numpy(np.asarray(shared[ITEM_EMBEDDING], dtype=np.float32)[np.asarray(items)])
+        x = torch.cat([torch.from_numpy(np.asarray(user_vectors, dtype=np.float32)), rows, g], dim=1)
+        h = torch.relu(torch.nn.functional.linear(x, t[HIDDEN_WEIGHT], t[HIDDEN_BIAS]))
+        return torch.nn.functional.linear(h, t[OUT_WEIGHT], t[OUT_BIAS])[:, 0].numpy().copy()

@@ -15,10 +15,10 @@ depend on the data.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -35,8 +35,11 @@ from .data import MovieLensSplit, Ratings, load_split
 from .feedback import FeedbackProfile, KeyedHumanNoise, draw_profiles, labels
 from .gradients import gradient_sum_fit
 from .metrics import evaluate_scores
-from .model import ITEM_EMBEDDING, PolicyDims, build_policy, numpy_logits
-from .train import LocalData, ProfileTable, TrainSettings, fit_personal, train_epochs, train_epochs_dp
+from .model import ITEM_EMBEDDING, PolicyDims, build_policy, numpy_logits, torch_logits
+from .train import LocalData, ProfileTable, TrainSettings, draw_phase, fit_personal, train_epochs, train_epochs_dp
+
+if TYPE_CHECKING:
+    from .batched import BatchedJob, BatchedOutcome
 
 CANARY_RATINGS = (1.0, 5.0)
 """Canary ratings are drawn from the extremes so the label ("high" = rating >= 4) is unambiguous."""
@@ -136,6 +139,24 @@ class MovieLensTask(Task, AuditableTask):
         train_pos = self._positions[0].get(client_id, empty)
         test_pos = self._positions[1].get(client_id, empty)
         return MovieLensClient(self, client_id, users, self.split.train.subset(train_pos), self.split.test.subset(test_pos))
+
+    def fit_clients(self, fits: Sequence[tuple[TaskClient, FitConfig]], shared: Mapping[str, np.ndarray]) -> list[FitResult]:
+        """The clients' fits, those without DP-SGD trained as one batched computation
+        (:func:`.batched.train_batched`: the same result as each ``client.fit``, up to floating-point
+        summation order); record-level DP-SGD fits (Opacus) and empty clients run one by one."""
+        from .batched import train_batched
+
+        jobs = {i: c.batched_job(shared, cfg) for i, (c, cfg) in enumerate(fits) if isinstance(c, MovieLensClient)}
+        batch = [i for i, job in jobs.items() if job is not None]
+        results: list[FitResult | None] = [None] * len(fits)
+        for i, out in zip(batch, train_batched(shared, [jobs[i] for i in batch], self.settings), strict=True):
+            client = fits[i][0]
+            assert isinstance(client, MovieLensClient)
+            results[i] = client.batched_result(shared, out)
+        for i, (client, cfg) in enumerate(fits):
+            if results[i] is None:
+                results[i] = client.fit(shared, cfg)
+        return results  # type: ignore[return-value]
 
     def baselines(self) -> Mapping[str, Callable[..., dict[str, Any]]]:
         """``{"centralized": fn, "local": fn, "majority": fn}``; ``fn(rounds=None, local_epochs=None)`` (defaults:
@@ -331,9 +352,41 @@ class MovieLensClient(TaskClient):
                 table[i] = vec
         self._user_rows, self._dp_user_rows = rows, dp_rows
 
+    def _fit_rng(self, config: FitConfig) -> np.random.Generator:
+        return np.random.default_rng([config.seed, config.round, self.client_id, 0xF17])
+
+    def batched_job(self, shared: Mapping[str, np.ndarray], config: FitConfig) -> BatchedJob | None:
+        """This fit as one job of :func:`.batched.train_batched` (the data and rewards drawn from
+        the same generator, in the same order, as :meth:`fit`), or None when it is not batched:
+        record-level DP-SGD or no training records."""
+        from .batched import BatchedJob
+
+        if config.dp_sgd is not None or len(self.train) == 0:
+            return None
+        rng, s = self._fit_rng(config), self.task.settings
+        personal = draw_phase(self.local_data, self.feedback_profiles, s.batch_size, s.personal_epochs, rng)
+        shared_phase = draw_phase(self.local_data, self.feedback_profiles, s.batch_size, config.local_epochs, rng)
+        items = np.asarray(shared[ITEM_EMBEDDING][self.local_items], dtype=np.float32)
+        return BatchedJob(self._user_rows.astype(np.float32), items, self.local_data, personal, shared_phase)
+
+    def batched_result(self, shared: Mapping[str, np.ndarray], out: BatchedOutcome) -> FitResult:
+        """The :class:`FitResult` of a batched job (what :meth:`fit` returns); keeps the trained
+        personal embedding here."""
+        num_items = self.task.dims.num_items
+        item_delta = np.zeros((num_items, self.task.dims.item_dim), dtype=np.float32)
+        item_delta[self.local_items] = out.item_rows - shared[ITEM_EMBEDDING][self.local_items]
+        touched = np.zeros(num_items, dtype=bool)
+        touched[self.local_items] = True
+        self._user_rows = out.user_rows.copy()
+        delta = {ITEM_EMBEDDING: item_delta}
+        for name, value in out.dense.items():
+            delta[name] = (value - shared[name]).astype(np.float32)
+        metrics = {"steps": float(out.steps), "loss": out.loss}
+        return FitResult(delta, len(self.train), {ITEM_EMBEDDING: touched}, metrics=metrics)
+
     def fit(self, shared: Mapping[str, np.ndarray], config: FitConfig) -> FitResult:
         spec = self.task.shared_spec()
-        rng = np.random.default_rng([config.seed, config.round, self.client_id, 0xF17])
+        rng = self._fit_rng(config)
         num_items = self.task.dims.num_items
         if isinstance(config.dp_sgd, GradientSumSettings):  # distributed DP-SGD: one clipped gradient sum, no local steps
             return gradient_sum_fit(self, shared, config, rng)
@@ -394,7 +447,7 @@ class MovieLensClient(TaskClient):
 
     def scores(self, shared: Mapping[str, np.ndarray], ratings: Ratings, genres: np.ndarray) -> np.ndarray:
         user_vectors = self._user_rows[np.searchsorted(self.users, ratings.user)]
-        return numpy_logits(shared, user_vectors, ratings.item, genres)
+        return torch_logits(shared, user_vectors, ratings.item, genres)
 
     def evaluate(self, shared: Mapping[str, np.ndarray]) -> dict[str, float]:
         """Held-out ``correct``/``n``/``accuracy``, training ``train_correct``/``train_n``/``train_accuracy``

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ...privacy.dpsgd import make_private
-from .feedback import FeedbackProfile, KeyedHumanNoise, human_signal, private_human_signal, reward_table
+from .feedback import REFERENCE_RATING, FeedbackProfile, KeyedHumanNoise, human_signal, private_human_signal, reward_table
 from .model import PreferencePolicy
 
 if TYPE_CHECKING:
@@ -139,26 +139,99 @@ def _adam(policy: PreferencePolicy, settings: TrainSettings, *, personal: bool, 
     return torch.optim.Adam(groups, lr=settings.lr, weight_decay=settings.weight_decay)
 
 
-def _run_epochs(policy, optimizer, data, profiles, settings, epochs, rng) -> tuple[int, float]:
-    """``epochs`` shuffled passes; returns (steps, mean loss of the last pass)."""
-    n, steps, last = len(data), 0, float("nan")
+@dataclass(frozen=True)
+class Phase:
+    """The mini-batches of ``epochs`` shuffled passes over a learner's records and each record's
+    shaped reward, drawn before any training (the simulated human never looks at the model, so the
+    draws do not depend on it): ``idx`` and ``rewards`` are the steps' batches concatenated,
+    ``sizes`` the batch size of each step. The per-client loop and the vectorised one
+    (:mod:`.batched`) train on the same :class:`Phase`, so they see identical data and rewards."""
+
+    idx: np.ndarray  # (sum of sizes,) int64 record positions
+    rewards: np.ndarray  # (sum of sizes, 2) float32: R_k(s, low), R_k(s, high)
+    sizes: np.ndarray  # (steps,) int64
+    steps_per_epoch: int
+
+    @property
+    def steps(self) -> int:
+        return len(self.sizes)
+
+
+def draw_phase(data: LocalData, profiles: ProfileTable, batch_size: int, epochs: int, rng: np.random.Generator) -> Phase:
+    """The batches and shaped rewards of ``epochs`` passes, consuming ``rng`` exactly as a loop of
+    :func:`shaped_rewards` calls over the shuffled batches would (per epoch a permutation; per batch
+    the direct feedback's normals, then, for batches of two or more, the pairwise shuffle's uniforms
+    and one flip uniform per pair), so the rewards are bit-identical to that loop's
+    (``tests/test_movielens_batched.py`` checks it). Only the draws are made batch by batch; the
+    feedback arithmetic runs once over the whole phase, with pairs formed within (batch, user)."""
+    n = len(data)
+    single_user = n == 0 or int(data.user_key.min()) == int(data.user_key.max())
+    idx_parts, normal_parts, shuffle_parts, flip_parts, sizes = [], [], [], [], []
     for _ in range(epochs):
-        losses = []
         order = rng.permutation(n)
-        for start in range(0, n, settings.batch_size):
-            idx = order[start : start + settings.batch_size]
-            rewards = shaped_rewards(data, idx, profiles, rng)
-            tidx = torch.from_numpy(idx)
-            logits = policy(data.user_pos[tidx], data.item_pos[tidx], data.genres[tidx])
-            loss = policy_loss(logits, torch.from_numpy(rewards), settings.objective, settings.temperature).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            steps += 1
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            b = len(idx)
+            idx_parts.append(idx)
+            sizes.append(b)
+            normal_parts.append(rng.standard_normal(b))
+            if b >= 2:
+                if single_user:
+                    pairs = b // 2
+                else:
+                    pairs = int((np.unique(data.user_key[idx], return_counts=True)[1] // 2).sum())
+                shuffle_parts.append(rng.random(b))
+                flip_parts.append(rng.random(pairs))
+    sizes_arr = np.asarray(sizes, dtype=np.int64)
+    steps_per_epoch = -(-n // batch_size) if n else 0
+    if not idx_parts:
+        return Phase(np.zeros(0, np.int64), np.zeros((0, 2), np.float32), sizes_arr, steps_per_epoch)
+    idx = np.concatenate(idx_parts).astype(np.int64)
+    k = data.profile_index[idx]
+    ratings = np.asarray(data.ratings[idx], dtype=np.float32)
+    flip_prob = profiles.flip_prob[k]
+    # direct feedback (feedback.direct_feedback, elementwise, so the same numbers over the concatenation)
+    direct = ((ratings - REFERENCE_RATING) / 2.0 + np.concatenate(normal_parts) * profiles.noise_std[k]).astype(np.float32)
+    # pairwise comparisons (feedback.pairwise_feedback, batch by batch): records of batches of >= 2
+    step = np.repeat(np.arange(len(sizes_arr)), sizes_arr)
+    paired = np.repeat(sizes_arr >= 2, sizes_arr)
+    pair = np.zeros(len(idx), dtype=np.float32)
+    pos = np.flatnonzero(paired)
+    if len(pos):
+        shuffle = np.concatenate(shuffle_parts)
+        flip_u = np.concatenate(flip_parts)
+        groups = np.asarray(data.user_key)[idx[pos]]
+        order = pos[np.lexsort((shuffle, groups, step[pos]))]  # within each batch: by user, then shuffled
+        key_step, key_group = step[order], np.asarray(data.user_key)[idx[order]]
+        same_next = np.r_[(key_step[1:] == key_step[:-1]) & (key_group[1:] == key_group[:-1]), False]
+        group_start = np.flatnonzero(np.r_[True, ~same_next[:-1]])
+        rank = np.arange(len(order)) - np.repeat(group_start, np.diff(np.r_[group_start, len(order)]))
+        first = np.flatnonzero((rank % 2 == 0) & same_next)
+        a, b = order[first], order[first + 1]
+        pref = np.sign(ratings[a] - ratings[b])
+        pref = np.where(flip_u < flip_prob[a], -pref, pref)
+        pair[a] = pref
+        pair[b] = -pref
+    signal = 0.5 * (direct + pair)
+    rewards = reward_table(data.labels[idx], signal, profiles.lam[k])
+    return Phase(idx, rewards, sizes_arr, steps_per_epoch)
+
+
+def _run_epochs(policy, optimizer, data, profiles, settings, epochs, rng) -> tuple[int, float]:
+    """``epochs`` shuffled passes (drawn by :func:`draw_phase`); returns (steps, mean loss of the last pass)."""
+    phase = draw_phase(data, profiles, settings.batch_size, epochs, rng)
+    losses = []
+    ends = np.cumsum(phase.sizes)
+    for step, (end, size) in enumerate(zip(ends, phase.sizes, strict=True)):
+        tidx = torch.from_numpy(phase.idx[end - size : end])
+        logits = policy(data.user_pos[tidx], data.item_pos[tidx], data.genres[tidx])
+        loss = policy_loss(logits, torch.from_numpy(phase.rewards[end - size : end]), settings.objective, settings.temperature).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step >= phase.steps - phase.steps_per_epoch:
             losses.append(loss.detach())
-        if losses:
-            last = float(torch.stack(losses).mean())
-    return steps, last
+    return phase.steps, float(torch.stack(losses).mean()) if losses else float("nan")
 
 
 def train_epochs(
