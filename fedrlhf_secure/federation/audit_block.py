@@ -63,6 +63,18 @@ class _AuditBlockTask:
     def initial_shared(self):
         return {**super().initial_shared(), AUDIT_BLOCK: np.zeros(self._audit_block_size, dtype=np.float32)}
 
+    def fit_clients(self, fits, shared):
+        """The task's own (batched) fits on its own parameters, the block's change appended: zero
+        without DP-SGD (the model never reads the block); record-level DP-SGD fits train the block
+        inside their steps, one client at a time (:meth:`_AuditBlockClient.fit`)."""
+        if any(cfg.dp_sgd is not None for _, cfg in fits):
+            return [client.fit(shared, cfg) for client, cfg in fits]
+        rest, start = _without_block(shared)
+        zero = np.zeros_like(start)
+        return [
+            r if AUDIT_BLOCK in r.delta else replace(r, delta={**r.delta, AUDIT_BLOCK: zero}) for r in super().fit_clients(fits, rest)
+        ]
+
     def make_client(self, client_id: int):
         client = super().make_client(client_id)
         out = object.__new__(_subclass(type(client), _AuditBlockClient))
@@ -80,6 +92,8 @@ class _AuditBlockClient:
     releases its change; the task's client only ever sees its own parameters."""
 
     def fit(self, shared, config):
+        if AUDIT_BLOCK not in shared:  # called by the task's own fit_clients on its own parameters
+            return super().fit(shared, config)
         rest, start = _without_block(shared)
         block = None
         if config.dp_sgd is not None:
