@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -236,3 +237,35 @@ def test_two_clients_trained_lora_factors_average_exactly_only_under_ffa(tmp_pat
         assert max(e["naive"] for e in errors) > 1e-3
     else:
         assert max(e["ffa"] for e in errors) < 1e-12
+
+
+class _BiasedJudge:
+    """A judge whose P(positive) is 0.55 + 0.1·label: above 0.5 for every text, still ranking positives first."""
+
+    def __init__(self, labels_by_text):
+        self.labels = labels_by_text
+
+    def prob_positive(self, texts):
+        return np.asarray([0.55 + 0.1 * self.labels[t] for t in texts])
+
+
+def test_the_length_calibrated_judge_threshold_undoes_a_positive_bias_that_0_5_keeps(tmp_path, cache_dir):
+    from fedrlhf_secure.tasks.rlhf.data import token_prefix
+    from fedrlhf_secure.tasks.rlhf.task import calibrate_judge
+
+    task, _ = tiny_imdb(tmp_path)
+    reviews = task.split.judge_check
+    cfg = task.config
+    tok = task.tokenizer
+    labels = {}
+    for (p, c), y in zip(token_prefix(list(reviews.text), tok, cfg.prompt_tokens), reviews.label, strict=True):
+        if p and c.strip():
+            labels[tok.decode(tok(c, add_special_tokens=False)["input_ids"][: cfg.max_new_tokens])] = int(y)
+    judge = _BiasedJudge(labels)
+    threshold, info = calibrate_judge(judge, reviews, tok, cfg)
+    assert info["rate_at_0.5"] == 1.0  # the biased judge at 0.5 calls everything positive
+    assert 0.55 <= threshold < 0.65
+    assert info["rate_at_threshold"] == pytest.approx(info["true_positive_rate"], abs=0.02)
+    assert info["accuracy_at_threshold"] > 0.97
+    fixed, fixed_info = calibrate_judge(judge, reviews, tok, replace(cfg, judge_calibration="fixed"))
+    assert fixed == 0.5 and fixed_info["rate_at_threshold"] == 1.0

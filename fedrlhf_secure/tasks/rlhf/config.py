@@ -81,7 +81,10 @@ class RLHFConfig:
     **Evaluation**: ``eval_prompts`` held-out prompts per client (IMDb: test-split openings), judged by
     a TF-IDF + logistic-regression classifier trained on ``eval_classifier_reviews`` test reviews that
     no client's reward sees, and by a sentiment lexicon; KL to the base model; ``samples_per_client``
-    generations filed in the run directory.
+    generations filed in the run directory. ``judge_calibration: length`` (default) sets the judge's
+    threshold so that, on the real ``max_new_tokens``-token continuations of held-out test reviews,
+    it calls as many positive as truly are (the judge trained on full reviews is biased positive on
+    short text; see :func:`~fedrlhf_secure.tasks.rlhf.task.calibrate_judge`); ``fixed`` uses 0.5.
     """
 
     data: str = "imdb"
@@ -116,6 +119,7 @@ class RLHFConfig:
     reward_batch: int = 64
     eval_prompts: int = 20
     eval_classifier_reviews: int = 5000
+    judge_calibration: Literal["length", "fixed"] = "length"
     samples_per_client: int = 4
     torch_threads: int = 2
     device: Literal["cpu", "cuda", "auto"] = "cpu"

@@ -37,7 +37,7 @@ from ..imdb.data import Reviews
 from ..imdb.evaluation import EvaluationClassifier
 from ..imdb.reward import SentimentClassifier, ShapedReward, encode, train_classifier, train_classifier_dp
 from .config import RLHFConfig
-from .data import Pairs, byod_split, imdb_split
+from .data import Pairs, byod_split, imdb_split, token_prefix
 from .judges import lexicon_scores
 from .lora import LoRAPolicy
 from .models import resolve_model, tiny_model
@@ -87,10 +87,13 @@ class RLHFTask(Task, AuditableTask):
             logger.info(
                 "independent judge: %.3f accurate on %d held-out test reviews", self.judge.heldout_accuracy, len(self.split.judge_check)
             )
+            self.judge_threshold, self.judge_calibration = calibrate_judge(self.judge, self.split.judge_check, self.tokenizer, config)
+            logger.info("independent judge at %d-token continuations: %s", config.max_new_tokens, self.judge_calibration)
         else:
             self.split, self.client_names = byod_split(config, data_dir, seed)
             self.train_reviews = None
             self.judge = None
+            self.judge_threshold, self.judge_calibration = 0.5, {}
             if config.trainer == "dpo" and not all(c.pairs.has_pairs for c in self.split.clients):
                 raise InputError(
                     "task.trainer: dpo needs preference rows (prompt/chosen/rejected or chosen/rejected); the data is prompt-only"
@@ -165,6 +168,7 @@ class RLHFTask(Task, AuditableTask):
         rows = [evaluate_policy(self, self.initial_shared(), k) for k in self.client_ids()]
         out = pool(rows)
         out["kl_to_base"] = 0.0
+        out.update({f"judge_{k}": v for k, v in self.judge_calibration.items()})
         return out
 
     # ------------------------------------------------------------------ AuditableTask
@@ -307,6 +311,41 @@ class RLHFTask(Task, AuditableTask):
 # ---------------------------------------------------------------------- evaluation
 
 
+def calibrate_judge(judge: EvaluationClassifier, reviews: Reviews, tokenizer, cfg: RLHFConfig) -> tuple[float, dict[str, float]]:
+    """The judge's decision threshold for texts as long as the generations it scores.
+
+    The judge is trained on full reviews; on short text its probabilities crowd just above 0.5.
+    Measured (docs/rlhf.md): on the real 16-token continuations of 599 held-out test reviews, 49.7%
+    of them positive, P > 0.5 calls 69% positive (65% accurate), so a neutral policy would already
+    score about 0.7 and a "positive rate" would mostly measure that bias. With ``judge_calibration:
+    length`` the threshold is instead the quantile of P on those real continuations (the reviews
+    whose openings are the held-out prompts, cut after ``max_new_tokens`` tokens) that makes the
+    judge's positive rate on them equal to their true positive rate; the same threshold scores the
+    base model and every round. ``fixed`` keeps 0.5."""
+    cuts = token_prefix(list(reviews.text), tokenizer, cfg.prompt_tokens)
+    texts, labels = [], []
+    for (p, c), y in zip(cuts, reviews.label, strict=True):
+        if p and c.strip():
+            ids = tokenizer(c, add_special_tokens=False)["input_ids"][: cfg.max_new_tokens]
+            texts.append(tokenizer.decode(ids))
+            labels.append(int(y))
+    if not texts:
+        return 0.5, {}
+    prob = judge.prob_positive(texts)
+    y = np.asarray(labels)
+    threshold = float(np.quantile(prob, 1.0 - y.mean())) if cfg.judge_calibration == "length" else 0.5
+    info = {
+        "continuations": float(len(y)),
+        "true_positive_rate": float(y.mean()),
+        "rate_at_0.5": float((prob > 0.5).mean()),
+        "accuracy_at_0.5": float(((prob > 0.5) == y).mean()),
+        "threshold": threshold,
+        "rate_at_threshold": float((prob > threshold).mean()),
+        "accuracy_at_threshold": float(((prob > threshold) == y).mean()),
+    }
+    return threshold, info
+
+
 def evaluate_policy(task: RLHFTask, shared: Mapping[str, np.ndarray], client_id: int, reward: ShapedReward | None = None) -> dict[str, Any]:
     """Held-out generations of the policy with ``shared``: judge, lexicon, KL to the base model, samples."""
     cfg = task.config
@@ -330,7 +369,8 @@ def evaluate_policy(task: RLHFTask, shared: Mapping[str, np.ndarray], client_id:
     }
     if task.judge is not None:
         judge = task.judge.prob_positive(completions)
-        out.update({"positive": int((judge > 0.5).sum()), "positive_rate": float((judge > 0.5).mean()), "judge_score": float(judge.mean())})
+        hit = judge > task.judge_threshold
+        out.update({"positive": int(hit.sum()), "positive_rate": float(hit.mean()), "judge_score": float(judge.mean())})
     if reward is not None:
         parts = reward.components(completions, completion_ids)
         shaped = float(parts["shaped"].mean())
