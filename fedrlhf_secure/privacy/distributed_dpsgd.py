@@ -84,11 +84,6 @@ class GradientSumSettings(DPSGDSettings):
     task's report only); ``sample_rate`` is 1."""
 
 
-def gradient_sum_delta_sign() -> float:
-    """The released delta is ``-Σ clip(∇ℓ)``: the server applies ``θ + η·mean(delta)``, a descent step."""
-    return -1.0
-
-
 class DistributedRecordPlan(ClientLevelPlan):
     """Record-level DP with distributed (or central) noise on per-record clipped gradient sums."""
 

@@ -98,9 +98,9 @@ def per_record_gradients(
     r = _dloss_dz(z, np.asarray(rewards, f64), objective, temperature)
     da = (r[:, None] * ow[0][None, :]) * (a > 0)
     dx = da @ hw
-    du, de_real, dgp = u.shape[1], dx[:, u.shape[1] : u.shape[1] + e.shape[1]], dx[:, u.shape[1] + e.shape[1] :]
-    del du
-    de = de_real * float(item_scale)
+    du = u.shape[1]  # the user embedding's gradient dx[:, :du] is personal: never released
+    de = dx[:, du : du + e.shape[1]] * float(item_scale)
+    dgp = dx[:, du + e.shape[1] :]
     sq = lambda m: np.einsum("ij,ij->i", m, m)  # noqa: E731
     norms2 = (
         r * r  # out bias
