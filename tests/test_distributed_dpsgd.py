@@ -288,3 +288,24 @@ def test_movielens_distributed_dpsgd_killed_mid_round_resumes_to_the_uninterrupt
     assert sum(len(v) for v in after.values()) == 18
     for c, rows in before.items():
         assert after[c][: len(rows)] == rows
+
+
+def test_record_canaries_are_refused_where_the_distributed_step_would_drop_them(tmp_path):
+    """The audit canaries live inside Opacus' DP-SGD step; the one-step distributed mode has none, so
+    asking for both must exit 2 rather than audit a run that silently carries no canaries."""
+    import subprocess
+    import sys
+
+    from tests.movielens_fixtures import write_ml100k
+
+    data = write_ml100k(tmp_path / "data")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "seed: 0\ntask: {kind: movielens, split: u1}\nfederation: {rounds: 1, weighting: uniform}\n"
+        "aggregation: {kind: secagg}\nprivacy: {mode: record, epsilon: 8, record_noise: distributed, audit_canaries: 100}\n"
+    )
+    out = subprocess.run([sys.executable, "-m", "fedrlhf_secure.cli", "run", str(cfg), "--out", str(tmp_path / "runs"), "--data-dir", str(data)], capture_output=True, text=True)
+    assert out.returncode == 2, out.stderr
+    assert "privacy.audit_canaries" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

@@ -94,6 +94,14 @@ def check_record_noise(config: Any, aggregator: Aggregator) -> None:
             source=src,
             key="federation.weighting",
         )
+    if p.audit_canaries:
+        raise ConfigError(
+            f"privacy.audit_canaries: {p.audit_canaries} puts record canaries inside each client's Opacus DP-SGD step, "
+            f"which privacy.record_noise: {p.record_noise} does not take; use privacy.audit_canaries: 0 and audit with "
+            "`fedrlhf audit RUN` (a gradient-canary re-run sized to the claim), or privacy.record_noise: local",
+            source=src,
+            key="privacy.audit_canaries",
+        )
     if p.record_noise == "central" and not aggregator.capabilities.server_reads_result:
         from .server import central_noise_unreadable
 
