@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from .adaptive_clipping import AdaptiveClipConfig
+
 
 @dataclass(frozen=True)
 class PrivacyConfig:
@@ -41,6 +43,9 @@ class PrivacyConfig:
     audit_canaries: int = 0
     """White-box gradient canaries inserted into this run for ``fedrlhf audit RUN`` (client level
     only; :mod:`fedrlhf_secure.privacy.canaries`). 0: none."""
+    adaptive_clip: AdaptiveClipConfig | None = None
+    """Client level: let the clip norm follow a quantile of the update norms (Andrew et al. 2021;
+    :mod:`.adaptive_clipping`), starting from ``clip_norm``. None: a fixed ``clip_norm``."""
 
     def __post_init__(self) -> None:
         if self.mode != "none" and self.epsilon is None and self.noise_multiplier is None:
@@ -59,5 +64,11 @@ class PrivacyConfig:
             raise ValueError(f"privacy.survivor_fraction must be in (0, 1], got {self.survivor_fraction}")
         if self.audit_canaries < 0:
             raise ValueError(f"privacy.audit_canaries must be >= 0, got {self.audit_canaries}")
+        if self.adaptive_clip is not None and self.mode != "client":
+            raise ValueError(f"privacy.adaptive_clip is for client-level DP (privacy.mode: client), not mode {self.mode!r}")
+        if self.adaptive_clip is not None and self.audit_canaries:
+            raise ValueError(
+                "privacy.adaptive_clip with privacy.audit_canaries: the canaries are sized for a fixed clip_norm; audit a fixed-clip run"
+            )
         if self.batch_size < 1:
             raise ValueError(f"privacy.batch_size must be >= 1, got {self.batch_size}")
