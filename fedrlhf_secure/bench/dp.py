@@ -247,7 +247,7 @@ client already releases), so the ledger and the ε printed are those of the plai
 
 ADAPTIVE_CLIP: list[str] = [
     # Andrew et al. 2021's defaults: the median (γ = 0.5), η_C = 0.2, σ_b = (clients per round)/20,
-    # starting from privacy.clip_norm; the count costs a z_Δ ≈ 1.0004 z, i.e. nothing visible
+    # starting from privacy.clip_norm; the count costs z_Δ = 1.00046 z (z = 2.852 at ε = 8, 5 rounds, RDP, replace-one)
     "privacy.adaptive_clip.target_quantile=0.5",
     "privacy.adaptive_clip.lr=0.2",
     "privacy.adaptive_clip.count_noise=47.15",
