@@ -309,7 +309,8 @@ def _utility(args: argparse.Namespace) -> int:
         raise ConfigError(f"unknown grid variant(s) {unknown}; known: {sorted(variants)} (add one with --variant)", key="--modes")
     base = list(args.overrides) + ([f"task.num_clients={args.clients}"] if args.clients else [])
     if args.merge:
-        return _report(args, base, _merged(args.merge))
+        wanted = set(args.epsilons)
+        return _report(args, base, [r for r in _merged(args.merge) if r["epsilon_target"] in wanted and r["mode"] in {*args.modes, "none"}])
     results: list[dict[str, Any]] = []
     grid = []
     for aggregation in args.aggregations:
@@ -366,7 +367,7 @@ def _merged(paths: list[Path]) -> list[dict[str, Any]]:
     for p in paths:
         for r in json.loads(Path(p).read_text(encoding="utf-8"))["results"]:
             eps = math.inf if r["epsilon_target"] is None else float(r["epsilon_target"])
-            cells[(r["aggregation"], r["mode"], eps)] = {**r, "epsilon_target": eps}
+            cells[(r["aggregation"], r["mode"], eps)] = {"source": str(p), **r, "epsilon_target": eps}
     return list(cells.values())
 
 
@@ -400,6 +401,7 @@ def _report(args: argparse.Namespace, base: list[str], results: list[dict[str, A
             "distributed noise (Gaussian shares with plain aggregation, Skellam shares in the quantised domain under SecAgg). "
             + _levers_note(args.levers, args.modes)
             + _clip_note(results)
+            + _source_note(results)
             + f"ε spent (ledger, max over clients): {_spent_note(results)}. Plot: `{plot}`.\n"
         )
     )
@@ -407,6 +409,16 @@ def _report(args: argparse.Namespace, base: list[str], results: list[dict[str, A
     print(markdown_table(header, rows))
     print(f"results: {path}, plot: {plot}")
     return 0
+
+
+def _source_note(results: list[dict[str, Any]]) -> str:
+    """With ``--merge``: which saved grid each row comes from."""
+    sources: dict[str, list[str]] = {}
+    for r in results:
+        if r.get("source"):
+            eps = "∞" if math.isinf(r["epsilon_target"]) else f"{r['epsilon_target']:g}"
+            sources.setdefault(r["source"], []).append(f"{r['mode']}/{r['aggregation']} ε={eps}")
+    return ("Rows merged from: " + "; ".join(f"`{p}` ({', '.join(c)})" for p, c in sources.items()) + ". ") if sources else ""
 
 
 def _clip_note(results: list[dict[str, Any]]) -> str:
