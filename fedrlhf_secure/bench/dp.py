@@ -512,7 +512,7 @@ def _plot(results: list[dict[str, Any]], out: Path, delta: float = 1e-5) -> Path
         ax.set_ylim(min(accs) - 0.03, max(accs) + 0.03)
     ax.set_ylabel("held-out accuracy (fraction of u1 test pairs)")
     ax.set_title("MovieLens u1 FedRLHF: privacy vs utility")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
