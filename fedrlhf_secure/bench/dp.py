@@ -15,6 +15,12 @@ process; target ≤ 2× per epoch. Two ratios are reported:
 at each ε (``inf`` = non-private) for record-level and client-level DP, with plain aggregation and
 with secure aggregation (SecAgg masking, distributed Skellam noise at client level). It is many
 federations; ``--clients`` runs them on a seeded subset of the users (say so when quoting it).
+
+A grid row is a *variant*: a DP mode plus config overrides. Built in: ``record``, ``client`` and
+``client-adaptive`` (client level with adaptive quantile clipping, :data:`ADAPTIVE_CLIP`);
+``--variant LABEL=MODE[:key=value;key=value...]`` adds one (say, a record-level mechanism a config
+key selects), and ``--modes`` picks which run. ``--merge`` rebuilds the table and plot from saved
+result files (grids run separately, e.g. in parallel) without running anything.
 """
 
 from __future__ import annotations
@@ -49,8 +55,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--modes",
         nargs="+",
         default=["record", "client"],
-        choices=["record", "client"],
-        help="DP modes to measure: record (DP-SGD), client (DP-FedAvg)",
+        help="grid variants to measure: record (DP-SGD), client (DP-FedAvg), client-adaptive (DP-FedAvg with adaptive "
+        "quantile clipping), or a label given with --variant",
+    )
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL=MODE[:KEY=VALUE;...]",
+        help="utility: an extra grid variant, a DP mode (record or client) plus config overrides, e.g. "
+        "'record-distributed=record:privacy.noise=distributed' (then name LABEL in --modes)",
+    )
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        default=None,
+        help="utility: build the table and plot from these saved result files (of earlier --utility runs) instead of running",
     )
     p.add_argument("--aggregations", nargs="+", default=["plain", "secagg"], help="aggregation kinds to run each mode with")
     p.add_argument("--delta", type=float, default=1e-5, help="privacy δ of every run (default 1e-5)")
@@ -224,23 +245,72 @@ privacy (post-processing of the released mean, or a change inside the one clippe
 client already releases), so the ledger and the ε printed are those of the plain mechanism."""
 
 
-def _run_overrides(mode: str, eps: float, aggregation: str, delta: float, levers: bool = True) -> list[str]:
+ADAPTIVE_CLIP: list[str] = [
+    # Andrew et al. 2021's defaults: the median (γ = 0.5), η_C = 0.2, σ_b = (clients per round)/20,
+    # starting from privacy.clip_norm; the count costs z_Δ = 1.00046 z (z = 2.852 at ε = 8, 5 rounds, RDP, replace-one)
+    "privacy.adaptive_clip.target_quantile=0.5",
+    "privacy.adaptive_clip.lr=0.2",
+    "privacy.adaptive_clip.count_noise=47.15",
+]
+"""``client-adaptive``: adaptive quantile clipping (:mod:`fedrlhf_secure.privacy.adaptive_clipping`)
+on top of the client-level levers. σ_b = 943/20 for one client per user (pass ``--set
+privacy.adaptive_clip.count_noise=...`` for other federations)."""
+
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "record": ("record", []),
+    "client": ("client", []),
+    "client-adaptive": ("client", ADAPTIVE_CLIP),
+}
+"""Grid variant label -> (DP mode, extra overrides); ``--variant`` adds to it."""
+
+
+def parse_variant(spec: str) -> tuple[str, tuple[str, list[str]]]:
+    """``LABEL=MODE[:key=value;key=value...]`` -> (label, (mode, overrides)); ValueError naming the problem."""
+    label, sep, rest = spec.partition("=")
+    mode, _, tail = rest.partition(":")
+    if not sep or not label or mode not in ("record", "client"):
+        raise ValueError(f"--variant {spec!r}: expected LABEL=MODE[:key=value;...] with MODE record or client")
+    overrides = [o.strip() for o in tail.split(";") if o.strip()]
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ValueError(f"--variant {spec!r}: overrides must be key=value, got {bad}")
+    return label, (mode, overrides)
+
+
+def _run_overrides(
+    mode: str, eps: float, aggregation: str, delta: float, levers: bool = True, variants: dict[str, tuple[str, list[str]]] | None = None
+) -> list[str]:
     out = [f"aggregation.kind={aggregation}"]
     if math.isinf(eps):
         return [*out, "privacy.mode=none"]
-    out += [f"privacy.mode={mode}", f"privacy.epsilon={eps}", f"privacy.delta={delta}"]
-    if mode == "client":
+    base, extra = (variants or VARIANTS)[mode]
+    out += [f"privacy.mode={base}", f"privacy.epsilon={eps}", f"privacy.delta={delta}"]
+    if base == "client":
         out += ["federation.weighting=uniform", "privacy.noise=distributed", "privacy.accountant=rdp"]
     if levers:
-        out += USER_LEVEL_LEVERS.get(mode, [])
-    return out
+        out += USER_LEVEL_LEVERS.get(base, [])
+    return out + list(extra)
 
 
 def _utility(args: argparse.Namespace) -> int:
     from ..config import load_config
+    from ..configtypes import ConfigError
     from ..federation.engine import RunOptions, run_federation
 
+    variants = dict(VARIANTS)
+    for spec in args.variant:
+        try:
+            label, variant = parse_variant(spec)
+        except ValueError as exc:
+            raise ConfigError(str(exc), key="--variant") from exc
+        variants[label] = variant
+    unknown = [m for m in args.modes if m not in variants]
+    if unknown:
+        raise ConfigError(f"unknown grid variant(s) {unknown}; known: {sorted(variants)} (add one with --variant)", key="--modes")
     base = list(args.overrides) + ([f"task.num_clients={args.clients}"] if args.clients else [])
+    if args.merge:
+        wanted = set(args.epsilons)
+        return _report(args, base, [r for r in _merged(args.merge) if r["epsilon_target"] in wanted and r["mode"] in {*args.modes, "none"}])
     results: list[dict[str, Any]] = []
     grid = []
     for aggregation in args.aggregations:
@@ -248,9 +318,9 @@ def _utility(args: argparse.Namespace) -> int:
             for mode in args.modes if not math.isinf(eps) else ["none"]:
                 grid.append((aggregation, eps, mode))
     for aggregation, eps, mode in grid:
-        overrides = base + _run_overrides(mode, eps, aggregation, args.delta, args.levers)
+        overrides = base + _run_overrides(mode, eps, aggregation, args.delta, args.levers, variants)
         config = load_config(args.config, overrides)
-        if mode == "client" and aggregation != "plain":
+        if config.privacy.mode == "client" and aggregation != "plain":
             overrides += _headroom(config)
             config = load_config(args.config, overrides)
         t0 = time.perf_counter()
@@ -263,6 +333,9 @@ def _utility(args: argparse.Namespace) -> int:
             "epsilon_target": eps,
             "epsilon_spent": summary["privacy"].get("epsilon_spent_max"),
             "heldout_accuracy": summary["final"].get("heldout_accuracy"),
+            "majority_accuracy": (summary.get("baselines") or {}).get("majority", {}).get("heldout_accuracy"),
+            "clip_norms": summary["privacy"].get("clip_norms"),
+            "uptime": _load(),
             "rounds": summary["rounds_completed"],
             "clients": summary["num_clients"],
             "seconds": time.perf_counter() - t0,
@@ -270,20 +343,52 @@ def _utility(args: argparse.Namespace) -> int:
         }
         results.append(res)
         print(json.dumps(res))
-    path = write_json(
-        args.json or Path(f"bench/{(args.section or 'dp-utility').replace('-', '_')}.json"),
-        {"config": args.config, "overrides": base, "delta": args.delta, "results": results},
-    )
-    plot = _plot(results, path.with_suffix(".png"))
-    header = ["aggregation", "DP"] + [("∞ (non-private)" if math.isinf(e) else f"ε={e:g}") for e in args.epsilons]
+        _write_results(args, base, results)  # after every run: a grid cut short keeps what it measured
+    return _report(args, base, results)
+
+
+def _load() -> str:
+    import os
+
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def _results_path(args: argparse.Namespace) -> Path:
+    return args.json or Path(f"bench/{(args.section or 'dp-utility').replace('-', '_')}.json")
+
+
+def _write_results(args: argparse.Namespace, base: list[str], results: list[dict[str, Any]]) -> Path:
+    return write_json(_results_path(args), {"config": args.config, "overrides": base, "delta": args.delta, "results": results})
+
+
+def _merged(paths: list[Path]) -> list[dict[str, Any]]:
+    """The rows of several saved grids (a later file's row replaces an earlier one of the same cell)."""
+    cells: dict[tuple[str, str, float], dict[str, Any]] = {}
+    for p in paths:
+        for r in json.loads(Path(p).read_text(encoding="utf-8"))["results"]:
+            eps = math.inf if r["epsilon_target"] is None else float(r["epsilon_target"])
+            cells[(r["aggregation"], r["mode"], eps)] = {"source": str(p), **r, "epsilon_target": eps}
+    return list(cells.values())
+
+
+def _report(args: argparse.Namespace, base: list[str], results: list[dict[str, Any]]) -> int:
+    path = _write_results(args, base, results)
+    plot = _plot(results, path.with_suffix(".png"), args.delta)
+    epsilons = sorted({r["epsilon_target"] for r in results}, key=lambda e: (math.isinf(e), e))
+    aggregations = [a for a in args.aggregations if any(r["aggregation"] == a for r in results)]
+    header = ["aggregation", "DP"] + [("∞ (non-private)" if math.isinf(e) else f"ε={e:g}") for e in epsilons] + ["majority class"]
     rows = []
-    for aggregation in args.aggregations:
+    for aggregation in aggregations:
         for mode in args.modes:
             row = [aggregation, mode]
-            for e in args.epsilons:
+            for e in epsilons:
                 want = "none" if math.isinf(e) else mode
                 hit = [r for r in results if r["aggregation"] == aggregation and r["mode"] == want and r["epsilon_target"] == e]
                 row.append(hit[0]["heldout_accuracy"] if hit else "-")
+            majority = [
+                r["majority_accuracy"] for r in results if r["aggregation"] == aggregation and r.get("majority_accuracy") is not None
+            ]
+            row.append(majority[0] if majority else "-")
             rows.append(row)
     clients = results[0]["clients"] if results else 0
     body = (
@@ -295,6 +400,8 @@ def _utility(args: argparse.Namespace) -> int:
             "DP-SGD, σ calibrated per client over all rounds (PRV unless overridden). Client level: DP-FedAvg, uniform weights, "
             "distributed noise (Gaussian shares with plain aggregation, Skellam shares in the quantised domain under SecAgg). "
             + _levers_note(args.levers, args.modes)
+            + _clip_note(results)
+            + _source_note(results)
             + f"ε spent (ledger, max over clients): {_spent_note(results)}. Plot: `{plot}`.\n"
         )
     )
@@ -304,10 +411,25 @@ def _utility(args: argparse.Namespace) -> int:
     return 0
 
 
+def _source_note(results: list[dict[str, Any]]) -> str:
+    """With ``--merge``: which saved grid each row comes from."""
+    sources: dict[str, list[str]] = {}
+    for r in results:
+        if r.get("source"):
+            eps = "∞" if math.isinf(r["epsilon_target"]) else f"{r['epsilon_target']:g}"
+            sources.setdefault(r["source"], []).append(f"{r['mode']}/{r['aggregation']} ε={eps}")
+    return ("Rows merged from: " + "; ".join(f"`{p}` ({', '.join(c)})" for p, c in sources.items()) + ". ") if sources else ""
+
+
+def _clip_note(results: list[dict[str, Any]]) -> str:
+    cells = [f"{r['mode']}/{r['aggregation']}: {' → '.join(f'{c:.3g}' for c in r['clip_norms'])}" for r in results if r.get("clip_norms")]
+    return ("Adaptive clip norm C_t per round (round 0 → after the last): " + "; ".join(cells) + ". ") if cells else ""
+
+
 def _levers_note(levers: bool, modes: list[str]) -> str:
     if not levers:
         return "No utility levers (`--no-levers`). "
-    used = {m: USER_LEVEL_LEVERS.get(m, []) for m in modes}
+    used = {m: USER_LEVEL_LEVERS.get(VARIANTS.get(m, (m, []))[0], []) + VARIANTS.get(m, (m, []))[1] for m in modes}
     parts = [f"{m}: `{' '.join('--set ' + o for o in o_)}`" if o_ else f"{m}: none" for m, o_ in used.items()]
     return "Utility levers (post-processing or inside the clipped vector, no ledger change): " + "; ".join(parts) + ". "
 
@@ -339,43 +461,58 @@ def _headroom(config) -> list[str]:
     raise RuntimeError("could not find a noise_bound that fits the masking headroom")
 
 
-def _plot(results: list[dict[str, Any]], out: Path) -> Path:
+def _plot(results: list[dict[str, Any]], out: Path, delta: float = 1e-5) -> Path:
+    """Held-out accuracy per variant: against ε (log axis) when the grid has several ε, else one bar
+    per variant and aggregation; the non-private run and the majority class are drawn as lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.2))
     finite = sorted({r["epsilon_target"] for r in results if not math.isinf(r["epsilon_target"])})
-    for aggregation in sorted({r["aggregation"] for r in results}):
+    aggregations = sorted({r["aggregation"] for r in results})
+    modes = sorted({r["mode"] for r in results if r["mode"] != "none"})
+    styles = {a: ("-", 1.0) if a == "plain" else ("--", 0.6) for a in aggregations}
+    for aggregation in aggregations:
+        ls, alpha = styles[aggregation]
         base = [r for r in results if r["aggregation"] == aggregation and r["mode"] == "none"]
         if base:
-            ax.axhline(
-                base[0]["heldout_accuracy"],
-                ls=":",
-                color="grey" if aggregation == "plain" else "black",
-                lw=1,
-                label=f"non-private ({aggregation})",
-            )
-        for mode, marker in (("record", "o"), ("client", "s")):
-            pts = sorted(
-                (r["epsilon_target"], r["heldout_accuracy"]) for r in results if r["aggregation"] == aggregation and r["mode"] == mode
-            )
-            if pts:
-                ax.plot(
-                    [p[0] for p in pts],
-                    [p[1] for p in pts],
-                    marker=marker,
-                    ls="-" if aggregation == "plain" else "--",
-                    label=f"{mode}-level, {aggregation}",
+            ax.axhline(base[0]["heldout_accuracy"], ls=ls, color="black", lw=1, label=f"non-private ({aggregation})")
+    majority = [r["majority_accuracy"] for r in results if r.get("majority_accuracy") is not None]
+    if majority:
+        ax.axhline(majority[0], ls=":", color="red", lw=1, label="majority class")
+    if len(finite) > 1:
+        for aggregation in aggregations:
+            for mode in modes:
+                pts = sorted(
+                    (r["epsilon_target"], r["heldout_accuracy"]) for r in results if r["aggregation"] == aggregation and r["mode"] == mode
                 )
-    ax.set_xscale("log", base=2)
-    if finite:
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ls=styles[aggregation][0], label=f"{mode}, {aggregation}")
+        ax.set_xscale("log", base=2)
         ax.set_xticks(finite, [f"{e:g}" for e in finite])
-    ax.set_xlabel("ε (δ fixed)")
-    ax.set_ylabel("held-out accuracy")
-    ax.set_title("MovieLens FedRLHF: privacy vs utility")
-    ax.legend(fontsize=7)
+        ax.set_xlabel(f"ε per client, whole run (δ = {delta:g})")
+    else:
+        width = 0.8 / max(1, len(aggregations))
+        for k, aggregation in enumerate(aggregations):
+            xs, ys = [], []
+            for i, mode in enumerate(modes):
+                hit = [r["heldout_accuracy"] for r in results if r["aggregation"] == aggregation and r["mode"] == mode]
+                if hit:
+                    xs.append(i + (k - (len(aggregations) - 1) / 2) * width)
+                    ys.append(hit[0])
+            bars = ax.bar(xs, ys, width=width, alpha=styles[aggregation][1], label=f"DP, {aggregation}")
+            ax.bar_label(bars, fmt="%.4f", fontsize=7)
+        ax.set_xticks(range(len(modes)), modes)
+        eps = f"ε = {finite[0]:g}, " if finite else ""
+        ax.set_xlabel(f"DP variant ({eps}δ = {delta:g} per client, whole run)")
+    accs = [r["heldout_accuracy"] for r in results if r.get("heldout_accuracy") is not None] + majority
+    if accs:
+        ax.set_ylim(min(accs) - 0.03, max(accs) + 0.03)
+    ax.set_ylabel("held-out accuracy (fraction of u1 test pairs)")
+    ax.set_title("MovieLens u1 FedRLHF: privacy vs utility")
+    ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)

@@ -119,7 +119,7 @@ class Federation:
         self.fed = config.federation
         self.task = options.task if options.task is not None else build_task(config, options.data_dir)
         self.spec = self.task.shared_spec()
-        self.codec = UpdateCodec.for_federation(self.spec, self.fed)
+        self.codec = UpdateCodec.for_federation(self.spec, self.fed, count_slot=config.privacy.adaptive_clip is not None)
         self.client_ids = list(self.task.client_ids())
         if len(self.client_ids) < self.fed.min_clients:
             raise ConfigError(
@@ -244,6 +244,7 @@ class Federation:
         if self.config.privacy.mode != "none":
             # the ledger as of this checkpoint (every commit of the round is done): a resume refuses a ledger holding less
             state["ledger"] = ledger_commitment(self.run.path / "ledger")
+            state["clip_counts"] = self.core.privacy.count_history()  # adaptive clipping: C_t of the next rounds follows from these
         atomic_write_json(ck / "state.json", state)
 
     def _load_checkpoint(self) -> None:
@@ -260,6 +261,8 @@ class Federation:
         self.core.rng.bit_generator.state = state["rng"]
         self.core.session_id = bytes.fromhex(state["session_id"])
         self.core.model_round = int(state.get("model_round", state["completed_round"]))
+        if self.core.privacy.schedule is not None:
+            self.core.privacy.schedule.load(state.get("clip_counts", []))
         self.start_round = int(state["completed_round"]) + 1
         self.history = [r for r in self.run.read_jsonl("metrics.jsonl") if r["round"] < self.start_round]
         self.run.rewrite_jsonl("metrics.jsonl", self.history)

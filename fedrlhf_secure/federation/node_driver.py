@@ -147,6 +147,7 @@ class NodeRoundDriver:
         *,
         server_can_read_result: bool,
         model_round: int | None = None,
+        clip_counts: list | None = None,
     ) -> NodeRoundOutcome:
         rnd = ctx.round
         out = NodeRoundOutcome(None, None, {}, {c: 0 for c in ctx.participants}, {c: 0 for c in ctx.participants}, 0)
@@ -161,6 +162,8 @@ class NodeRoundDriver:
         header = {"round": rnd, "session": ctx.session_id.hex(), "participants": list(ctx.participants), "dim": ctx.dim}
         if model_round is not None:
             header["model_round"] = model_round  # the round whose aggregate the fit starts from (-1: the initial model)
+        if clip_counts:
+            header["clip_counts"] = clip_counts  # adaptive clipping: the released noised counts, from which each host derives C_t
         fit_requests = {
             n: NodeMessage("fit", {**header, "clients": cids}, grouped.get(n, {}), {"instruction": instruction})
             for n, cids in by_node.items()

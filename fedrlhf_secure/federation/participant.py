@@ -36,6 +36,7 @@ from aggregation.base import Aggregator, ClientHalf, ProtocolError, RoundContext
 
 from ..config import RunConfig, build_config
 from ..errors import FedRLHFError, InputError
+from ..privacy.adaptive_clipping import MAX_HISTORY, CountRelease
 from ..privacy.canaries import audit_block_size, build_canaries
 from ..privacy.factory import build_client_privacy
 from ..privacy.noise import NoiseSource
@@ -323,7 +324,7 @@ class ParticipantHost:
         self.config = config
         self.task = task
         self.names = task.shared_spec().names()
-        self.codec = UpdateCodec.for_federation(task.shared_spec(), config.federation)
+        self.codec = UpdateCodec.for_federation(task.shared_spec(), config.federation, count_slot=config.privacy.adaptive_clip is not None)
         if self._aggregator is not None:
             self.aggregator = self._aggregator
         else:
@@ -414,6 +415,9 @@ class ParticipantHost:
                 raise NodeError(f"round {ctx.round}: clients {unadmitted} were not admitted by this node's privacy plan")
         # the distributed noise share is sized for the round's survivors, a public function of how
         # many clients take part federation-wide (the round context's participants)
+        # adaptive clipping: C_t is this host's own function of the released counts (refused if the
+        # server rewrites one it sent before, or sends counts to a fixed-clip plan)
+        self.privacy.observe_counts(ctx.round, _count_history(req.header.get("clip_counts", [])))
         self.privacy.begin_round(ctx.round, len(ctx.participants))
         summary: dict[str, Any] = {}
         halves: dict[int, ClientHalf] = {}
@@ -563,6 +567,16 @@ class ParticipantHost:
             self.held = {k: np.asarray(v, dtype=np.float32) for k, v in held.items()}
             self.held_round = int(tensors["held_round"][0])
             self.server_opt.load_state(opt)
+
+
+def _count_history(raw: Any) -> list[CountRelease]:
+    """The fit request's released clip counts, checked (a request is a peer's bytes)."""
+    if not isinstance(raw, list) or len(raw) > MAX_HISTORY:
+        raise NodeError(f"fit: clip_counts must be a list of at most {MAX_HISTORY} released counts")
+    try:
+        return [CountRelease.parse(item) for item in raw]
+    except ValueError as exc:
+        raise NodeError(f"fit: {exc}") from exc
 
 
 def _round_context(req: NodeMessage) -> RoundContext:

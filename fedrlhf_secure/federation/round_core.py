@@ -201,7 +201,12 @@ class RoundCore:
         progress(f"round {r}: local RLHF and {self.aggregator.kind} aggregation on {len(admitted)} clients")
         ctx = RoundContext(self.session_id, r, tuple(admitted), self.codec.dim)
         outcome = self.driver.run(
-            self.aggregator.server(ctx), ctx, instruction, server_can_read_result=not self.client_held, model_round=self.model_round
+            self.aggregator.server(ctx),
+            ctx,
+            instruction,
+            server_can_read_result=not self.client_held,
+            model_round=self.model_round,
+            clip_counts=self.privacy.count_history(),
         )
         aborted, contributors = outcome.aborted, ()
         if aborted is None:
@@ -267,6 +272,8 @@ class RoundCore:
             raise AggregationAborted(f"round {r}: the aggregation produced no result")
         result = self.privacy.finalize(r, result, admitted)
         self.global_params = self.server_opt.step(self.global_params, self.codec.decode(result))
+        if self.codec.count_slot:  # adaptive clipping: the noised count of this release moves C for the next rounds
+            self.privacy.observe_count(r, self.codec.count_total(result), len(result.contributors))
         self.model_round = r
         return result.contributors
 

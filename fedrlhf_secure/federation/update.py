@@ -22,6 +22,12 @@ drops by s², and the decoder divides the summed indicators by s to get the (noi
 new release and no new accounting: the vector is still one client's whole contribution, clipped to
 C and noised as before, so the ledger is unchanged; the count estimate's noise grows by 1/s, which
 ``touch_floor`` bounds (a row is divided by at least that many clients).
+
+With adaptive clipping (``privacy.adaptive_clip``) the vector ends with one more coordinate, the
+**count slot**: the codec leaves it 0 and the client's privacy layer writes its scaled clipped-count
+bit there after clipping (:mod:`fedrlhf_secure.privacy.adaptive_clipping`), so the bit is noised with
+the update and travels through the same secure aggregator; :meth:`UpdateCodec.count_total` reads
+the slot of the (noised) aggregate and :meth:`UpdateCodec.decode` ignores it.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ class UpdateCodec:
         sparse_rows: Literal["touched", "all"] = "touched",
         touch_scale: float = 1.0,
         touch_floor: float = MIN_ROW_WEIGHT,
+        count_slot: bool = False,
     ) -> None:
         if not 0 < touch_scale <= 1:
             raise ValueError(f"touch_scale must be in (0, 1], got {touch_scale}")
@@ -57,12 +64,23 @@ class UpdateCodec:
         self.touch_floor = float(touch_floor)
         self.sparse = [e for e in spec.entries if e.sparse_rows] if sparse_rows == "touched" else []
         self._rows = {e.name: e.shape[0] for e in self.sparse}
-        self.dim = spec.size + sum(self._rows.values())
+        self.count_slot = bool(count_slot)
+        self.dim = spec.size + sum(self._rows.values()) + int(self.count_slot)
 
     @classmethod
-    def for_federation(cls, spec: ParamSpec, fed: FederationConfig) -> UpdateCodec:
-        """The codec a run's ``federation`` section asks for (server and clients build the same one)."""
-        return cls(spec, fed.sparse_rows, fed.touch_scale, fed.touch_floor)
+    def for_federation(cls, spec: ParamSpec, fed: FederationConfig, count_slot: bool = False) -> UpdateCodec:
+        """The codec a run's ``federation`` section asks for (server and clients build the same one);
+        ``count_slot`` when ``privacy.adaptive_clip`` is set."""
+        return cls(spec, fed.sparse_rows, fed.touch_scale, fed.touch_floor, count_slot)
+
+    def count_total(self, result: AggregateResult) -> float:
+        """The aggregate's count slot: the noised sum of the clients' scaled clipped-count bits."""
+        if not self.count_slot:
+            raise ValueError("this codec has no count slot (privacy.adaptive_clip is not set)")
+        s = np.asarray(result.weighted_sum, dtype=np.float64)
+        if s.shape != (self.dim,):
+            raise ValueError(f"aggregate has shape {s.shape}, expected ({self.dim},)")
+        return float(s[-1])
 
     def encode(self, fit: FitResult) -> np.ndarray:
         vec = np.empty(self.dim, dtype=np.float32)
@@ -77,6 +95,8 @@ class UpdateCodec:
                 raise ValueError(f"touched_rows[{e.name}] has shape {touched.shape}, expected ({e.shape[0]},)")
             vec[pos : pos + e.shape[0]] = touched * np.float32(self.touch_scale)
             pos += e.shape[0]
+        if self.count_slot:
+            vec[pos] = 0.0  # written by the client's privacy layer after clipping
         return vec
 
     def decode(self, result: AggregateResult) -> dict[str, np.ndarray]:

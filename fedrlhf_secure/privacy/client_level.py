@@ -32,6 +32,12 @@ Where the noise is added (``privacy.noise``):
   (:mod:`.server`; with masking, set the secure aggregation threshold to at least m so the
   server cannot unmask such a sum).
 
+**Adaptive clipping** (``privacy.adaptive_clip``, :mod:`.adaptive_clipping`): the clip norm of
+round t is C_t, recomputed from the released noised counts; the vector ends with the count slot,
+which :meth:`ClientLevelPlan.clip` fills with the client's scaled clipped-count bit ``α(b − ½)``, and
+the noise is sized for the augmented bound ``C_aug = C_t·z_Δ/z`` at multiplier z, so the ledger
+entry is the fixed-clip entry at z (with the split recorded in its params).
+
 This module is the client's half; the server's half (:mod:`.server`) adds the ``central`` noise.
 """
 
@@ -45,6 +51,7 @@ from typing import Any
 import numpy as np
 
 from .accountants import GaussianAccountant, GaussianRelease, SkellamAccountant, SkellamRelease
+from .adaptive_clipping import AdaptiveClipConfig, ClipSchedule, CountRelease
 from .budget import BudgetedPlan, PrivacyViolation
 from .calibration import gaussian_noise_multiplier, skellam_variance
 from .clipping import clip_l2
@@ -111,6 +118,7 @@ class ClientLevelPlan(BudgetedPlan):
         ledger: PrivacyLedger,
         releases: ReleaseStore,
         noise_source: NoiseSource,
+        adaptive: AdaptiveClipConfig | None = None,
     ) -> None:
         super().__init__(budget=budget, delta=delta, ledger=ledger, releases=releases, noise=noise_source)
         if noise not in ("central", "distributed"):
@@ -127,31 +135,71 @@ class ClientLevelPlan(BudgetedPlan):
         self.skellam = SkellamAccountant()
         self._explicit = noise_multiplier
         self.z = dp_fedavg_noise_multiplier(accountant, budget, delta, self.rounds, noise_multiplier)
-        self._skellam_params: tuple[float, float, float] | None = None  # (variance, l1, l2), set once the dim is known
+        self._skellam_params: tuple[float, float, float] | None = None  # (variance, l1, l2) of the latest sized release
+        self._skellam_cache: dict[tuple[float, int], tuple[float, float, float]] = {}
+        self._sized_dim: int | None = None  # the vector's dimension, once a release was sized
         self._survivors: dict[int, int] = {}
+        self.schedule = None if adaptive is None else ClipSchedule(self.clip_norm, adaptive, self.z)
+        """C_t from the released counts (adaptive clipping), or None for a fixed ``clip_norm``."""
+        self._round_clip: dict[int, float] = {}
+        self._current_round: int | None = None
+
+    # ------------------------------------------------------------------ the round's clip norm
+    def observe_counts(self, round: int, history: Sequence[CountRelease]) -> None:
+        """The released clipped counts of the rounds before ``round`` (adaptive clipping); a fixed-clip
+        plan refuses any, so a server cannot make it believe it adapts."""
+        if self.schedule is None:
+            if history:
+                raise PrivacyViolation(f"round {round}: released clip counts sent, but this plan's clip norm is fixed")
+            return
+        try:
+            self.schedule.adopt(history, round)
+        except ValueError as exc:
+            raise PrivacyViolation(f"round {round}: {exc}") from exc
+
+    def round_clip(self, round: int) -> float:
+        """C_t: the update's clip norm in ``round`` (``clip_norm`` unless adaptive)."""
+        if self.schedule is None:
+            return self.clip_norm
+        if round not in self._round_clip:
+            raise PrivacyViolation(f"round {round}: the adaptive clip norm was asked for before the round began")
+        return self._round_clip[round]
+
+    def vector_clip(self, round: int) -> float:
+        """The L2 bound the noise is sized for: C_t, or C_aug = C_t·z_Δ/z with the count slot."""
+        clip = self.round_clip(round)
+        return clip if self.schedule is None else self.schedule.augmented_clip(clip)
 
     # ------------------------------------------------------------------ integer domain
-    def _ensure_skellam(self, dim: int) -> tuple[float, float, float]:
-        if self._skellam_params is None:
+    def _ensure_skellam(self, dim: int, clip: float | None = None) -> tuple[float, float, float]:
+        clip = self.clip_norm if clip is None else float(clip)
+        key = (clip, int(dim))
+        if key not in self._skellam_cache:
             assert self.integer is not None
-            l1, l2 = integer_sensitivities(self.integer.scale, self.clip_norm, dim)
+            l1, l2 = integer_sensitivities(self.integer.scale, clip, dim)
             if self._explicit is not None:
                 variance = (self._explicit * l2 / 2) ** 2  # std = z·(s·C + √d); l2 is the replace-one 2(s·C + √d)
             else:
                 variance = skellam_variance(self.budget, self.delta, l1, l2, self.rounds)
-            self._skellam_params = (variance, l1, l2)
+            self._skellam_cache[key] = (variance, l1, l2)
+        self._skellam_params = self._skellam_cache[key]
+        self._sized_dim = int(dim)
         return self._skellam_params
 
     def _planned_skellam(self) -> SkellamRelease:
         if self._skellam_params is not None:
             v, l1, l2 = self._skellam_params
             return SkellamRelease(v, l1, l2, 1)
-        l2 = 2 * self.integer.scale * self.clip_norm  # type: ignore[union-attr]  (replace-one: 2C)
+        clip = self.clip_norm if self.schedule is None else self.schedule.augmented_clip(self.clip_norm)
+        l2 = 2 * self.integer.scale * clip  # type: ignore[union-attr]  (replace-one: 2C)
         variance = (self.z * l2 / 2) ** 2  # z (replace-one, sensitivity 2C) or the explicit multiplier, per unit of 2C
         return SkellamRelease(variance, l2, l2, 1)
 
     def begin_round(self, round: int, participants: int) -> None:
         self._survivors[round] = survivors_required(participants, self.min_clients, self.survivor_fraction)
+        if self.schedule is not None:
+            self._round_clip[round] = self.schedule.clip_for(round)
+        self._current_round = round
 
     def survivors_required(self, round: int) -> int:
         """Set by :meth:`begin_round` from the round's federation-wide participant count (never from
@@ -183,7 +231,20 @@ class ClientLevelPlan(BudgetedPlan):
         return None
 
     def clip(self, vector: np.ndarray) -> np.ndarray:
-        return clip_l2(np.asarray(vector, dtype=np.float32), self.clip_norm)
+        """Clip to C (fixed), or (adaptive) clip all but the count slot to C_t and write the slot:
+        ``α(b − ½)`` with ``b = 1[‖Δ‖ ≤ C_t]`` (the bit is then noised with the rest, never sent alone)."""
+        v = np.asarray(vector, dtype=np.float32)
+        if self.schedule is None:
+            return clip_l2(v, self.clip_norm)
+        if self._current_round is None:
+            raise PrivacyViolation("an update was clipped before its round began (the adaptive clip norm is per round)")
+        clip = self.round_clip(self._current_round)
+        model = v[:-1]
+        norm = float(np.linalg.norm(model.astype(np.float64)))
+        out = np.empty_like(v)
+        out[:-1] = clip_l2(model, clip)
+        out[-1] = np.float32(self.schedule.bit_coordinate(norm, clip))
+        return out
 
     def add_noise(self, client_id: int, round: int, clipped: np.ndarray, weight: float) -> Release:
         if weight != 1.0:
@@ -194,9 +255,9 @@ class ClientLevelPlan(BudgetedPlan):
             return Release(clipped, 1.0)  # the server's half adds N(0, (zC)²) to the sum
         k = share_divisor(self.survivors_required(round))
         if self.integer is not None:
-            variance, _, _ = self._ensure_skellam(clipped.size)
+            variance, _, _ = self._ensure_skellam(clipped.size, self.vector_clip(round))
             return Release(clipped, 1.0, np.asarray(self.noise.skellam(variance / k, clipped.size), dtype=np.int64))
-        std = self.z * self.clip_norm / math.sqrt(k)
+        std = self.z * self.vector_clip(round) / math.sqrt(k)
         noisy = clipped.astype(np.float64) + self.noise.gaussian(std, clipped.size)
         return Release(np.asarray(noisy, dtype=np.float32), 1.0)
 
@@ -204,10 +265,19 @@ class ClientLevelPlan(BudgetedPlan):
         params: dict[str, float] = {}
         if self.placement == "distributed":
             params["survivors_required"] = float(self.survivors_required(round))
+        if self.schedule is not None:
+            clip = self.round_clip(round)
+            params.update(
+                clip_norm=clip,
+                vector_clip=self.schedule.augmented_clip(clip),
+                update_noise_multiplier=self.schedule.z_update,
+                count_noise=self.schedule.config.count_noise,
+                count_scale=self.schedule.count_scale(clip),
+                target_quantile=self.schedule.config.target_quantile,
+            )
         if self.integer is not None:
-            if self._skellam_params is None:  # a replayed release: size the noise from the dimension it had
-                self._ensure_skellam(self._replayed_dim(client_id, round))
-            variance, l1, l2 = self._skellam_params
+            dim = self._sized_dim if self._sized_dim is not None else self._replayed_dim(client_id, round)
+            variance, l1, l2 = self._ensure_skellam(dim, self.vector_clip(round))
             params.update(variance=variance, l1=l1, l2=l2, scale=self.integer.scale)
             return LedgerEntry(
                 client=client_id,
@@ -230,7 +300,7 @@ class ClientLevelPlan(BudgetedPlan):
             noise_multiplier=self.z,
             sample_rate=1.0,
             steps=1,
-            sensitivity=self.clip_norm,
+            sensitivity=self.vector_clip(round),
             epsilon_after=math.nan,
             delta=self.delta,
             digest=digest,

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from .adaptive_clipping import AdaptiveClipConfig
+
 
 @dataclass(frozen=True)
 class PrivacyConfig:
@@ -52,6 +54,9 @@ class PrivacyConfig:
     """Where the canaries sit: ``block`` (a dedicated block of released coordinates the model never
     reads, clipped and noised like every other coordinate; no data gradient confounds them) or
     ``model`` (the model's own plain-mean coordinates; client level only)."""
+    adaptive_clip: AdaptiveClipConfig | None = None
+    """Client level: let the clip norm follow a quantile of the update norms (Andrew et al. 2021;
+    :mod:`.adaptive_clipping`), starting from ``clip_norm``. None: a fixed ``clip_norm``."""
 
     def __post_init__(self) -> None:
         if self.mode != "none" and self.epsilon is None and self.noise_multiplier is None:
@@ -76,6 +81,12 @@ class PrivacyConfig:
             raise ValueError(
                 "privacy.audit_coordinates: model is client level only; record-level canaries go in the audit block "
                 "(privacy.audit_coordinates: block)"
+            )
+        if self.adaptive_clip is not None and self.mode != "client":
+            raise ValueError(f"privacy.adaptive_clip is for client-level DP (privacy.mode: client), not mode {self.mode!r}")
+        if self.adaptive_clip is not None and self.audit_canaries:
+            raise ValueError(
+                "privacy.adaptive_clip with privacy.audit_canaries: the canaries are sized for a fixed clip_norm; audit a fixed-clip run"
             )
         if self.batch_size < 1:
             raise ValueError(f"privacy.batch_size must be >= 1, got {self.batch_size}")

@@ -20,6 +20,7 @@ from aggregation.base import Aggregator
 
 from ..configtypes import ConfigError
 from .accountants import RELATION
+from .adaptive_clipping import ClipSchedule, update_noise_multiplier
 from .client_level import ClientLevelPlan, IntegerDomain, dp_fedavg_noise_multiplier, share_divisor
 from .distributed_dpsgd import DistributedRecordPlan
 from .ledger import PrivacyLedger
@@ -43,7 +44,7 @@ def check_noise_headroom(config: Any, integer: IntegerDomain | None) -> None:
     p = config.privacy
     z = dp_fedavg_noise_multiplier(p.accountant, p.epsilon, p.delta, config.federation.rounds, p.noise_multiplier)
     m = share_divisor(max(1, config.federation.min_clients))
-    clip = p.max_grad_norm if p.mode == "record" else p.clip_norm  # record level: the per-record clip of the gradient sum
+    clip = p.max_grad_norm if p.mode == "record" else largest_vector_clip(config, z)  # record level: the per-record clip of the gradient sum
     share_std = z * integer.scale * clip / math.sqrt(m) * 1.01
     need = math.ceil(10 * share_std)
     bound = int(getattr(config.aggregation.params, "noise_bound", 0))
@@ -55,6 +56,16 @@ def check_noise_headroom(config: Any, integer: IntegerDomain | None) -> None:
             source=config.source,
             key="aggregation.noise_bound",
         )
+
+
+def largest_vector_clip(config: Any, z: float) -> float:
+    """The largest L2 bound a client's noise is ever sized for: ``clip_norm``, or with adaptive clipping
+    C_aug at the largest C_t the run's rounds can reach (:meth:`.adaptive_clipping.ClipSchedule.max_clip`)."""
+    p = config.privacy
+    if p.adaptive_clip is None:
+        return float(p.clip_norm)
+    schedule = ClipSchedule(p.clip_norm, p.adaptive_clip, z)
+    return schedule.augmented_clip(schedule.max_clip(config.federation.rounds))
 
 
 def ledger_header(config: Any) -> dict[str, Any]:
@@ -71,6 +82,7 @@ def ledger_header(config: Any) -> dict[str, Any]:
         "clip_norm": p.clip_norm if p.mode == "client" else None,
         "noise": p.noise if p.mode == "client" else None,
         "survivor_fraction": p.survivor_fraction if (p.mode == "client" or distributed_record(p)) else None,
+        **({"adaptive_clip": {k: float(v) for k, v in p.adaptive_clip.__dict__.items()}} if p.adaptive_clip is not None else {}),
         "aggregation": config.aggregation.kind,
         "rounds": config.federation.rounds,
         "local_epochs": config.federation.local_epochs,
@@ -148,6 +160,12 @@ def check_inputs(config: Any, client_sizes: Mapping[int, int], num_clients: int 
                 source=src,
                 key="privacy.survivor_fraction",
             )
+        if p.adaptive_clip is not None:
+            z = dp_fedavg_noise_multiplier(p.accountant, p.epsilon, p.delta, config.federation.rounds, p.noise_multiplier)
+            try:
+                update_noise_multiplier(z, p.adaptive_clip.count_noise)
+            except ValueError as exc:
+                raise ConfigError(str(exc), source=src, key="privacy.adaptive_clip.count_noise") from exc
         if config.federation.weighting != "uniform":
             raise ConfigError(
                 "client-level DP needs federation.weighting: uniform (noise is calibrated for a plain mean; example "
@@ -221,6 +239,13 @@ def build_client_privacy(
         from .server import central_noise_unreadable
 
         raise central_noise_unreadable(config, aggregator)
+    if p.adaptive_clip is not None and not aggregator.capabilities.server_reads_result:
+        raise ConfigError(
+            f"adaptive clipping needs the released count of each round, which the server reads and broadcasts; under the "
+            f"{aggregator.kind} aggregator only the clients read the aggregate (use plain or secagg, or drop privacy.adaptive_clip)",
+            source=config.source,
+            key="privacy.adaptive_clip",
+        )
     integer = integer_domain(aggregator) if p.noise == "distributed" else None
     check_noise_headroom(config, integer)
     ledger = PrivacyLedger(ledger_dir, ledger_header(config), resume=resume)
@@ -238,5 +263,6 @@ def build_client_privacy(
         ledger=ledger,
         releases=releases,
         noise_source=noise,
+        adaptive=p.adaptive_clip,
     )
     return plan

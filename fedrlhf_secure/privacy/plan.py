@@ -19,7 +19,9 @@ configured, discards an aggregate with too few survivors, and pools the ε the c
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -52,6 +54,12 @@ class ClientPrivacy(ABC):
     def begin_round(self, round: int, participants: int) -> None:  # noqa: B027  (an optional hook: most plans need no per-round facts)
         """The round's public facts before any release: how many clients take part federation-wide
         (the distributed noise is sized for the survivors that count implies)."""
+
+    def observe_counts(self, round: int, history: Sequence[Any]) -> None:
+        """The released clipped counts of earlier rounds (adaptive clipping, :mod:`.adaptive_clipping`).
+        A plan without adaptive clipping takes none: a server sending some is refused."""
+        if history:
+            raise ValueError(f"round {round}: released clip counts sent, but this run's privacy plan does not adapt its clip norm")
 
     @abstractmethod
     def admit(self, client_id: int, round: int) -> bool: ...

@@ -7,6 +7,8 @@ The server holds no ledger and sizes no client's noise (both are the client's ha
   aggregate it reads: N(0, (z·C)²) on the sum;
 * discard an aggregate with fewer contributors than the clients' distributed noise shares were
   sized for (:func:`.client_level.survivors_required`, the same rule the clients use);
+* with adaptive clipping (:mod:`.adaptive_clipping`), keep the released noised counts and the
+  clip norm C_t they imply, which it broadcasts (as the counts) with each fit request;
 * pool the ε each client's own half reports (plaintext metadata, which it cannot check) into the
   run's metrics and summary.
 """
@@ -22,6 +24,7 @@ from aggregation.base import AggregateResult, AggregationAborted, Aggregator
 
 from ..configtypes import ConfigError
 from .accountants import RELATION
+from .adaptive_clipping import ClipSchedule, CountRelease
 from .client_level import accountant_name, dp_fedavg_noise_multiplier, survivors_required
 from .noise import NoiseSource
 
@@ -47,6 +50,7 @@ class ServerPrivacy:
         record_noise = getattr(p, "record_noise", "local") if p.mode == "record" else None
         self.distributed = (p.mode == "client" and p.noise == "distributed") or record_noise == "distributed"
         self.central_std = 0.0
+        self.schedule: ClipSchedule | None = None
         self.public: dict[str, Any] = {}
         if p.mode != "none":
             integer = aggregator is not None and aggregator.capabilities.integer_scale is not None
@@ -55,6 +59,12 @@ class ServerPrivacy:
         if p.mode == "client":
             z = dp_fedavg_noise_multiplier(p.accountant, p.epsilon, p.delta, config.federation.rounds, p.noise_multiplier)
             self.public.update(noise=p.noise, clip_norm=p.clip_norm, noise_multiplier=float(z))
+            if p.adaptive_clip is not None:
+                try:
+                    self.schedule = ClipSchedule(p.clip_norm, p.adaptive_clip, z)
+                except ValueError as exc:  # count_noise <= z/2: the count alone would spend the budget
+                    raise ConfigError(str(exc), source=config.source, key="privacy.adaptive_clip.count_noise") from exc
+                self.public.update(update_noise_multiplier=self.schedule.z_update, count_noise=p.adaptive_clip.count_noise)
             if p.noise == "central":
                 if aggregator is not None and not aggregator.capabilities.server_reads_result:
                     raise central_noise_unreadable(config, aggregator)
@@ -89,9 +99,21 @@ class ServerPrivacy:
         """The aggregate the round may apply: central noise added, or discarded below the survivors."""
         self.check_contributors(round, result.contributors, admitted)
         if self.central_std:
-            noisy = np.asarray(result.weighted_sum, dtype=np.float64) + self.noise.gaussian(self.central_std, np.shape(result.weighted_sum))
+            std = self.central_std
+            if self.schedule is not None:  # z·C_aug of this round: z_Δ·C_t on the update, σ_b on the count slot
+                std = self.central_std * self.schedule.augmented_clip(self.schedule.clip_for(round)) / self.schedule.initial
+            noisy = np.asarray(result.weighted_sum, dtype=np.float64) + self.noise.gaussian(std, np.shape(result.weighted_sum))
             return AggregateResult(noisy, result.total_weight, result.contributors)
         return result
+
+    def observe_count(self, round: int, total: float, contributors: int) -> None:
+        """A released (noised) aggregate's count slot: the next rounds' C follows from it."""
+        if self.schedule is not None:
+            self.schedule.observe(CountRelease(int(round), float(total), int(contributors)))
+
+    def count_history(self) -> list[list[float | int]]:
+        """What the fit requests carry: the released counts so far (empty without adaptive clipping)."""
+        return [] if self.schedule is None else self.schedule.history()
 
     def report(self, client_id: int, epsilon: Any) -> None:
         """A client's ε spent, as its own half reports it (ignored unless a finite non-negative number)."""
@@ -107,6 +129,14 @@ class ServerPrivacy:
         if self.mode == "none":
             return {"mode": "none", "epsilon_spent_max": None}
         values = list(self.spent.values())
+        adaptive: dict[str, Any] = {}
+        if self.schedule is not None:
+            last = self.schedule.releases[-1].round + 1 if self.schedule.releases else 0
+            adaptive = {
+                "clip_norm_next": self.schedule.clip_for(last),
+                "clip_norms": [self.schedule.clip_for(r) for r in range(last + 1)],
+                "fraction_under_clip": [self.schedule.fraction(rel, self.schedule.clip_for(rel.round)) for rel in self.schedule.releases],
+            }
         return {
             "mode": self.mode,
             "reported_by": "clients",
@@ -116,4 +146,5 @@ class ServerPrivacy:
             "clients_with_releases": sum(1 for v in values if v > 0),
             "clients_refused": len(self.refused),
             "epsilon_per_client": {str(c): v for c, v in sorted(self.spent.items())},
+            **adaptive,
         }
