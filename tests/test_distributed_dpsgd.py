@@ -304,7 +304,11 @@ def test_record_canaries_are_refused_where_the_distributed_step_would_drop_them(
         "seed: 0\ntask: {kind: movielens, split: u1}\nfederation: {rounds: 1, weighting: uniform}\n"
         "aggregation: {kind: secagg}\nprivacy: {mode: record, epsilon: 8, record_noise: distributed, audit_canaries: 100}\n"
     )
-    out = subprocess.run([sys.executable, "-m", "fedrlhf_secure.cli", "run", str(cfg), "--out", str(tmp_path / "runs"), "--data-dir", str(data)], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "fedrlhf_secure.cli", "run", str(cfg), "--out", str(tmp_path / "runs"), "--data-dir", str(data)],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2, out.stderr
     assert "privacy.audit_canaries" in out.stderr
     assert "Traceback" not in out.stderr

@@ -71,9 +71,7 @@ class _AuditBlockTask:
             return [client.fit(shared, cfg) for client, cfg in fits]
         rest, start = _without_block(shared)
         zero = np.zeros_like(start)
-        return [
-            r if AUDIT_BLOCK in r.delta else replace(r, delta={**r.delta, AUDIT_BLOCK: zero}) for r in super().fit_clients(fits, rest)
-        ]
+        return [r if AUDIT_BLOCK in r.delta else replace(r, delta={**r.delta, AUDIT_BLOCK: zero}) for r in super().fit_clients(fits, rest)]
 
     def make_client(self, client_id: int):
         client = super().make_client(client_id)

@@ -44,7 +44,9 @@ def check_noise_headroom(config: Any, integer: IntegerDomain | None) -> None:
     p = config.privacy
     z = dp_fedavg_noise_multiplier(p.accountant, p.epsilon, p.delta, config.federation.rounds, p.noise_multiplier)
     m = share_divisor(max(1, config.federation.min_clients))
-    clip = p.max_grad_norm if p.mode == "record" else largest_vector_clip(config, z)  # record level: the per-record clip of the gradient sum
+    clip = (
+        p.max_grad_norm if p.mode == "record" else largest_vector_clip(config, z)
+    )  # record level: the per-record clip of the gradient sum
     share_std = z * integer.scale * clip / math.sqrt(m) * 1.01
     need = math.ceil(10 * share_std)
     bound = int(getattr(config.aggregation.params, "noise_bound", 0))

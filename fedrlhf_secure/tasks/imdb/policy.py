@@ -65,7 +65,7 @@ class Policy:
         for n, p in self.named_shared():
             if n not in shared:
                 raise KeyError(f"shared parameters lack {n!r}")
-            value = torch.from_numpy(np.asarray(shared[n], dtype=np.float32)).to(p.device)
+            value = torch.from_numpy(np.require(shared[n], np.float32, "W")).to(p.device)
             if value.shape != p.shape:
                 raise ValueError(f"shared parameter {n}: shape {tuple(value.shape)}, policy has {tuple(p.shape)}")
             p.data.copy_(value)

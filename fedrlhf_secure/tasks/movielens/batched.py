@@ -126,7 +126,7 @@ def train_batched(shared: Mapping[str, np.ndarray], jobs: Sequence[BatchedJob], 
     genres = torch.cat([j.data.genres for j in js])
     dense = {}
     for name in DENSE_NAMES:
-        received = torch.from_numpy(np.asarray(shared[name], dtype=np.float32))
+        received = torch.from_numpy(np.require(shared[name], np.float32, "W"))
         dense[name] = received.expand(k_count, *received.shape).clone()
 
     def forward(rec: torch.Tensor, user_table: torch.Tensor, item_table: torch.Tensor, layers: Mapping[str, torch.Tensor]) -> torch.Tensor:
