@@ -296,7 +296,7 @@ def test_record_canaries_are_refused_where_the_distributed_step_would_drop_them(
     import subprocess
     import sys
 
-    from tests.movielens_fixtures import write_ml100k
+    from movielens_fixtures import write_ml100k
 
     data = write_ml100k(tmp_path / "data")
     cfg = tmp_path / "c.yaml"
