@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import statistics
 import tempfile
 import time
@@ -324,9 +325,12 @@ def _utility(args: argparse.Namespace) -> int:
             overrides += _headroom(config)
             config = load_config(args.config, overrides)
         t0 = time.perf_counter()
-        with tempfile.TemporaryDirectory() as tmp:
-            path = run_federation(config, RunOptions(data_dir=args.data_dir, out=Path(tmp), progress=True))
-            summary = json.loads((path / "summary.json").read_text())
+        # not a TemporaryDirectory: an interrupted run says "continue it with --resume <its .partial>",
+        # so its directory (and privacy ledger) must outlive the interruption; removed once it completed
+        tmp = tempfile.mkdtemp(prefix="fedrlhf-bench-dp-")
+        path = run_federation(config, RunOptions(data_dir=args.data_dir, out=Path(tmp), progress=True))
+        summary = json.loads((path / "summary.json").read_text())
+        shutil.rmtree(tmp, ignore_errors=True)
         res = {
             "aggregation": aggregation,
             "mode": mode,
