@@ -272,19 +272,24 @@ class SecAggServer(ServerHalf):
     def _send_unmask_requests(self) -> list[Outgoing]:
         self._require(len(self._consistency), "signed the survivor set")
         self._require_quorum(len(self._consistency), "signed the survivor set")
-        u2, u3, u4 = set(self._shared_to), self._masked, set(self._consistency)
+        u4 = set(self._consistency)
         signers = sorted(u4)[: self.quorum]  # a quorum is all a client needs to check
         sigs = _blobs([self._consistency[s] for s in signers], crypto.SIG_BYTES)
         survivors = np.array(self._survivor_set, dtype=np.int64)
         signer_ids = np.array(signers, dtype=np.int64)
-        out = []
-        held_by: dict[int, list[int]] = {cid: [] for cid in u4}
+        return self._request_unmask(UnmaskRequest(survivors, signer_ids, sigs), u4)
+
+    def _request_unmask(self, request: UnmaskRequest, recipients) -> list[Outgoing]:
+        """Send ``request`` to ``recipients`` and remember, per recipient, which of the shares it holds
+        belong to survivors (reveal b) and to dropped clients (reveal the mask key)."""
+        u2, u3 = set(self._shared_to), self._masked
+        held_by: dict[int, list[int]] = {cid: [] for cid in recipients}
         for owner in u2:
             for holder in self._holders(owner):
                 if holder in held_by:
                     held_by[holder].append(owner)
-        request = UnmaskRequest(survivors, signer_ids, sigs)
-        for cid in sorted(u4):
+        out = []
+        for cid in sorted(recipients):
             held = held_by[cid]
             surv = np.array(sorted(p for p in held if p in u3), dtype=np.int64)
             drop = np.array(sorted(p for p in held if p not in u3), dtype=np.int64)

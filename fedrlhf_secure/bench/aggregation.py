@@ -55,7 +55,6 @@ from aggregation.driver import run_round
 from aggregation.plain import PlainAggregator
 from aggregation.secagg import SecAggAggregator, SecAggClient, SecAggConfig, SecAggServer
 from aggregation.secagg.messages import Keys, UnmaskRequest
-from aggregation.secagg.server import _Stage as _ServerStage
 
 from .report import markdown_table, update_section, write_json
 
@@ -434,22 +433,8 @@ class _NoConsistencyServer(SecAggServer):
         self._require(len(self._masked), "sent masked inputs")
         self._survivor_set = tuple(sorted(self._masked))
         self._consistency = dict.fromkeys(self._masked, b"")
-        u2, u3 = set(self._shared_to), self._masked
-        held_by: dict[int, list[int]] = {cid: [] for cid in u3}
-        for owner in u2:
-            for holder in self._holders(owner):
-                if holder in held_by:
-                    held_by[holder].append(owner)
         request = UnmaskRequest(np.array(self._survivor_set, np.int64), np.zeros(0, np.int64), np.zeros((0, 64), np.uint8))
-        out = []
-        for cid in sorted(u3):
-            held = held_by[cid]
-            surv = np.array(sorted(p for p in held if p in u3), dtype=np.int64)
-            drop = np.array(sorted(p for p in held if p not in u3), dtype=np.int64)
-            self._requested[cid] = (surv, drop)
-            out.append((cid, request.encode(self.ctx, cid)))
-        self._stage = _ServerStage.UNMASK
-        return out
+        return self._request_unmask(request, self._masked)
 
 
 class _UnauthenticatedBaseline(SecAggAggregator):
