@@ -217,3 +217,19 @@ def test_seeded_ciphertexts_halve_the_upload_and_decrypt_like_tenseals_own():
     # a short vector after a long one: the in-memory file is truncated by every save
     short = codec.encrypt(x[:10], ctx, CFG)
     np.testing.assert_allclose(codec.decrypt(codec.load_chunks(short, ctx, CFG, 10)), x[:10], atol=1e-5)
+
+
+def test_seeded_encryption_without_memfd_uses_a_private_file_and_decrypts(monkeypatch):
+    """Where the OS has no memfd (macOS), SEAL saves to a private temporary file (0600 in a 0700
+    directory) that keeps its name for the process and is removed at exit; the ciphertexts are the same kind."""
+    import threading
+
+    monkeypatch.delattr(os, "memfd_create")
+    monkeypatch.setattr(codec, "_SCRATCH", threading.local())
+    ctx = new_secret_context(CFG)
+    x = np.random.default_rng(2).normal(size=LENGTH) * 1e-2
+    out = codec.encrypt(x, ctx, CFG)
+    path = Path(codec._SCRATCH.path)
+    assert path.is_file() and not path.is_relative_to("/proc")
+    assert path.stat().st_mode & 0o777 == 0o600 and path.parent.stat().st_mode & 0o777 == 0o700
+    np.testing.assert_allclose(codec.decrypt(codec.load_chunks(out, ctx, CFG, LENGTH)), x, atol=1e-5)

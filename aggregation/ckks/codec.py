@@ -29,7 +29,9 @@ vector at the default parameters. Public-key ciphertexts (``c1 = u·pk1 + e1``) 
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import struct
 import tempfile
 import threading
@@ -209,10 +211,12 @@ def _scratch_file() -> tuple[int, str]:
         if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
             fd = os.memfd_create("fedrlhf-ckks", getattr(os, "MFD_CLOEXEC", 0))
             path = f"/proc/self/fd/{fd}"
-        else:  # no memfd: a private temporary file, removed at once (the open descriptor keeps it)
+        else:  # no memfd: a private (0700 directory, 0600 file) temporary file; SEAL saves by path, so it
+            # must keep its name while the process lives, and is removed when the process exits
             directory = tempfile.mkdtemp(prefix="fedrlhf-ckks-")
             path = os.path.join(directory, "ct")
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            atexit.register(shutil.rmtree, directory, True)
         _SCRATCH.fd, _SCRATCH.path, _SCRATCH.pid = fd, path, os.getpid()
     return _SCRATCH.fd, _SCRATCH.path
 
