@@ -125,3 +125,20 @@ def test_a_client_without_training_records_still_gets_its_zero_update_in_a_batch
     got = task.fit_clients([(c, FitConfig(0, 2, 1)) for c in clients], task.initial_shared())
     assert got[2].num_examples == 0 and all(not d.any() for d in got[2].delta.values())
     assert got[3].num_examples > 0 and np.abs(got[3].delta[ITEM_EMBEDDING]).max() > 0
+
+
+def test_every_fit_is_reported_once_for_progress_batched_or_not(data_dir):
+    """``on_fit(i)`` drives the run's in-round progress: each client's fit is reported exactly once,
+    the batched ones when the batch ends and a one-by-one fit (here: no training records) when it ends."""
+    from fedrlhf_secure.tasks.base import Task
+
+    task = task_of(data_dir)
+    clients = fresh_clients(task)
+    clients[2].train = clients[2].train.subset(np.zeros(0, dtype=np.int64))
+    fits = [(c, FitConfig(0, 2, 1)) for c in clients]
+    seen: list[int] = []
+    task.fit_clients(fits, task.initial_shared(), seen.append)
+    assert sorted(seen) == list(range(len(clients))) and seen[-1] == 2
+    seen.clear()
+    Task.fit_clients(task, fits, task.initial_shared(), seen.append)  # the default: one by one, in order
+    assert seen == list(range(len(clients)))

@@ -63,15 +63,18 @@ class _AuditBlockTask:
     def initial_shared(self):
         return {**super().initial_shared(), AUDIT_BLOCK: np.zeros(self._audit_block_size, dtype=np.float32)}
 
-    def fit_clients(self, fits, shared):
+    def fit_clients(self, fits, shared, on_fit=None):
         """The task's own (batched) fits on its own parameters, the block's change appended: zero
         without DP-SGD (the model never reads the block); record-level DP-SGD fits train the block
         inside their steps, one client at a time (:meth:`_AuditBlockClient.fit`)."""
         if any(cfg.dp_sgd is not None for _, cfg in fits):
-            return [client.fit(shared, cfg) for client, cfg in fits]
+            return super().fit_clients(fits, shared, on_fit)  # each _AuditBlockClient.fit trains its block
         rest, start = _without_block(shared)
         zero = np.zeros_like(start)
-        return [r if AUDIT_BLOCK in r.delta else replace(r, delta={**r.delta, AUDIT_BLOCK: zero}) for r in super().fit_clients(fits, rest)]
+        return [
+            r if AUDIT_BLOCK in r.delta else replace(r, delta={**r.delta, AUDIT_BLOCK: zero})
+            for r in super().fit_clients(fits, rest, on_fit)
+        ]
 
     def make_client(self, client_id: int):
         client = super().make_client(client_id)

@@ -422,15 +422,16 @@ class ParticipantHost:
         summary: dict[str, Any] = {}
         halves: dict[int, ClientHalf] = {}
         # the host's clients train together (a task may batch them), then each releases its own update
-        fitted = self.task.fit_clients([(self.participants[c].task_client, self.participants[c].fit_config(fit)) for c in cids], shared)
+        progress = None if self.on_client_fit is None else (lambda i: self.on_client_fit(cids[i]))
+        fitted = self.task.fit_clients(
+            [(self.participants[c].task_client, self.participants[c].fit_config(fit)) for c in cids], shared, progress
+        )
         for c, result in zip(cids, fitted, strict=True):
             out = self.participants[c].release(shared, fit, ctx, self.aggregator, result)
             halves[c] = out.half
             summary[str(c)] = {"metrics": self.plaintext.fit_metrics(out.metrics)}
             if out.epsilon_spent is not None:
                 summary[str(c)]["epsilon_spent"] = float(out.epsilon_spent)
-            if self.on_client_fit is not None:
-                self.on_client_fit(c)
         self.round = _Round(ctx, halves)
         replies = {c: self._deliver(c, msgs) for c, msgs in req.messages.items()}
         return NodeMessage("fit", {"round": ctx.round, "fit": summary}, replies)

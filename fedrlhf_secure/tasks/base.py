@@ -166,12 +166,23 @@ class Task(ABC):
     @abstractmethod
     def make_client(self, client_id: int) -> TaskClient: ...
 
-    def fit_clients(self, fits: Sequence[tuple[TaskClient, FitConfig]], shared: Mapping[str, np.ndarray]) -> list[FitResult]:
-        """Each ``client.fit(shared, config)``, in order: one participant host's clients of one round.
+    def fit_clients(
+        self,
+        fits: Sequence[tuple[TaskClient, FitConfig]],
+        shared: Mapping[str, np.ndarray],
+        on_fit: Callable[[int], None] | None = None,
+    ) -> list[FitResult]:
+        """Each ``client.fit(shared, config)``, in order: one participant host's clients of one round;
+        ``on_fit(i)`` as soon as fit ``i`` is done (the run's in-round progress).
 
         A task may override this to train many clients as one batched computation (MovieLens:
         :mod:`fedrlhf_secure.tasks.movielens.batched`); the results must be each client's own fit."""
-        return [client.fit(shared, config) for client, config in fits]
+        out = []
+        for i, (client, config) in enumerate(fits):
+            out.append(client.fit(shared, config))
+            if on_fit is not None:
+                on_fit(i)
+        return out
 
     def baselines(self) -> Mapping[str, Callable[[], dict[str, Any]]]:
         """Named baselines on the same split and model (e.g. centralized, local-only).

@@ -140,7 +140,12 @@ class MovieLensTask(Task, AuditableTask):
         test_pos = self._positions[1].get(client_id, empty)
         return MovieLensClient(self, client_id, users, self.split.train.subset(train_pos), self.split.test.subset(test_pos))
 
-    def fit_clients(self, fits: Sequence[tuple[TaskClient, FitConfig]], shared: Mapping[str, np.ndarray]) -> list[FitResult]:
+    def fit_clients(
+        self,
+        fits: Sequence[tuple[TaskClient, FitConfig]],
+        shared: Mapping[str, np.ndarray],
+        on_fit: Callable[[int], None] | None = None,
+    ) -> list[FitResult]:
         """The clients' fits, those without DP-SGD trained as one batched computation
         (:func:`.batched.train_batched`: the same result as each ``client.fit``, up to floating-point
         summation order); record-level DP-SGD fits (Opacus) and empty clients run one by one."""
@@ -153,9 +158,13 @@ class MovieLensTask(Task, AuditableTask):
             client = fits[i][0]
             assert isinstance(client, MovieLensClient)
             results[i] = client.batched_result(shared, out)
+            if on_fit is not None:
+                on_fit(i)
         for i, (client, cfg) in enumerate(fits):
             if results[i] is None:
                 results[i] = client.fit(shared, cfg)
+                if on_fit is not None:
+                    on_fit(i)
         return results  # type: ignore[return-value]
 
     def baselines(self) -> Mapping[str, Callable[..., dict[str, Any]]]:
