@@ -210,18 +210,41 @@ class RLHFTask(Task, AuditableTask):
     def record_scores(
         self, shared: Mapping[str, np.ndarray], records: np.ndarray, personal: Mapping[str, np.ndarray] | None = None
     ) -> np.ndarray:
-        """``z = log(p / (1 − p))``, ``p`` the geometric mean of the released policy's token
-        probabilities on the record's text (IMDb: the review; otherwise prompt + chosen), at most
-        :data:`RECORD_TOKENS` tokens after an end-of-text token."""
+        """The logit ``z`` of the released policy on each record, so that the record's loss is ``softplus(−z)``
+        (the convention of :func:`attacks.loss.loss_scores`).
+
+        * **Preference rows** (your own data): ``z = β·[log π/π_0(chosen | prompt) − log π/π_0(rejected | prompt)]``,
+          the DPO implicit-reward margin of the row (Rafailov et al. 2023, eq. 7) against the base model
+          π_0 (adapters off, public), β the run's ``trainer_args.beta`` (TRL's default 0.1). Then
+          ``softplus(−z)`` is exactly the row's DPO loss, the objective its client trained on, so the
+          LOSS attack is Yeom et al.'s attack on that objective. A likelihood score of prompt +
+          chosen is not: DPO moves the *difference* of the two log-probabilities and may lower both
+          (measured in docs/rlhf.md, Audits: AUC 0.50-0.54 on runs where this score gives 1.0).
+        * **Reviews** (IMDb preset) and prompt-only rows: ``z = log(p / (1 − p))``, ``p`` the geometric
+          mean of the policy's token probabilities on the text (at most :data:`RECORD_TOKENS` tokens
+          after an end-of-text token)."""
         records = np.asarray(records, dtype=np.int64)
         if len(records) == 0:
             return np.zeros(0)
         ids = records[:, 1]
         if ids.min() < 0 or ids.max() >= self._universe_size():
             raise ValueError(f"record ids must be in 0..{self._universe_size() - 1}")
-        texts = self._record_text(self._universe_rows(ids))
+        rows = self._universe_rows(ids)
         policy = self.policy()
         policy.load_shared(shared)
+        if isinstance(rows, Pairs) and rows.has_pairs:
+            return self.dpo_beta * preference_margins(policy, rows)
+        return self.text_scores(policy, self._record_text(rows))
+
+    @property
+    def dpo_beta(self) -> float:
+        """The β of the run's DPO (``trainer_args.beta``, else the default :func:`.trainers.run_dpo` passes TRL)."""
+        from .trainers import DPO_DEFAULTS
+
+        return float(self.config.trainer_args.get("beta", DPO_DEFAULTS["beta"]))
+
+    def text_scores(self, policy: LoRAPolicy, texts: list[str]) -> np.ndarray:
+        """``log(p / (1 − p))``, ``p`` the geometric mean of the token probabilities of each text (see :meth:`record_scores`)."""
         eos = self.tokenizer.eos_token_id
         tokens = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=RECORD_TOKENS)["input_ids"]
         tokens = [t if t else [eos] for t in tokens]
@@ -385,19 +408,29 @@ def evaluate_policy(task: RLHFTask, shared: Mapping[str, np.ndarray], client_id:
     return out
 
 
+def preference_margins(policy: LoRAPolicy, pairs: Pairs, chunk: int = 32) -> np.ndarray:
+    """DPO's implicit reward margin per pair (Rafailov et al. 2023, eq. 7, without β):
+    ``[log π(chosen|prompt) − log π_0(chosen|prompt)] − [log π(rejected|prompt) − log π_0(rejected|prompt)]``,
+    sequence log-probabilities summed over the completion's tokens, π_0 the base model (adapters off)."""
+    enc = policy.tokenizer
+    out = np.empty(len(pairs))
+    for s in range(0, len(pairs), chunk):
+        part = pairs.take(np.arange(s, min(s + chunk, len(pairs))))
+        p_ids = policy.encode_prompts(part.prompt)
+        margin = []
+        for texts in (part.chosen, part.rejected):
+            ids = [r or [enc.eos_token_id] for r in enc(list(texts), add_special_tokens=False)["input_ids"]]
+            mine = policy.completion_logprobs(policy.model, p_ids, ids)
+            with policy.reference() as ref:
+                base = policy.completion_logprobs(ref, p_ids, ids)
+            margin.append(np.asarray([float((a - b).sum()) for a, b in zip(mine, base, strict=True)]))
+        out[s : s + len(part)] = margin[0] - margin[1]
+    return out
+
+
 def preference_accuracy(policy: LoRAPolicy, pairs: Pairs) -> dict[str, float]:
     """DPO's implicit reward on held-out pairs: the share where log π/π_0 of chosen exceeds rejected's."""
-    p_ids = policy.encode_prompts(pairs.prompt)
-    enc = policy.tokenizer
-    c_ids = [r or [enc.eos_token_id] for r in enc(list(pairs.chosen), add_special_tokens=False)["input_ids"]]
-    r_ids = [r or [enc.eos_token_id] for r in enc(list(pairs.rejected), add_special_tokens=False)["input_ids"]]
-    margin = []
-    for ids in (c_ids, r_ids):
-        mine = policy.completion_logprobs(policy.model, p_ids, ids)
-        with policy.reference() as ref:
-            base = policy.completion_logprobs(ref, p_ids, ids)
-        margin.append(np.asarray([float((a - b).sum()) for a, b in zip(mine, base, strict=True)]))
-    diff = margin[0] - margin[1]
+    diff = preference_margins(policy, pairs)
     return {
         "pref_correct": int((diff > 0).sum()),
         "pref_pairs": len(diff),

@@ -98,6 +98,17 @@ def _drop_reference(policy) -> None:
     _keep_ffa_frozen(policy)  # set_adapter marks A trainable again: FFA-LoRA keeps it frozen
 
 
+DPO_DEFAULTS: dict[str, Any] = {
+    "learning_rate": 1e-3,
+    "beta": 0.1,
+    "per_device_train_batch_size": 8,
+    "lr_scheduler_type": "constant",
+    "logging_steps": 1,
+}
+"""What :func:`run_dpo` passes DPOConfig unless ``task.trainer_args`` says otherwise (the audit's
+LOSS score reads its β, :meth:`~.task.RLHFTask.dpo_beta`)."""
+
+
 def run_dpo(client: RLHFClient, rows: dict[str, list[str]], config: FitConfig) -> dict[str, float]:
     """TRL's DPOTrainer on ``rows`` (prompt/chosen/rejected) with the live policy. TRL makes the
     reference a frozen copy of the adapters as they are when the trainer is built, i.e. the global
@@ -108,7 +119,7 @@ def run_dpo(client: RLHFClient, rows: dict[str, list[str]], config: FitConfig) -
     task = client.task
     cfg = task.config
     policy = task.policy()
-    defaults = {"learning_rate": 1e-3, "beta": 0.1, "per_device_train_batch_size": 8, "lr_scheduler_type": "constant", "logging_steps": 1}
+    defaults = DPO_DEFAULTS
     with tempfile.TemporaryDirectory(prefix=f"fedrlhf-dpo-{client.client_id}-") as tmp:
         args = _args(DPOConfig, defaults, cfg.trainer_args, tmp, config, cfg.torch_device(), "trainer_args")
         try:
