@@ -34,6 +34,10 @@ def test_the_ckks_mask_round_is_64_bit_over_the_payload_and_its_check_slots():
     assert (shape["k"], shape["t"], shape["quorum"]) == (32, 17, 56)
 
 
+PRIMITIVES = ("x25519_keygen", "x25519_agree", "hkdf", "aes_gcm_share", "keystream_mask", "add_mask", "rounding_pass")
+UNIT = {f"unit_{name}": 1e-3 for name in (*PRIMITIVES, "ed25519_sign", "ed25519_verify")}
+
+
 def test_summary_divides_by_the_plain_round_of_the_same_size_and_adds_the_floor():
     rnd = {"dim": 10, "load_before": 1.0, "load_after": 2.0, "heldout_accuracy": 0.5}
     payload = {
@@ -44,7 +48,7 @@ def test_summary_divides_by_the_plain_round_of_the_same_size_and_adds_the_floor(
             {**rnd, "kind": "secagg", "clients": 8, "cpu_seconds": 9.0, "elements": 11, "ring_bits": 32, "k": 6, "t": 4, "quorum": 6},
         ],
         "floors": {
-            "secagg-8": {"total": 5.0, "ed25519_verify": 4.0, "load": 1.5},
+            "secagg-8": {"total": 5.0, "ed25519_verify": 4.0, "load": 1.5, "k": 6, "quorum": 6, **UNIT},
             "secagg-100": {"total": 50.0, "ed25519_verify": 40.0, "load": 1.5},
         },
     }
@@ -55,6 +59,10 @@ def test_summary_divides_by_the_plain_round_of_the_same_size_and_adds_the_floor(
     assert secagg["floor_cpu_seconds"] == pytest.approx(8.0)  # plain 3 + crypto 5
     assert secagg["floor_ratio_to_plain"] == pytest.approx(8.0 / 3.0)
     assert secagg["ours_to_floor"] == pytest.approx(9.0 / 8.0)
+    # without signatures, 8 clients, k = 6, none dropped, 1 ms per operation: 16 key pairs; 8 x 6 share + 8 x 6 mask
+    # agreements and as many derivations; 48 share seals + 48 opens; 8 x (6 + 2) + 8 keystreams; 8 x 7 + 16 adds; 8 roundings
+    bare = (16 + 96 + 96 + 96 + 72 + 72 + 8) * 1e-3
+    assert secagg["floor_without_defences_cpu_seconds"] == pytest.approx(3.0 + bare)
     assert secagg["target_possible"] is (8.0 / 3.0 <= TARGETS["secagg"])
     floor_only = rows[("secagg", 100)]  # no protocol round and no plain round at that size: the crypto floor alone
     assert floor_only["cpu_seconds"] is None and floor_only["runs"] == 0
