@@ -64,6 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=3, help="rounds per kind, interleaved; medians reported (default 3)")
     p.add_argument("--json", type=Path, default=Path("bench/overhead.json"), help="JSON results (default bench/overhead.json)")
     p.add_argument("--doc", type=Path, default=None, help="also rewrite this Markdown file's section (e.g. BENCHMARKS.md)")
+    p.add_argument("--section", default="overhead", help="the BENCHMARKS.md section to rewrite (default overhead)")
     p.add_argument("--render-only", action="store_true", help="run nothing: print (and with --doc, write) the table of --json")
 
 
@@ -185,7 +186,9 @@ def ckks_floor(config: Any, n: int, elements: int, repeats: int = 3) -> dict[str
 
 def run(args: argparse.Namespace) -> int:
     if args.render_only:
-        render(json.loads(args.json.read_text()), args.doc)
+        payload = json.loads(args.json.read_text())
+        payload["summary"] = summarise(payload)  # recomputed: a JSON from an older version renders with today's columns
+        render(payload, args.doc, args.section)
         return 0
     from ..config import load_config
     from ..federation.engine import build_task, resolve_data_dir
@@ -221,10 +224,14 @@ def run(args: argparse.Namespace) -> int:
         for n in sorted({*sizes[kind], *args.floor_clients}):
             floor_by[f"{kind}-{n}"] = floors_ = floors(configs, kind, dim, n)
             print(f"{kind} n={n} floor: {floors_['total']:.3f} CPU s (Ed25519 verify {floors_['ed25519_verify']:.3f})", flush=True)
-    payload = {"config": args.config, "overrides": list(args.overrides), "repeats": args.repeats, "rounds": rounds, "floors": floor_by}
+    argv = ["--clients", str(args.clients), "--repeats", str(args.repeats), "--kinds", *args.kinds]
+    argv += ["--ckks-clients", str(args.ckks_clients)] if args.ckks_clients else []
+    argv += ["--floor-clients", *map(str, args.floor_clients)] if args.floor_clients else []
+    payload = {"argv": argv, "config": args.config, "overrides": list(args.overrides), "repeats": args.repeats}
+    payload.update(rounds=rounds, floors=floor_by)
     payload["summary"] = summarise(payload)
     write_json(args.json, payload)
-    render(payload, args.doc)
+    render(payload, args.doc, args.section)
     return 0
 
 
@@ -312,7 +319,7 @@ def summarise(payload: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def render(payload: dict[str, Any], doc: Path | None) -> None:
+def render(payload: dict[str, Any], doc: Path | None, section: str = "overhead") -> None:
     headers = [
         "kind",
         "clients",
@@ -355,7 +362,8 @@ def render(payload: dict[str, Any], doc: Path | None) -> None:
                 f"{r['load'][0]:.1f}–{r['load'][1]:.1f}",
             ]
         )
-    heading = f"### Secure aggregation overhead on MovieLens (`fedrlhf bench overhead --config {payload['config']}`)"
+    command = " ".join(["fedrlhf bench overhead --config", payload["config"], *payload.get("argv", [])])
+    heading = f"### Secure aggregation overhead on MovieLens (`{command}`)"
     note = (
         "One in-process round (real u1 users, set-up excluded), process CPU seconds, kinds interleaved, median of the runs. "
         "Floor = the plain round of the same size + the CPU seconds of the protocol's required primitives, each timed in the "
@@ -365,4 +373,4 @@ def render(payload: dict[str, Any], doc: Path | None) -> None:
         "where 'floor × plain' exceeds the issue target, the target cannot be met with this protocol on this machine. "
         "'without signatures': the same floor less the Ed25519 key signatures and the consistency round (semi-honest SecAgg+)."
     )
-    update_section(doc, "overhead", f"{heading}\n\n{markdown_table(headers, rows)}\n\n{note}")
+    update_section(doc, section, f"{heading}\n\n{markdown_table(headers, rows)}\n\n{note}")
