@@ -138,6 +138,10 @@ def secagg_floor(n: int, elements: int, ring_bits: int, k: int, quorum: int) -> 
     if ring_bits == 64:  # the rounding pass is per element, not per 32-bit word
         costs["rounding_pass"] /= 2
     floor = floor_seconds(costs, operation_counts(n, k, quorum, 0))
+    if ring_bits == 64:  # each client's rounding coins are 32-bit whatever the ring: half a mask's keystream
+        coins = n * costs["keystream_mask"] / 2
+        floor["keystream_mask"] -= coins
+        floor["total"] -= coins
     return {**floor, **{f"unit_{name}": value for name, value in costs.items()}}
 
 
@@ -256,6 +260,8 @@ def _floor_without_defences(floor: dict[str, Any], n: int) -> float:
 
     counts = operation_counts(n, floor["k"], floor["quorum"], 0, consistency=False)
     total = sum(count * floor[f"unit_{name}"] for name, count in counts.items())
+    if floor.get("ring_bits") == 64:  # as in secagg_floor: 32-bit coins are half a 64-bit mask's keystream
+        total -= n * floor["unit_keystream_mask"] / 2
     return total + sum(floor.get(name, 0.0) for name in ("ckks_encrypt", "ckks_decrypt", "ckks_add"))
 
 
