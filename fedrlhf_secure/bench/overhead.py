@@ -60,7 +60,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=[],
         help="also compute the secagg and ckks floors at these sizes (cheap: no protocol round is run there)",
     )
-    p.add_argument("--kinds", nargs="+", default=["plain", "secagg", "ckks"], choices=["plain", "secagg", "ckks"])
+    p.add_argument(
+        "--kinds",
+        nargs="+",
+        default=["plain", "secagg", "ckks"],
+        choices=["plain", "secagg", "ckks"],
+        help="aggregations to run a round of (default all three; the floors are computed for secagg and ckks either way)",
+    )
     p.add_argument("--repeats", type=int, default=3, help="rounds per kind, interleaved; medians reported (default 3)")
     p.add_argument("--json", type=Path, default=Path("bench/overhead.json"), help="JSON results (default bench/overhead.json)")
     p.add_argument("--doc", type=Path, default=None, help="also rewrite this Markdown file's section (e.g. BENCHMARKS.md)")
