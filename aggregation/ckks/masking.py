@@ -172,10 +172,25 @@ def sample_mask(length: int, total_bits: int) -> np.ndarray:
     return (raw & np.uint64((1 << total_bits) - 1)).astype(np.int64)
 
 
+_POSITIONS: OrderedDict[bytes, np.ndarray] = OrderedDict()
+
+
 def check_positions(key: bytes, session: bytes, rnd: int, slots: int, checks: int) -> np.ndarray:
-    """Secret, sorted positions of the ``checks`` check slots among ``slots`` (a PRF permutation)."""
-    order = np.argsort(prg.expand(_seed(key, LABEL_POSITIONS, session, rnd, slots), slots, np.uint64), kind="stable")
-    return np.sort(order[:checks])
+    """Secret, sorted positions of the ``checks`` check slots among ``slots`` (a PRF permutation).
+
+    Memoised per process like :func:`expected_checks` (a few entries, keyed by a hash of every
+    input): every client of a key epoch derives the same positions, and the stable argsort of the
+    ``slots`` PRF values cost each client of a host ~5 ms of a MovieLens round (issue 16); the
+    result is the same array, computed once per host."""
+    memo = hashlib.sha256(repr((key, session, rnd, slots, checks)).encode()).digest()
+    hit = _POSITIONS.get(memo)
+    if hit is None:
+        order = np.argsort(prg.expand(_seed(key, LABEL_POSITIONS, session, rnd, slots), slots, np.uint64), kind="stable")
+        hit = np.sort(order[:checks])
+        _POSITIONS[memo] = hit
+        while len(_POSITIONS) > 4:
+            _POSITIONS.popitem(last=False)
+    return hit.copy()
 
 
 def check_values(key: bytes, session: bytes, rnd: int, client: int, checks: int, total_bits: int) -> np.ndarray:

@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "dp": ("fedrlhf_secure.bench.dp:run", "DP-SGD overhead vs non-private local training; privacy-utility table"),
     "audit": ("fedrlhf_secure.bench.audit:run", "16-shadow LiRA audit of the default MovieLens run"),
     "flower": ("fedrlhf_secure.bench.flower:run", "per-round overhead of the Flower transport vs in-process"),
+    "overhead": ("fedrlhf_secure.bench.overhead:run", "MovieLens round: secagg / plain and ckks / plain CPU, beside the crypto floor"),
     "scale": ("fedrlhf_secure.bench.scale:run", "CPU per MovieLens round for 100 / 1,000 / 10,000 resampled users, growth fit"),
 }
 SUBCOMMAND_DEST = "bench"
