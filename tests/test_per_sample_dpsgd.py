@@ -251,3 +251,36 @@ def test_the_block_gets_the_same_noisy_gradient_under_both_engines():
     np.testing.assert_allclose(out["direct"][0], out["opacus"][0], rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(out["direct"][1], out["opacus"][1], rtol=1e-5, atol=1e-6)
     assert np.all(out["direct"][0] != 0.0)
+
+
+# ------------------------------------------------------------------ the switch and the ledger
+
+
+def test_an_unknown_engine_is_refused_at_the_boundary():
+    from fedrlhf_secure.config import config_from_dict
+    from fedrlhf_secure.configtypes import ConfigError
+
+    with pytest.raises(ConfigError, match="per_sample"):
+        config_from_dict({"seed": 0, "task": {"kind": "movielens"}, "privacy": {"mode": "record", "epsilon": 8, "per_sample": "numpy"}})
+    assert config_from_dict({"seed": 0, "task": {"kind": "movielens"}}).privacy.per_sample == "direct"
+
+
+def test_both_engines_leave_the_same_ledger_steps_and_epsilon(shared_datasets, tmp_path):
+    from fedrlhf_secure.config import load_config
+    from fedrlhf_secure.federation.engine import RunOptions, run_federation
+    from fedrlhf_secure.privacy.ledger import read_ledger
+
+    spent = {}
+    for engine in ("direct", "opacus"):
+        overrides = ["task.num_clients=4", "privacy.mode=record", "privacy.epsilon=4", f"privacy.per_sample={engine}"]
+        run = run_federation(
+            load_config("configs/movielens-tiny.yaml", overrides),
+            RunOptions(data_dir=shared_datasets, out=tmp_path / engine, progress=False),
+        )
+        _, entries = read_ledger(run / "ledger")
+        spent[engine] = {
+            c: [(e.round, e.steps, e.sample_rate, e.noise_multiplier, round(e.epsilon_after, 9)) for e in es] for c, es in entries.items()
+        }
+    assert spent["direct"] == spent["opacus"]
+    assert sum(len(v) for v in spent["direct"].values()) == 8  # 4 clients x 2 rounds
+    assert all(steps >= 1 and 0 < eps <= 4.0 for rows in spent["direct"].values() for _, steps, _, _, eps in rows)
