@@ -1,5 +1,5 @@
 """Record-level DP-SGD settings handed to a task's local training, and the Opacus wiring (:func:`make_private`);
-the ``torch.func`` engine that does the same without Opacus is :mod:`.per_sample`."""
+the engine that does the same without Opacus (``privacy.per_sample: direct | functorch``) is :mod:`.per_sample`."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Record-level DP: DP-SGD inside each client's local training, accounted over the whole run.
 
-The per-sample work is done by the ``torch.func`` engine (:mod:`.per_sample`) or by Opacus
+The per-sample work is done by the project's engine (:mod:`.per_sample`) or by Opacus
 (:func:`.dpsgd.make_private`), ``privacy.per_sample``; both sample, clip, noise and count steps the
 same way, so nothing below depends on which.
 
