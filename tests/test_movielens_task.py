@@ -329,6 +329,7 @@ def test_ghost_clipping_gives_the_same_update_as_per_sample_gradients(data_dir):
             _deterministic_dp(0.05),
             human=KeyedHumanNoise(client._human_key, 0),
             grad_sample_mode=mode,
+            engine="opacus",
         )
         assert steps == 3
         deltas[mode] = {

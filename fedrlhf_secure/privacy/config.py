@@ -45,6 +45,12 @@ class PrivacyConfig:
     ``distributed`` / ``central`` = one DP-SGD step per round on the sum of all clients' per-record
     clipped gradients, noised by the clients' shares or by the server
     (:mod:`.distributed_dpsgd`; needs ``federation.weighting: uniform``)."""
+    per_sample: Literal["direct", "functorch", "opacus"] = "direct"
+    """Record level, local noise: the engine of the per-sample clipping and noise. ``direct``
+    (:mod:`.per_sample` fed by per-sample gradients from one batched backward pass, the fastest on
+    the MovieLens policy), ``functorch`` (the same engine fed by ``torch.func.vmap(grad)``) or
+    ``opacus`` (the reference both are checked against; the noise bit for bit). Same mechanism,
+    same steps, same ledger. Tasks with only Opacus (IMDb) ignore it."""
     audit_canaries: int | Literal["auto"] = 0
     """White-box gradient (Dirac) canaries inserted into this run for ``fedrlhf audit RUN``
     (:mod:`fedrlhf_secure.privacy.canaries`): client level after clipping, record level inside each

@@ -1,4 +1,5 @@
-"""Record-level DP-SGD settings handed to a task's local training (Opacus does the work)."""
+"""Record-level DP-SGD settings handed to a task's local training, and the Opacus wiring (:func:`make_private`);
+the engine that does the same without Opacus (``privacy.per_sample: direct | functorch``) is :mod:`.per_sample`."""
 
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ class AuditBlock:
         self.param = None
         self.steps = 0
         self.sampled = 0
+        self._rate, self._generator, self._offsets, self._values = 0.0, None, None, None
 
     def delta(self) -> np.ndarray:
         """The block's change over the fit (zeros when no DP-SGD step ran)."""
@@ -63,14 +65,33 @@ class AuditBlock:
             group["weight_decay"] = first["weight_decay"]
         optimizer.add_param_group(group)
 
+    def arm(self, sample_rate: float, generator) -> None:
+        """Fix the canaries' Poisson rate (the plan's q) and the secret generator that samples them."""
+        import torch
+
+        self._rate, self._generator = float(sample_rate), generator
+        self._offsets = None if self.canaries is None else torch.from_numpy(np.asarray(self.canaries.offsets, dtype=np.int64))
+        self._values = None if self.canaries is None else torch.from_numpy(np.asarray(self.canaries.values, dtype=np.float32))
+
+    def add_canaries(self, summed_grad) -> None:
+        """One DP-SGD step: each canary joins the block's sum of clipped gradients with probability q
+        (Poisson sampling, like a record), right before the step's noise. Both engines call this
+        (Opacus through :meth:`install`, :class:`.per_sample.FunctionalDPSGD` directly)."""
+        import torch
+
+        self.steps += 1
+        if self._offsets is not None and self._offsets.numel():
+            take = torch.rand(self._offsets.numel(), generator=self._generator) < self._rate
+            self.sampled += int(take.sum())
+            summed_grad.index_add_(0, self._offsets[take], self._values[take])
+
     def install(self, dp_optimizer, sample_rate: float, generator, ghost: bool) -> None:
         """Wrap ``dp_optimizer``: the block gets its zero per-sample gradients before Opacus clips, and
         the sampled canaries are added to its clipped sum right before Opacus adds the noise."""
         import torch
 
         block = self.param
-        offsets = None if self.canaries is None else torch.from_numpy(np.asarray(self.canaries.offsets, dtype=np.int64))
-        values = None if self.canaries is None else torch.from_numpy(np.asarray(self.canaries.values, dtype=np.float32))
+        self.arm(sample_rate, generator)
         pre_step, add_noise = dp_optimizer.pre_step, dp_optimizer.add_noise
 
         def zero_gradient(closure=None):
@@ -88,11 +109,7 @@ class AuditBlock:
             return pre_step(closure)
 
         def canaries_then_noise():
-            self.steps += 1
-            if offsets is not None and offsets.numel():
-                take = torch.rand(offsets.numel(), generator=generator) < sample_rate  # Poisson sampling, like a record
-                self.sampled += int(take.sum())
-                block.summed_grad.index_add_(0, offsets[take], values[take])
+            self.add_canaries(block.summed_grad)
             add_noise()
 
         dp_optimizer.pre_step = zero_gradient
@@ -110,11 +127,18 @@ class DPSGDSettings:
     ``canaries`` / ``audit_block``: the audit canaries of a run with ``privacy.audit_canaries``
     (set by the client's privacy layer and the audit-block task wrapper; tasks pass the settings
     to :func:`make_private` unchanged and never look at them).
+
+    ``per_sample`` (``privacy.per_sample``): which engine computes the clipped noisy gradients in a
+    task that has both: ``direct`` (the default) or ``functorch`` (:mod:`.per_sample`, per-sample
+    gradients from one backward pass or from ``torch.func.vmap(grad)``) or ``opacus``
+    (:func:`make_private`, the reference they are tested against). The mechanism is the same; the
+    ledger does not depend on it. Tasks with only Opacus (IMDb) ignore it.
     """
 
     noise_multiplier: float
     max_grad_norm: float
     sample_rate: float
+    per_sample: str = field(default="direct", compare=False)
     canaries: RecordCanaries | None = field(default=None, compare=False, repr=False)
     audit_block: AuditBlock | None = field(default=None, compare=False, repr=False)
 

@@ -236,6 +236,7 @@ def build_client_privacy(
             ledger=ledger,
             releases=releases,
             noise=noise,
+            per_sample=p.per_sample,
         )
     if p.noise == "central" and not aggregator.capabilities.server_reads_result:
         from .server import central_noise_unreadable

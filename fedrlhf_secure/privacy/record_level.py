@@ -1,4 +1,8 @@
-"""Record-level DP: Opacus DP-SGD inside each client's local training, accounted over the whole run.
+"""Record-level DP: DP-SGD inside each client's local training, accounted over the whole run.
+
+The per-sample work is done by the project's engine (:mod:`.per_sample`) or by Opacus
+(:func:`.dpsgd.make_private`), ``privacy.per_sample``; both sample, clip, noise and count steps the
+same way, so nothing below depends on which.
 
 **Relation: one rating replaced** (replace-one, :data:`.accountants.RELATION`). A client's record
 count n_k is not hidden: its FedAvg weight (``weighting: examples``), its sample rate and its step
@@ -60,11 +64,13 @@ class RecordLevelPlan(BudgetedPlan):
         ledger: PrivacyLedger,
         releases: ReleaseStore,
         noise: NoiseSource,
+        per_sample: str = "direct",
     ) -> None:
         super().__init__(budget=budget, delta=delta, ledger=ledger, releases=releases, noise=noise)
         self.accountant = GaussianAccountant(accountant)
         self.max_grad_norm = float(max_grad_norm)
         self.local_epochs = int(local_epochs)
+        self.per_sample = per_sample
         self.batches = {c: max(1, math.ceil(n / batch_size)) for c, n in client_sizes.items()}
         self._sigma: dict[int, float] = {}
         buckets = sorted(set(self.batches.values()))
@@ -105,7 +111,9 @@ class RecordLevelPlan(BudgetedPlan):
 
     def dpsgd_settings(self, client_id: int, round: int) -> DPSGDSettings:
         sigma = self.noise.dpsgd_noise_multiplier(self.noise_multiplier(client_id))
-        return DPSGDSettings(noise_multiplier=sigma, max_grad_norm=self.max_grad_norm, sample_rate=self.sample_rate(client_id))
+        return DPSGDSettings(
+            noise_multiplier=sigma, max_grad_norm=self.max_grad_norm, sample_rate=self.sample_rate(client_id), per_sample=self.per_sample
+        )
 
     def add_noise(self, client_id: int, round: int, clipped, weight: float) -> Release:
         """Record level: the noise was added inside DP-SGD; the update leaves as trained."""

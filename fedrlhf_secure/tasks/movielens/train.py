@@ -21,11 +21,13 @@ that ``λ = 0`` and ``λ > 0`` give different updates.
 global model, then the shared parameters are trained with it fixed (FedRep, Collins et al. 2021).
 
 Two loops: :func:`train_epochs` (plain mini-batch Adam, the fast path) and :func:`train_epochs_dp`
-(Opacus DP-SGD: per-sample clipping and Gaussian noise with Poisson sampling, see its docstring).
+(DP-SGD: per-sample clipping and Gaussian noise with Poisson sampling, by the ``torch.func`` engine
+of :mod:`fedrlhf_secure.privacy.per_sample` or by Opacus; see its docstring).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -295,6 +297,85 @@ class ShapedRewardCriterion(torch.nn.Module):
         return {"none": loss, "mean": loss.mean(), "sum": loss.sum()}[self.reduction]
 
 
+def _head(dense: Mapping[str, torch.Tensor], user_rows: torch.Tensor, item_rows: torch.Tensor, genres: torch.Tensor, item_scale: float):
+    """:meth:`PreferencePolicy.forward` after its two lookups, on the records' own user and item rows
+    (stored units) and the dense layers' parameters ``dense`` (by module parameter name). Returns
+    the logits and each linear layer's (input, output), the factors of its per-sample weight
+    gradients. ``tests/test_per_sample_dpsgd.py`` checks the logits equal the module's."""
+    pg = F.linear(genres, dense["genre_projection.weight"], dense["genre_projection.bias"])
+    items = item_rows * item_scale if item_scale != 1.0 else item_rows
+    x = torch.cat([user_rows, items, pg], dim=-1)
+    ph = F.linear(x, dense["hidden.weight"], dense["hidden.bias"])
+    h = torch.relu(ph)
+    z = F.linear(h, dense["out.weight"], dense["out.bias"])
+    return z.squeeze(-1), ((genres, pg), (x, ph), (h, z))
+
+
+def record_gradients(
+    policy: PreferencePolicy,
+    data: LocalData,
+    idx: torch.Tensor,
+    rewards: torch.Tensor,
+    settings: TrainSettings,
+    *,
+    method: Literal["direct", "functorch"] = "direct",
+):
+    """Each record's gradient of its own loss, for :class:`~fedrlhf_secure.privacy.per_sample.FunctionalDPSGD`;
+    returns (per-sample gradients by parameter, mean loss of the batch).
+
+    ``functorch``: ``torch.func.vmap(grad(loss))`` over the records, with respect to the dense
+    layers and the record's own user and item rows. ``direct`` (default, ~7× cheaper per step on
+    this model): one backward pass of the batch's summed loss to each linear layer's output and to
+    the looked-up rows; every term of the sum depends on one record (the layers act row by row),
+    so the gradient at record i's row is record i's own, and a linear weight's per-sample gradient
+    is that output gradient times the layer's input (:class:`~fedrlhf_secure.privacy.per_sample.Outer`,
+    what Opacus' ``nn.Linear`` grad sampler computes). Either way the embedding tables' gradients
+    come back as the one row each record reads (:class:`~fedrlhf_secure.privacy.per_sample.Rows`)."""
+    from ...privacy.per_sample import Dense, Outer, Rows
+
+    named = dict(policy.named_parameters())
+    users, items = data.user_pos[idx], data.item_pos[idx]
+    user_rows = policy.user_embedding.weight.detach()[users]
+    item_rows = policy.item_embedding.weight.detach()[items]
+    genres = data.genres[idx]
+    out: dict[torch.Tensor, object] = {}
+    if method == "functorch":
+        from torch.func import grad_and_value, vmap
+
+        dense = {k: v.detach() for k, v in named.items() if not k.endswith("embedding.weight")}
+
+        def loss(dense, user_row, item_row, genre_row, reward):
+            z, _ = _head(dense, user_row, item_row, genre_row, policy.item_scale)
+            return policy_loss(z.reshape(1), reward.reshape(1, 2), settings.objective, settings.temperature)[0]
+
+        (g_dense, g_user, g_item), losses = vmap(grad_and_value(loss, argnums=(0, 1, 2)), in_dims=(None, 0, 0, 0, 0))(
+            dense, user_rows, item_rows, genres, rewards
+        )
+        out.update({named[k]: Dense(g) for k, g in g_dense.items() if named[k].requires_grad})
+    elif method == "direct":
+        dense = {k: v.detach().requires_grad_(True) for k, v in named.items() if not k.endswith("embedding.weight")}
+        user_rows.requires_grad_(True)
+        item_rows.requires_grad_(True)
+        with torch.enable_grad():
+            z, layers = _head(dense, user_rows, item_rows, genres, policy.item_scale)
+            losses = policy_loss(z, rewards, settings.objective, settings.temperature)
+            outputs = [o for _, o in layers]
+            *g_out, g_user, g_item = torch.autograd.grad(losses.sum(), [*outputs, user_rows, item_rows])
+        for name, (inp, _), g in zip(("genre_projection", "hidden", "out"), layers, g_out, strict=True):
+            if named[f"{name}.weight"].requires_grad:
+                out[named[f"{name}.weight"]] = Outer(g, inp.detach())
+            if named[f"{name}.bias"].requires_grad:
+                out[named[f"{name}.bias"]] = Dense(g)
+        losses = losses.detach()
+    else:
+        raise ValueError(f"unknown per-sample gradient method {method!r}")
+    if policy.user_embedding.weight.requires_grad:
+        out[policy.user_embedding.weight] = Rows(users, g_user)
+    if policy.item_embedding.weight.requires_grad:
+        out[policy.item_embedding.weight] = Rows(items, g_item)
+    return out, losses.mean()
+
+
 def train_epochs_dp(
     policy: PreferencePolicy,
     data: LocalData,
@@ -305,32 +386,79 @@ def train_epochs_dp(
     *,
     human: KeyedHumanNoise,
     grad_sample_mode: Literal["ghost", "hooks"] = "ghost",
+    engine: Literal["direct", "functorch", "opacus"] | None = None,
 ) -> tuple[int, float]:
-    """Record-level DP-SGD with Opacus; returns (noisy steps taken, mean loss of the last epoch).
+    """Record-level DP-SGD; returns (noisy steps taken, mean loss of the last epoch).
 
-    ``opacus.PrivacyEngine.make_private`` wraps the policy and the optimizer: flat clipping of each
+    ``engine`` (default ``dp.per_sample``, i.e. ``privacy.per_sample``): ``direct`` or ``functorch``
+    (:class:`~fedrlhf_secure.privacy.per_sample.FunctionalDPSGD` fed by :func:`record_gradients`
+    with that method) or ``opacus`` (:func:`_train_epochs_opacus`, the reference). Both: flat clipping of each
     record's gradient to ``max_grad_norm``, Gaussian noise ``noise_multiplier · max_grad_norm`` on
-    every coordinate (every item row included) and Adam on the noisy mean. The personal user
-    embedding used here is trained, clipped and noised like everything else.
+    every coordinate (every item row included, because under record-level DP the set of rated items
+    is itself private), Poisson batches at the planned ``sample_rate`` (``int(1/q)`` steps per
+    epoch, empty batches still take a noisy step), and Adam on the noisy sum divided by the
+    expected batch size. The personal user embedding used here is trained, clipped and noised like
+    everything else. Measured (``fedrlhf bench dp``, BENCHMARKS.md): see docs/dp.md.
 
+    Accounting is not done here: :mod:`fedrlhf_secure.privacy` accounts over rounds from the
+    ``steps``/``sample_rate``/``noise_multiplier`` this fit reports. The shaped reward is computed
+    per record from its own rating and its own keyed draws only (:func:`private_shaped_rewards`,
+    ``human`` keyed by the client's secret key and the round), so each per-sample gradient depends
+    on one record. All parameters train jointly (one DP mechanism for exactly ``epochs`` passes at
+    the planned rate, matching the steps the privacy plan calibrated for), not in the alternating
+    schedule of :func:`train_epochs`.
+    """
+    engine = engine or dp.per_sample
+    if engine == "opacus":
+        return _train_epochs_opacus(policy, data, profiles, settings, epochs, dp, human=human, grad_sample_mode=grad_sample_mode)
+    if engine not in ("direct", "functorch"):
+        raise ValueError(f"privacy.per_sample must be one of direct, functorch, opacus; got {engine!r}")
+    from ...privacy.per_sample import FunctionalDPSGD
+
+    n = len(data)
+    dpsgd = FunctionalDPSGD(_adam(policy, settings, personal=True, shared=True), n, dp)
+    last = float("nan")
+    for epoch in range(epochs):
+        losses = []
+        draws = human.draws(epoch, n)
+        for idx in dpsgd.epoch():
+            if len(idx):
+                rewards = torch.from_numpy(private_shaped_rewards(data, idx.numpy(), profiles, draws))
+                grads, loss = record_gradients(policy, data, idx, rewards, settings, method=engine)
+                losses.append(loss.detach())
+            else:  # an empty Poisson batch: no gradient, but the noise is still added
+                grads = {}
+            dpsgd.step(grads, len(idx))
+        if losses:
+            last = float(torch.stack(losses).mean())
+    for p in policy.parameters():
+        p.requires_grad_(True)
+    return dpsgd.steps, last
+
+
+def _train_epochs_opacus(
+    policy: PreferencePolicy,
+    data: LocalData,
+    profiles: ProfileTable,
+    settings: TrainSettings,
+    epochs: int,
+    dp: DPSGDSettings,
+    *,
+    human: KeyedHumanNoise,
+    grad_sample_mode: Literal["ghost", "hooks"] = "ghost",
+) -> tuple[int, float]:
+    """:func:`train_epochs_dp` with Opacus (``privacy.per_sample: opacus``).
+
+    ``opacus.PrivacyEngine.make_private`` wraps the policy and the optimizer.
     ``grad_sample_mode="ghost"`` (the default) is Opacus' ghost clipping (Li et al. 2022; Bu et al.
     2023): the per-record gradient *norms* come from the layers' activations and backprops, then a
     second backward pass of the reweighted loss yields the sum of clipped gradients directly. The
     result is the same as ``"hooks"`` (which materialises a (batch, 1682, 32) per-record gradient
-    of the item table every step); ``tests/test_movielens_task.py`` checks the two agree. Ghost
-    clipping is the faster of the two here: 0.17 s against 0.32 s per epoch for 24 u1 clients at
-    batches of 64.
+    of the item table every step); ``tests/test_movielens_task.py`` checks the two agree.
 
     Poisson sampling is done by an Opacus ``DPDataLoader`` built at exactly the planned
     ``sample_rate`` (make_private's own loader conversion would round the rate to ``1/len(loader)``),
-    so it is passed with ``poisson_sampling=False``; empty batches still take a noisy step.
-    Opacus's accountant is never consulted: :mod:`fedrlhf_secure.privacy` accounts over rounds
-    from the ``steps``/``sample_rate``/``noise_multiplier`` this fit reports. The shaped reward is
-    computed per record from its own rating and its own keyed draws only (:func:`private_shaped_rewards`,
-    ``human`` keyed by the client's secret key and the round), so each per-sample gradient depends on
-    one record. All parameters train jointly (one DP mechanism for
-    exactly ``epochs`` passes at the planned rate, matching the steps the privacy plan calibrated
-    for), not in the alternating schedule of :func:`train_epochs`.
+    so it is passed with ``poisson_sampling=False``.
     """
     import warnings
 
