@@ -257,8 +257,23 @@ ADAPTIVE_CLIP: list[str] = [
 on top of the client-level levers. σ_b = 943/20 for one client per user (pass ``--set
 privacy.adaptive_clip.count_noise=...`` for other federations)."""
 
+RECORD_DISTRIBUTED: list[str] = [
+    # distributed DP-SGD (Kairouz, Liu & Steinke 2021; fedrlhf_secure/privacy/distributed_dpsgd.py):
+    # 5 rounds of 2 aggregated full-batch steps (10 noised sums, z calibrated over all 10), per-record
+    # clip 0.5, the noised sum applied by server Adam (β₁ 0.5, η 0.01: post-processing)
+    "federation.weighting=uniform",
+    "privacy.steps_per_round=2",
+    "federation.server_optimizer.kind=adam",
+    "federation.server_optimizer.beta1=0.5",
+    "federation.server_lr=0.01",
+]
+"""``record-distributed``: under ``plain`` aggregation the server adds the noise (``record_noise:
+central``, a trusted server); under ``secagg``/``ckks`` the clients add Skellam/Gaussian shares
+(``record_noise: distributed``) and nobody sees an un-noised sum (:func:`_run_overrides`)."""
+
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "record": ("record", []),
+    "record-distributed": ("record", RECORD_DISTRIBUTED),
     "client": ("client", []),
     "client-adaptive": ("client", ADAPTIVE_CLIP),
 }
@@ -290,6 +305,12 @@ def _run_overrides(
         out += ["federation.weighting=uniform", "privacy.noise=distributed", "privacy.accountant=rdp"]
     if levers:
         out += USER_LEVEL_LEVERS.get(base, [])
+    if base == "record" and any(o.startswith("privacy.steps_per_round=") for o in extra):
+        # distributed DP-SGD: the noise goes where the aggregator lets it protect the sum
+        if aggregation == "plain":
+            out.append("privacy.record_noise=central")
+        else:
+            out += ["privacy.record_noise=distributed", "aggregation.clip_range=64", "aggregation.max_weight=1"]
     return out + list(extra)
 
 
@@ -321,7 +342,7 @@ def _utility(args: argparse.Namespace) -> int:
     for aggregation, eps, mode in grid:
         overrides = base + _run_overrides(mode, eps, aggregation, args.delta, args.levers, variants)
         config = load_config(args.config, overrides)
-        if config.privacy.mode == "client" and aggregation != "plain":
+        if aggregation != "plain" and (config.privacy.mode == "client" or config.privacy.record_noise == "distributed"):
             overrides += _headroom(config)
             config = load_config(args.config, overrides)
         t0 = time.perf_counter()
