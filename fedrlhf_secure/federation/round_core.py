@@ -13,7 +13,10 @@ FedRLHF (arXiv 2412.15538), Algorithm 1, server part, with secure aggregation an
    aggregator messages; later stages relay the protocol until the server half is done;
 5. **release** the aggregate: the server's privacy half adds central noise or discards an aggregate
    with too few survivors, then the average delta (sparse rows normalised by their touch weight,
-   :mod:`.update`) is applied by the server optimizer (:mod:`.server_optimizer`, η = ``server_lr``);
+   :mod:`.update`) is applied by the server optimizer (:mod:`.server_optimizer`, η = ``server_lr``).
+   Under distributed DP-SGD with ``privacy.steps_per_round: S`` steps 1-5 run S times per round
+   (each step a complete aggregation under protocol round ``r·S + s``, applied before the next
+   step's fit; :mod:`fedrlhf_secure.privacy.distributed_dpsgd`), and step 6 once;
 6. **collect reports**: every host evaluates the new model on its clients' held-out data. Under
    DP the reports carry no numbers (the participant's ``PlaintextPolicy`` keeps them on the
    client), so the pooled accuracy and ``train_loss_mean`` are absent or NaN here; the in-process
