@@ -425,6 +425,7 @@ def _report(args: argparse.Namespace, base: list[str], results: list[dict[str, A
             "DP-SGD, σ calibrated per client over all rounds (PRV unless overridden). Client level: DP-FedAvg, uniform weights, "
             "distributed noise (Gaussian shares with plain aggregation, Skellam shares in the quantised domain under SecAgg). "
             + _levers_note(args.levers, args.modes)
+            + _steps_note(results)
             + _clip_note(results)
             + _source_note(results)
             + f"ε spent (ledger, max over clients): {_spent_note(results)}. Plot: `{plot}`.\n"
@@ -444,6 +445,25 @@ def _source_note(results: list[dict[str, Any]]) -> str:
             eps = "∞" if math.isinf(r["epsilon_target"]) else f"{r['epsilon_target']:g}"
             sources.setdefault(r["source"], []).append(f"{r['mode']}/{r['aggregation']} ε={eps}")
     return ("Rows merged from: " + "; ".join(f"`{p}` ({', '.join(c)})" for p, c in sources.items()) + ". ") if sources else ""
+
+
+def _steps_note(results: list[dict[str, Any]]) -> str:
+    """Distributed DP-SGD rows: how many aggregations (noised gradient sums) each run took, and where its noise went."""
+    cells = []
+    for r in results:
+        o = dict(x.split("=", 1) for x in r.get("overrides", []) if "=" in x)
+        if "privacy.steps_per_round" not in o:
+            continue
+        steps = int(o["privacy.steps_per_round"])
+        where = "central noise (trusted server)" if o.get("privacy.record_noise") == "central" else "Skellam shares (distributed)"
+        cells.append(f"{r['mode']}/{r['aggregation']}: {r['rounds']} rounds × {steps} steps = {r['rounds'] * steps} aggregations, {where}")
+    if not cells:
+        return ""
+    return (
+        "Distributed DP-SGD (Kairouz, Liu & Steinke 2021; `privacy.steps_per_round`): every step is one aggregation of the "
+        "clients' per-record clipped gradient sums (clip 0.5, all records), noised once for the federation, applied by server "
+        "Adam before the next step; ε over all steps: " + "; ".join(cells) + ". "
+    )
 
 
 def _clip_note(results: list[dict[str, Any]]) -> str:
