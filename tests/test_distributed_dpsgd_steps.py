@@ -201,3 +201,13 @@ def test_a_bad_steps_per_round_exits_2_naming_the_key(tmp_path, overrides):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "privacy.steps_per_round" in proc.stderr and "Traceback" not in proc.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_the_utility_grids_distributed_variant_puts_the_noise_where_each_aggregator_protects_it():
+    from fedrlhf_secure.bench.dp import _run_overrides
+
+    plain = load_config(ROOT / "configs" / "movielens.yaml", _run_overrides("record-distributed", 8.0, "plain", 1e-5))
+    secagg = load_config(ROOT / "configs" / "movielens.yaml", _run_overrides("record-distributed", 8.0, "secagg", 1e-5))
+    assert (plain.privacy.record_noise, plain.privacy.steps_per_round, plain.federation.rounds) == ("central", 2, 5)
+    assert (secagg.privacy.record_noise, secagg.privacy.steps_per_round) == ("distributed", 2)
+    assert plain.federation.weighting == "uniform" and plain.federation.server_optimizer.kind == "adam"
