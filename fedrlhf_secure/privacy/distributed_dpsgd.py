@@ -20,10 +20,11 @@ Liu 2021 for the Skellam variant used with integer masking):
    N(0, (zC)²) from any m - 1 shares) and applies it with the server optimizer (post-processing,
    :mod:`fedrlhf_secure.federation.server_optimizer`).
 
-One round is one step of a central DP-SGD learner holding every client's records. One record
+One aggregation is one step of a central DP-SGD learner holding every client's records (a round
+is ``privacy.steps_per_round`` of them, below). One record
 replaced moves one summand of one ``g_k`` by at most 2C, the replace-one sensitivity
 (:data:`.accountants.RELATION`) the client-level mechanism also has, so the noise, its
-calibration over ``federation.rounds`` releases, the survivors rule (:func:`.client_level.survivors_required`),
+calibration over ``federation.rounds × steps_per_round`` releases, the survivors rule (:func:`.client_level.survivors_required`),
 the m - 1 share divisor (:func:`.client_level.share_divisor`) and the Skellam sizing are those of
 :class:`.client_level.ClientLevelPlan`, which this plan reuses; only what is clipped differs (each
 record to C inside the task instead of the whole update) and what is released (a gradient sum, not
