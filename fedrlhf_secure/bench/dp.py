@@ -281,8 +281,23 @@ ADAPTIVE_CLIP: list[str] = [
 on top of the client-level levers. σ_b = 943/20 for one client per user (pass ``--set
 privacy.adaptive_clip.count_noise=...`` for other federations)."""
 
+RECORD_DISTRIBUTED: list[str] = [
+    # distributed DP-SGD (Kairouz, Liu & Steinke 2021; fedrlhf_secure/privacy/distributed_dpsgd.py):
+    # 5 rounds of 2 aggregated full-batch steps (10 noised sums, z calibrated over all 10), per-record
+    # clip 0.5, the noised sum applied by server Adam (β₁ 0.5, η 0.01: post-processing)
+    "federation.weighting=uniform",
+    "privacy.steps_per_round=2",
+    "federation.server_optimizer.kind=adam",
+    "federation.server_optimizer.beta1=0.5",
+    "federation.server_lr=0.01",
+]
+"""``record-distributed``: under ``plain`` aggregation the server adds the noise (``record_noise:
+central``, a trusted server); under ``secagg``/``ckks`` the clients add Skellam/Gaussian shares
+(``record_noise: distributed``) and nobody sees an un-noised sum (:func:`_run_overrides`)."""
+
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "record": ("record", []),
+    "record-distributed": ("record", RECORD_DISTRIBUTED),
     "client": ("client", []),
     "client-adaptive": ("client", ADAPTIVE_CLIP),
 }
@@ -314,6 +329,12 @@ def _run_overrides(
         out += ["federation.weighting=uniform", "privacy.noise=distributed", "privacy.accountant=rdp"]
     if levers:
         out += USER_LEVEL_LEVERS.get(base, [])
+    if base == "record" and any(o.startswith("privacy.steps_per_round=") for o in extra):
+        # distributed DP-SGD: the noise goes where the aggregator lets it protect the sum
+        if aggregation == "plain":
+            out.append("privacy.record_noise=central")
+        else:
+            out += ["privacy.record_noise=distributed", "aggregation.clip_range=64", "aggregation.max_weight=1"]
     return out + list(extra)
 
 
@@ -345,7 +366,7 @@ def _utility(args: argparse.Namespace) -> int:
     for aggregation, eps, mode in grid:
         overrides = base + _run_overrides(mode, eps, aggregation, args.delta, args.levers, variants)
         config = load_config(args.config, overrides)
-        if config.privacy.mode == "client" and aggregation != "plain":
+        if aggregation != "plain" and (config.privacy.mode == "client" or config.privacy.record_noise == "distributed"):
             overrides += _headroom(config)
             config = load_config(args.config, overrides)
         t0 = time.perf_counter()
@@ -428,6 +449,7 @@ def _report(args: argparse.Namespace, base: list[str], results: list[dict[str, A
             "DP-SGD, σ calibrated per client over all rounds (PRV unless overridden). Client level: DP-FedAvg, uniform weights, "
             "distributed noise (Gaussian shares with plain aggregation, Skellam shares in the quantised domain under SecAgg). "
             + _levers_note(args.levers, args.modes)
+            + _steps_note(results)
             + _clip_note(results)
             + _source_note(results)
             + f"ε spent (ledger, max over clients): {_spent_note(results)}. Plot: `{plot}`.\n"
@@ -447,6 +469,25 @@ def _source_note(results: list[dict[str, Any]]) -> str:
             eps = "∞" if math.isinf(r["epsilon_target"]) else f"{r['epsilon_target']:g}"
             sources.setdefault(r["source"], []).append(f"{r['mode']}/{r['aggregation']} ε={eps}")
     return ("Rows merged from: " + "; ".join(f"`{p}` ({', '.join(c)})" for p, c in sources.items()) + ". ") if sources else ""
+
+
+def _steps_note(results: list[dict[str, Any]]) -> str:
+    """Distributed DP-SGD rows: how many aggregations (noised gradient sums) each run took, and where its noise went."""
+    cells = []
+    for r in results:
+        o = dict(x.split("=", 1) for x in r.get("overrides", []) if "=" in x)
+        if "privacy.steps_per_round" not in o:
+            continue
+        steps = int(o["privacy.steps_per_round"])
+        where = "central noise (trusted server)" if o.get("privacy.record_noise") == "central" else "Skellam shares (distributed)"
+        cells.append(f"{r['mode']}/{r['aggregation']}: {r['rounds']} rounds × {steps} steps = {r['rounds'] * steps} aggregations, {where}")
+    if not cells:
+        return ""
+    return (
+        "Distributed DP-SGD (Kairouz, Liu & Steinke 2021; `privacy.steps_per_round`): every step is one aggregation of the "
+        "clients' per-record clipped gradient sums (clip 0.5, all records), noised once for the federation, applied by server "
+        "Adam before the next step; ε over all steps: " + "; ".join(cells) + ". "
+    )
 
 
 def _clip_note(results: list[dict[str, Any]]) -> str:

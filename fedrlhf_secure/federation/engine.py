@@ -157,6 +157,9 @@ class Federation:
             self.close()  # worker processes the embedded run forked must not outlive a refused run
             raise
         self.start_round = 0
+        self.start_step = 0
+        """Steps of ``start_round`` already applied before a resume (several per round: ``privacy.steps_per_round``)."""
+        self._resumed_aggregations = 0
         self.history: list[dict[str, Any]] = []
         self.final_clients: dict[int, dict[str, float]] = {}
         self.stopped: str | None = None
@@ -223,9 +226,13 @@ class Federation:
         return self.core.global_params
 
     # ------------------------------------------------------------------ checkpoints (embedded runs)
-    def _save_checkpoint(self, completed_round: int) -> None:
+    def _save_checkpoint(self, completed_round: int, step: tuple[int, int] | None = None) -> None:
         """The state a resumed run needs: the server's (model, RNG, session) and the participants'
-        own (personal parameters, a CKKS host's model), each written atomically."""
+        own (personal parameters, a CKKS host's model), each written atomically.
+
+        ``step = (steps done, aggregations applied)`` of round ``completed_round + 1`` when the
+        round takes several aggregations (``privacy.steps_per_round``): the checkpoint after each
+        step, so a resume continues at the next step from the model that step's release made."""
         if not self.embedded:
             return  # over nodes the participants' state is on the nodes: no resume from here
         ck = self.run.path / "checkpoint"
@@ -241,6 +248,8 @@ class Federation:
             "rng": self.core.rng.bit_generator.state,
             "session_id": self.core.session_id.hex(),
         }
+        if step is not None:
+            state["round_steps_done"], state["round_aggregations"] = step
         if self.config.privacy.mode != "none":
             # the ledger as of this checkpoint (every commit of the round is done): a resume refuses a ledger holding less
             state["ledger"] = ledger_commitment(self.run.path / "ledger")
@@ -264,6 +273,8 @@ class Federation:
         if self.core.privacy.schedule is not None:
             self.core.privacy.schedule.load(state.get("clip_counts", []))
         self.start_round = int(state["completed_round"]) + 1
+        self.start_step = int(state.get("round_steps_done", 0))
+        self._resumed_aggregations = int(state.get("round_aggregations", self.start_step))
         self.history = [r for r in self.run.read_jsonl("metrics.jsonl") if r["round"] < self.start_round]
         self.run.rewrite_jsonl("metrics.jsonl", self.history)
 
@@ -279,6 +290,11 @@ class Federation:
             legacy.update({f"held/{k}": v for k, v in self.core.global_params.items()})
             legacy["held_round"] = np.asarray([completed_round], dtype=np.int64)
         return legacy
+
+    def _step_checkpoint(self, r: int, step: int, applied: int) -> None:
+        """After each step of a multi-step round (not its last: the round's own checkpoint follows)."""
+        if step + 1 < self.core.steps_per_round:
+            self._save_checkpoint(r - 1, (step + 1, applied))
 
     # ------------------------------------------------------------------ the run
     def run_all(self) -> dict[str, Any]:
@@ -296,11 +312,24 @@ class Federation:
         try:
             for r in range(self.start_round, self.fed.rounds):
                 # clients done / total within the round (in process; worker processes report per round)
+                steps = self.core.steps_per_round
+                # a round resumed mid-way continues at its next step (the steps before it were applied and checkpointed)
+                start_step, applied = (self.start_step, self._resumed_aggregations) if r == self.start_round else (0, 0)
                 self._clients_bar = progress.bar(
-                    len(self.client_ids), f"round {r}: local RLHF", "client", show=self.options.progress, leave=False
+                    len(self.client_ids) * (steps - start_step),
+                    f"round {r}: local RLHF" if steps == 1 else f"round {r}: {steps - start_step} DP-SGD steps",
+                    "client",
+                    show=self.options.progress,
+                    leave=False,
                 )
                 try:
-                    log = self.core.run_round(r, bar.set_postfix_str)
+                    log = self.core.run_round(
+                        r,
+                        bar.set_postfix_str,
+                        start_step=start_step,
+                        applied=applied,
+                        after_step=self._step_checkpoint if steps > 1 else None,
+                    )
                 except RoundStopped as stop:
                     self.stopped = str(stop)
                     logger.warning("%s", self.stopped)

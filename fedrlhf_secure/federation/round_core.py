@@ -13,7 +13,10 @@ FedRLHF (arXiv 2412.15538), Algorithm 1, server part, with secure aggregation an
    aggregator messages; later stages relay the protocol until the server half is done;
 5. **release** the aggregate: the server's privacy half adds central noise or discards an aggregate
    with too few survivors, then the average delta (sparse rows normalised by their touch weight,
-   :mod:`.update`) is applied by the server optimizer (:mod:`.server_optimizer`, η = ``server_lr``);
+   :mod:`.update`) is applied by the server optimizer (:mod:`.server_optimizer`, η = ``server_lr``).
+   Under distributed DP-SGD with ``privacy.steps_per_round: S`` steps 1-5 run S times per round
+   (each step a complete aggregation under protocol round ``r·S + s``, applied before the next
+   step's fit; :mod:`fedrlhf_secure.privacy.distributed_dpsgd`), and step 6 once;
 6. **collect reports**: every host evaluates the new model on its clients' held-out data. Under
    DP the reports carry no numbers (the participant's ``PlaintextPolicy`` keeps them on the
    client), so the pooled accuracy and ``train_loss_mean`` are absent or NaN here; the in-process
@@ -43,6 +46,7 @@ from aggregation.driver import TranscriptHook
 
 from ..config import RunConfig
 from ..errors import RunFailed
+from ..privacy.distributed_dpsgd import steps_per_round
 from ..privacy.server import ServerPrivacy
 from .messages import FitInstruction, Report
 from .node_driver import NodeLink, NodeRoundDriver, NodeRoundOutcome
@@ -61,6 +65,23 @@ class TransportError(RunFailed):
 
 class RoundStopped(RunFailed):
     """The run cannot take another round (too few clients can take part, an aggregation failed)."""
+
+
+@dataclass
+class _StepLog:
+    """One aggregation of a round (several under ``privacy.steps_per_round``)."""
+
+    outcome: NodeRoundOutcome
+    selected: int
+    refused: int
+    admitted: list[int]
+    contributors: tuple[int, ...]
+    aborted: str | None
+    losses: list[float]
+    bytes_down: dict[int, int]
+    bytes_up: dict[int, int]
+    fit_seconds: float
+    aggregation_seconds: float
 
 
 @dataclass
@@ -182,24 +203,101 @@ class RoundCore:
                 self.privacy.refuse(c)
         return [c for c in selected if c in admitted]
 
-    def run_round(self, r: int, progress: Callable[[str], None] = lambda _: None) -> RoundLog:
+    @property
+    def steps_per_round(self) -> int:
+        """Aggregations per round: ``privacy.steps_per_round`` (distributed-noise DP-SGD, one noised
+        gradient sum per step, :mod:`fedrlhf_secure.privacy.distributed_dpsgd`), else 1."""
+        return steps_per_round(self.config)
+
+    def protocol_round(self, r: int, step: int) -> int:
+        """The round number step ``step`` of round ``r`` runs under: its secure-aggregation session,
+        the clients' admission and ledger entry and the noise shares are per step (``r·S + step``);
+        with one step per round it is ``r``."""
+        return r * self.steps_per_round + step
+
+    def run_round(
+        self,
+        r: int,
+        progress: Callable[[str], None] = lambda _: None,
+        *,
+        start_step: int = 0,
+        applied: int | None = None,
+        after_step: Callable[[int, int, int], None] | None = None,
+    ) -> RoundLog:
+        """The round's ``steps_per_round`` aggregations (from ``start_step``: a resumed round skips the
+        steps whose aggregate was already applied), each applied before the next fit, then one evaluation.
+
+        ``after_step(r, step, applied)`` is called after each step's release (``applied``: the
+        aggregations of this round applied so far), so the run can checkpoint mid-round."""
         t_round = time.perf_counter()
+        steps = self.steps_per_round
+        logs: list[_StepLog] = []
+        applied = start_step if applied is None else int(applied)
+        for s in range(start_step, steps):
+            label = f"round {r}" if steps == 1 else f"round {r} step {s + 1}/{steps}"
+            step = self._step(self.protocol_round(r, s), label, progress)
+            logs.append(step)
+            applied += step.aborted is None
+            if after_step is not None:
+                after_step(r, s, applied)
+
+        progress(f"round {r}: evaluation")
+        t0 = time.perf_counter()
+        per_client = self.collect_reports(r, logs[-1].outcome.dropped_nodes if logs else set())
+        t_eval = time.perf_counter() - t0
+
+        report_bytes = {c: len(Report(c, r, m).encode()) for c, m in per_client.items()}
+        last = logs[-1] if logs else None
+        admitted = sorted({c for step in logs for c in step.admitted})
+        bytes_down = [sum(step.bytes_down.get(c, 0) for step in logs) for c in admitted]
+        bytes_up = [sum(step.bytes_up.get(c, 0) for step in logs) + report_bytes.get(c, 0) for c in admitted]
+        losses = [loss for step in logs for loss in step.losses]
+        aborted = [step.aborted for step in logs if step.aborted is not None]
+        row: dict[str, Any] = {
+            "round": r,
+            **pool_metrics(per_client),
+            "clients_selected": last.selected if last else 0,
+            "clients_refused": last.refused if last else 0,
+            "clients_aggregated": len(last.contributors) if last else 0,
+            "clients_dropped": (len(last.admitted) - len(last.contributors)) if last else 0,
+            "aggregation_aborted": aborted[0] if aborted else None,
+            "train_loss_mean": nanmean(losses),
+            "bytes_up_per_client": float(np.mean(bytes_up)) if bytes_up else 0.0,
+            "bytes_down_per_client": float(np.mean(bytes_down)) if bytes_down else 0.0,
+            "seconds_fit": sum(step.fit_seconds for step in logs),
+            "seconds_aggregation": sum(step.aggregation_seconds for step in logs),
+            "seconds_aggregation_server": sum(step.outcome.server_seconds for step in logs),
+            "seconds_eval": t_eval,
+            "transport_stages": sum(len(step.outcome.stages) for step in logs),
+            "transport_envelope_bytes": int(sum(step.outcome.envelope_bytes for step in logs)),
+            "nodes_dropped": len(set().union(*(step.outcome.dropped_nodes for step in logs))) if logs else 0,
+        }
+        if steps > 1:
+            row["steps"] = steps
+            row["aggregations"] = applied
+        row.update(privacy_row(self.privacy.summary()))
+        row["seconds"] = time.perf_counter() - t_round
+        return RoundLog(row, per_client)
+
+    def _step(self, t: int, label: str, progress: Callable[[str], None]) -> _StepLog:
+        """One aggregation (protocol round ``t``): select → admit → broadcast → aggregate → release."""
         selected = self.select()
-        admitted = self.admit(r, selected)
+        admitted = self.admit(t, selected)
         refused = sorted(set(selected) - set(admitted))
         if refused:
-            logger.warning("round %d: %d client(s) refused by their privacy plan (budget) or unreachable", r, len(refused))
+            logger.warning("%s: %d client(s) refused by their privacy plan (budget) or unreachable", label, len(refused))
         if len(admitted) < self.fed.min_clients:
             raise RoundStopped(
-                f"round {r}: only {len(admitted)} client(s) can take part (federation.min_clients={self.fed.min_clients}); stopping"
+                f"{label}: only {len(admitted)} client(s) can take part (federation.min_clients={self.fed.min_clients}); stopping"
             )
-        instruction = FitInstruction(r, self.fed.local_epochs, self.config.seed, self.global_params, self.client_held).encode()
+        instruction = FitInstruction(t, self.fed.local_epochs, self.config.seed, self.global_params, self.client_held).encode()
         if self.hook:
             for c in admitted:
                 self.hook(-1, c, instruction)
 
-        progress(f"round {r}: local RLHF and {self.aggregator.kind} aggregation on {len(admitted)} clients")
-        ctx = RoundContext(self.session_id, r, tuple(admitted), self.codec.dim)
+        what = "local RLHF" if self.steps_per_round == 1 else "clipped gradient sums"
+        progress(f"{label}: {what} and {self.aggregator.kind} aggregation on {len(admitted)} clients")
+        ctx = RoundContext(self.session_id, t, tuple(admitted), self.codec.dim)
         outcome = self.driver.run(
             self.aggregator.server(ctx),
             ctx,
@@ -211,51 +309,30 @@ class RoundCore:
         aborted, contributors = outcome.aborted, ()
         if aborted is None:
             try:
-                contributors = self._release(r, outcome, len(admitted))
+                contributors = self._release(t, outcome, len(admitted))
             except AggregationAborted as exc:
                 aborted = str(exc)
         if aborted is not None:
             # Too few survivors (below the masking threshold, or below the noise the DP shares were
-            # sized for): the round releases nothing and the model stays as it was. The ledgers keep
+            # sized for): the step releases nothing and the model stays as it was. The ledgers keep
             # what the clients already spent: their updates did leave them.
-            logger.warning("round %d: aggregation aborted, the global model is unchanged: %s", r, aborted)
-        fit_seconds = outcome.stages[0].seconds if outcome.stages else 0.0
-        aggregation_seconds = sum(s.seconds for s in outcome.stages[1:])
-
-        progress(f"round {r}: evaluation")
-        t0 = time.perf_counter()
-        per_client = self.collect_reports(r, outcome.dropped_nodes)
-        t_eval = time.perf_counter() - t0
-
-        report_bytes = {c: len(Report(c, r, m).encode()) for c, m in per_client.items()}
+            logger.warning("%s: aggregation aborted, the global model is unchanged: %s", label, aborted)
         fitted = [c for c in admitted if c in outcome.fit]
         for c in fitted:
             self.privacy.report(c, outcome.fit[c].get("epsilon_spent"))
-        bytes_down = [len(instruction) + outcome.bytes_down.get(c, 0) for c in admitted]
-        bytes_up = [outcome.bytes_up.get(c, 0) + report_bytes.get(c, 0) for c in admitted]
-        losses = [_number(outcome.fit[c].get("metrics", {}).get("loss")) for c in fitted]
-        row: dict[str, Any] = {
-            "round": r,
-            **pool_metrics(per_client),
-            "clients_selected": len(selected),
-            "clients_refused": len(refused),
-            "clients_aggregated": len(contributors),
-            "clients_dropped": len(admitted) - len(contributors),
-            "aggregation_aborted": aborted,
-            "train_loss_mean": nanmean(losses),
-            "bytes_up_per_client": float(np.mean(bytes_up)),
-            "bytes_down_per_client": float(np.mean(bytes_down)),
-            "seconds_fit": fit_seconds,
-            "seconds_aggregation": aggregation_seconds,
-            "seconds_aggregation_server": outcome.server_seconds,
-            "seconds_eval": t_eval,
-            "transport_stages": len(outcome.stages),
-            "transport_envelope_bytes": int(outcome.envelope_bytes),
-            "nodes_dropped": len(outcome.dropped_nodes),
-        }
-        row.update(privacy_row(self.privacy.summary()))
-        row["seconds"] = time.perf_counter() - t_round
-        return RoundLog(row, per_client)
+        return _StepLog(
+            outcome=outcome,
+            selected=len(selected),
+            refused=len(refused),
+            admitted=list(admitted),
+            contributors=tuple(contributors),
+            aborted=aborted,
+            losses=[_number(outcome.fit[c].get("metrics", {}).get("loss")) for c in fitted],
+            bytes_down={c: len(instruction) + outcome.bytes_down.get(c, 0) for c in admitted},
+            bytes_up={c: outcome.bytes_up.get(c, 0) for c in admitted},
+            fit_seconds=outcome.stages[0].seconds if outcome.stages else 0.0,
+            aggregation_seconds=sum(x.seconds for x in outcome.stages[1:]),
+        )
 
     def _release(self, r: int, outcome: NodeRoundOutcome, admitted: int) -> tuple[int, ...]:
         """The aggregate becomes the next model (or, under CKKS, each host already applied what it decrypted)."""

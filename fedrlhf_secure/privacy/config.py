@@ -51,6 +51,11 @@ class PrivacyConfig:
     the MovieLens policy), ``functorch`` (the same engine fed by ``torch.func.vmap(grad)``) or
     ``opacus`` (the reference both are checked against; the noise bit for bit). Same mechanism,
     same steps, same ledger. Tasks with only Opacus (IMDb) ignore it."""
+    steps_per_round: int = 1
+    """``record_noise`` distributed/central only: DP-SGD steps per round, each its own (secure)
+    aggregation, applied by the server optimizer before the next step's gradients are taken; ε is
+    calibrated and accounted over ``federation.rounds × steps_per_round`` releases
+    (:func:`.distributed_dpsgd.releases_per_run`)."""
     audit_canaries: int | Literal["auto"] = 0
     """White-box gradient (Dirac) canaries inserted into this run for ``fedrlhf audit RUN``
     (:mod:`fedrlhf_secure.privacy.canaries`): client level after clipping, record level inside each
@@ -96,6 +101,13 @@ class PrivacyConfig:
             )
         if self.batch_size < 1:
             raise ValueError(f"privacy.batch_size must be >= 1, got {self.batch_size}")
+        if isinstance(self.steps_per_round, bool) or not isinstance(self.steps_per_round, int) or self.steps_per_round < 1:
+            raise ValueError(f"privacy.steps_per_round must be an integer >= 1, got {self.steps_per_round!r}")
+        if self.steps_per_round > 1 and (self.mode != "record" or self.record_noise == "local"):
+            raise ValueError(
+                f"privacy.steps_per_round: {self.steps_per_round} takes several aggregated DP-SGD steps per round, which only "
+                "record-level DP with privacy.record_noise: distributed or central has; set it to 1"
+            )
 
     def audit_canary_count(self) -> int:
         """m, with ``auto`` resolved from the claim (0 without DP or without canaries)."""

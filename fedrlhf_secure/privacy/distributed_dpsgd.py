@@ -20,10 +20,11 @@ Liu 2021 for the Skellam variant used with integer masking):
    N(0, (zC)²) from any m - 1 shares) and applies it with the server optimizer (post-processing,
    :mod:`fedrlhf_secure.federation.server_optimizer`).
 
-One round is one step of a central DP-SGD learner holding every client's records. One record
+One aggregation is one step of a central DP-SGD learner holding every client's records (a round
+is ``privacy.steps_per_round`` of them, below). One record
 replaced moves one summand of one ``g_k`` by at most 2C, the replace-one sensitivity
 (:data:`.accountants.RELATION`) the client-level mechanism also has, so the noise, its
-calibration over ``federation.rounds`` releases, the survivors rule (:func:`.client_level.survivors_required`),
+calibration over ``federation.rounds × steps_per_round`` releases, the survivors rule (:func:`.client_level.survivors_required`),
 the m - 1 share divisor (:func:`.client_level.share_divisor`) and the Skellam sizing are those of
 :class:`.client_level.ClientLevelPlan`, which this plan reuses; only what is clipped differs (each
 record to C inside the task instead of the whole update) and what is released (a gradient sum, not
@@ -32,10 +33,17 @@ a trained delta).
 **Soundness: one step per aggregation.** Only a noised sum computed at public parameters may leave
 a client. A client that took several local steps with only its noise *share* would release a
 trajectory in which one record's influence is carried through every later step (its sensitivity is
-unbounded), so each DP-SGD step is one aggregation: ``federation.rounds`` is the number of steps
-and ``federation.local_epochs`` is not used. Personal parameters (the user embedding) stay on the
-client and are never in the released gradient (the task evaluates it at the public initial user
-embedding).
+unbounded), so each DP-SGD step is one aggregation and ``federation.local_epochs`` is not used.
+``privacy.steps_per_round: S`` (default 1) makes one round S such steps: the round core
+(:meth:`fedrlhf_secure.federation.round_core.RoundCore.run_round`) runs S complete aggregations
+(each its own protocol round ``t = r·S + s`` with a fresh secure-aggregation session), and the
+server optimizer applies step s's noised sum before the clients compute step s + 1's gradients at
+the new public model. Evaluation, metrics and the run's checkpoint granularity stay per round
+(the checkpoint is also written after every step, so a crash mid-round resumes at the next step
+with the ledger's spend intact). The plan is calibrated and accounted over
+``federation.rounds × S`` releases (:func:`releases_per_run`); every step is a ledger entry.
+Personal parameters (the user embedding) stay on the client and are never in the released
+gradient (the task evaluates it at the public initial user embedding).
 
 **No sampling amplification** is claimed (sample rate 1, full batch): the Skellam accountant
 (:class:`.accountants.SkellamAccountant`) has none, and with ~80,000 records summed the noise σC
@@ -81,7 +89,23 @@ class GradientSumSettings(DPSGDSettings):
     """Tells a task's fit to return ``Σ_i clip_C(∇ℓ_i)`` over all its records at the received
     parameters as its delta (negated: the descent direction), one "step", no noise: the privacy
     plan adds the noise share. ``noise_multiplier`` is the central z the shares add up to (for the
-    task's report only); ``sample_rate`` is 1."""
+    task's report only); ``sample_rate`` is 1. ``fit_personal``: refit the client's own prediction
+    embedding (never released) to the received model after the sum is computed; with several steps
+    per round only the round's last step asks for it (the evaluation after the round uses it)."""
+
+    fit_personal: bool = True
+
+
+def steps_per_round(config: Any) -> int:
+    """``privacy.steps_per_round`` (1 unless distributed/central record-level DP)."""
+    return int(getattr(config.privacy, "steps_per_round", 1))
+
+
+def releases_per_run(config: Any) -> int:
+    """How many releases a client makes over the whole run: ``federation.rounds × steps_per_round``.
+    Every noise calibration of the run (the clients' shares, the server's central noise, the Skellam
+    headroom) is over this many compositions."""
+    return int(config.federation.rounds) * steps_per_round(config)
 
 
 class DistributedRecordPlan(ClientLevelPlan):
@@ -105,9 +129,11 @@ class DistributedRecordPlan(ClientLevelPlan):
         ledger: PrivacyLedger,
         releases: ReleaseStore,
         noise_source: NoiseSource,
+        steps_per_round: int = 1,
     ) -> None:
+        self.steps_per_round = int(steps_per_round)
         super().__init__(
-            rounds=rounds,
+            rounds=int(rounds) * self.steps_per_round,  # every step is a release: calibrate over all of them
             clip_norm=max_grad_norm,
             noise=noise,
             budget=budget,
@@ -123,7 +149,8 @@ class DistributedRecordPlan(ClientLevelPlan):
         )
 
     def dpsgd_settings(self, client_id: int, round: int) -> GradientSumSettings:
-        return GradientSumSettings(noise_multiplier=float(self.z), max_grad_norm=self.clip_norm, sample_rate=1.0)
+        last_step = (int(round) + 1) % self.steps_per_round == 0
+        return GradientSumSettings(noise_multiplier=float(self.z), max_grad_norm=self.clip_norm, sample_rate=1.0, fit_personal=last_step)
 
     def clip(self, vector: np.ndarray) -> np.ndarray:
         """No whole-update clip: each record was clipped to C inside the task (checked in

@@ -22,7 +22,7 @@ from ..configtypes import ConfigError
 from .accountants import RELATION
 from .adaptive_clipping import ClipSchedule, update_noise_multiplier
 from .client_level import ClientLevelPlan, IntegerDomain, dp_fedavg_noise_multiplier, share_divisor
-from .distributed_dpsgd import DistributedRecordPlan
+from .distributed_dpsgd import DistributedRecordPlan, releases_per_run, steps_per_round
 from .ledger import PrivacyLedger
 from .noise import NoiseSource
 from .plan import ClientPrivacy, NoClientPrivacy
@@ -42,7 +42,7 @@ def check_noise_headroom(config: Any, integer: IntegerDomain | None) -> None:
     if integer is None:
         return
     p = config.privacy
-    z = dp_fedavg_noise_multiplier(p.accountant, p.epsilon, p.delta, config.federation.rounds, p.noise_multiplier)
+    z = dp_fedavg_noise_multiplier(p.accountant, p.epsilon, p.delta, releases_per_run(config), p.noise_multiplier)
     m = share_divisor(max(1, config.federation.min_clients))
     clip = (
         p.max_grad_norm if p.mode == "record" else largest_vector_clip(config, z)
@@ -89,6 +89,7 @@ def ledger_header(config: Any) -> dict[str, Any]:
         "rounds": config.federation.rounds,
         "local_epochs": config.federation.local_epochs,
         **({"record_noise": p.record_noise} if p.mode == "record" and p.record_noise != "local" else {}),
+        **({"steps_per_round": steps_per_round(config)} if steps_per_round(config) > 1 else {}),
     }
 
 
@@ -220,6 +221,7 @@ def build_client_privacy(
             ledger=PrivacyLedger(ledger_dir, ledger_header(config), resume=resume),
             releases=releases,
             noise_source=noise,
+            steps_per_round=steps_per_round(config),
         )
     if p.mode == "record":
         ledger = PrivacyLedger(ledger_dir, ledger_header(config), resume=resume)

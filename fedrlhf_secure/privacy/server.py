@@ -26,6 +26,7 @@ from ..configtypes import ConfigError
 from .accountants import RELATION
 from .adaptive_clipping import ClipSchedule, CountRelease
 from .client_level import accountant_name, dp_fedavg_noise_multiplier, survivors_required
+from .distributed_dpsgd import releases_per_run, steps_per_round
 from .noise import NoiseSource
 
 
@@ -72,8 +73,9 @@ class ServerPrivacy:
         elif p.mode == "record":
             self.public.update(max_grad_norm=p.max_grad_norm)
             if record_noise != "local":  # one DP-SGD step per round on the clients' summed clipped gradients (.distributed_dpsgd)
-                z = dp_fedavg_noise_multiplier(p.accountant, p.epsilon, p.delta, config.federation.rounds, p.noise_multiplier)
-                self.public.update(record_noise=record_noise, noise_multiplier=float(z))
+                # calibrated over every step's release: rounds × privacy.steps_per_round
+                z = dp_fedavg_noise_multiplier(p.accountant, p.epsilon, p.delta, releases_per_run(config), p.noise_multiplier)
+                self.public.update(record_noise=record_noise, noise_multiplier=float(z), steps_per_round=steps_per_round(config))
                 if record_noise == "central":
                     if aggregator is not None and not aggregator.capabilities.server_reads_result:
                         raise central_noise_unreadable(config, aggregator)

@@ -153,7 +153,8 @@ def gradient_sum_fit(client: Any, shared: Mapping[str, np.ndarray], config: Any,
     over all the client's records at ``(shared, u_0)`` (see the module docstring), every item row
     marked touched (the released shape does not depend on which items the user rated), and the
     report says one step at sample rate 1. The prediction embedding is then refitted locally,
-    without noise, to the received model, as under local DP-SGD; it is not part of the release."""
+    without noise, to the received model, as under local DP-SGD (with ``privacy.steps_per_round``
+    > 1 only at the round's last step, ``settings.fit_personal``); it is not part of the release."""
     from ...privacy.dpsgd import DPSGDReport
     from ..base import FitResult
     from .feedback import KeyedHumanNoise
@@ -178,7 +179,7 @@ def gradient_sum_fit(client: Any, shared: Mapping[str, np.ndarray], config: Any,
         temperature=task.settings.temperature,
     )
     delta = {k: (-v).astype(np.float32) for k, v in result.gradient.items()}
-    if n:
+    if n and getattr(settings, "fit_personal", True):  # several steps per round: only the last one (the evaluated model's)
         client._user_rows = client._fit_prediction_embedding(shared, rng)
     touched = np.ones(task.dims.num_items, dtype=bool)
     report = DPSGDReport(1, 1.0, float(settings.noise_multiplier), float(settings.max_grad_norm))
