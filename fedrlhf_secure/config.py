@@ -37,12 +37,18 @@ class ServerOptimizerConfig:
     on Δ̄ this is DP-FedAdam), ``m ← β₁·m + (1−β₁)·Δ̄``, ``v ← β₂·v + (1−β₂)·Δ̄²``,
     ``θ ← θ + η·m/(√v + τ)``. η is ``federation.server_lr``. Every kind reads only the released
     (noised) aggregate, so it is post-processing: it costs no privacy and the ledger is unchanged.
+
+    ``average_counts``: divide each sparse row's summed update by the mean of its touch-count
+    estimates over the rounds released so far instead of this round's alone (a client's rated items
+    do not change between rounds, so under client-level DP each round re-releases the same counts
+    with fresh noise; :mod:`.federation.server_optimizer`).
     """
 
     kind: Literal["sgd", "momentum", "adam"] = "sgd"
     beta1: float = 0.9
     beta2: float = 0.99
     tau: float = 1e-3
+    average_counts: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.beta1 < 1:

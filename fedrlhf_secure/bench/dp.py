@@ -262,6 +262,9 @@ USER_LEVEL_LEVERS: dict[str, list[str]] = {
         # the clipped delta is still shorter than the unclipped one (median 2.48 at C = 1): a server
         # step of 2 on the released mean (post-processing) makes up part of it
         "federation.server_lr=2",
+        # every round re-releases the same noised counts: divide each row by their mean over the
+        # rounds so far (post-processing, 1/√(t+1) of one round's count noise; federation/server_optimizer.py)
+        "federation.server_optimizer.average_counts=true",
     ],
     "record": [],
 }

@@ -485,7 +485,7 @@ class ParticipantHost:
                     f"{self.policy.ckks.min_contributors}"
                 )
             elif self.held is not None and self.held_round < rnd:
-                self.held = self.server_opt.step(self.held, self.codec.decode(res))
+                self.held = self.server_opt.apply(self.held, self.codec, res)
                 self.held_round = rnd
             return NodeMessage("finish", header)
         return NodeMessage("finish", {"round": rnd})

@@ -348,7 +348,7 @@ class RoundCore:
         if result is None:
             raise AggregationAborted(f"round {r}: the aggregation produced no result")
         result = self.privacy.finalize(r, result, admitted)
-        self.global_params = self.server_opt.step(self.global_params, self.codec.decode(result))
+        self.global_params = self.server_opt.apply(self.global_params, self.codec, result)
         if self.codec.count_slot:  # adaptive clipping: the noised count of this release moves C for the next rounds
             self.privacy.observe_count(r, self.codec.count_total(result), len(result.contributors))
         self.model_round = r

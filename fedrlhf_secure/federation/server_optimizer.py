@@ -13,6 +13,20 @@ state is a function of past releases alone. It is post-processing (Dwork & Roth 
 no ledger entry, no change to ε. ``tests/test_user_level_utility.py`` checks the ledger is
 byte-identical with and without it.
 
+**Touch counts averaged over rounds** (``server_optimizer.average_counts``). The update vector
+carries each client's scaled touch indicators (:mod:`.update`), and the decoder divides an item
+row's summed update by the estimated number of clients that touched it. Under client-level DP that
+estimate is this round's noised indicator sum divided by ``touch_scale`` s: noise of std z·C/s
+(about 28 clients at z = 2.852, C = 1, s = 0.1, against a median of 22 raters per item on ML-100k
+u1), and every later round releases the *same* counts again (a client's rated items do not change)
+with fresh, independent noise. The mean of the t + 1 estimates released so far has 1/√(t + 1) of
+the noise, for free: it is a function of released aggregates only (post-processing, like the
+optimizer's moments), so no ledger entry and no change to ε. The mean is this object's state, so it
+is checkpointed with the moments and every CKKS host keeps the same one. The counts are of clients
+weighted by their clip factor (the indicators are clipped with the update), so when update norms
+change between rounds the mean mixes slightly different weights: an estimator choice, not a
+privacy one.
+
 The server applies it when it can read the aggregate (:mod:`.round_core`); under CKKS each host
 applies it to what it decrypted (:mod:`.participant`), so every host keeps the same state.
 """
@@ -20,10 +34,19 @@ applies it to what it decrypted (:mod:`.participant`), so every host keeps the s
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..config import ServerOptimizerConfig
+
+if TYPE_CHECKING:
+    from aggregation.base import AggregateResult
+
+    from .update import UpdateCodec
+
+COUNT_ROUNDS = "count_rounds"
+"""State key: how many rounds' touch counts the running sums ``n/<parameter>`` hold."""
 
 
 class ServerOptimizer:
@@ -34,6 +57,19 @@ class ServerOptimizer:
         self.lr = float(lr)
         self.m: dict[str, np.ndarray] = {}
         self.v: dict[str, np.ndarray] = {}
+        self.counts: dict[str, np.ndarray] = {}
+        """Running sums of the released touch-count estimates (``average_counts``)."""
+        self.count_rounds = 0
+
+    def apply(self, params: Mapping[str, np.ndarray], codec: UpdateCodec, result: AggregateResult) -> dict[str, np.ndarray]:
+        """Decode a released aggregate and take the step: the one call the server (and each CKKS host) makes."""
+        if not (self.config.average_counts and codec.sparse):
+            return self.step(params, codec.decode(result))
+        for name, est in codec.touch_estimates(result).items():
+            self.counts[name] = self.counts.get(name, 0.0) + est
+        self.count_rounds += 1
+        mean = {name: total / self.count_rounds for name, total in self.counts.items()}
+        return self.step(params, codec.decode(result, touch=mean))
 
     def step(self, params: Mapping[str, np.ndarray], avg: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``params`` moved by the released mean update ``avg`` (float32 out, float64 state)."""
@@ -55,9 +91,18 @@ class ServerOptimizer:
 
     # ------------------------------------------------------------------ checkpoint
     def state(self) -> dict[str, np.ndarray]:
-        """The optimizer's state as named tensors (for a checkpoint); empty for ``sgd``."""
-        return {**{f"m/{k}": np.asarray(v) for k, v in self.m.items()}, **{f"v/{k}": np.asarray(v) for k, v in self.v.items()}}
+        """The optimizer's state as named tensors (for a checkpoint); empty for plain ``sgd``."""
+        out = {**{f"m/{k}": np.asarray(v) for k, v in self.m.items()}, **{f"v/{k}": np.asarray(v) for k, v in self.v.items()}}
+        if self.count_rounds:
+            out.update({f"n/{k}": np.asarray(v) for k, v in self.counts.items()})
+            out[COUNT_ROUNDS] = np.asarray([self.count_rounds], dtype=np.int64)
+        return out
 
     def load_state(self, tensors: Mapping[str, np.ndarray]) -> None:
         self.m = {k[2:]: np.asarray(v, dtype=np.float64) for k, v in tensors.items() if k.startswith("m/")}
         self.v = {k[2:]: np.asarray(v, dtype=np.float64) for k, v in tensors.items() if k.startswith("v/")}
+        self.counts = {k[2:]: np.asarray(v, dtype=np.float64) for k, v in tensors.items() if k.startswith("n/")}
+        rounds = tensors.get(COUNT_ROUNDS)
+        self.count_rounds = 0 if rounds is None else int(np.asarray(rounds).reshape(-1)[0])
+        if bool(self.counts) != (self.count_rounds > 0) or self.count_rounds < 0:
+            raise ValueError(f"server optimizer state: {len(self.counts)} count sums for {self.count_rounds} rounds")

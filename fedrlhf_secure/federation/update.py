@@ -99,8 +99,22 @@ class UpdateCodec:
             vec[pos] = 0.0  # written by the client's privacy layer after clipping
         return vec
 
-    def decode(self, result: AggregateResult) -> dict[str, np.ndarray]:
-        """Average delta per shared parameter: rows of sparse parameters by their touch weight."""
+    def touch_estimates(self, result: AggregateResult) -> dict[str, np.ndarray]:
+        """Each sparse parameter's estimated (weighted, under DP noisy) count of touching clients per
+        row: the aggregate's indicator sums divided by ``touch_scale``."""
+        s = np.asarray(result.weighted_sum, dtype=np.float64)
+        if s.shape != (self.dim,):
+            raise ValueError(f"aggregate has shape {s.shape}, expected ({self.dim},)")
+        out, pos = {}, self.spec.size
+        for e in self.sparse:
+            out[e.name] = s[pos : pos + e.shape[0]] / self.touch_scale
+            pos += e.shape[0]
+        return out
+
+    def decode(self, result: AggregateResult, touch: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """Average delta per shared parameter: rows of sparse parameters by their touch weight
+        (this aggregate's :meth:`touch_estimates`, or ``touch`` when the caller has a better estimate
+        of the same counts, e.g. their mean over the rounds released so far)."""
         s = np.asarray(result.weighted_sum, dtype=np.float64)
         if s.shape != (self.dim,):
             raise ValueError(f"aggregate has shape {s.shape}, expected ({self.dim},)")
@@ -108,16 +122,17 @@ class UpdateCodec:
             raise ValueError("aggregate has no weight")
         avg = (s[: self.spec.size] / result.total_weight).astype(np.float32)
         params = self.spec.unflatten(avg)
-        pos = self.spec.size
+        estimates = self.touch_estimates(result) if touch is None else touch
         sums = self.spec.unflatten(s[: self.spec.size].astype(np.float32)) if self.sparse else {}
         for e in self.sparse:
             rows = e.shape[0]
-            touch = s[pos : pos + rows] / self.touch_scale  # estimated (weighted) count of touching clients
-            pos += rows
+            count = np.asarray(estimates[e.name], dtype=np.float64)  # estimated (weighted) count of touching clients
+            if count.shape != (rows,):
+                raise ValueError(f"touch estimate of {e.name} has shape {count.shape}, expected ({rows},)")
             summed = sums[e.name].astype(np.float64)
-            ok = touch >= MIN_ROW_WEIGHT
+            ok = count >= MIN_ROW_WEIGHT
             out = np.zeros_like(summed)
-            denom = np.maximum(touch[ok], self.touch_floor)
+            denom = np.maximum(count[ok], self.touch_floor)
             out[ok] = summed[ok] / denom.reshape((-1,) + (1,) * (summed.ndim - 1))
             params[e.name] = out.astype(np.float32)
         return params

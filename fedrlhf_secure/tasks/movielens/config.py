@@ -15,7 +15,9 @@ class MovieLensConfig:
     Data and clients: ``split`` is an official ML-100K split (``u1``..``u5``, ``ua``, ``ub``) or
     ``random`` (seeded per-user hold-out of ``holdout_fraction``; the only choice for
     ml-latest-small). One client per user unless ``users_per_client`` groups consecutive users;
-    ``num_clients`` keeps a seeded sample of that many clients.
+    ``num_clients`` keeps a seeded sample of that many clients. ``validation``: evaluate on a seeded
+    per-user ``holdout_fraction`` of the split's *training* ratings (trained on the rest) instead of
+    its held-out set, for tuning that never reads the held-out set (:func:`.data.load_split`).
 
     Policy and local training: see :mod:`.model` and :mod:`.train`. ``batch_size`` is the local
     mini-batch (without DP; DP-SGD batches come from the privacy plan's sample rate).
@@ -37,6 +39,7 @@ class MovieLensConfig:
 
     split: str = "u1"
     holdout_fraction: float = 0.2
+    validation: bool = False
     num_clients: int | None = None
     users_per_client: int = 1
     user_dim: int = 32

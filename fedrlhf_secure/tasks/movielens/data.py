@@ -314,10 +314,11 @@ def read_latest_small(directory: Path) -> tuple[Catalogue, Ratings]:
     return catalogue, Ratings(users.astype(np.int64), np.asarray(items, dtype=np.int64), np.asarray(ratings, dtype=np.float32))
 
 
-def random_split(ratings: Ratings, holdout_fraction: float, seed: int) -> tuple[Ratings, Ratings]:
+def random_split(ratings: Ratings, holdout_fraction: float, seed: int, stream: int = 0x5EED) -> tuple[Ratings, Ratings]:
     """Seeded per-user split: each user keeps ``round(holdout_fraction * n_u)`` records held out,
-    at least one record in training (users with a single rating keep it for training)."""
-    rng = np.random.default_rng([seed, 0x5EED])
+    at least one record in training (users with a single rating keep it for training). ``stream``
+    keeps the validation split's draw (:data:`VALIDATION_STREAM`) apart from the ``random`` split's."""
+    rng = np.random.default_rng([seed, stream])
     test_mask = np.zeros(len(ratings), dtype=bool)
     order = np.argsort(ratings.user, kind="stable")
     bounds = np.flatnonzero(np.diff(ratings.user[order])) + 1
@@ -328,8 +329,27 @@ def random_split(ratings: Ratings, holdout_fraction: float, seed: int) -> tuple[
     return ratings.subset(~test_mask), ratings.subset(test_mask)
 
 
-def load_split(data_dir: Path | str | None, split: str, holdout_fraction: float = 0.2, seed: int = 0) -> MovieLensSplit:
-    """Catalogue + train/held-out ratings for ``split`` (``u1``..``u5``, ``ua``, ``ub`` or ``random``)."""
+VALIDATION_STREAM = 0x7A11D
+"""The generator stream of the validation split (``task.validation``)."""
+
+
+def load_split(
+    data_dir: Path | str | None, split: str, holdout_fraction: float = 0.2, seed: int = 0, validation: bool = False
+) -> MovieLensSplit:
+    """Catalogue + train/held-out ratings for ``split`` (``u1``..``u5``, ``ua``, ``ub`` or ``random``).
+
+    ``validation``: for tuning without looking at the held-out set. The split's *training* ratings
+    are split again per user (:func:`random_split`, ``holdout_fraction`` held out, seeded by ``seed``):
+    the federation trains on the rest and is evaluated on that validation part; the split's own
+    held-out ratings are dropped, so nothing a tuning run reports depends on them."""
+    split_data = _load_split(data_dir, split, holdout_fraction, seed, read_test=not validation)
+    if not validation:
+        return split_data
+    train, val = random_split(split_data.train, holdout_fraction, seed, VALIDATION_STREAM)
+    return MovieLensSplit(split_data.catalogue, train, val, split_data.source, f"{split}-validation")
+
+
+def _load_split(data_dir: Path | str | None, split: str, holdout_fraction: float, seed: int, read_test: bool = True) -> MovieLensSplit:
     directory = resolve_data_dir(data_dir)
     fmt = dataset_format(directory)
     if fmt == "ml-100k":
@@ -338,7 +358,7 @@ def load_split(data_dir: Path | str | None, split: str, holdout_fraction: float 
             train, test = random_split(read_ratings_100k(directory / "u.data", catalogue), holdout_fraction, seed)
         elif split in OFFICIAL_SPLITS:
             train = read_ratings_100k(directory / f"{split}.base", catalogue)
-            test = read_ratings_100k(directory / f"{split}.test", catalogue)
+            test = read_ratings_100k(directory / f"{split}.test", catalogue) if read_test else train.subset(np.zeros(0, dtype=np.int64))
         else:
             raise ValueError(f"unknown split {split!r}; expected one of {', '.join(OFFICIAL_SPLITS)} or 'random'")
     else:

@@ -473,5 +473,5 @@ class MovieLensClient(TaskClient):
 
 def make_task(config: MovieLensConfig, data_dir: Path | None, seed: int) -> MovieLensTask:
     """The registered factory: ``factory(config, data_dir, seed)``."""
-    split = load_split(data_dir, config.split, config.holdout_fraction, seed)
+    split = load_split(data_dir, config.split, config.holdout_fraction, seed, config.validation)
     return MovieLensTask(config, split, seed)
