@@ -541,20 +541,24 @@ def _plot(results: list[dict[str, Any]], out: Path, delta: float = 1e-5) -> Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
     finite = sorted({r["epsilon_target"] for r in results if not math.isinf(r["epsilon_target"])})
     aggregations = sorted({r["aggregation"] for r in results})
     modes = sorted({r["mode"] for r in results if r["mode"] != "none"})
     styles = {a: ("-", 1.0) if a == "plain" else ("--", 0.6) for a in aggregations}
+    bars_view = len(finite) <= 1
+    # One ε: a horizontal bar per variant and aggregation, so long variant labels stay readable.
+    fig, ax = plt.subplots(figsize=(7.5, 1.4 + 0.3 * len(modes) * max(1, len(aggregations))) if bars_view else (7, 4.2))
+    line = ax.axvline if bars_view else ax.axhline
     for aggregation in aggregations:
         ls, alpha = styles[aggregation]
         base = [r for r in results if r["aggregation"] == aggregation and r["mode"] == "none"]
         if base:
-            ax.axhline(base[0]["heldout_accuracy"], ls=ls, color="black", lw=1, label=f"non-private ({aggregation})")
+            line(base[0]["heldout_accuracy"], ls=ls, color="black", lw=1, label=f"non-private ({aggregation})")
     majority = [r["majority_accuracy"] for r in results if r.get("majority_accuracy") is not None]
     if majority:
-        ax.axhline(majority[0], ls=":", color="red", lw=1, label="majority class")
-    if len(finite) > 1:
+        line(majority[0], ls=":", color="red", lw=1, label="majority class")
+    accs = [r["heldout_accuracy"] for r in results if r.get("heldout_accuracy") is not None] + majority
+    if not bars_view:
         for aggregation in aggregations:
             for mode in modes:
                 pts = sorted(
@@ -565,26 +569,29 @@ def _plot(results: list[dict[str, Any]], out: Path, delta: float = 1e-5) -> Path
         ax.set_xscale("log", base=2)
         ax.set_xticks(finite, [f"{e:g}" for e in finite])
         ax.set_xlabel(f"ε per client, whole run (δ = {delta:g})")
+        if accs:
+            ax.set_ylim(min(accs) - 0.03, max(accs) + 0.03)
+        ax.set_ylabel("held-out accuracy (fraction of u1 test pairs)")
     else:
-        width = 0.8 / max(1, len(aggregations))
+        height = 0.8 / max(1, len(aggregations))
         for k, aggregation in enumerate(aggregations):
-            xs, ys = [], []
+            ys, xs = [], []
             for i, mode in enumerate(modes):
                 hit = [r["heldout_accuracy"] for r in results if r["aggregation"] == aggregation and r["mode"] == mode]
-                if hit:
-                    xs.append(i + (k - (len(aggregations) - 1) / 2) * width)
-                    ys.append(hit[0])
-            bars = ax.bar(xs, ys, width=width, alpha=styles[aggregation][1], label=f"DP, {aggregation}")
-            ax.bar_label(bars, fmt="%.4f", fontsize=7)
-        ax.set_xticks(range(len(modes)), modes)
+                if hit and hit[0] is not None:
+                    ys.append(i + (k - (len(aggregations) - 1) / 2) * height)
+                    xs.append(hit[0])
+            bars = ax.barh(ys, xs, height=height, alpha=styles[aggregation][1], label=f"DP, {aggregation}")
+            ax.bar_label(bars, fmt="%.4f", fontsize=7, padding=2)
+        ax.set_yticks(range(len(modes)), modes, fontsize=8)
+        ax.invert_yaxis()
+        if accs:
+            ax.set_xlim(min(accs) - 0.03, max(accs) + 0.03)
         eps = f"ε = {finite[0]:g}, " if finite else ""
-        ax.set_xlabel(f"DP variant ({eps}δ = {delta:g} per client, whole run)")
-    accs = [r["heldout_accuracy"] for r in results if r.get("heldout_accuracy") is not None] + majority
-    if accs:
-        ax.set_ylim(min(accs) - 0.03, max(accs) + 0.03)
-    ax.set_ylabel("held-out accuracy (fraction of u1 test pairs)")
+        ax.set_xlabel(f"held-out accuracy (fraction of u1 test pairs); {eps}δ = {delta:g} per client, whole run")
+        ax.set_ylabel("DP variant")
     ax.set_title("MovieLens u1 FedRLHF: privacy vs utility")
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="lower right" if bars_view else "best")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
