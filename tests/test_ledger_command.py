@@ -144,3 +144,11 @@ def test_a_deleted_client_file_is_shown_as_missing_and_the_total_as_a_lower_boun
     assert "| 3 | 3 in the manifest, file missing | ? | ? | ? |" in out
     assert "total: ε ≥ " in out and "9 releases by 3 clients (3 more releases of 1 clients are missing)" in out
     assert f"MISMATCH: {run / 'ledger' / 'client-3.json'}: missing (deleted or renamed)" in out
+
+
+def test_the_ledger_of_the_current_directory_is_found_when_the_run_is_named_dot(record_run, tmp_path, capsys, monkeypatch):
+    """``fedrlhf ledger .`` inside a run directory: "." has no name, so the lookup resolves it first
+    (it used to end in a ValueError traceback from ``Path.with_name``)."""
+    monkeypatch.chdir(_copy(record_run, tmp_path))
+    assert cli(["ledger", "."]) == 0
+    assert "verified against the manifest" in capsys.readouterr().out

@@ -41,6 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _ledger_dir(run_dir: Path) -> Path:
     """The ledger of ``run_dir``; a DP run whose ledger is gone is an integrity failure, not "no ledger"."""
+    run_dir = run_dir.resolve()  # "." has no name to add ".partial" to
     if (run_dir / "manifest.json").exists() or (run_dir / "plan.json").exists():
         return run_dir  # a ledger directory itself (a deployment node's state directory)
     for place in (run_dir, run_dir.with_name(run_dir.name + ".partial")):
