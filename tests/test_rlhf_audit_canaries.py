@@ -14,6 +14,7 @@ cannot pass vacuously.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -78,7 +79,13 @@ def test_rlhf_run_with_honest_client_level_noise_passes_the_gate(tmp_path, cache
     assert e["estimate"] <= 8.0
     assert e["score_means"]["included"] > e["score_means"]["excluded"]  # the canaries are seen through the noise
     assert report["verdict"] == "pass" and code == 0
-    # with client-level noise at ε = 8 the LOSS attack on the preference rows finds nothing (measured 0.509)
+    # with client-level noise at ε = 8 the LOSS attack on the preference rows finds nothing (measured
+    # 0.509 and 0.347 in two runs): its AUC stays inside what scores unrelated to membership give.
+    # The noise is fresh from os.urandom each run, so the bound is the null distribution's: the
+    # Mann-Whitney AUC of 72 vs 24 exchangeable scores has sd √((m+n+1)/(12mn)) = 0.068, and ±4.4 sd
+    # (0.20 … 0.80) fails a run with no signal about once in 10^5.
     loss = report["released_parameters"]["attacks"]["loss"]
-    assert (loss["members"], loss["non_members"]) == (72, 24)
-    assert 0.35 < loss["auc"] < 0.65
+    m, n = loss["members"], loss["non_members"]
+    assert (m, n) == (72, 24)
+    null_sd = math.sqrt((m + n + 1) / (12 * m * n))
+    assert abs(loss["auc"] - 0.5) < 4.4 * null_sd
