@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import tempfile
 import time
@@ -36,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from ..commands.options import add_overrides
-from .report import markdown_table, update_section, write_json
+from .report import markdown_table, process_cpu_seconds, update_section, write_json
 
 TARGETS = {"secagg": 1.2, "ckks": 1.6}
 """Issue 16: round CPU of each protocol / the plain round's, MovieLens default."""
@@ -74,11 +73,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--render-only", action="store_true", help="run nothing: print (and with --doc, write) the table of --json")
 
 
-def _cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 def one_round(cfg: Any, split: Any, kind: str, n: int, out: Path) -> dict[str, Any]:
     """CPU and wall seconds of round 0 of ``n`` real users under ``kind`` (``cfg`` names that kind) and
     the round's shape (vector dimension, ring width, k, t, q)."""
@@ -92,9 +86,9 @@ def one_round(cfg: Any, split: Any, kind: str, n: int, out: Path) -> dict[str, A
     fed = Federation(cfg, run, RunOptions(out=out, progress=False, task=task))
     load = os.getloadavg()[0]
     try:
-        c0, w0 = _cpu(), time.perf_counter()
+        c0, w0 = process_cpu_seconds(), time.perf_counter()
         log = fed.core.run_round(0)
-        cpu, wall = _cpu() - c0, time.perf_counter() - w0
+        cpu, wall = process_cpu_seconds() - c0, time.perf_counter() - w0
         shape = _shape(fed.core.aggregator, kind, fed.core.codec.dim, n)
     finally:
         fed.close()

@@ -9,12 +9,20 @@ from __future__ import annotations
 import os
 import platform
 import re
+import resource
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..rundir import strict_json
+
+
+def process_cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far (worker processes not included): the cost
+    figure of the in-process benches, robust to other load on a shared machine."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def machine_info() -> dict[str, Any]:

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from ..commands.options import add_overrides
-from .report import markdown_table, update_section, write_json
+from .report import markdown_table, process_cpu_seconds, update_section, write_json
 
 TARGET_CPU_PER_1000 = 5.0
 """CPU seconds per 1,000 clients per plain round (issue 16)."""
@@ -53,11 +53,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--render-only", action="store_true", help="run nothing: print (and with --doc, write) the table of --json")
 
 
-def _cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 def measure(config: Any, split: Any, num_clients: int, rounds: int, out: Path, *, real_users: bool = False) -> dict[str, Any]:
     """Set-up and per-round CPU/wall seconds of ``rounds`` rounds with ``num_clients`` synthetic users
     (with ``real_users``, when the data has at least ``num_clients`` users: a seeded sample of the
@@ -68,7 +63,7 @@ def measure(config: Any, split: Any, num_clients: int, rounds: int, out: Path, *
     from ..tasks.movielens.task import MovieLensTask
 
     load_before = os.getloadavg()[0]
-    c0, w0 = _cpu(), time.perf_counter()
+    c0, w0 = process_cpu_seconds(), time.perf_counter()
     real = real_users and num_clients <= split.catalogue.num_users
     if real:
         users = split.catalogue.num_users
@@ -78,14 +73,14 @@ def measure(config: Any, split: Any, num_clients: int, rounds: int, out: Path, *
     records = len(task.training_records())
     run = RunDirectory.create(out, f"scale-{num_clients}")
     fed = Federation(config, run, RunOptions(out=out, progress=False, task=task))
-    setup_cpu, setup_wall = _cpu() - c0, time.perf_counter() - w0
+    setup_cpu, setup_wall = process_cpu_seconds() - c0, time.perf_counter() - w0
     hosts = len(getattr(getattr(fed.link, "inner", fed.link), "hosts", {0: None}))  # in-process participant hosts
     round_cpu, round_wall, accuracy = [], [], None
     try:
         for r in range(rounds):
-            c1, w1 = _cpu(), time.perf_counter()
+            c1, w1 = process_cpu_seconds(), time.perf_counter()
             log = fed.core.run_round(r)
-            round_cpu.append(_cpu() - c1)
+            round_cpu.append(process_cpu_seconds() - c1)
             round_wall.append(time.perf_counter() - w1)
             accuracy = log.row.get("heldout_accuracy")
     finally:
