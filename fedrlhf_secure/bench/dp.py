@@ -448,8 +448,9 @@ def _report(args: argparse.Namespace, base: list[str], results: list[dict[str, A
         + markdown_table(header, rows)
         + (
             f"\n\nHeld-out accuracy after {results[0]['rounds'] if results else '?'} rounds, {clients} clients"
-            f"{' (seeded subset: ' + str(args.clients) + ' users)' if args.clients else ''}, δ={args.delta:g}. Record level: Opacus "
-            "DP-SGD, σ calibrated per client over all rounds (PRV unless overridden). Client level: DP-FedAvg, uniform weights, "
+            f"{' (seeded subset: ' + str(args.clients) + ' users)' if args.clients else ''}, δ={args.delta:g}. Record level: local "
+            "DP-SGD (the `privacy.per_sample` engine: `direct` by default since 2026-12-02; rows measured earlier ran Opacus, "
+            "its reference), σ calibrated per client over all rounds (PRV unless overridden). Client level: DP-FedAvg, uniform weights, "
             "distributed noise (Gaussian shares with plain aggregation, Skellam shares in the quantised domain under SecAgg). "
             + _levers_note(args.levers, args.modes)
             + _steps_note(results)
