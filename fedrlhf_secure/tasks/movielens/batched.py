@@ -22,7 +22,7 @@ still has a step ``t`` can run at once:
 
 So each client's result is the per-client path's up to floating-point summation order
 (``tests/test_movielens_batched.py`` compares both on a generated fixture: every client's deltas,
-personal embedding and the aggregate). Record-level DP-SGD (Opacus) keeps the per-client path.
+personal embedding and the aggregate). Record-level DP-SGD (the ``privacy.per_sample`` engine) keeps the per-client path.
 """
 
 from __future__ import annotations

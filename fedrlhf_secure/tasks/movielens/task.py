@@ -8,7 +8,7 @@ gradient, no Adam moment, no weight decay reaches them) and ``touched_rows`` say
 
 Under record-level DP the set of items a client rated is itself private (each user rates an item at
 most once, so "row i moved" reveals the record (user, i)). A DP fit therefore trains the *full*
-item table, Opacus adds noise to every row, and ``touched_rows`` is all-True: every released
+item table, the DP-SGD engine adds noise to every row, and ``touched_rows`` is all-True: every released
 coordinate the data could influence carries noise, and the released shape of the update does not
 depend on the data.
 """
@@ -148,7 +148,7 @@ class MovieLensTask(Task, AuditableTask):
     ) -> list[FitResult]:
         """The clients' fits, those without DP-SGD trained as one batched computation
         (:func:`.batched.train_batched`: the same result as each ``client.fit``, up to floating-point
-        summation order); record-level DP-SGD fits (Opacus) and empty clients run one by one."""
+        summation order); record-level DP-SGD fits (the ``privacy.per_sample`` engine) and empty clients run one by one."""
         from .batched import train_batched
 
         jobs = {i: c.batched_job(shared, cfg) for i, (c, cfg) in enumerate(fits) if isinstance(c, MovieLensClient)}
